@@ -1,0 +1,153 @@
+// elementwise.wgsl — elementwise ops over flat tensors: unary (copy, SiLU, GELU, quick-GELU,
+// affine), binary (add, mul, with the second operand broadcast along rows), casts between
+// f16 and f32, and a 2-D strided copy.
+//
+// Layout: flat arrays, any shape. Storage is read and written as vec4<u32> words; an f16
+// tensor packs 8 values per word (unpack2x16float, so no shader-f16 is needed), an f32
+// tensor 4. Each invocation owns 8 consecutive elements of the output, so no two
+// invocations write the same word; tensors are padded to 16 bytes, and the padding may be
+// overwritten. IN_F32 / OUT_F32 pick each side's dtype (casts are unary copies with
+// different dtypes). Arithmetic is f32.
+// Dispatch: 256 invocations per workgroup; unit u = (wg.y * num_wg.x + wg.x) * 256 + lid
+// covers elements 8u .. 8u+8; the grid is 2-D when one dimension is not enough.
+// Saves nothing for backward.
+
+struct Params {
+    numel: u32,      // output elements (for copy2d: dst storage elements, rows * ld_dst)
+    b_len: u32,      // binary: elements of the second operand (numel, or a row length to broadcast)
+    op: u32,         // unary: 0 copy, 1 silu, 2 gelu (erf), 3 quick_gelu, 4 affine; binary: 0 add, 1 mul
+    cols: u32,       // copy2d: columns copied
+    alpha: f32,      // affine scale, or the scale of the second operand in binary ops
+    beta: f32,       // affine shift
+    ld_src: u32,     // copy2d: source row stride
+    ld_dst: u32,     // copy2d: destination row stride
+}
+
+override IN_F32: bool = false;
+override OUT_F32: bool = false;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> x2: array<vec4<u32>>;
+
+fn unit_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wg.y * nwg.x + wg.x) * 256u + lid;
+}
+
+fn unpack8(v: vec4<u32>) -> array<f32, 8> {
+    let p0 = unpack2x16float(v.x); let p1 = unpack2x16float(v.y);
+    let p2 = unpack2x16float(v.z); let p3 = unpack2x16float(v.w);
+    return array<f32, 8>(p0.x, p0.y, p1.x, p1.y, p2.x, p2.y, p3.x, p3.y);
+}
+
+fn pack8(f: array<f32, 8>) -> vec4<u32> {
+    return vec4<u32>(pack2x16float(vec2<f32>(f[0], f[1])), pack2x16float(vec2<f32>(f[2], f[3])),
+                     pack2x16float(vec2<f32>(f[4], f[5])), pack2x16float(vec2<f32>(f[6], f[7])));
+}
+
+// Words of a tensor of `n` elements, in vec4 units.
+fn vec4s(n: u32, f32s: bool) -> u32 {
+    if (f32s) { return (n + 3u) / 4u; }
+    return (n + 7u) / 8u;
+}
+
+fn load_x(u: u32) -> array<f32, 8> {
+    if (!IN_F32) { return unpack8(x[u]); }
+    let lo = bitcast<vec4<f32>>(x[2u * u]);
+    var hi = vec4<f32>(0.0);
+    if (2u * u + 1u < vec4s(p.numel, true)) { hi = bitcast<vec4<f32>>(x[2u * u + 1u]); }
+    return array<f32, 8>(lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w);
+}
+
+// One element of x2 (same dtype as x) by flat index.
+fn x2_at(i: u32) -> f32 {
+    if (IN_F32) { return bitcast<f32>(x2[i >> 2u][i & 3u]); }
+    return unpack2x16float(x2[i >> 3u][(i >> 1u) & 3u])[i & 1u];
+}
+
+fn load_x2(u: u32) -> array<f32, 8> {
+    if (p.b_len == p.numel) {
+        if (!IN_F32) { return unpack8(x2[u]); }
+        let lo = bitcast<vec4<f32>>(x2[2u * u]);
+        var hi = vec4<f32>(0.0);
+        if (2u * u + 1u < vec4s(p.numel, true)) { hi = bitcast<vec4<f32>>(x2[2u * u + 1u]); }
+        return array<f32, 8>(lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w);
+    }
+    var f: array<f32, 8>;
+    for (var j = 0u; j < 8u; j++) { f[j] = x2_at((8u * u + j) % p.b_len); }
+    return f;
+}
+
+fn store_y(u: u32, f: array<f32, 8>) {
+    if (!OUT_F32) { y[u] = pack8(f); return; }
+    y[2u * u] = bitcast<vec4<u32>>(vec4<f32>(f[0], f[1], f[2], f[3]));
+    if (2u * u + 1u < vec4s(p.numel, true)) {
+        y[2u * u + 1u] = bitcast<vec4<u32>>(vec4<f32>(f[4], f[5], f[6], f[7]));
+    }
+}
+
+fn erf_approx(v: f32) -> f32 {
+    // Abramowitz-Stegun 7.1.26, |error| < 1.5e-7: well under f16 rounding.
+    let s = sign(v);
+    let z = abs(v);
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    return s * (1.0 - poly * exp(-z * z));
+}
+
+fn unary_op(v: f32) -> f32 {
+    switch (p.op) {
+        case 1u: { return v / (1.0 + exp(-v)); }
+        case 2u: { return 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752)); }
+        case 3u: { return v / (1.0 + exp(-1.702 * v)); }
+        case 4u: { return v * p.alpha + p.beta; }
+        default: { return v; }
+    }
+}
+
+@compute @workgroup_size(256)
+fn unary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let u = unit_index(wg, nwg, lid);
+    if (u * 8u >= p.numel) { return; }
+    var f = load_x(u);
+    for (var j = 0u; j < 8u; j++) { f[j] = unary_op(f[j]); }
+    store_y(u, f);
+}
+
+@compute @workgroup_size(256)
+fn binary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let u = unit_index(wg, nwg, lid);
+    if (u * 8u >= p.numel) { return; }
+    var f = load_x(u);
+    let g = load_x2(u);
+    for (var j = 0u; j < 8u; j++) {
+        if (p.op == 1u) { f[j] = f[j] * g[j] * p.alpha; } else { f[j] = f[j] + p.alpha * g[j]; }
+    }
+    store_y(u, f);
+}
+
+// dst[r*ld_dst + c] = src[r*ld_src + c] for c < cols; columns cols..ld_dst get 0.
+// Each invocation owns 8 consecutive destination storage elements.
+@compute @workgroup_size(256)
+fn copy2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let u = unit_index(wg, nwg, lid);
+    if (u * 8u >= p.numel) { return; }
+    var f: array<f32, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        let s = 8u * u + j;
+        let r = s / p.ld_dst;
+        let col = s % p.ld_dst;
+        var v = 0.0;
+        if (col < p.cols && s < p.numel) {
+            let i = r * p.ld_src + col;
+            if (IN_F32) { v = bitcast<f32>(x[i >> 2u][i & 3u]); }
+            else { v = unpack2x16float(x[i >> 3u][(i >> 1u) & 3u])[i & 1u]; }
+        }
+        f[j] = v;
+    }
+    store_y(u, f);
+}

@@ -1,0 +1,230 @@
+// matmul_coop.wgsl — matrix product on cooperative matrices (tensor cores): 16x16x16 tiles,
+// f16 inputs, f32 accumulators.
+//
+// Same contract as matmul_scalar.wgsl (read it first): C[b] = alpha * op(A[b])·op(B[b])
+// (+ bias[n]) (+ C[b] when ACCUMULATE); TRANS_A: A stored [K,M]; TRANS_B: B stored [N,K].
+// Global f16 tensors are read as mat2x4<f16> (16 bytes = 8 halves: naga's bitcast cannot
+// turn vec2<u32> into vec4<f16>) with zero fill at the edges, so any M, N, K work; C is written as packed f16 pairs (ldc even) or f32 (OUT_F32).
+// Dispatch: (ceil(N/BN), ceil(M/BM), batch) workgroups of 256 invocations = 8 subgroups of
+// 32 (the launcher only picks this path where the subgroup size is 32). The workgroup tile
+// BMxBN is split WARPS_M x (8/WARPS_M) among the subgroups; each subgroup keeps
+// (BM/WARPS_M/16) x (BN/WARPS_N/16) accumulators. K advances BK=32 at a time through shared
+// memory stored as vec4<f16> rows padded by 8 halves (no bank conflicts for the fragment
+// loads); the next tile's global words are held in registers while the current one is used.
+// Shared memory is typed f16 because naga takes a cooperative load's element type from its
+// pointer; strides of coopLoad are in vec4<f16> units.
+// Epilogue: each accumulator goes through a per-subgroup f32 staging tile in shared memory,
+// then each lane writes 8 values with bias, alpha and accumulation.
+// Saves nothing for backward.
+
+enable f16;
+enable wgpu_cooperative_matrix;
+
+struct Params {
+    m: u32, n: u32, k: u32, batch: u32,
+    lda: u32, ldb: u32, ldc: u32, flags: u32,      // flags: 1 bias, 2 accumulate, 4 vector loads ok
+    stride_a: u32, stride_b: u32, stride_c: u32, alpha: f32,
+    off_a: u32, off_b: u32, off_c: u32, off_bias: u32,
+}
+
+override TRANS_A: bool = false;
+override TRANS_B: bool = true;
+override OUT_F32: bool = false;
+override BM: u32 = 128u;
+override BN: u32 = 128u;
+override WARPS_M: u32 = 2u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<mat2x4<f16>>;
+@group(0) @binding(2) var<storage, read> b: array<mat2x4<f16>>;
+@group(0) @binding(3) var<storage, read> bias: array<mat2x4<f16>>;
+@group(0) @binding(4) var<storage, read_write> c: array<u32>;
+
+const BK: u32 = 32u;
+const WG: u32 = 256u;
+// Shared tiles in entries of 8 halves (two vec4<f16>): K-contiguous rows hold BK/8 + 1 = 5
+// entries; M- or N-contiguous rows hold X/8 + 1. Sized for BM or BN up to 256.
+const SH_A: u32 = 2560u;   // vec4<f16> units: 2 * max(256*5, 32*33)
+const SH_B: u32 = 2560u;
+var<workgroup> sa: array<vec4<f16>, SH_A>;
+var<workgroup> sb: array<vec4<f16>, SH_B>;
+
+fn put_a(e: u32, v: mat2x4<f16>) {
+    sa[2u * e] = v[0];
+    sa[2u * e + 1u] = v[1];
+}
+fn put_b(e: u32, v: mat2x4<f16>) {
+    sb[2u * e] = v[0];
+    sb[2u * e + 1u] = v[1];
+}
+var<workgroup> stage: array<f32, 2048>;   // 8 subgroups x 16x16
+
+fn half_at(v: mat2x4<f16>, i: u32) -> f16 {
+    return v[(i >> 2u) & 1u][i & 3u];
+}
+
+// 8 halves of a stored [rows, ld] matrix at row r, columns c0..c0+8, zero outside
+// [0,rows)x[0,cols).
+fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, vec_ok: bool) -> mat2x4<f16> {
+    if (r < rows && c0 + 8u <= cols && vec_ok) {
+        let i = (base + r * ld + c0) >> 3u;
+        if (is_a) { return a[i]; }
+        return b[i];
+    }
+    var out = mat2x4<f16>();
+    for (var j = 0u; j < 8u; j++) {
+        let i = base + r * ld + c0 + j;
+        var v = 0.0h;
+        if (r < rows && c0 + j < cols) {
+            if (is_a) { v = half_at(a[i >> 3u], i); } else { v = half_at(b[i >> 3u], i); }
+        }
+        out[j / 4u][j % 4u] = v;
+    }
+    return out;
+}
+
+// Tile of A for k0: K-contiguous (!TRANS_A) it is BM rows of BK; else BK rows of BM.
+// Entry e (of BM*BK/8) -> (stored row, stored col0) and its shared index.
+fn a_entry(e: u32, m0: u32, k0: u32) -> vec3<u32> {
+    if (TRANS_A) {
+        let per = BM / 8u;
+        let r = e / per; let q = e % per;
+        return vec3<u32>(k0 + r, m0 + q * 8u, r * (per + 1u) + q);
+    }
+    let r = e / 4u; let q = e % 4u;
+    return vec3<u32>(m0 + r, k0 + q * 8u, r * 5u + q);
+}
+fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
+    if (!TRANS_B) {
+        let per = BN / 8u;
+        let r = e / per; let q = e % per;
+        return vec3<u32>(k0 + r, n0 + q * 8u, r * (per + 1u) + q);
+    }
+    let r = e / 4u; let q = e % 4u;
+    return vec3<u32>(n0 + r, k0 + q * 8u, r * 5u + q);
+}
+
+fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
+    let x = a_entry(e, m0, k0);
+    if (TRANS_A) { return load8(true, base, x.x, x.y, p.k, p.m, p.lda, vec_ok); }
+    return load8(true, base, x.x, x.y, p.m, p.k, p.lda, vec_ok);
+}
+fn fetch_b(e: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
+    let x = b_entry(e, n0, k0);
+    if (TRANS_B) { return load8(false, base, x.x, x.y, p.n, p.k, p.ldb, vec_ok); }
+    return load8(false, base, x.x, x.y, p.k, p.n, p.ldb, vec_ok);
+}
+
+// Fragment loads from shared memory (indices and strides in vec4<f16> units).
+// A fragment: rows m..m+16, k..k+16 of the tile.
+fn frag_a(m: u32, k: u32) -> coop_mat16x16<f16, A> {
+    if (TRANS_A) {
+        let per = BM / 4u + 2u;
+        return coopLoad<coop_mat16x16<f16, A>>(&sa[k * per + m / 4u], per);
+    }
+    return coopLoadT<coop_mat16x16<f16, A>>(&sa[m * 10u + k / 4u], 10u);
+}
+fn frag_b(k: u32, n: u32) -> coop_mat16x16<f16, B> {
+    if (TRANS_B) {
+        return coopLoad<coop_mat16x16<f16, B>>(&sb[n * 10u + k / 4u], 10u);
+    }
+    let per = BN / 4u + 2u;
+    return coopLoadT<coop_mat16x16<f16, B>>(&sb[k * per + n / 4u], per);
+}
+
+// naga 30 needs the store in a helper when the matrix is a var (see DESIGN.md).
+fn stage_store(m: coop_mat16x16<f32, C>, at: u32) {
+    coopStoreT(m, &stage[at], 16u);
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32,
+        @builtin(subgroup_id) sid: u32, @builtin(subgroup_invocation_id) lane: u32) {
+    let warps_n = 8u / WARPS_M;
+    let fm = BM / WARPS_M / 16u;     // fragments per subgroup along M
+    let fn_ = BN / warps_n / 16u;    // along N
+    let bz = wg.z;
+    let m0 = wg.y * BM;
+    let n0 = wg.x * BN;
+    let base_a = p.off_a + bz * p.stride_a;
+    let base_b = p.off_b + bz * p.stride_b;
+    let vec_ok = (p.flags & 4u) != 0u;
+    let wm = (sid / warps_n) * (BM / WARPS_M);
+    let wn = (sid % warps_n) * (BN / warps_n);
+    let na = BM * BK / 8u / WG;      // vec4 entries per invocation
+    let nb = BN * BK / 8u / WG;
+
+    var acc: array<coop_mat16x16<f32, C>, 16>;
+    for (var i = 0u; i < 16u; i++) { acc[i] = coop_mat16x16<f32, C>(); }
+
+    var ra: array<mat2x4<f16>, 4>;
+    var rb: array<mat2x4<f16>, 4>;
+    for (var i = 0u; i < na; i++) { ra[i] = fetch_a(t + i * WG, m0, 0u, base_a, vec_ok); }
+    for (var i = 0u; i < nb; i++) { rb[i] = fetch_b(t + i * WG, n0, 0u, base_b, vec_ok); }
+
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        for (var i = 0u; i < na; i++) { put_a(a_entry(t + i * WG, 0u, 0u).z, ra[i]); }
+        for (var i = 0u; i < nb; i++) { put_b(b_entry(t + i * WG, 0u, 0u).z, rb[i]); }
+        workgroupBarrier();
+        if (k0 + BK < p.k) {
+            for (var i = 0u; i < na; i++) { ra[i] = fetch_a(t + i * WG, m0, k0 + BK, base_a, vec_ok); }
+            for (var i = 0u; i < nb; i++) { rb[i] = fetch_b(t + i * WG, n0, k0 + BK, base_b, vec_ok); }
+        }
+        for (var kk = 0u; kk < BK; kk += 16u) {
+            var fa: array<coop_mat16x16<f16, A>, 4>;
+            for (var i = 0u; i < fm; i++) { fa[i] = frag_a(wm + i * 16u, kk); }
+            for (var j = 0u; j < fn_; j++) {
+                let fb = frag_b(kk, wn + j * 16u);
+                for (var i = 0u; i < fm; i++) {
+                    acc[i * fn_ + j] = coopMultiplyAdd(fa[i], fb, acc[i * fn_ + j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // Epilogue through the subgroup's 16x16 staging tile: lane l owns row l/2, columns
+    // (l%2)*8 .. +8.
+    let has_bias = (p.flags & 1u) != 0u;
+    let accumulate = (p.flags & 2u) != 0u;
+    let base_c = p.off_c + bz * p.stride_c;
+    let st = sid * 256u;
+    let lr = lane / 2u;
+    let lc = (lane % 2u) * 8u;
+    for (var i = 0u; i < fm; i++) {
+        for (var j = 0u; j < fn_; j++) {
+            stage_store(acc[i * fn_ + j], st);
+            workgroupBarrier();
+            let m = m0 + wm + i * 16u + lr;
+            let nc = n0 + wn + j * 16u + lc;
+            if (m < p.m) {
+                let row = base_c + m * p.ldc;
+                for (var q = 0u; q < 8u; q += 2u) {
+                    if (nc + q < p.n) {
+                        var v = vec2<f32>(stage[st + lr * 16u + lc + q], stage[st + lr * 16u + lc + q + 1u]) * p.alpha;
+                        if (has_bias) {
+                            let bi = p.off_bias + nc + q;
+                            v.x += f32(half_at(bias[bi >> 3u], bi));
+                            if (nc + q + 1u < p.n) { v.y += f32(half_at(bias[(bi + 1u) >> 3u], bi + 1u)); }
+                        }
+                        if (OUT_F32) {
+                            var o0 = v.x;
+                            if (accumulate) { o0 += bitcast<f32>(c[row + nc + q]); }
+                            c[row + nc + q] = bitcast<u32>(o0);
+                            if (nc + q + 1u < p.n) {
+                                var o1 = v.y;
+                                if (accumulate) { o1 += bitcast<f32>(c[row + nc + q + 1u]); }
+                                c[row + nc + q + 1u] = bitcast<u32>(o1);
+                            }
+                        } else {
+                            let w = (row + nc + q) >> 1u;
+                            if (accumulate) { v += unpack2x16float(c[w]); }
+                            c[w] = pack2x16float(v);
+                        }
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
+//! at 4096³ / 8192³ on every path the device has, elementwise ops at 64 MiB. Each case is
+//! warmed up, then timed over repeated launches (median of several batches), and reported
+//! in ms and TFLOP/s or GB/s.
+
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
+use crate::kernels::elementwise::{self, Binary, Unary};
+use crate::kernels::matmul::Matmul;
+
+/// One measured case.
+#[derive(Clone, Debug)]
+pub struct BenchResult {
+    pub name: String,
+    pub path: String,
+    pub ms: f64,
+    /// TFLOP/s for compute-bound kernels, else 0.
+    pub tflops: f64,
+    /// GB/s of the declared bytes.
+    pub gbs: f64,
+}
+
+impl BenchResult {
+    /// The result as a JSON object.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"name\":\"{}\",\"path\":\"{}\",\"ms\":{:.6},\"tflops\":{:.3},\"gbs\":{:.1}}}",
+            self.name, self.path, self.ms, self.tflops, self.gbs
+        )
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (xorshift; the benches need no quality).
+pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Times `d`: a few warm-up launches, then `batches` batches of `reps` launches each;
+/// returns the median seconds per launch.
+pub fn time_dispatch(gpu: &Gpu, d: &Dispatch, reps: usize, batches: usize) -> Result<f64> {
+    let mut rec = Recorder::new(gpu);
+    for _ in 0..3 {
+        rec.run(d)?;
+    }
+    rec.finish()?;
+    let mut times = Vec::with_capacity(batches);
+    for _ in 0..batches {
+        let t = Instant::now();
+        let mut rec = Recorder::new(gpu);
+        for _ in 0..reps {
+            rec.run(d)?;
+        }
+        rec.finish()?;
+        times.push(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    Tensor::from_f32(gpu, shape, DType::F16, &noise(n, seed), what)
+}
+
+/// The matmul cases: (name, M, N, K), Y = X·Wᵀ.
+pub const MATMUL_CASES: [(&str, usize, usize, usize); 8] = [
+    ("sd_attn_proj_4096x320x320", 4096, 320, 320),
+    ("sd_ff_in_4096x2560x320", 4096, 2560, 320),
+    ("sd_ff_out_4096x320x1280", 4096, 320, 1280),
+    ("sd_mid_256x1280x1280", 256, 1280, 1280),
+    ("sd_cross_kv_77x320x768", 77, 320, 768),
+    ("clip_mlp_77x3072x768", 77, 3072, 768),
+    ("square_4096", 4096, 4096, 4096),
+    ("square_8192", 8192, 8192, 8192),
+];
+
+/// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
+pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<BenchResult>> {
+    let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
+    let mut out = Vec::new();
+    let mut emit = |r: BenchResult| {
+        if !quiet {
+            println!("{}", row(&r));
+        }
+        out.push(r);
+    };
+    let paths: Vec<KernelPath> = if gpu.caps.path == KernelPath::Coop {
+        vec![KernelPath::Coop, KernelPath::Scalar]
+    } else {
+        vec![KernelPath::Scalar]
+    };
+    // A CPU adapter does ~4 GFLOP/s: keep its runs short.
+    let slow = gpu.adapter.get_info().device_type == wgpu::DeviceType::Cpu;
+    for &(name, m, n, k) in MATMUL_CASES.iter() {
+        let full = format!("matmul_{name}");
+        if !wanted(&full) || (slow && m * n * k > 1 << 31) {
+            continue;
+        }
+        let x = random_f16(gpu, &[m, k], 1, "bench x")?;
+        let w = random_f16(gpu, &[n, k], 2, "bench w")?;
+        let y = Tensor::empty(gpu, &[m, n], DType::F16, "bench y")?;
+        for &path in &paths {
+            let mut mm = Matmul::new(m, n, k);
+            mm.trans_b = true;
+            mm.path = Some(path);
+            let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
+            let reps = ((2e12 / mm.flops()) as usize).clamp(1, 200);
+            let reps = if slow { 1 } else { reps };
+            let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
+            emit(BenchResult {
+                name: full.clone(),
+                path: format!("{path} {}", d.label),
+                ms: s * 1e3,
+                tflops: mm.flops() / s / 1e12,
+                gbs: d.bytes / s / 1e9,
+            });
+        }
+    }
+    // Elementwise at 64 MiB of f16 input (32 Mi elements).
+    let n = if slow { 1 << 20 } else { 32 << 20 };
+    let a = random_f16(gpu, &[n], 3, "bench a")?;
+    let b = random_f16(gpu, &[n], 4, "bench b")?;
+    let y16 = Tensor::empty(gpu, &[n], DType::F16, "bench y16")?;
+    let y32 = Tensor::empty(gpu, &[n], DType::F32, "bench y32")?;
+    let cases: Vec<(&str, Dispatch)> = vec![
+        ("copy_f16_64MiB", elementwise::unary(gpu, Unary::Copy, &a, &y16)?),
+        ("silu_f16_64MiB", elementwise::unary(gpu, Unary::Silu, &a, &y16)?),
+        ("gelu_f16_64MiB", elementwise::unary(gpu, Unary::Gelu, &a, &y16)?),
+        ("add_f16_64MiB", elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &a, &b, &y16)?),
+        ("mul_f16_64MiB", elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &a, &b, &y16)?),
+        ("cast_f16_f32_64MiB", elementwise::cast(gpu, &a, &y32)?),
+    ];
+    for (name, d) in cases {
+        let full = format!("elementwise_{name}");
+        if !wanted(&full) {
+            continue;
+        }
+        let s = time_dispatch(gpu, &d, if slow { 2 } else { 100 }, if slow { 1 } else { 5 })?;
+        emit(BenchResult { name: full, path: d.label.to_string(), ms: s * 1e3, tflops: 0.0, gbs: d.bytes / s / 1e9 });
+    }
+    Ok(out)
+}
+
+/// One table row.
+pub fn row(r: &BenchResult) -> String {
+    let rate = if r.tflops > 0.0 { format!("{:8.1} TFLOP/s", r.tflops) } else { format!("{:8.0} GB/s   ", r.gbs) };
+    format!("{:<42} {:>10.3} ms {}  {}", r.name, r.ms, rate, r.path)
+}

@@ -1,0 +1,101 @@
+//! The recorder: collects prepared dispatches, encodes them into compute passes and submits
+//! them in batches, so a whole model step is one stream of launches with few submits. With a
+//! profiler attached, each dispatch gets its own pass with begin/end timestamps.
+
+use crate::error::Result;
+use crate::gpu::device::Gpu;
+use crate::gpu::pipelines::Dispatch;
+use crate::gpu::profiler::Profiler;
+
+/// Dispatches per submit: large enough that submits are rare, small enough that the GPU
+/// starts early on long sequences.
+pub const BATCH: usize = 256;
+
+/// Encodes dispatches and submits them in batches.
+pub struct Recorder<'a> {
+    gpu: &'a Gpu,
+    pending: Vec<Dispatch>,
+    profiler: Option<&'a mut Profiler>,
+}
+
+impl<'a> Recorder<'a> {
+    pub fn new(gpu: &'a Gpu) -> Self {
+        Recorder { gpu, pending: Vec::new(), profiler: None }
+    }
+
+    /// A recorder whose dispatches are timed by `profiler` (when the device has timestamps).
+    pub fn with_profiler(gpu: &'a Gpu, profiler: Option<&'a mut Profiler>) -> Self {
+        Recorder { gpu, pending: Vec::new(), profiler }
+    }
+
+    /// Queues one dispatch; submits when a batch is full.
+    pub fn run(&mut self, d: &Dispatch) -> Result<()> {
+        self.pending.push(d.clone());
+        let cap = self.profiler.as_ref().map_or(BATCH, |p| p.free_slots().min(BATCH));
+        if self.pending.len() >= cap {
+            self.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Encodes and submits everything queued (does not wait).
+    pub fn submit(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("atelier batch"),
+        });
+        match self.profiler.as_deref_mut() {
+            Some(prof) => {
+                for d in &self.pending {
+                    let (qs, begin, end) = prof.slot(d);
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(&d.label),
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: qs,
+                            beginning_of_pass_write_index: Some(begin),
+                            end_of_pass_write_index: Some(end),
+                        }),
+                    });
+                    pass.set_pipeline(&d.pipeline);
+                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                }
+                prof.resolve(&mut enc);
+            }
+            None => {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("atelier"),
+                    timestamp_writes: None,
+                });
+                for d in &self.pending {
+                    pass.set_pipeline(&d.pipeline);
+                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                }
+            }
+        }
+        self.gpu.queue.submit([enc.finish()]);
+        self.pending.clear();
+        if let Some(prof) = self.profiler.as_deref_mut() {
+            prof.collect(self.gpu)?;
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and waits until the GPU has finished it.
+    pub fn finish(mut self) -> Result<()> {
+        self.submit()?;
+        self.gpu.wait()
+    }
+}
+
+impl Gpu {
+    /// Records one dispatch, submits it and waits: for tests and one-off launches.
+    pub fn run_now(&self, d: &Dispatch) -> Result<()> {
+        let mut r = Recorder::new(self);
+        r.run(d)?;
+        r.finish()
+    }
+}

@@ -1,0 +1,168 @@
+//! Launchers for `shaders/elementwise.wgsl`: unary ops (copy, SiLU, GELU, quick-GELU, affine),
+//! binary ops (add, mul; the second operand may broadcast along rows), casts f16<->f32 and a
+//! strided 2-D copy. All memory-bound: bytes = inputs read + output written, no flops counted.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
+
+/// Mirrors `struct Params` in elementwise.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct ElementwiseParams {
+    pub numel: u32,
+    pub b_len: u32,
+    pub op: u32,
+    pub cols: u32,
+    pub alpha: f32,
+    pub beta: f32,
+    pub ld_src: u32,
+    pub ld_dst: u32,
+}
+
+/// Unary operations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// y = x (with a dtype change this is a cast).
+    Copy,
+    /// x·sigmoid(x).
+    Silu,
+    /// The exact (erf) GELU, as torch's default.
+    Gelu,
+    /// x·sigmoid(1.702x), CLIP's activation.
+    QuickGelu,
+    /// y = alpha·x + beta (scale is beta = 0).
+    Affine { alpha: f32, beta: f32 },
+}
+
+impl Unary {
+    fn code(self) -> (u32, f32, f32) {
+        match self {
+            Unary::Copy => (0, 1.0, 0.0),
+            Unary::Silu => (1, 1.0, 0.0),
+            Unary::Gelu => (2, 1.0, 0.0),
+            Unary::QuickGelu => (3, 1.0, 0.0),
+            Unary::Affine { alpha, beta } => (4, alpha, beta),
+        }
+    }
+
+    /// The same function on the CPU, in f64 (the op tests' reference).
+    pub fn reference(self, x: f64) -> f64 {
+        match self {
+            Unary::Copy => x,
+            Unary::Silu => x / (1.0 + (-x).exp()),
+            Unary::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+            Unary::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Unary::Affine { alpha, beta } => alpha as f64 * x + beta as f64,
+        }
+    }
+}
+
+/// erf in f64 (for the references), by its Taylor series near 0 and a continued fraction
+/// for the tail; accurate to ~1e-15.
+pub fn erf(x: f64) -> f64 {
+    let ax = x.abs();
+    let r = if ax < 2.5 {
+        let mut sum = ax;
+        let mut term = ax;
+        let mut n = 0.0;
+        loop {
+            n += 1.0;
+            term *= -ax * ax / n;
+            let add = term / (2.0 * n + 1.0);
+            sum += add;
+            if add.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(x) = exp(-x²)/sqrt(pi) · 1/(x + 1/2/(x + 1/(x + 3/2/(x + ...))))
+        let mut f = 0.0;
+        for k in (1..60).rev() {
+            f = (k as f64 / 2.0) / (ax + f);
+        }
+        1.0 - (-ax * ax).exp() / std::f64::consts::PI.sqrt() / (ax + f)
+    };
+    r.copysign(x)
+}
+
+/// Binary operations: y = a + alpha·b, or y = alpha·a·b.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Binary {
+    Add { alpha: f32 },
+    Mul { alpha: f32 },
+}
+
+fn groups(units: usize) -> [u32; 3] {
+    let g = units.div_ceil(256).max(1) as u32;
+    if g <= 65535 { [g, 1, 1] } else { [65535, g.div_ceil(65535), 1] }
+}
+
+fn key(entry: &'static str, x: DType, y: DType) -> PipelineKey {
+    PipelineKey::new(Shader::Elementwise, entry)
+        .with("IN_F32", (x == DType::F32) as i64)
+        .with("OUT_F32", (y == DType::F32) as i64)
+}
+
+fn check_len(op: &str, n: usize) -> Result<()> {
+    if n > (u32::MAX as usize) - 8 {
+        return Err(Error::shape(op, format!("{n} elements: over 2^32")));
+    }
+    Ok(())
+}
+
+/// y = f(x), elementwise; x and y of the same number of elements, any dtypes.
+pub fn unary(gpu: &Gpu, op: Unary, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    if x.numel() != y.numel() {
+        return Err(Error::shape("unary", format!("x {:?} vs y {:?}", x.shape, y.shape)));
+    }
+    let n = y.numel();
+    check_len("unary", n)?;
+    let (code, alpha, beta) = op.code();
+    let p = ElementwiseParams { numel: n as u32, b_len: n as u32, op: code, alpha, beta, ..Default::default() };
+    let bytes = (n * (x.dtype.size() + y.dtype.size())) as f64;
+    gpu.dispatch(&key("unary", x.dtype, y.dtype), &p, &[x, y], groups(n.div_ceil(8)), 0.0, bytes)
+}
+
+/// y = a (op) b; `b` has as many elements as `a`, or is one row that repeats
+/// (a.numel() a multiple of b.numel()). a and b share a dtype.
+pub fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    let n = y.numel();
+    check_len("binary", n)?;
+    if a.numel() != n || b.numel() == 0 || n % b.numel() != 0 {
+        return Err(Error::shape("binary", format!("a {:?}, b {:?}, y {:?}", a.shape, b.shape, y.shape)));
+    }
+    if a.dtype != b.dtype {
+        return Err(Error::DType { op: "binary".into(), detail: format!("a is {}, b is {}", a.dtype, b.dtype) });
+    }
+    let (code, alpha) = match op {
+        Binary::Add { alpha } => (0, alpha),
+        Binary::Mul { alpha } => (1, alpha),
+    };
+    let p = ElementwiseParams { numel: n as u32, b_len: b.numel() as u32, op: code, alpha, ..Default::default() };
+    let bytes = (n * (2 * a.dtype.size() + y.dtype.size())) as f64;
+    gpu.dispatch(&key("binary", a.dtype, y.dtype), &p, &[a, y, b], groups(n.div_ceil(8)), 0.0, bytes)
+}
+
+/// Cast (or copy) x into y's dtype.
+pub fn cast(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    unary(gpu, Unary::Copy, x, y)
+}
+
+/// dst[r, c] = src[r, c] for `rows` rows and `cols` columns, with row strides `ld_src` and
+/// `ld_dst` (dst columns cols..ld_dst are zeroed). Both of src's dtype... or any pair.
+pub fn copy2d(gpu: &Gpu, src: &Tensor, dst: &Tensor, rows: usize, cols: usize, ld_src: usize, ld_dst: usize) -> Result<Dispatch> {
+    let n = rows * ld_dst;
+    check_len("copy2d", n)?;
+    if cols > ld_src || cols > ld_dst || dst.numel() < n || src.numel() < (rows - 1) * ld_src + cols {
+        return Err(Error::shape(
+            "copy2d",
+            format!("{rows}x{cols} (ld {ld_src} -> {ld_dst}) from {:?} to {:?}", src.shape, dst.shape),
+        ));
+    }
+    let p = ElementwiseParams { numel: n as u32, cols: cols as u32, ld_src: ld_src as u32, ld_dst: ld_dst as u32, ..Default::default() };
+    let bytes = (rows * cols * src.dtype.size() + n * dst.dtype.size()) as f64;
+    gpu.dispatch(&key("copy2d", src.dtype, dst.dtype), &p, &[src, dst], groups(n.div_ceil(8)), 0.0, bytes)
+}

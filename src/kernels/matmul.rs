@@ -1,0 +1,248 @@
+//! Launchers for the matmul family (`shaders/matmul_scalar.wgsl`, `shaders/matmul_coop.wgsl`):
+//! C = alpha·op(A)·op(B) (+ bias) (+ C), batched, f16 inputs, f16 or f32 output, any M, N, K.
+//! `linear` is Y = X·Wᵀ + b. The path (cooperative matrices or scalar) follows the device's
+//! capabilities unless forced. Flops: 2·M·N·K per batch; bytes: A, B and C once.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Gpu, KernelPath, PipelineKey, Shader, Tensor};
+
+/// Mirrors `struct Params` in both matmul shaders.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub batch: u32,
+    pub lda: u32,
+    pub ldb: u32,
+    pub ldc: u32,
+    pub flags: u32,
+    pub stride_a: u32,
+    pub stride_b: u32,
+    pub stride_c: u32,
+    pub alpha: f32,
+    pub off_a: u32,
+    pub off_b: u32,
+    pub off_c: u32,
+    pub off_bias: u32,
+}
+
+const FLAG_BIAS: u32 = 1;
+const FLAG_ACCUMULATE: u32 = 2;
+const FLAG_VEC: u32 = 4;
+
+/// Tile configuration of the cooperative-matrix kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopTile {
+    pub bm: u32,
+    pub bn: u32,
+    pub warps_m: u32,
+}
+
+impl CoopTile {
+    /// The tile used by default: chosen by the H100 measurements in docs/PERF.md.
+    pub const DEFAULT: CoopTile = CoopTile { bm: 128, bn: 256, warps_m: 2 };
+    /// For small problems, where a big tile would leave most of the GPU idle.
+    pub const SMALL: CoopTile = CoopTile { bm: 128, bn: 128, warps_m: 2 };
+    /// All configurations the shader supports (bm, bn ≤ 256, ≤ 16 accumulators a subgroup).
+    pub const ALL: [CoopTile; 4] = [
+        CoopTile { bm: 128, bn: 128, warps_m: 2 },
+        CoopTile { bm: 128, bn: 256, warps_m: 2 },
+        CoopTile { bm: 256, bn: 128, warps_m: 4 },
+        CoopTile { bm: 64, bn: 128, warps_m: 2 },
+    ];
+}
+
+/// A matrix product to launch. Build with [`Matmul::new`], then set options.
+#[derive(Clone, Debug)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub batch: usize,
+    /// A stored [K, M] instead of [M, K].
+    pub trans_a: bool,
+    /// B stored [N, K] instead of [K, N] (Y = X·Wᵀ).
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// C += instead of C =.
+    pub accumulate: bool,
+    /// Batch strides in elements (0 broadcasts one matrix over the batch).
+    pub stride_a: usize,
+    pub stride_b: usize,
+    /// Force a path (default: the device's).
+    pub path: Option<KernelPath>,
+    /// Force a cooperative-matrix tile (default: chosen by size).
+    pub tile: Option<CoopTile>,
+}
+
+impl Matmul {
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Matmul {
+            m,
+            n,
+            k,
+            batch: 1,
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: false,
+            stride_a: m * k,
+            stride_b: k * n,
+            path: None,
+            tile: None,
+        }
+    }
+
+    /// Floating-point operations of one launch.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64 * self.batch as f64
+    }
+
+    /// Which path and tile this product will use on `gpu`.
+    pub fn plan(&self, gpu: &Gpu) -> (KernelPath, CoopTile) {
+        let path = match self.path {
+            Some(KernelPath::Coop) if gpu.caps.coop_16x16_f16_f32 => KernelPath::Coop,
+            Some(_) => KernelPath::Scalar,
+            None => gpu.caps.path,
+        };
+        let tile = self.tile.unwrap_or_else(|| {
+            // Fewer than ~2 waves of big tiles on a large GPU: use the smaller tile.
+            let big = CoopTile::DEFAULT;
+            let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
+            if tiles < 264 { CoopTile::SMALL } else { big }
+        });
+        (path, tile)
+    }
+
+    /// Prepares the launch writing `c` ([batch, M, N], f16 or f32) from `a`, `b` (f16) and an
+    /// optional f16 `bias` [N]. With f16 output and odd N the launcher needs a padded scratch
+    /// tensor; use [`Matmul::run`] for that case.
+    pub fn prepare(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor, ldc: usize) -> Result<Dispatch> {
+        self.check(a, b, bias, c, ldc)?;
+        let (path, tile) = self.plan(gpu);
+        let (lda, ldb) = (
+            if self.trans_a { self.m } else { self.k },
+            if self.trans_b { self.k } else { self.n },
+        );
+        let vec_ok = lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0;
+        let mut flags = if vec_ok { FLAG_VEC } else { 0 };
+        if bias.is_some() {
+            flags |= FLAG_BIAS;
+        }
+        if self.accumulate {
+            flags |= FLAG_ACCUMULATE;
+        }
+        let params = MatmulParams {
+            m: self.m as u32,
+            n: self.n as u32,
+            k: self.k as u32,
+            batch: self.batch as u32,
+            lda: lda as u32,
+            ldb: ldb as u32,
+            ldc: ldc as u32,
+            flags,
+            stride_a: self.stride_a as u32,
+            stride_b: self.stride_b as u32,
+            stride_c: (self.m * ldc) as u32,
+            alpha: self.alpha,
+            ..Default::default()
+        };
+        let out_f32 = c.dtype == DType::F32;
+        let (key, bm, bn) = match path {
+            KernelPath::Coop => (
+                PipelineKey::new(Shader::MatmulCoop, "main")
+                    .with("TRANS_A", self.trans_a as i64)
+                    .with("TRANS_B", self.trans_b as i64)
+                    .with("OUT_F32", out_f32 as i64)
+                    .with("BM", tile.bm as i64)
+                    .with("BN", tile.bn as i64)
+                    .with("WARPS_M", tile.warps_m as i64),
+                tile.bm,
+                tile.bn,
+            ),
+            KernelPath::Scalar => (
+                PipelineKey::new(Shader::MatmulScalar, "main")
+                    .with("TRANS_A", self.trans_a as i64)
+                    .with("TRANS_B", self.trans_b as i64)
+                    .with("OUT_F32", out_f32 as i64),
+                128,
+                128,
+            ),
+        };
+        let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), self.batch as u32];
+        let bytes = (a.numel() * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
+        gpu.dispatch(&key, &params, &[a, b, bias.unwrap_or(a), c], groups, self.flops(), bytes)
+    }
+
+    fn check(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor, ldc: usize) -> Result<()> {
+        let op = "matmul";
+        if a.dtype != DType::F16 || b.dtype != DType::F16 || bias.is_some_and(|t| t.dtype != DType::F16) {
+            return Err(Error::DType { op: op.into(), detail: "A, B and bias must be f16".into() });
+        }
+        if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 {
+            return Err(Error::shape(op, format!("empty product {}x{}x{} batch {}", self.m, self.n, self.k, self.batch)));
+        }
+        let need_a = (self.batch - 1) * self.stride_a + self.m * self.k;
+        let need_b = (self.batch - 1) * self.stride_b + self.k * self.n;
+        if a.numel() < need_a {
+            return Err(Error::shape(op, format!("A {:?} holds {} values, needs {need_a}", a.shape, a.numel())));
+        }
+        if b.numel() < need_b {
+            return Err(Error::shape(op, format!("B {:?} holds {} values, needs {need_b}", b.shape, b.numel())));
+        }
+        if let Some(t) = bias {
+            if t.numel() < self.n {
+                return Err(Error::shape(op, format!("bias {:?} shorter than N={}", t.shape, self.n)));
+            }
+        }
+        if ldc < self.n || c.numel() < self.batch * self.m * ldc {
+            return Err(Error::shape(op, format!("C {:?} too small for {}x{}x{} (ldc {ldc})", c.shape, self.batch, self.m, self.n)));
+        }
+        if c.dtype == DType::F16 && ldc % 2 == 1 {
+            return Err(Error::shape(op, "f16 C needs an even row stride (use Matmul::run for odd N)"));
+        }
+        let max = u32::MAX as usize;
+        if [need_a, need_b, c.numel()].iter().any(|&x| x > max) {
+            return Err(Error::shape(op, "tensor over 2^32 elements"));
+        }
+        Ok(())
+    }
+
+    /// Records the product into `rec`: `c` is [batch, M, N]. Handles odd N with f16 output by
+    /// computing into a padded scratch tensor and compacting it.
+    pub fn run(&self, gpu: &Gpu, rec: &mut crate::gpu::Recorder, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<()> {
+        if c.dtype == DType::F32 || self.n % 2 == 0 {
+            return rec.run(&self.prepare(gpu, a, b, bias, c, self.n)?);
+        }
+        let ld = self.n + 1;
+        let rows = self.batch * self.m;
+        let tmp = Tensor::empty(gpu, &[rows, ld], DType::F16, "matmul scratch (odd N)")?;
+        if self.accumulate {
+            rec.run(&super::elementwise::copy2d(gpu, c, &tmp, rows, self.n, self.n, ld)?)?;
+        }
+        rec.run(&self.prepare(gpu, a, b, bias, &tmp, ld)?)?;
+        rec.run(&super::elementwise::copy2d(gpu, &tmp, c, rows, self.n, ld, self.n)?)
+    }
+}
+
+/// Y = X·Wᵀ + b: X [.., K] f16, W [N, K] f16, b [N] f16, Y [.., N] f16 or f32.
+pub fn linear(gpu: &Gpu, rec: &mut crate::gpu::Recorder, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
+    if w.shape.len() != 2 {
+        return Err(Error::shape("linear", format!("weight must be [N, K], got {:?}", w.shape)));
+    }
+    let (n, k) = (w.shape[0], w.shape[1]);
+    if x.shape.last() != Some(&k) || y.shape.last() != Some(&n) {
+        return Err(Error::shape("linear", format!("x {:?}, W {:?}, y {:?}", x.shape, w.shape, y.shape)));
+    }
+    let m = x.numel() / k;
+    if y.numel() != m * n {
+        return Err(Error::shape("linear", format!("y {:?} should hold {m}x{n}", y.shape)));
+    }
+    let mut mm = Matmul::new(m, n, k);
+    mm.trans_b = true;
+    mm.run(gpu, rec, x, w, b, y)
+}

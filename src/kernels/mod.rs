@@ -1,0 +1,48 @@
+//! Kernel launchers, one file per shader family. Each validates its shapes, picks the
+//! pipeline variant and declares the flops and bytes of a launch for the profiler.
+
+pub mod elementwise;
+pub mod matmul;
+
+use crate::gpu::{PipelineKey, Shader};
+
+/// Every pipeline variant the launchers can ask for: the shader tests validate and translate
+/// each one, so no variant first fails on a user's machine.
+pub fn pipeline_variants() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for ta in [false, true] {
+        for tb in [false, true] {
+            for out_f32 in [false, true] {
+                keys.push(
+                    PipelineKey::new(Shader::MatmulScalar, "main")
+                        .with("TRANS_A", ta as i64)
+                        .with("TRANS_B", tb as i64)
+                        .with("OUT_F32", out_f32 as i64),
+                );
+                for t in matmul::CoopTile::ALL {
+                    keys.push(
+                        PipelineKey::new(Shader::MatmulCoop, "main")
+                            .with("TRANS_A", ta as i64)
+                            .with("TRANS_B", tb as i64)
+                            .with("OUT_F32", out_f32 as i64)
+                            .with("BM", t.bm as i64)
+                            .with("BN", t.bn as i64)
+                            .with("WARPS_M", t.warps_m as i64),
+                    );
+                }
+            }
+        }
+    }
+    for entry in ["unary", "binary", "copy2d"] {
+        for i in [false, true] {
+            for o in [false, true] {
+                keys.push(
+                    PipelineKey::new(Shader::Elementwise, entry)
+                        .with("IN_F32", i as i64)
+                        .with("OUT_F32", o as i64),
+                );
+            }
+        }
+    }
+    keys
+}

@@ -1,0 +1,9 @@
+//! atelier: Stable Diffusion 1.5 on wgpu, with hand-written WGSL kernels (f16 storage, f32
+//! arithmetic) for inference and LoRA training on any Vulkan / Metal / DX12 GPU.
+
+pub mod bench;
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+
+pub use error::{Error, Result};

@@ -1,0 +1,215 @@
+//! Op tests of the matmul family against a CPU reference in f64, on both kernel paths where
+//! the device has them: tiny and odd shapes, every layout (A and B transposed or not), bias,
+//! alpha, accumulation, batches with broadcast weights, f16 and f32 outputs, and real SD-1.5
+//! shapes. Outputs are poisoned with NaN first, so an unwritten element fails.
+//!
+//! Bounds: inputs are rounded to f16 before the reference, products are exact in f32 and
+//! accumulation is f32, so the error is the output rounding: f16 has a relative step of
+//! 2^-11 (≈ 4.9e-4 at most, ≈ 2.8e-4 in RMS), bound 1e-3; f32 output sees only f32
+//! accumulation error (≈ 1e-7·√K, and tensor cores truncate the accumulator's alignment
+//! shifts), bound 1e-5.
+
+mod common;
+
+use atelier::gpu::{DType, KernelPath, Recorder, Tensor};
+use atelier::kernels::matmul::{linear, CoopTile, Matmul};
+use common::*;
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    batch: usize,
+    trans_a: bool,
+    trans_b: bool,
+    bias: bool,
+    accumulate: bool,
+    alpha: f32,
+    out: DType,
+    broadcast_b: bool,
+}
+
+impl Case {
+    fn new(m: usize, n: usize, k: usize) -> Case {
+        Case { m, n, k, batch: 1, trans_a: false, trans_b: true, bias: false, accumulate: false, alpha: 1.0, out: DType::F16, broadcast_b: false }
+    }
+}
+
+fn bound(out: DType) -> f64 {
+    match out {
+        DType::F16 => 1e-3,
+        DType::F32 => 1e-5,
+    }
+}
+
+/// Runs one case on `path` (and `tile`), returns the relative L2 error.
+fn run_case(c: &Case, path: KernelPath, tile: Option<CoopTile>) -> f64 {
+    let g = gpu();
+    let s = seed(&format!("matmul {}x{}x{} b{} ta{} tb{} {:?}", c.m, c.n, c.k, c.batch, c.trans_a, c.trans_b, path));
+    let na = c.batch * c.m * c.k;
+    let nb = if c.broadcast_b { c.k * c.n } else { c.batch * c.k * c.n };
+    let a = round_f16(&random(na, s));
+    let b = round_f16(&random(nb, s ^ 1));
+    let bias = round_f16(&random(c.n, s ^ 2));
+    let c0: Vec<f32> = match c.out {
+        DType::F16 => round_f16(&random(c.batch * c.m * c.n, s ^ 3)),
+        DType::F32 => random(c.batch * c.m * c.n, s ^ 3),
+    };
+    // Reference.
+    let mut r = vec![0f64; c.batch * c.m * c.n];
+    for bz in 0..c.batch {
+        let ao = bz * c.m * c.k;
+        let bo = if c.broadcast_b { 0 } else { bz * c.k * c.n };
+        for i in 0..c.m {
+            for j in 0..c.n {
+                let mut acc = 0f64;
+                for kk in 0..c.k {
+                    let av = if c.trans_a { a[ao + kk * c.m + i] } else { a[ao + i * c.k + kk] };
+                    let bv = if c.trans_b { b[bo + j * c.k + kk] } else { b[bo + kk * c.n + j] };
+                    acc += av as f64 * bv as f64;
+                }
+                let mut v = c.alpha as f64 * acc;
+                if c.bias {
+                    v += bias[j] as f64;
+                }
+                let o = (bz * c.m + i) * c.n + j;
+                if c.accumulate {
+                    v += c0[o] as f64;
+                }
+                r[o] = v;
+            }
+        }
+    }
+    let ta = Tensor::from_f32(g, &[na], DType::F16, &a, "a").unwrap();
+    let tb = Tensor::from_f32(g, &[nb], DType::F16, &b, "b").unwrap();
+    let tbias = Tensor::from_f32(g, &[c.n], DType::F16, &bias, "bias").unwrap();
+    let tc = Tensor::empty(g, &[c.batch, c.m, c.n], c.out, "c").unwrap();
+    if c.accumulate {
+        tc.write_f32(g, &c0).unwrap();
+    } else {
+        tc.fill_words(g, POISON);
+    }
+    let mut mm = Matmul::new(c.m, c.n, c.k);
+    mm.batch = c.batch;
+    mm.trans_a = c.trans_a;
+    mm.trans_b = c.trans_b;
+    mm.alpha = c.alpha;
+    mm.accumulate = c.accumulate;
+    mm.stride_b = if c.broadcast_b { 0 } else { c.k * c.n };
+    mm.path = Some(path);
+    mm.tile = tile;
+    let mut rec = Recorder::new(g);
+    mm.run(g, &mut rec, &ta, &tb, c.bias.then_some(&tbias), &tc).unwrap();
+    rec.finish().unwrap();
+    let out = tc.to_f32(g).unwrap();
+    rel_l2(&out, &r)
+}
+
+fn check(c: &Case) {
+    for path in paths() {
+        let e = run_case(c, path, None);
+        println!("{}x{}x{} batch {} {:?}: rel L2 {e:.2e}", c.m, c.n, c.k, c.batch, path);
+        assert!(e < bound(c.out), "{}x{}x{} {path}: rel L2 {e:.3e} over {}", c.m, c.n, c.k, bound(c.out));
+    }
+}
+
+#[test]
+fn tiny_and_odd_shapes_every_layout() {
+    for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (16, 16, 16), (17, 33, 9), (130, 66, 71), (129, 257, 40)] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let mut c = Case::new(m, n, k);
+                c.trans_a = ta;
+                c.trans_b = tb;
+                check(&c);
+            }
+        }
+    }
+}
+
+#[test]
+fn bias_alpha_accumulate_f32_out() {
+    for &(m, n, k) in &[(5, 7, 3), (77, 96, 64), (200, 130, 33)] {
+        for out in [DType::F16, DType::F32] {
+            for accumulate in [false, true] {
+                let mut c = Case::new(m, n, k);
+                c.bias = true;
+                c.alpha = 0.37;
+                c.out = out;
+                c.accumulate = accumulate;
+                check(&c);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_and_broadcast_weights() {
+    for broadcast in [false, true] {
+        for ta in [false, true] {
+            let mut c = Case::new(70, 40, 24);
+            c.batch = 3;
+            c.trans_a = ta;
+            c.trans_b = false;
+            c.broadcast_b = broadcast;
+            check(&c);
+        }
+    }
+}
+
+#[test]
+fn every_coop_tile() {
+    if !paths().contains(&KernelPath::Coop) {
+        eprintln!("no cooperative matrices on this device: the scalar tests cover it");
+        return;
+    }
+    for tile in CoopTile::ALL {
+        for (ta, tb) in [(false, true), (false, false), (true, false)] {
+            let mut c = Case::new(300, 520, 100);
+            c.trans_a = ta;
+            c.trans_b = tb;
+            c.bias = true;
+            let e = run_case(&c, KernelPath::Coop, Some(tile));
+            assert!(e < 1e-3, "{tile:?} ta{ta} tb{tb}: {e:.3e}");
+        }
+    }
+}
+
+#[test]
+fn sd_shapes() {
+    // Attention projection, feed-forward out, CLIP MLP (M x N x K).
+    for &(m, n, k) in &[(4096, 320, 320), (4096, 320, 1280), (77, 3072, 768)] {
+        check(&Case::new(m, n, k));
+    }
+}
+
+#[test]
+fn linear_matches_and_checks_shapes() {
+    let g = gpu();
+    let s = seed("linear");
+    let (m, n, k) = (2 * 77, 768, 64);
+    let x = round_f16(&random(m * k, s));
+    let w = round_f16(&random(n * k, s ^ 1));
+    let b = round_f16(&random(n, s ^ 2));
+    let tx = Tensor::from_f32(g, &[2, 77, k], DType::F16, &x, "x").unwrap();
+    let tw = Tensor::from_f32(g, &[n, k], DType::F16, &w, "w").unwrap();
+    let tb = Tensor::from_f32(g, &[n], DType::F16, &b, "b").unwrap();
+    let ty = Tensor::empty(g, &[2, 77, n], DType::F16, "y").unwrap();
+    ty.fill_words(g, POISON);
+    let mut rec = Recorder::new(g);
+    linear(g, &mut rec, &tx, &tw, Some(&tb), &ty).unwrap();
+    rec.finish().unwrap();
+    let mut r = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            r[i * n + j] = b[j] as f64 + (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum::<f64>();
+        }
+    }
+    let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
+    assert!(e < 1e-3, "linear rel L2 {e:.3e}");
+    // A weight of the wrong width is a shape error, not a panic.
+    let bad = Tensor::empty(g, &[n, k + 1], DType::F16, "w").unwrap();
+    let mut rec = Recorder::new(g);
+    let err = linear(g, &mut rec, &tx, &bad, None, &ty).unwrap_err();
+    assert!(err.to_string().contains("shape mismatch in linear"), "{err}");
+}

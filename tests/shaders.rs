@@ -1,0 +1,92 @@
+//! Shader portability and layout: every shader and every pipeline variant the launchers can
+//! ask for parses and validates with naga and translates to SPIR-V, and (cooperative
+//! matrices aside) to MSL and HLSL, so Metal and DX12 users never meet a shader only Vulkan
+//! accepts; every Rust uniform struct matches its WGSL struct's layout.
+
+use std::collections::HashSet;
+
+use atelier::gpu::Shader;
+use atelier::kernels;
+
+fn parse(shader: Shader) -> (naga::Module, naga::valid::ModuleInfo) {
+    let module = naga::front::wgsl::parse_str(shader.source())
+        .unwrap_or_else(|e| panic!("{}: {}", shader.name(), e.emit_to_string(shader.source())));
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{}: {}", shader.name(), e.emit_to_string(shader.source())));
+    (module, info)
+}
+
+#[test]
+fn every_variant_validates_and_translates() {
+    let mut seen = HashSet::new();
+    let keys = kernels::pipeline_variants();
+    assert!(keys.len() > 40, "variant list looks truncated: {}", keys.len());
+    for key in keys {
+        seen.insert(key.shader);
+        let (module, info) = parse(key.shader);
+        let mut constants = naga::back::PipelineConstants::default();
+        for (k, v) in &key.overrides {
+            constants.insert(k.to_string(), *v as f64);
+        }
+        let ep = (naga::ShaderStage::Compute, key.entry);
+        let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some(ep), &constants)
+            .unwrap_or_else(|e| panic!("{key}: overrides: {e}"));
+        // The processed module must validate again with the constants in place.
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        let spv_opts = naga::back::spv::Options::default();
+        let spv_pipe = naga::back::spv::PipelineOptions { shader_stage: ep.0, entry_point: key.entry.to_string() };
+        naga::back::spv::write_vec(&module, &info, &spv_opts, Some(&spv_pipe))
+            .unwrap_or_else(|e| panic!("{key}: SPIR-V: {e}"));
+        if key.shader.needs_coop() {
+            continue; // Metal offers only 8x8 cooperative matrices, DX12 none: scalar path there.
+        }
+        let msl_pipe = naga::back::msl::PipelineOptions {
+            entry_point: Some((ep.0, key.entry.to_string())),
+            ..Default::default()
+        };
+        naga::back::msl::write_string(&module, &info, &naga::back::msl::Options::default(), &msl_pipe)
+            .unwrap_or_else(|e| panic!("{key}: MSL: {e}"));
+        let hlsl_opts = naga::back::hlsl::Options::default();
+        let hlsl_pipe = naga::back::hlsl::PipelineOptions { entry_point: Some((ep.0, key.entry.to_string())) };
+        let mut out = String::new();
+        naga::back::hlsl::Writer::new(&mut out, &hlsl_opts, &hlsl_pipe)
+            .write(&module, &info, None)
+            .unwrap_or_else(|e| panic!("{key}: HLSL: {e}"));
+    }
+    for s in Shader::ALL {
+        assert!(seen.contains(&s), "{} has no variant in kernels::pipeline_variants()", s.name());
+    }
+}
+
+/// Member names and byte offsets of a WGSL struct, and its size.
+fn wgsl_struct(shader: Shader, name: &str) -> (Vec<(String, u32)>, u32) {
+    let (module, _) = parse(shader);
+    for (_, ty) in module.types.iter() {
+        if ty.name.as_deref() == Some(name) {
+            if let naga::TypeInner::Struct { members, span } = &ty.inner {
+                return (members.iter().map(|m| (m.name.clone().unwrap(), m.offset)).collect(), *span);
+            }
+        }
+    }
+    panic!("{} has no struct {name}", shader.name());
+}
+
+macro_rules! rust_layout {
+    ($t:ty { $($f:ident),* $(,)? }) => {
+        (vec![$((stringify!($f).to_string(), std::mem::offset_of!($t, $f) as u32)),*], std::mem::size_of::<$t>() as u32)
+    };
+}
+
+#[test]
+fn uniform_structs_match_wgsl() {
+    use atelier::kernels::elementwise::ElementwiseParams;
+    use atelier::kernels::matmul::MatmulParams;
+    let mm = rust_layout!(MatmulParams { m, n, k, batch, lda, ldb, ldc, flags, stride_a, stride_b, stride_c, alpha, off_a, off_b, off_c, off_bias });
+    assert_eq!(wgsl_struct(Shader::MatmulScalar, "Params"), mm);
+    assert_eq!(wgsl_struct(Shader::MatmulCoop, "Params"), mm);
+    let ew = rust_layout!(ElementwiseParams { numel, b_len, op, cols, alpha, beta, ld_src, ld_dst });
+    assert_eq!(wgsl_struct(Shader::Elementwise, "Params"), ew);
+}
