@@ -35,29 +35,29 @@ fn unit_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.y * nwg.x + wg.x) * 256u + lid;
 }
 
-fn unpack8(v: vec4<u32>) -> array<f32, 8> {
-    let p0 = unpack2x16float(v.x); let p1 = unpack2x16float(v.y);
-    let p2 = unpack2x16float(v.z); let p3 = unpack2x16float(v.w);
-    return array<f32, 8>(p0.x, p0.y, p1.x, p1.y, p2.x, p2.y, p3.x, p3.y);
+// Eight values travel as two vec4<f32> (lo = elements 0..3, hi = 4..7): private arrays
+// indexed at run time would go to local memory.
+struct Oct { lo: vec4<f32>, hi: vec4<f32> }
+
+fn unpack8(v: vec4<u32>) -> Oct {
+    return Oct(vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)),
+               vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w)));
 }
 
-fn pack8(f: array<f32, 8>) -> vec4<u32> {
-    return vec4<u32>(pack2x16float(vec2<f32>(f[0], f[1])), pack2x16float(vec2<f32>(f[2], f[3])),
-                     pack2x16float(vec2<f32>(f[4], f[5])), pack2x16float(vec2<f32>(f[6], f[7])));
+fn pack8(f: Oct) -> vec4<u32> {
+    return vec4<u32>(pack2x16float(f.lo.xy), pack2x16float(f.lo.zw), pack2x16float(f.hi.xy), pack2x16float(f.hi.zw));
 }
 
-// Words of a tensor of `n` elements, in vec4 units.
-fn vec4s(n: u32, f32s: bool) -> u32 {
-    if (f32s) { return (n + 3u) / 4u; }
-    return (n + 7u) / 8u;
+// Words of a tensor of `n` f32 elements, in vec4 units.
+fn f32_vec4s(n: u32) -> u32 {
+    return (n + 3u) / 4u;
 }
 
-fn load_x(u: u32) -> array<f32, 8> {
+fn load_x(u: u32) -> Oct {
     if (!IN_F32) { return unpack8(x[u]); }
-    let lo = bitcast<vec4<f32>>(x[2u * u]);
     var hi = vec4<f32>(0.0);
-    if (2u * u + 1u < vec4s(p.numel, true)) { hi = bitcast<vec4<f32>>(x[2u * u + 1u]); }
-    return array<f32, 8>(lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w);
+    if (2u * u + 1u < f32_vec4s(p.numel)) { hi = bitcast<vec4<f32>>(x[2u * u + 1u]); }
+    return Oct(bitcast<vec4<f32>>(x[2u * u]), hi);
 }
 
 // One element of x2 (same dtype as x) by flat index.
@@ -66,28 +66,26 @@ fn x2_at(i: u32) -> f32 {
     return unpack2x16float(x2[i >> 3u][(i >> 1u) & 3u])[i & 1u];
 }
 
-fn load_x2(u: u32) -> array<f32, 8> {
+fn load_x2(u: u32) -> Oct {
     if (p.b_len == p.numel) {
         if (!IN_F32) { return unpack8(x2[u]); }
-        let lo = bitcast<vec4<f32>>(x2[2u * u]);
         var hi = vec4<f32>(0.0);
-        if (2u * u + 1u < vec4s(p.numel, true)) { hi = bitcast<vec4<f32>>(x2[2u * u + 1u]); }
-        return array<f32, 8>(lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w);
+        if (2u * u + 1u < f32_vec4s(p.numel)) { hi = bitcast<vec4<f32>>(x2[2u * u + 1u]); }
+        return Oct(bitcast<vec4<f32>>(x2[2u * u]), hi);
     }
-    var f: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) { f[j] = x2_at((8u * u + j) % p.b_len); }
-    return f;
+    let i = 8u * u;
+    let l = p.b_len;
+    return Oct(vec4<f32>(x2_at(i % l), x2_at((i + 1u) % l), x2_at((i + 2u) % l), x2_at((i + 3u) % l)),
+               vec4<f32>(x2_at((i + 4u) % l), x2_at((i + 5u) % l), x2_at((i + 6u) % l), x2_at((i + 7u) % l)));
 }
 
-fn store_y(u: u32, f: array<f32, 8>) {
+fn store_y(u: u32, f: Oct) {
     if (!OUT_F32) { y[u] = pack8(f); return; }
-    y[2u * u] = bitcast<vec4<u32>>(vec4<f32>(f[0], f[1], f[2], f[3]));
-    if (2u * u + 1u < vec4s(p.numel, true)) {
-        y[2u * u + 1u] = bitcast<vec4<u32>>(vec4<f32>(f[4], f[5], f[6], f[7]));
-    }
+    y[2u * u] = bitcast<vec4<u32>>(f.lo);
+    if (2u * u + 1u < f32_vec4s(p.numel)) { y[2u * u + 1u] = bitcast<vec4<u32>>(f.hi); }
 }
 
-fn erf_approx(v: f32) -> f32 {
+fn erf_approx(v: vec4<f32>) -> vec4<f32> {
     // Abramowitz-Stegun 7.1.26, |error| < 1.5e-7: well under f16 rounding.
     let s = sign(v);
     let z = abs(v);
@@ -96,7 +94,7 @@ fn erf_approx(v: f32) -> f32 {
     return s * (1.0 - poly * exp(-z * z));
 }
 
-fn unary_op(v: f32) -> f32 {
+fn unary_op(v: vec4<f32>) -> vec4<f32> {
     switch (p.op) {
         case 1u: { return v / (1.0 + exp(-v)); }
         case 2u: { return 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752)); }
@@ -111,9 +109,8 @@ fn unary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
          @builtin(local_invocation_index) lid: u32) {
     let u = unit_index(wg, nwg, lid);
     if (u * 8u >= p.numel) { return; }
-    var f = load_x(u);
-    for (var j = 0u; j < 8u; j++) { f[j] = unary_op(f[j]); }
-    store_y(u, f);
+    let f = load_x(u);
+    store_y(u, Oct(unary_op(f.lo), unary_op(f.hi)));
 }
 
 @compute @workgroup_size(256)
@@ -121,12 +118,23 @@ fn binary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
           @builtin(local_invocation_index) lid: u32) {
     let u = unit_index(wg, nwg, lid);
     if (u * 8u >= p.numel) { return; }
-    var f = load_x(u);
+    let f = load_x(u);
     let g = load_x2(u);
-    for (var j = 0u; j < 8u; j++) {
-        if (p.op == 1u) { f[j] = f[j] * g[j] * p.alpha; } else { f[j] = f[j] + p.alpha * g[j]; }
+    if (p.op == 1u) {
+        store_y(u, Oct(f.lo * g.lo * p.alpha, f.hi * g.hi * p.alpha));
+    } else {
+        store_y(u, Oct(f.lo + p.alpha * g.lo, f.hi + p.alpha * g.hi));
     }
-    store_y(u, f);
+}
+
+// copy2d's source value for destination storage element s (0 in the pad columns).
+fn src_at(s: u32) -> f32 {
+    let r = s / p.ld_dst;
+    let col = s % p.ld_dst;
+    if (col >= p.cols || s >= p.numel) { return 0.0; }
+    let i = r * p.ld_src + col;
+    if (IN_F32) { return bitcast<f32>(x[i >> 2u][i & 3u]); }
+    return unpack2x16float(x[i >> 3u][(i >> 1u) & 3u])[i & 1u];
 }
 
 // dst[r*ld_dst + c] = src[r*ld_src + c] for c < cols; columns cols..ld_dst get 0.
@@ -136,18 +144,7 @@ fn copy2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
           @builtin(local_invocation_index) lid: u32) {
     let u = unit_index(wg, nwg, lid);
     if (u * 8u >= p.numel) { return; }
-    var f: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) {
-        let s = 8u * u + j;
-        let r = s / p.ld_dst;
-        let col = s % p.ld_dst;
-        var v = 0.0;
-        if (col < p.cols && s < p.numel) {
-            let i = r * p.ld_src + col;
-            if (IN_F32) { v = bitcast<f32>(x[i >> 2u][i & 3u]); }
-            else { v = unpack2x16float(x[i >> 3u][(i >> 1u) & 3u])[i & 1u]; }
-        }
-        f[j] = v;
-    }
-    store_y(u, f);
+    let s = 8u * u;
+    store_y(u, Oct(vec4<f32>(src_at(s), src_at(s + 1u), src_at(s + 2u), src_at(s + 3u)),
+                   vec4<f32>(src_at(s + 4u), src_at(s + 5u), src_at(s + 6u), src_at(s + 7u))));
 }

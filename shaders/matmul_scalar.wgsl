@@ -12,6 +12,8 @@
 // computes a 128x128 tile of C, each invocation an 8x8 block (two 4x4 quadrants 64 apart, so
 // shared-memory reads are conflict-free vec4s). K advances 16 at a time: the next tile's
 // global words are loaded into registers while the current shared tile is multiplied.
+// Every private array and register block is indexed by constants only: a run-time index
+// makes the driver move the whole array to local memory (measured: 20x slower).
 // Saves nothing for backward.
 
 struct Params {
@@ -43,93 +45,111 @@ fn half_at(v: vec4<u32>, i: u32) -> f32 {
     return unpack2x16float(v[(i >> 1u) & 3u])[i & 1u];
 }
 
-fn ld_a(i: u32) -> f32 { return half_at(a[i >> 3u], i); }
-fn ld_b(i: u32) -> f32 { return half_at(b[i >> 3u], i); }
-
-// 8 consecutive halves of A starting at element `i`, 0 where `valid` says so.
-fn unpack8(v: vec4<u32>) -> array<f32, 8> {
-    let p0 = unpack2x16float(v.x);
-    let p1 = unpack2x16float(v.y);
-    let p2 = unpack2x16float(v.z);
-    let p3 = unpack2x16float(v.w);
-    return array<f32, 8>(p0.x, p0.y, p1.x, p1.y, p2.x, p2.y, p3.x, p3.y);
+// One element of a stored [rows, ld] matrix at (r, col), 0 outside [0,rows)x[0,cols).
+fn el(is_a: bool, base: u32, r: u32, col: u32, rows: u32, cols: u32, ld: u32) -> f32 {
+    if (r >= rows || col >= cols) { return 0.0; }
+    let i = base + r * ld + col;
+    if (is_a) { return half_at(a[i >> 3u], i); }
+    return half_at(b[i >> 3u], i);
 }
 
-// Loads 8 elements along the contiguous axis of a stored [rows, ld] matrix: row `r`,
-// columns c0..c0+8, zero outside [0,rows)x[0,cols).
-fn load8_a(base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, vec_ok: bool) -> array<f32, 8> {
+fn pk(is_a: bool, base: u32, r: u32, c: u32, rows: u32, cols: u32, ld: u32) -> u32 {
+    return pack2x16float(vec2<f32>(el(is_a, base, r, c, rows, cols, ld), el(is_a, base, r, c + 1u, rows, cols, ld)));
+}
+
+// 8 halves along the contiguous axis of a stored [rows, ld] matrix: row r, columns c0..c0+8,
+// packed in 4 words; zero outside [0,rows)x[0,cols).
+fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, vec_ok: bool) -> vec4<u32> {
     if (r < rows && c0 + 8u <= cols && vec_ok) {
-        return unpack8(a[(base + r * ld + c0) >> 3u]);
+        let i = (base + r * ld + c0) >> 3u;
+        if (is_a) { return a[i]; }
+        return b[i];
     }
-    var out: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) {
-        out[j] = select(0.0, ld_a(base + r * ld + c0 + j), r < rows && c0 + j < cols);
-    }
-    return out;
+    return vec4<u32>(pk(is_a, base, r, c0, rows, cols, ld), pk(is_a, base, r, c0 + 2u, rows, cols, ld),
+                     pk(is_a, base, r, c0 + 4u, rows, cols, ld), pk(is_a, base, r, c0 + 6u, rows, cols, ld));
 }
 
-fn load8_b(base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, vec_ok: bool) -> array<f32, 8> {
-    if (r < rows && c0 + 8u <= cols && vec_ok) {
-        return unpack8(b[(base + r * ld + c0) >> 3u]);
-    }
-    var out: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) {
-        out[j] = select(0.0, ld_b(base + r * ld + c0 + j), r < rows && c0 + j < cols);
-    }
-    return out;
-}
-
-// Which 8 elements thread t loads for the tile at k0: returns (row, col0) in the stored matrix.
+// Which 8 elements invocation t loads for the tile at k0, as (stored row, stored col0).
 // K-contiguous storage: 128 rows x 2 groups of 8 k. Otherwise: 16 k-rows x 16 groups of 8.
-fn tile_a(t: u32, m0: u32, k0: u32) -> vec2<u32> {
-    if (TRANS_A) { return vec2<u32>(k0 + t / 16u, m0 + (t % 16u) * 8u); }
-    return vec2<u32>(m0 + t / 2u, k0 + (t % 2u) * 8u);
+fn fetch_a(t: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {
+    if (TRANS_A) { return load8(true, base, k0 + t / 16u, m0 + (t % 16u) * 8u, p.k, p.m, p.lda, vec_ok); }
+    return load8(true, base, m0 + t / 2u, k0 + (t % 2u) * 8u, p.m, p.k, p.lda, vec_ok);
 }
-fn tile_b(t: u32, n0: u32, k0: u32) -> vec2<u32> {
-    if (TRANS_B) { return vec2<u32>(n0 + t / 2u, k0 + (t % 2u) * 8u); }
-    return vec2<u32>(k0 + t / 16u, n0 + (t % 16u) * 8u);
-}
-
-fn fetch_a(t: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> array<f32, 8> {
-    let rc = tile_a(t, m0, k0);
-    if (TRANS_A) { return load8_a(base, rc.x, rc.y, p.k, p.m, p.lda, vec_ok); }
-    return load8_a(base, rc.x, rc.y, p.m, p.k, p.lda, vec_ok);
-}
-fn fetch_b(t: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> array<f32, 8> {
-    let rc = tile_b(t, n0, k0);
-    if (TRANS_B) { return load8_b(base, rc.x, rc.y, p.n, p.k, p.ldb, vec_ok); }
-    return load8_b(base, rc.x, rc.y, p.k, p.n, p.ldb, vec_ok);
+fn fetch_b(t: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {
+    if (TRANS_B) { return load8(false, base, n0 + t / 2u, k0 + (t % 2u) * 8u, p.n, p.k, p.ldb, vec_ok); }
+    return load8(false, base, k0 + t / 16u, n0 + (t % 16u) * 8u, p.k, p.n, p.ldb, vec_ok);
 }
 
-// Stores 8 fetched values into the [k][x] shared layout (x = m or n, 4 per vec4 entry).
-fn store_a(t: u32, v: array<f32, 8>) {
-    if (TRANS_A) {
-        let kk = t / 16u; let x = (t % 16u) * 2u;
-        As[kk * 32u + x] = vec4<f32>(v[0], v[1], v[2], v[3]);
-        As[kk * 32u + x + 1u] = vec4<f32>(v[4], v[5], v[6], v[7]);
-    } else {
-        let x = t / 2u; let kk = (t % 2u) * 8u;
-        for (var j = 0u; j < 8u; j++) {
-            As[(kk + j) * 32u + x / 4u][x % 4u] = v[j];
-        }
+// Stores 8 fetched halves as f32 into a [k][x] shared tile (x = m or n, 4 per vec4 entry).
+// `x_contig`: the 8 values run along x (one k row); else along k (one x column).
+fn put(is_a: bool, x_contig: bool, t: u32, w: vec4<u32>) {
+    let p0 = unpack2x16float(w.x);
+    let p1 = unpack2x16float(w.y);
+    let p2 = unpack2x16float(w.z);
+    let p3 = unpack2x16float(w.w);
+    if (x_contig) {
+        let i = (t / 16u) * 32u + (t % 16u) * 2u;
+        let lo = vec4<f32>(p0, p1);
+        let hi = vec4<f32>(p2, p3);
+        if (is_a) { As[i] = lo; As[i + 1u] = hi; } else { Bs[i] = lo; Bs[i + 1u] = hi; }
+        return;
     }
-}
-fn store_b(t: u32, v: array<f32, 8>) {
-    if (!TRANS_B) {
-        let kk = t / 16u; let x = (t % 16u) * 2u;
-        Bs[kk * 32u + x] = vec4<f32>(v[0], v[1], v[2], v[3]);
-        Bs[kk * 32u + x + 1u] = vec4<f32>(v[4], v[5], v[6], v[7]);
+    let x = t / 2u;
+    let i = (t % 2u) * 8u * 32u + x / 4u;
+    let c = x % 4u;
+    if (is_a) {
+        As[i][c] = p0.x; As[i + 32u][c] = p0.y; As[i + 64u][c] = p1.x; As[i + 96u][c] = p1.y;
+        As[i + 128u][c] = p2.x; As[i + 160u][c] = p2.y; As[i + 192u][c] = p3.x; As[i + 224u][c] = p3.y;
     } else {
-        let x = t / 2u; let kk = (t % 2u) * 8u;
-        for (var j = 0u; j < 8u; j++) {
-            Bs[(kk + j) * 32u + x / 4u][x % 4u] = v[j];
-        }
+        Bs[i][c] = p0.x; Bs[i + 32u][c] = p0.y; Bs[i + 64u][c] = p1.x; Bs[i + 96u][c] = p1.y;
+        Bs[i + 128u][c] = p2.x; Bs[i + 160u][c] = p2.y; Bs[i + 192u][c] = p3.x; Bs[i + 224u][c] = p3.y;
     }
 }
 
 fn bias_at(n: u32) -> f32 {
     let i = p.off_bias + n;
     return half_at(bias[i >> 3u], i);
+}
+
+// Writes 4 results of row m starting at column nb (a multiple of 4).
+fn emit(m: u32, nb: u32, acc: vec4<f32>, base_c: u32) {
+    if (m >= p.m || nb >= p.n) { return; }
+    var v = acc * p.alpha;
+    if ((p.flags & 1u) != 0u) {
+        v.x += bias_at(nb);
+        if (nb + 1u < p.n) { v.y += bias_at(nb + 1u); }
+        if (nb + 2u < p.n) { v.z += bias_at(nb + 2u); }
+        if (nb + 3u < p.n) { v.w += bias_at(nb + 3u); }
+    }
+    let accumulate = (p.flags & 2u) != 0u;
+    let i = base_c + m * p.ldc + nb;
+    if (OUT_F32) {
+        if (accumulate) { v.x += bitcast<f32>(c[i]); }
+        c[i] = bitcast<u32>(v.x);
+        if (nb + 1u < p.n) {
+            if (accumulate) { v.y += bitcast<f32>(c[i + 1u]); }
+            c[i + 1u] = bitcast<u32>(v.y);
+        }
+        if (nb + 2u < p.n) {
+            if (accumulate) { v.z += bitcast<f32>(c[i + 2u]); }
+            c[i + 2u] = bitcast<u32>(v.z);
+        }
+        if (nb + 3u < p.n) {
+            if (accumulate) { v.w += bitcast<f32>(c[i + 3u]); }
+            c[i + 3u] = bitcast<u32>(v.w);
+        }
+    } else {
+        // Whole pairs: i is even, and a pair whose first element is in range may write its
+        // second (a pad column when N is odd).
+        var lo = v.xy;
+        if (accumulate) { lo += unpack2x16float(c[i >> 1u]); }
+        c[i >> 1u] = pack2x16float(lo);
+        if (nb + 2u < p.n) {
+            var hi = v.zw;
+            if (accumulate) { hi += unpack2x16float(c[(i >> 1u) + 1u]); }
+            c[(i >> 1u) + 1u] = pack2x16float(hi);
+        }
+    }
 }
 
 @compute @workgroup_size(256)
@@ -143,14 +163,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let tx = t % 16u;
     let ty = t / 16u;
 
-    var acc: array<vec4<f32>, 16>;
-    for (var i = 0u; i < 16u; i++) { acc[i] = vec4<f32>(0.0); }
+    var c0 = vec4<f32>(0.0); var c1 = vec4<f32>(0.0); var c2 = vec4<f32>(0.0); var c3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0); var c5 = vec4<f32>(0.0); var c6 = vec4<f32>(0.0); var c7 = vec4<f32>(0.0);
+    var c8 = vec4<f32>(0.0); var c9 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0);
+    var c12 = vec4<f32>(0.0); var c13 = vec4<f32>(0.0); var c14 = vec4<f32>(0.0); var c15 = vec4<f32>(0.0);
 
     var ra = fetch_a(t, m0, 0u, base_a, vec_ok);
     var rb = fetch_b(t, n0, 0u, base_b, vec_ok);
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        store_a(t, ra);
-        store_b(t, rb);
+        put(true, TRANS_A, t, ra);
+        put(false, !TRANS_B, t, rb);
         workgroupBarrier();
         if (k0 + BK < p.k) {
             ra = fetch_a(t, m0, k0 + BK, base_a, vec_ok);
@@ -161,52 +183,30 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             let a1 = As[kk * 32u + 16u + ty];
             let b0 = Bs[kk * 32u + tx];
             let b1 = Bs[kk * 32u + 16u + tx];
-            acc[0] += a0.x * b0; acc[1] += a0.x * b1;
-            acc[2] += a0.y * b0; acc[3] += a0.y * b1;
-            acc[4] += a0.z * b0; acc[5] += a0.z * b1;
-            acc[6] += a0.w * b0; acc[7] += a0.w * b1;
-            acc[8] += a1.x * b0; acc[9] += a1.x * b1;
-            acc[10] += a1.y * b0; acc[11] += a1.y * b1;
-            acc[12] += a1.z * b0; acc[13] += a1.z * b1;
-            acc[14] += a1.w * b0; acc[15] += a1.w * b1;
+            c0 += a0.x * b0; c1 += a0.x * b1;
+            c2 += a0.y * b0; c3 += a0.y * b1;
+            c4 += a0.z * b0; c5 += a0.z * b1;
+            c6 += a0.w * b0; c7 += a0.w * b1;
+            c8 += a1.x * b0; c9 += a1.x * b1;
+            c10 += a1.y * b0; c11 += a1.y * b1;
+            c12 += a1.z * b0; c13 += a1.z * b1;
+            c14 += a1.w * b0; c15 += a1.w * b1;
         }
         workgroupBarrier();
     }
 
-    // Epilogue: rows ty*4+i and 64+ty*4+i, columns tx*4.. and 64+tx*4..
-    let has_bias = (p.flags & 1u) != 0u;
-    let accumulate = (p.flags & 2u) != 0u;
+    // Rows ty*4+i and 64+ty*4+i, columns tx*4.. and 64+tx*4..
     let base_c = p.off_c + bz * p.stride_c;
-    for (var i = 0u; i < 8u; i++) {
-        let m = m0 + (i / 4u) * 64u + ty * 4u + (i % 4u);
-        if (m >= p.m) { continue; }
-        for (var h = 0u; h < 2u; h++) {
-            let nb = n0 + h * 64u + tx * 4u;
-            var v = acc[i * 2u + h] * p.alpha;
-            for (var j = 0u; j < 4u; j++) {
-                if (has_bias && nb + j < p.n) { v[j] += bias_at(nb + j); }
-            }
-            let row = base_c + m * p.ldc;
-            if (OUT_F32) {
-                for (var j = 0u; j < 4u; j++) {
-                    if (nb + j < p.n) {
-                        var o = v[j];
-                        if (accumulate) { o += bitcast<f32>(c[row + nb + j]); }
-                        c[row + nb + j] = bitcast<u32>(o);
-                    }
-                }
-            } else {
-                // Whole pairs: row + nb is even, and a pair whose first element is in range
-                // may write its second (a pad column when N is odd).
-                for (var j = 0u; j < 4u; j += 2u) {
-                    if (nb + j < p.n) {
-                        let w = (row + nb + j) >> 1u;
-                        var o = vec2<f32>(v[j], v[j + 1u]);
-                        if (accumulate) { o += unpack2x16float(c[w]); }
-                        c[w] = pack2x16float(o);
-                    }
-                }
-            }
-        }
-    }
+    let r0 = m0 + ty * 4u;
+    let r1 = m0 + 64u + ty * 4u;
+    let n_lo = n0 + tx * 4u;
+    let n_hi = n0 + 64u + tx * 4u;
+    emit(r0, n_lo, c0, base_c); emit(r0, n_hi, c1, base_c);
+    emit(r0 + 1u, n_lo, c2, base_c); emit(r0 + 1u, n_hi, c3, base_c);
+    emit(r0 + 2u, n_lo, c4, base_c); emit(r0 + 2u, n_hi, c5, base_c);
+    emit(r0 + 3u, n_lo, c6, base_c); emit(r0 + 3u, n_hi, c7, base_c);
+    emit(r1, n_lo, c8, base_c); emit(r1, n_hi, c9, base_c);
+    emit(r1 + 1u, n_lo, c10, base_c); emit(r1 + 1u, n_hi, c11, base_c);
+    emit(r1 + 2u, n_lo, c12, base_c); emit(r1 + 2u, n_hi, c13, base_c);
+    emit(r1 + 3u, n_lo, c14, base_c); emit(r1 + 3u, n_hi, c15, base_c);
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
-use crate::kernels::matmul::Matmul;
+use crate::kernels::matmul::{CoopTile, Matmul};
 
 /// One measured case.
 #[derive(Clone, Debug)]
@@ -109,10 +109,16 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<Bench
         let x = random_f16(gpu, &[m, k], 1, "bench x")?;
         let w = random_f16(gpu, &[n, k], 2, "bench w")?;
         let y = Tensor::empty(gpu, &[m, n], DType::F16, "bench y")?;
-        for &path in &paths {
+        // At 8192³ the cooperative-matrix path is timed with every tile, for tuning.
+        let mut variants: Vec<(KernelPath, Option<CoopTile>)> = paths.iter().map(|&p| (p, None)).collect();
+        if name == "square_8192" && paths.contains(&KernelPath::Coop) {
+            variants.extend(CoopTile::ALL.iter().map(|&t| (KernelPath::Coop, Some(t))));
+        }
+        for (path, tile) in variants {
             let mut mm = Matmul::new(m, n, k);
             mm.trans_b = true;
             mm.path = Some(path);
+            mm.tile = tile;
             let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
             let reps = ((2e12 / mm.flops()) as usize).clamp(1, 200);
             let reps = if slow { 1 } else { reps };
@@ -126,19 +132,20 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<Bench
             });
         }
     }
-    // Elementwise at 64 MiB of f16 input (32 Mi elements).
+    // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).
     let n = if slow { 1 << 20 } else { 32 << 20 };
+    let mib = n * 2 >> 20;
     let a = random_f16(gpu, &[n], 3, "bench a")?;
     let b = random_f16(gpu, &[n], 4, "bench b")?;
     let y16 = Tensor::empty(gpu, &[n], DType::F16, "bench y16")?;
     let y32 = Tensor::empty(gpu, &[n], DType::F32, "bench y32")?;
-    let cases: Vec<(&str, Dispatch)> = vec![
-        ("copy_f16_64MiB", elementwise::unary(gpu, Unary::Copy, &a, &y16)?),
-        ("silu_f16_64MiB", elementwise::unary(gpu, Unary::Silu, &a, &y16)?),
-        ("gelu_f16_64MiB", elementwise::unary(gpu, Unary::Gelu, &a, &y16)?),
-        ("add_f16_64MiB", elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &a, &b, &y16)?),
-        ("mul_f16_64MiB", elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &a, &b, &y16)?),
-        ("cast_f16_f32_64MiB", elementwise::cast(gpu, &a, &y32)?),
+    let cases: Vec<(String, Dispatch)> = vec![
+        (format!("copy_f16_{mib}MiB"), elementwise::unary(gpu, Unary::Copy, &a, &y16)?),
+        (format!("silu_f16_{mib}MiB"), elementwise::unary(gpu, Unary::Silu, &a, &y16)?),
+        (format!("gelu_f16_{mib}MiB"), elementwise::unary(gpu, Unary::Gelu, &a, &y16)?),
+        (format!("add_f16_{mib}MiB"), elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &a, &b, &y16)?),
+        (format!("mul_f16_{mib}MiB"), elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &a, &b, &y16)?),
+        (format!("cast_f16_f32_{mib}MiB"), elementwise::cast(gpu, &a, &y32)?),
     ];
     for (name, d) in cases {
         let full = format!("elementwise_{name}");
@@ -153,6 +160,12 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<Bench
 
 /// One table row.
 pub fn row(r: &BenchResult) -> String {
-    let rate = if r.tflops > 0.0 { format!("{:8.1} TFLOP/s", r.tflops) } else { format!("{:8.0} GB/s   ", r.gbs) };
+    let rate = if r.tflops >= 1.0 {
+        format!("{:8.1} TFLOP/s", r.tflops)
+    } else if r.tflops > 0.0 {
+        format!("{:8.2} GFLOP/s", r.tflops * 1e3)
+    } else {
+        format!("{:8.0} GB/s   ", r.gbs)
+    };
     format!("{:<42} {:>10.3} ms {}  {}", r.name, r.ms, rate, r.path)
 }
