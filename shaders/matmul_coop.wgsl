@@ -46,6 +46,9 @@ override FM: u32 = BM / WARPS_M / 16u;
 override FN: u32 = BN / (8u / WARPS_M) / 16u;
 override NA: u32 = BM * BK / 8u / WG;
 override NB: u32 = BN * BK / 8u / WG;
+// Tile order: 0 = row by row; G > 0 = in bands of G tile rows, column by column inside a
+// band, so workgroups running together share A rows and B columns in L2.
+override GROUP_M: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<mat2x4<f16>>;
@@ -190,12 +193,24 @@ fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32,
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) t: u32,
         @builtin(subgroup_id) sid: u32, @builtin(subgroup_invocation_id) lane: u32) {
     let warps_n = 8u / WARPS_M;
     let bz = wg.z;
-    let m0 = wg.y * BM;
-    let n0 = wg.x * BN;
+    var tm = wg.y;
+    var tn = wg.x;
+    if (GROUP_M > 0u) {
+        let id = wg.y * nwg.x + wg.x;
+        let per_band = GROUP_M * nwg.x;
+        let band = id / per_band;
+        let rows = min(GROUP_M, nwg.y - band * GROUP_M);
+        let r = id % per_band;
+        tm = band * GROUP_M + r % rows;
+        tn = r / rows;
+    }
+    let m0 = tm * BM;
+    let n0 = tn * BN;
     let base_a = p.off_a + bz * p.stride_a;
     let base_b = p.off_b + bz * p.stride_b;
     let vec_ok = (p.flags & 4u) != 0u;

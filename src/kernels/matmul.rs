@@ -40,19 +40,24 @@ pub struct CoopTile {
     pub bm: u32,
     pub bn: u32,
     pub warps_m: u32,
+    /// Tile order: 0 row by row, G > 0 in bands of G tile rows (L2 reuse).
+    pub group_m: u32,
 }
 
 impl CoopTile {
     /// The tile used by default: chosen by the H100 measurements in docs/PERF.md.
-    pub const DEFAULT: CoopTile = CoopTile { bm: 128, bn: 256, warps_m: 2 };
+    pub const DEFAULT: CoopTile = CoopTile { bm: 128, bn: 256, warps_m: 2, group_m: 8 };
     /// For small problems, where a big tile would leave most of the GPU idle.
-    pub const SMALL: CoopTile = CoopTile { bm: 128, bn: 128, warps_m: 2 };
-    /// All configurations the shader supports (bm, bn ≤ 256, ≤ 16 accumulators a subgroup).
-    pub const ALL: [CoopTile; 4] = [
-        CoopTile { bm: 128, bn: 128, warps_m: 2 },
-        CoopTile { bm: 128, bn: 256, warps_m: 2 },
-        CoopTile { bm: 256, bn: 128, warps_m: 4 },
-        CoopTile { bm: 64, bn: 128, warps_m: 2 },
+    pub const SMALL: CoopTile = CoopTile { bm: 128, bn: 128, warps_m: 2, group_m: 8 };
+    /// All configurations the shader supports (bm, bn ≤ 256, 2 or 4 fragments a subgroup
+    /// along each axis).
+    pub const ALL: [CoopTile; 6] = [
+        CoopTile { bm: 128, bn: 128, warps_m: 2, group_m: 8 },
+        CoopTile { bm: 128, bn: 256, warps_m: 2, group_m: 8 },
+        CoopTile { bm: 128, bn: 256, warps_m: 2, group_m: 0 },
+        CoopTile { bm: 256, bn: 128, warps_m: 4, group_m: 8 },
+        CoopTile { bm: 256, bn: 128, warps_m: 4, group_m: 0 },
+        CoopTile { bm: 64, bn: 128, warps_m: 2, group_m: 8 },
     ];
 }
 
@@ -160,7 +165,8 @@ impl Matmul {
                     .with("OUT_F32", out_f32 as i64)
                     .with("BM", tile.bm as i64)
                     .with("BN", tile.bn as i64)
-                    .with("WARPS_M", tile.warps_m as i64),
+                    .with("WARPS_M", tile.warps_m as i64)
+                    .with("GROUP_M", tile.group_m as i64),
                 tile.bm,
                 tile.bn,
             ),

@@ -27,7 +27,8 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
                             .with("OUT_F32", out_f32 as i64)
                             .with("BM", t.bm as i64)
                             .with("BN", t.bn as i64)
-                            .with("WARPS_M", t.warps_m as i64),
+                            .with("WARPS_M", t.warps_m as i64)
+                            .with("GROUP_M", t.group_m as i64),
                     );
                 }
             }
