@@ -171,3 +171,11 @@ fn cli_help_lists_the_commands() {
         assert!(out.lines().any(|l| l.trim_start().starts_with(cmd)), "--help does not list {cmd}:\n{out}");
     }
 }
+
+/// A shape whose element count overflows is refused, not wrapped to a tiny buffer.
+#[test]
+fn overflowing_shape_is_an_error() {
+    let g = common::gpu();
+    let err = atelier::gpu::Tensor::empty(g, &[1 << 32, 1 << 32], atelier::gpu::DType::F16, "overflow").unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+}

@@ -56,7 +56,15 @@ pub fn padded_bytes(numel: usize, dtype: DType) -> u64 {
 impl Tensor {
     /// Allocates an uninitialised tensor; errors if it is over the device's buffer limits.
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
+        let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).and_then(|n| n.checked_mul(dtype.size()));
+        let Some(numel) = numel.map(|b| b / dtype.size()) else {
+            return Err(Error::TooLarge {
+                what: format!("{what} {shape:?} {dtype}"),
+                bytes: u64::MAX,
+                limit: gpu.caps.limits.max_buffer_size,
+                limit_name: "max_buffer_size",
+            });
+        };
         let bytes = padded_bytes(numel, dtype);
         gpu.check_size(&format!("{what} {shape:?} {dtype}"), bytes)?;
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -72,14 +80,13 @@ impl Tensor {
 
     /// Uploads f32 values, converting to the tensor's dtype.
     pub fn from_f32(gpu: &Gpu, shape: &[usize], dtype: DType, data: &[f32], what: &str) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
-        if data.len() != numel {
+        let t = Tensor::empty(gpu, shape, dtype, what)?;
+        if data.len() != t.numel() {
             return Err(Error::shape(
                 format!("upload of {what}"),
-                format!("shape {shape:?} holds {numel} values, got {}", data.len()),
+                format!("shape {shape:?} holds {} values, got {}", t.numel(), data.len()),
             ));
         }
-        let t = Tensor::empty(gpu, shape, dtype, what)?;
         t.write_f32(gpu, data)?;
         Ok(t)
     }

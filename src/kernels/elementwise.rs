@@ -152,11 +152,11 @@ pub fn cast(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
 }
 
 /// dst[r, c] = src[r, c] for `rows` rows and `cols` columns, with row strides `ld_src` and
-/// `ld_dst` (dst columns cols..ld_dst are zeroed). Both of src's dtype... or any pair.
+/// `ld_dst` (dst columns cols..ld_dst are zeroed); src and dst may differ in dtype.
 pub fn copy2d(gpu: &Gpu, src: &Tensor, dst: &Tensor, rows: usize, cols: usize, ld_src: usize, ld_dst: usize) -> Result<Dispatch> {
-    let n = rows * ld_dst;
+    let n = rows.checked_mul(ld_dst).unwrap_or(usize::MAX);
     check_len("copy2d", n)?;
-    if cols > ld_src || cols > ld_dst || dst.numel() < n || src.numel() < (rows - 1) * ld_src + cols {
+    if rows == 0 || cols == 0 || cols > ld_src || cols > ld_dst || dst.numel() < n || src.numel() < (rows - 1) * ld_src + cols {
         return Err(Error::shape(
             "copy2d",
             format!("{rows}x{cols} (ld {ld_src} -> {ld_dst}) from {:?} to {:?}", src.shape, dst.shape),
