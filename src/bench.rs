@@ -143,16 +143,17 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<Bench
     let b = random_f16(gpu, &[n], 4, "bench b")?;
     let y16 = Tensor::empty(gpu, &[n], DType::F16, "bench y16")?;
     let y32 = Tensor::empty(gpu, &[n], DType::F32, "bench y32")?;
-    let cases: Vec<(String, Dispatch)> = vec![
-        (format!("copy_f16_{mib}MiB"), elementwise::unary(gpu, Unary::Copy, &a, &y16)?),
-        (format!("silu_f16_{mib}MiB"), elementwise::unary(gpu, Unary::Silu, &a, &y16)?),
-        (format!("gelu_f16_{mib}MiB"), elementwise::unary(gpu, Unary::Gelu, &a, &y16)?),
-        (format!("add_f16_{mib}MiB"), elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &a, &b, &y16)?),
-        (format!("mul_f16_{mib}MiB"), elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &a, &b, &y16)?),
-        (format!("cast_f16_f32_{mib}MiB"), elementwise::cast(gpu, &a, &y32)?),
+    // In the order of `stems`.
+    let cases = [
+        elementwise::unary(gpu, Unary::Copy, &a, &y16)?,
+        elementwise::unary(gpu, Unary::Silu, &a, &y16)?,
+        elementwise::unary(gpu, Unary::Gelu, &a, &y16)?,
+        elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &a, &b, &y16)?,
+        elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &a, &b, &y16)?,
+        elementwise::cast(gpu, &a, &y32)?,
     ];
-    for (name, d) in cases {
-        let full = format!("elementwise_{name}");
+    for (stem, d) in stems.iter().zip(cases) {
+        let full = format!("elementwise_{stem}_{mib}MiB");
         if !wanted(&full) {
             continue;
         }

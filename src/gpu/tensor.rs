@@ -56,17 +56,19 @@ pub fn padded_bytes(numel: usize, dtype: DType) -> u64 {
 impl Tensor {
     /// Allocates an uninitialised tensor; errors if it is over the device's buffer limits.
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
-        let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).and_then(|n| n.checked_mul(dtype.size()));
-        let Some(numel) = numel.map(|b| b / dtype.size()) else {
+        let name = format!("{what} {shape:?} {dtype}");
+        // Shapes whose byte count overflows are refused, not wrapped to a tiny buffer.
+        let numel = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let Some(numel) = numel.filter(|n| n.checked_mul(dtype.size()).is_some()) else {
             return Err(Error::TooLarge {
-                what: format!("{what} {shape:?} {dtype}"),
+                what: name,
                 bytes: u64::MAX,
                 limit: gpu.caps.limits.max_buffer_size,
                 limit_name: "max_buffer_size",
             });
         };
         let bytes = padded_bytes(numel, dtype);
-        gpu.check_size(&format!("{what} {shape:?} {dtype}"), bytes)?;
+        gpu.check_size(&name, bytes)?;
         let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(what),
             size: bytes,
