@@ -2,8 +2,11 @@
 //! arithmetic) for inference and LoRA training on any Vulkan / Metal / DX12 GPU.
 
 pub mod bench;
+pub mod config;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
+pub mod model;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

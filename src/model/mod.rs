@@ -1,0 +1,3 @@
+//! SD-1.5 models: weight loading, CLIP, UNet, VAE.
+
+pub mod weights;
