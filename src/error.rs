@@ -51,12 +51,26 @@ pub enum Error {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    /// A weight file, model folder or config that can't be used: the message names the file
+    /// and says what is wrong and how to fix it.
+    #[error("{path}: {problem}")]
+    Model { path: PathBuf, problem: String },
+
+    /// The tokenizer files could not be loaded or a prompt could not be encoded.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
     /// A command-line argument or option that makes no sense.
     #[error("{0}")]
     Usage(String),
 }
 
 impl Error {
+    /// Shorthand for a problem with a model file or folder.
+    pub fn model(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::Model { path: path.into(), problem: problem.into() }
+    }
+
     /// Shorthand for a shape error.
     pub fn shape(op: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Shape { op: op.into(), detail: detail.into() }
