@@ -5,12 +5,14 @@
 // (+ bias[n]) (+ C[b] when ACCUMULATE); TRANS_A: A stored [K,M]; TRANS_B: B stored [N,K].
 // Global f16 tensors are read as mat2x4<f16> (16 bytes = 8 halves: naga's bitcast cannot
 // turn vec2<u32> into vec4<f16>) with zero fill at the edges, so any M, N, K work; C is written as packed f16 pairs (ldc even) or f32 (OUT_F32).
-// Dispatch: (ceil(N/BN), ceil(M/BM), batch) workgroups of 256 invocations = 8 subgroups of
-// 32 (the launcher only picks this path where the subgroup size is 32). The workgroup tile
-// BMxBN is split WARPS_M x (8/WARPS_M) among the subgroups; each subgroup keeps
-// (BM/WARPS_M/16) x (BN/WARPS_N/16) accumulators. K advances BK=32 at a time through shared
-// memory stored as vec4<f16> rows padded by 8 halves (no bank conflicts for the fragment
-// loads); the next tile's global words are held in registers while the current one is used.
+// Dispatch: (ceil(N/BN), ceil(M/BM), batch) workgroups of WARPS subgroups of 32 invocations
+// (the launcher only picks this path where the subgroup size is 32). The workgroup tile
+// BMxBN is split WARPS_M x (WARPS/WARPS_M) among the subgroups; each subgroup keeps
+// (BM/WARPS_M/16) x (BN/WARPS_N/16) accumulators. K advances BK (16, 32 or 64) at a time
+// through shared memory stored as vec4<f16> rows padded by 8 halves (no bank conflicts for
+// the fragment loads); the next tile's global words are held in registers while the current
+// one is used. STAGES = 1: one shared tile, two barriers per step; STAGES = 2: two shared
+// tiles used in turn, one barrier per step.
 // Shared memory is typed f16 because naga takes a cooperative load's element type from its
 // pointer; strides of coopLoad are in vec4<f16> units.
 // Epilogue: each accumulator goes through a per-subgroup f32 staging tile in shared memory,
@@ -31,8 +33,10 @@ struct Params {
     off_a: u32, off_b: u32, off_c: u32, off_bias: u32,
 }
 
-const BK: u32 = 32u;
-const WG: u32 = 256u;
+override WARPS: u32 = 8u;
+override WG: u32 = WARPS * 32u;
+override BK: u32 = 32u;
+override STAGES: u32 = 1u;
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = true;
@@ -43,7 +47,7 @@ override WARPS_M: u32 = 2u;
 // Fragments per subgroup along M and N (2 or 4 each), and vec-8 entries per invocation for
 // the A and B tiles (1, 2 or 4).
 override FM: u32 = BM / WARPS_M / 16u;
-override FN: u32 = BN / (8u / WARPS_M) / 16u;
+override FN: u32 = BN / (WARPS / WARPS_M) / 16u;
 override NA: u32 = BM * BK / 8u / WG;
 override NB: u32 = BN * BK / 8u / WG;
 // Tile order: 0 = row by row; G > 0 = in bands of G tile rows, column by column inside a
@@ -56,12 +60,13 @@ override GROUP_M: u32 = 0u;
 @group(0) @binding(3) var<storage, read> bias: array<mat2x4<f16>>;
 @group(0) @binding(4) var<storage, read_write> c: array<u32>;
 
-// Shared tiles in entries of 8 halves (two vec4<f16>): K-contiguous rows hold BK/8 + 1 = 5
-// entries; M- or N-contiguous rows hold X/8 + 1. Sized for BM or BN up to 256.
-const SH_A: u32 = 2560u;   // vec4<f16> units: 2 * max(256*5, 32*33)
-const SH_B: u32 = 2560u;
-var<workgroup> sa: array<vec4<f16>, SH_A>;
-var<workgroup> sb: array<vec4<f16>, SH_B>;
+// Shared tiles in entries of 8 halves (two vec4<f16>): K-contiguous rows hold KE + 1
+// entries (KE = BK/8); M- or N-contiguous rows hold X/8 + 1. Sizes in vec4<f16> units.
+override KE: u32 = BK / 8u;
+override SA_STAGE: u32 = 2u * max(BM * (KE + 1u), BK * (BM / 8u + 1u));
+override SB_STAGE: u32 = 2u * max(BN * (KE + 1u), BK * (BN / 8u + 1u));
+var<workgroup> sa: array<vec4<f16>, SA_STAGE * STAGES>;
+var<workgroup> sb: array<vec4<f16>, SB_STAGE * STAGES>;
 
 fn put_a(e: u32, v: mat2x4<f16>) {
     sa[2u * e] = v[0];
@@ -71,7 +76,7 @@ fn put_b(e: u32, v: mat2x4<f16>) {
     sb[2u * e] = v[0];
     sb[2u * e + 1u] = v[1];
 }
-var<workgroup> stage: array<f32, 2048>;   // 8 subgroups x 16x16
+var<workgroup> stage: array<f32, WARPS * 256u>;   // one 16x16 f32 tile per subgroup
 
 fn half_at(v: mat2x4<f16>, i: u32) -> f16 {
     return v[(i >> 2u) & 1u][i & 3u];
@@ -105,8 +110,8 @@ fn a_entry(e: u32, m0: u32, k0: u32) -> vec3<u32> {
         let r = e / per; let q = e % per;
         return vec3<u32>(k0 + r, m0 + q * 8u, r * (per + 1u) + q);
     }
-    let r = e / 4u; let q = e % 4u;
-    return vec3<u32>(m0 + r, k0 + q * 8u, r * 5u + q);
+    let r = e / KE; let q = e % KE;
+    return vec3<u32>(m0 + r, k0 + q * 8u, r * (KE + 1u) + q);
 }
 fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
     if (!TRANS_B) {
@@ -114,8 +119,8 @@ fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
         let r = e / per; let q = e % per;
         return vec3<u32>(k0 + r, n0 + q * 8u, r * (per + 1u) + q);
     }
-    let r = e / 4u; let q = e % 4u;
-    return vec3<u32>(n0 + r, k0 + q * 8u, r * 5u + q);
+    let r = e / KE; let q = e % KE;
+    return vec3<u32>(n0 + r, k0 + q * 8u, r * (KE + 1u) + q);
 }
 
 fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
@@ -129,21 +134,23 @@ fn fetch_b(e: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
     return load8(false, base, x.x, x.y, p.k, p.n, p.ldb, vec_ok);
 }
 
-// Fragment loads from shared memory (indices and strides in vec4<f16> units).
+// Fragment loads from the shared tile at offset o (indices and strides in vec4<f16> units).
 // A fragment: rows m..m+16, k..k+16 of the tile.
-fn frag_a(m: u32, k: u32) -> coop_mat16x16<f16, A> {
+fn frag_a(o: u32, m: u32, k: u32) -> coop_mat16x16<f16, A> {
     if (TRANS_A) {
         let per = BM / 4u + 2u;
-        return coopLoad<coop_mat16x16<f16, A>>(&sa[k * per + m / 4u], per);
+        return coopLoad<coop_mat16x16<f16, A>>(&sa[o + k * per + m / 4u], per);
     }
-    return coopLoadT<coop_mat16x16<f16, A>>(&sa[m * 10u + k / 4u], 10u);
+    let ld = 2u * (KE + 1u);
+    return coopLoadT<coop_mat16x16<f16, A>>(&sa[o + m * ld + k / 4u], ld);
 }
-fn frag_b(k: u32, n: u32) -> coop_mat16x16<f16, B> {
+fn frag_b(o: u32, k: u32, n: u32) -> coop_mat16x16<f16, B> {
     if (TRANS_B) {
-        return coopLoad<coop_mat16x16<f16, B>>(&sb[n * 10u + k / 4u], 10u);
+        let ld = 2u * (KE + 1u);
+        return coopLoad<coop_mat16x16<f16, B>>(&sb[o + n * ld + k / 4u], ld);
     }
     let per = BN / 4u + 2u;
-    return coopLoadT<coop_mat16x16<f16, B>>(&sb[k * per + n / 4u], per);
+    return coopLoadT<coop_mat16x16<f16, B>>(&sb[o + k * per + n / 4u], per);
 }
 
 // naga 30 needs the store in a helper when the matrix is a var (see DESIGN.md).
@@ -192,11 +199,11 @@ fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32
     workgroupBarrier();
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) t: u32,
         @builtin(subgroup_id) sid: u32, @builtin(subgroup_invocation_id) lane: u32) {
-    let warps_n = 8u / WARPS_M;
+    let warps_n = WARPS / WARPS_M;
     let bz = wg.z;
     var tm = wg.y;
     var tn = wg.x;
@@ -235,7 +242,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     if (NB > 1u) { rb1 = fetch_b(t + WG, n0, 0u, base_b, vec_ok); }
     if (NB > 2u) { rb2 = fetch_b(t + 2u * WG, n0, 0u, base_b, vec_ok); rb3 = fetch_b(t + 3u * WG, n0, 0u, base_b, vec_ok); }
 
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+    if (STAGES == 2u) {
         put_a(a_entry(t, 0u, 0u).z, ra0);
         if (NA > 1u) { put_a(a_entry(t + WG, 0u, 0u).z, ra1); }
         if (NA > 2u) { put_a(a_entry(t + 2u * WG, 0u, 0u).z, ra2); put_a(a_entry(t + 3u * WG, 0u, 0u).z, ra3); }
@@ -243,6 +250,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         if (NB > 1u) { put_b(b_entry(t + WG, 0u, 0u).z, rb1); }
         if (NB > 2u) { put_b(b_entry(t + 2u * WG, 0u, 0u).z, rb2); put_b(b_entry(t + 3u * WG, 0u, 0u).z, rb3); }
         workgroupBarrier();
+    }
+    var step = 0u;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        // Shared tile read this step, and (two stages) the one the next step's data goes to.
+        var oa = 0u; var ob = 0u; var na = 0u; var nb = 0u;
+        if (STAGES == 2u) {
+            let cur = step & 1u;
+            oa = cur * SA_STAGE; ob = cur * SB_STAGE;
+            na = (cur ^ 1u) * (SA_STAGE / 2u); nb = (cur ^ 1u) * (SB_STAGE / 2u);
+        } else {
+            put_a(a_entry(t, 0u, 0u).z, ra0);
+            if (NA > 1u) { put_a(a_entry(t + WG, 0u, 0u).z, ra1); }
+            if (NA > 2u) { put_a(a_entry(t + 2u * WG, 0u, 0u).z, ra2); put_a(a_entry(t + 3u * WG, 0u, 0u).z, ra3); }
+            put_b(b_entry(t, 0u, 0u).z, rb0);
+            if (NB > 1u) { put_b(b_entry(t + WG, 0u, 0u).z, rb1); }
+            if (NB > 2u) { put_b(b_entry(t + 2u * WG, 0u, 0u).z, rb2); put_b(b_entry(t + 3u * WG, 0u, 0u).z, rb3); }
+            workgroupBarrier();
+        }
+        step += 1u;
         let kn = k0 + BK;
         if (kn < p.k) {
             ra0 = fetch_a(t, m0, kn, base_a, vec_ok);
@@ -253,31 +279,39 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             if (NB > 2u) { rb2 = fetch_b(t + 2u * WG, n0, kn, base_b, vec_ok); rb3 = fetch_b(t + 3u * WG, n0, kn, base_b, vec_ok); }
         }
         for (var kk = 0u; kk < BK; kk += 16u) {
-            let a0 = frag_a(wm, kk);
-            let a1 = frag_a(wm + 16u, kk);
-            let b0 = frag_b(kk, wn);
-            let b1 = frag_b(kk, wn + 16u);
+            let a0 = frag_a(oa, wm, kk);
+            let a1 = frag_a(oa, wm + 16u, kk);
+            let b0 = frag_b(ob, kk, wn);
+            let b1 = frag_b(ob, kk, wn + 16u);
             c00 = coopMultiplyAdd(a0, b0, c00); c01 = coopMultiplyAdd(a0, b1, c01);
             c10 = coopMultiplyAdd(a1, b0, c10); c11 = coopMultiplyAdd(a1, b1, c11);
             if (FN > 2u) {
-                let b2 = frag_b(kk, wn + 32u);
-                let b3 = frag_b(kk, wn + 48u);
+                let b2 = frag_b(ob, kk, wn + 32u);
+                let b3 = frag_b(ob, kk, wn + 48u);
                 c02 = coopMultiplyAdd(a0, b2, c02); c03 = coopMultiplyAdd(a0, b3, c03);
                 c12 = coopMultiplyAdd(a1, b2, c12); c13 = coopMultiplyAdd(a1, b3, c13);
                 if (FM > 2u) {
-                    let a2 = frag_a(wm + 32u, kk);
-                    let a3 = frag_a(wm + 48u, kk);
+                    let a2 = frag_a(oa, wm + 32u, kk);
+                    let a3 = frag_a(oa, wm + 48u, kk);
                     c20 = coopMultiplyAdd(a2, b0, c20); c21 = coopMultiplyAdd(a2, b1, c21);
                     c22 = coopMultiplyAdd(a2, b2, c22); c23 = coopMultiplyAdd(a2, b3, c23);
                     c30 = coopMultiplyAdd(a3, b0, c30); c31 = coopMultiplyAdd(a3, b1, c31);
                     c32 = coopMultiplyAdd(a3, b2, c32); c33 = coopMultiplyAdd(a3, b3, c33);
                 }
             } else if (FM > 2u) {
-                let a2 = frag_a(wm + 32u, kk);
-                let a3 = frag_a(wm + 48u, kk);
+                let a2 = frag_a(oa, wm + 32u, kk);
+                let a3 = frag_a(oa, wm + 48u, kk);
                 c20 = coopMultiplyAdd(a2, b0, c20); c21 = coopMultiplyAdd(a2, b1, c21);
                 c30 = coopMultiplyAdd(a3, b0, c30); c31 = coopMultiplyAdd(a3, b1, c31);
             }
+        }
+        if (STAGES == 2u && kn < p.k) {
+            put_a(na + a_entry(t, 0u, 0u).z, ra0);
+            if (NA > 1u) { put_a(na + a_entry(t + WG, 0u, 0u).z, ra1); }
+            if (NA > 2u) { put_a(na + a_entry(t + 2u * WG, 0u, 0u).z, ra2); put_a(na + a_entry(t + 3u * WG, 0u, 0u).z, ra3); }
+            put_b(nb + b_entry(t, 0u, 0u).z, rb0);
+            if (NB > 1u) { put_b(nb + b_entry(t + WG, 0u, 0u).z, rb1); }
+            if (NB > 2u) { put_b(nb + b_entry(t + 2u * WG, 0u, 0u).z, rb2); put_b(nb + b_entry(t + 3u * WG, 0u, 0u).z, rb3); }
         }
         workgroupBarrier();
     }

@@ -158,6 +158,17 @@ fn batched_and_broadcast_weights() {
 }
 
 #[test]
+fn coop_tiles_are_supported_configurations() {
+    for t in CoopTile::ALL.iter().chain([&CoopTile::DEFAULT, &CoopTile::SMALL]) {
+        assert!(t.valid(), "{t:?}: {} bytes of shared memory", t.shared_bytes());
+    }
+    // And the check refuses what the shader can't do.
+    let mut bad = CoopTile::DEFAULT;
+    bad.bk = 64; // 128x256 with BK 64: 8 entries of B per invocation
+    assert!(!bad.valid());
+}
+
+#[test]
 fn every_coop_tile() {
     if !paths().contains(&KernelPath::Coop) {
         eprintln!("no cooperative matrices on this device: the scalar tests cover it");

@@ -39,26 +39,85 @@ const FLAG_VEC: u32 = 4;
 pub struct CoopTile {
     pub bm: u32,
     pub bn: u32,
+    /// Subgroups (of 32) in a workgroup, and how many of them along M.
+    pub warps: u32,
     pub warps_m: u32,
+    /// K step through shared memory (16, 32 or 64).
+    pub bk: u32,
+    /// 1: one shared tile (two barriers a step); 2: two tiles in turn (one barrier).
+    pub stages: u32,
     /// Tile order: 0 row by row, G > 0 in bands of G tile rows (L2 reuse).
     pub group_m: u32,
 }
 
+const fn tile(bm: u32, bn: u32, warps: u32, warps_m: u32, bk: u32, stages: u32, group_m: u32) -> CoopTile {
+    CoopTile { bm, bn, warps, warps_m, bk, stages, group_m }
+}
+
 impl CoopTile {
     /// The tile used by default: chosen by the H100 measurements in docs/PERF.md.
-    pub const DEFAULT: CoopTile = CoopTile { bm: 128, bn: 256, warps_m: 2, group_m: 8 };
+    pub const DEFAULT: CoopTile = tile(128, 256, 8, 2, 32, 1, 8);
     /// For small problems, where a big tile would leave most of the GPU idle.
-    pub const SMALL: CoopTile = CoopTile { bm: 128, bn: 128, warps_m: 2, group_m: 8 };
-    /// All configurations the shader supports (bm, bn ≤ 256, 2 or 4 fragments a subgroup
-    /// along each axis).
-    pub const ALL: [CoopTile; 6] = [
-        CoopTile { bm: 128, bn: 128, warps_m: 2, group_m: 8 },
-        CoopTile { bm: 128, bn: 256, warps_m: 2, group_m: 8 },
-        CoopTile { bm: 128, bn: 256, warps_m: 2, group_m: 0 },
-        CoopTile { bm: 256, bn: 128, warps_m: 4, group_m: 8 },
-        CoopTile { bm: 256, bn: 128, warps_m: 4, group_m: 0 },
-        CoopTile { bm: 64, bn: 128, warps_m: 2, group_m: 8 },
+    pub const SMALL: CoopTile = tile(128, 128, 8, 2, 32, 1, 8);
+    /// All configurations the launcher may use or the benchmark times. Valid ones: 2 or 4
+    /// fragments a subgroup along each axis, 1 to 4 vec-8 entries of each tile an
+    /// invocation, shared memory within 48 KiB.
+    pub const ALL: [CoopTile; 10] = [
+        tile(128, 128, 8, 2, 32, 1, 8),
+        tile(128, 256, 8, 2, 32, 1, 8),
+        tile(128, 256, 8, 2, 32, 1, 0),
+        tile(256, 128, 8, 4, 32, 1, 8),
+        tile(64, 128, 8, 2, 32, 1, 8),
+        tile(128, 128, 4, 2, 32, 1, 8),
+        tile(128, 128, 4, 2, 32, 2, 8),
+        tile(128, 256, 8, 2, 16, 2, 8),
+        tile(256, 128, 8, 4, 16, 2, 8),
+        tile(64, 128, 4, 2, 32, 2, 8),
     ];
+
+    /// Fragments a subgroup holds along M and N.
+    pub fn frags(&self) -> (u32, u32) {
+        (self.bm / self.warps_m / 16, self.bn / (self.warps / self.warps_m) / 16)
+    }
+
+    /// Shared memory bytes (tiles in both layouts' worst case, plus the epilogue stage).
+    pub fn shared_bytes(&self) -> u32 {
+        let ke = self.bk / 8;
+        let side = |x: u32| 2 * (x * (ke + 1)).max(self.bk * (x / 8 + 1)) * 8;
+        (side(self.bm) + side(self.bn)) * self.stages + self.warps * 256 * 4
+    }
+
+    /// Whether the shader supports this configuration.
+    pub fn valid(&self) -> bool {
+        let (fm, fn_) = self.frags();
+        let wg = self.warps * 32;
+        let per = |x: u32| x * self.bk / 8 / wg;
+        self.warps % self.warps_m == 0
+            && [2, 4].contains(&fm)
+            && [2, 4].contains(&fn_)
+            && [16, 32, 64].contains(&self.bk)
+            && [1, 2].contains(&self.stages)
+            && [1, 2, 4].contains(&per(self.bm))
+            && [1, 2, 4].contains(&per(self.bn))
+            && self.bm * self.bk / 8 % wg == 0
+            && self.bn * self.bk / 8 % wg == 0
+            && self.shared_bytes() <= 48 * 1024
+    }
+
+    /// The pipeline key of this tile for the given layout and output type.
+    pub fn key(&self, trans_a: bool, trans_b: bool, out_f32: bool) -> PipelineKey {
+        PipelineKey::new(Shader::MatmulCoop, "main")
+            .with("TRANS_A", trans_a as i64)
+            .with("TRANS_B", trans_b as i64)
+            .with("OUT_F32", out_f32 as i64)
+            .with("BM", self.bm as i64)
+            .with("BN", self.bn as i64)
+            .with("WARPS", self.warps as i64)
+            .with("WARPS_M", self.warps_m as i64)
+            .with("BK", self.bk as i64)
+            .with("STAGES", self.stages as i64)
+            .with("GROUP_M", self.group_m as i64)
+    }
 }
 
 /// A matrix product to launch. Build with [`Matmul::new`], then set options.
@@ -158,18 +217,12 @@ impl Matmul {
         };
         let out_f32 = c.dtype == DType::F32;
         let (key, bm, bn) = match path {
-            KernelPath::Coop => (
-                PipelineKey::new(Shader::MatmulCoop, "main")
-                    .with("TRANS_A", self.trans_a as i64)
-                    .with("TRANS_B", self.trans_b as i64)
-                    .with("OUT_F32", out_f32 as i64)
-                    .with("BM", tile.bm as i64)
-                    .with("BN", tile.bn as i64)
-                    .with("WARPS_M", tile.warps_m as i64)
-                    .with("GROUP_M", tile.group_m as i64),
-                tile.bm,
-                tile.bn,
-            ),
+            KernelPath::Coop => {
+                if !tile.valid() {
+                    return Err(Error::Usage(format!("matmul: unsupported cooperative-matrix tile {tile:?}")));
+                }
+                (tile.key(self.trans_a, self.trans_b, out_f32), tile.bm, tile.bn)
+            }
             KernelPath::Scalar => (
                 PipelineKey::new(Shader::MatmulScalar, "main")
                     .with("TRANS_A", self.trans_a as i64)

@@ -20,16 +20,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
                         .with("OUT_F32", out_f32 as i64),
                 );
                 for t in matmul::CoopTile::ALL {
-                    keys.push(
-                        PipelineKey::new(Shader::MatmulCoop, "main")
-                            .with("TRANS_A", ta as i64)
-                            .with("TRANS_B", tb as i64)
-                            .with("OUT_F32", out_f32 as i64)
-                            .with("BM", t.bm as i64)
-                            .with("BN", t.bn as i64)
-                            .with("WARPS_M", t.warps_m as i64)
-                            .with("GROUP_M", t.group_m as i64),
-                    );
+                    keys.push(t.key(ta, tb, out_f32));
                 }
             }
         }
