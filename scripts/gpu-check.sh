@@ -7,6 +7,7 @@
 set -uo pipefail
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+export ATELIER_BIN=$PWD/.device/bin/atelier
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader || true
 .device/bin/atelier info 2>&1 | tee "$out/info.txt" | grep -E "^\[|selected|kernel path|coop 16x16x16"

@@ -1,6 +1,6 @@
 // elementwise.wgsl — elementwise ops over flat tensors: unary (copy, SiLU, GELU, quick-GELU,
 // affine), binary (add, mul, with the second operand broadcast along rows), casts between
-// f16 and f32, and a 2-D strided copy.
+// f16 and f32 (entry `convert`, 4 elements per invocation), and a 2-D strided copy.
 //
 // Layout: flat arrays, any shape. Storage is read and written as vec4<u32> words; an f16
 // tensor packs 8 values per word (unpack2x16float, so no shader-f16 is needed), an f32
@@ -125,6 +125,35 @@ fn binary(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         store_y(u, Oct(f.lo * g.lo * p.alpha, f.hi * g.hi * p.alpha));
     } else {
         store_y(u, Oct(f.lo + p.alpha * g.lo, f.hi + p.alpha * g.hi));
+    }
+}
+
+// convert (cast): y = x with a change of dtype, 4 elements per invocation (unit u covers 4u..4u+4), so
+// the f32 side moves one whole 16-byte word per invocation and the f16 side half of one:
+// both sides of a subgroup's access are contiguous (the 8-element unit above makes the f32
+// side two words 32 bytes apart).
+@compute @workgroup_size(256)
+fn convert(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let u = unit_index(wg, nwg, lid);
+    if (u * 4u >= p.numel) { return; }
+    var v: vec4<f32>;
+    if (IN_F32) {
+        v = bitcast<vec4<f32>>(x[u]);
+    } else {
+        let w = x[u >> 1u];
+        if ((u & 1u) == 0u) {
+            v = vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+        } else {
+            v = vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
+        }
+    }
+    if (OUT_F32) {
+        y[u] = bitcast<vec4<u32>>(v);
+    } else {
+        let o = (u & 1u) * 2u;
+        y[u >> 1u][o] = pack2x16float(v.xy);
+        y[u >> 1u][o + 1u] = pack2x16float(v.zw);
     }
 }
 

@@ -33,8 +33,32 @@ impl Shader {
         }
     }
 
-    /// The WGSL source, embedded in the binary.
+    /// The WGSL source: embedded in the binary, or for kernel work read from
+    /// `$ATELIER_SHADER_DIR/<name>.wgsl` when that variable is set and the file exists (read
+    /// once per process; lets one build time several versions of a shader).
     pub fn source(self) -> &'static str {
+        if let Some(s) = self.source_from_dir() {
+            return s;
+        }
+        self.embedded_source()
+    }
+
+    fn source_from_dir(self) -> Option<&'static str> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        static CACHE: OnceLock<Mutex<HashMap<Shader, Option<&'static str>>>> = OnceLock::new();
+        let dir = std::env::var_os("ATELIER_SHADER_DIR")?;
+        let mut cache = CACHE.get_or_init(Default::default).lock().ok()?;
+        *cache.entry(self).or_insert_with(|| {
+            let path = std::path::Path::new(&dir).join(format!("{}.wgsl", self.name()));
+            let text = std::fs::read_to_string(&path).ok()?;
+            eprintln!("atelier: {} from {}", self.name(), path.display());
+            Some(Box::leak(text.into_boxed_str()))
+        })
+    }
+
+    /// The WGSL source embedded in the binary.
+    pub fn embedded_source(self) -> &'static str {
         match self {
             Shader::MatmulScalar => include_str!("../../shaders/matmul_scalar.wgsl"),
             Shader::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),

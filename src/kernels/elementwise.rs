@@ -148,7 +148,14 @@ pub fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor) -> Resu
 
 /// Cast (or copy) x into y's dtype.
 pub fn cast(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
-    unary(gpu, Unary::Copy, x, y)
+    if x.numel() != y.numel() {
+        return Err(Error::shape("cast", format!("x {:?} vs y {:?}", x.shape, y.shape)));
+    }
+    let n = y.numel();
+    check_len("cast", n)?;
+    let p = ElementwiseParams { numel: n as u32, b_len: n as u32, ..Default::default() };
+    let bytes = (n * (x.dtype.size() + y.dtype.size())) as f64;
+    gpu.dispatch(&key("convert", x.dtype, y.dtype), &p, &[x, y], groups(n.div_ceil(4)), 0.0, bytes)
 }
 
 /// dst[r, c] = src[r, c] for `rows` rows and `cols` columns, with row strides `ld_src` and

@@ -25,7 +25,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
             }
         }
     }
-    for entry in ["unary", "binary", "copy2d"] {
+    for entry in ["unary", "binary", "copy2d", "convert"] {
         for i in [false, true] {
             for o in [false, true] {
                 keys.push(
