@@ -11,7 +11,7 @@ fn main() {
         }
     };
     println!("{}", gpu.describe());
-    if let Err(e) = atelier::bench::run_all(&gpu, filter.as_deref(), false) {
+    if let Err(e) = atelier::bench::run_all(&gpu, filter.as_deref(), false, std::env::args().any(|a| a == "--all-tiles")) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

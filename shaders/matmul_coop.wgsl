@@ -62,11 +62,16 @@ override GROUP_M: u32 = 0u;
 
 // Shared tiles in entries of 8 halves (two vec4<f16>): K-contiguous rows hold KE + 1
 // entries (KE = BK/8); M- or N-contiguous rows hold X/8 + 1. Sizes in vec4<f16> units.
+// SA_LEN / SB_LEN size the arrays (at least STAGES * SA_STAGE / SB_STAGE; the launcher may
+// pad them: shared memory per workgroup changes how the driver sizes the SM's shared
+// carve-out and its register budget, measured in docs/PERF.md).
 override KE: u32 = BK / 8u;
 override SA_STAGE: u32 = 2u * max(BM * (KE + 1u), BK * (BM / 8u + 1u));
 override SB_STAGE: u32 = 2u * max(BN * (KE + 1u), BK * (BN / 8u + 1u));
-var<workgroup> sa: array<vec4<f16>, SA_STAGE * STAGES>;
-var<workgroup> sb: array<vec4<f16>, SB_STAGE * STAGES>;
+override SA_LEN: u32 = SA_STAGE * STAGES;
+override SB_LEN: u32 = SB_STAGE * STAGES;
+var<workgroup> sa: array<vec4<f16>, SA_LEN>;
+var<workgroup> sb: array<vec4<f16>, SB_LEN>;
 
 fn put_a(e: u32, v: mat2x4<f16>) {
     sa[2u * e] = v[0];

@@ -85,7 +85,9 @@ pub const MATMUL_CASES: [(&str, usize, usize, usize); 8] = [
 ];
 
 /// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
-pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<BenchResult>> {
+/// The cooperative-matrix matmul is timed with every tile of `CoopTile::ALL` at 8192³, and at
+/// every case when `all_tiles` (for tuning the tile choice).
+pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) -> Result<Vec<BenchResult>> {
     let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
     let mut out = Vec::new();
     let mut emit = |r: BenchResult| {
@@ -109,9 +111,8 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool) -> Result<Vec<Bench
         let x = random_f16(gpu, &[m, k], 1, "bench x")?;
         let w = random_f16(gpu, &[n, k], 2, "bench w")?;
         let y = Tensor::empty(gpu, &[m, n], DType::F16, "bench y")?;
-        // At 8192³ the cooperative-matrix path is timed with every tile, for tuning.
         let mut variants: Vec<(KernelPath, Option<CoopTile>)> = paths.iter().map(|&p| (p, None)).collect();
-        if name == "square_8192" && paths.contains(&KernelPath::Coop) {
+        if (all_tiles || name == "square_8192") && paths.contains(&KernelPath::Coop) {
             variants.extend(CoopTile::ALL.iter().map(|&t| (KernelPath::Coop, Some(t))));
         }
         for (path, tile) in variants {

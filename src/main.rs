@@ -31,6 +31,9 @@ enum Command {
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time every cooperative-matrix tile at every matmul shape (for tuning), not only at 8192³.
+        #[arg(long)]
+        all_tiles: bool,
     },
 }
 
@@ -39,7 +42,7 @@ fn main() -> ExitCode {
     let opts = GpuOptions::from_env().with_adapter(cli.adapter.clone());
     let result = match cli.command {
         Command::Info => info(&opts),
-        Command::Bench { filter, json } => bench(&opts, filter.as_deref(), json),
+        Command::Bench { filter, json, all_tiles } => bench(&opts, filter.as_deref(), json, all_tiles),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,12 +97,12 @@ fn info(opts: &GpuOptions) -> atelier::Result<()> {
     Ok(())
 }
 
-fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool) -> atelier::Result<()> {
+fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool) -> atelier::Result<()> {
     let gpu = Gpu::new(opts)?;
     if !json {
         println!("{}", gpu.describe());
     }
-    let results = atelier::bench::run_all(&gpu, filter, json)?;
+    let results = atelier::bench::run_all(&gpu, filter, json, all_tiles)?;
     if json {
         for r in &results {
             println!("{}", r.json());
