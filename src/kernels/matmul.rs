@@ -63,8 +63,12 @@ const fn padded(t: CoopTile) -> CoopTile {
 impl CoopTile {
     /// The tile used by default: chosen by the H100 measurements in docs/PERF.md.
     pub const DEFAULT: CoopTile = padded(tile(128, 256, 8, 2, 32, 1, 8));
-    /// For small problems, where a big tile would leave most of the GPU idle.
+    /// For problems too small for two waves of the default tile, with short K.
     pub const SMALL: CoopTile = tile(128, 128, 8, 2, 32, 1, 8);
+    /// For problems too small for two waves of the default tile, with K ≥ 640 (H100, v4:
+    /// 4096x320x1280 55.6 vs 46.9 TFLOP/s with SMALL, 77x3072x768 11.0 vs 7.4, but
+    /// 4096x320x320 13.8 vs 30.5).
+    pub const SMALL_LONG_K: CoopTile = tile(64, 128, 8, 2, 32, 1, 8);
     /// All configurations the launcher may use or the benchmark times. Valid ones: 2 or 4
     /// fragments a subgroup along each axis, 1 to 4 vec-8 entries of each tile an
     /// invocation, shared memory within 48 KiB.
@@ -201,10 +205,14 @@ impl Matmul {
             None => gpu.caps.path,
         };
         let tile = self.tile.unwrap_or_else(|| {
-            // Fewer than ~2 waves of big tiles on a large GPU: use the smaller tile.
+            // Fewer than ~2 waves of big tiles on a large GPU: use a smaller tile.
             let big = CoopTile::DEFAULT;
             let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
-            if tiles < 264 { CoopTile::SMALL } else { big }
+            match (tiles < 264, self.k >= 640) {
+                (false, _) => big,
+                (true, false) => CoopTile::SMALL,
+                (true, true) => CoopTile::SMALL_LONG_K,
+            }
         });
         (path, tile)
     }
