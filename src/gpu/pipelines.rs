@@ -18,11 +18,12 @@ pub enum Shader {
     MatmulScalar,
     MatmulCoop,
     Elementwise,
+    Norm,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 3] = [Shader::MatmulScalar, Shader::MatmulCoop, Shader::Elementwise];
+    pub const ALL: [Shader; 4] = [Shader::MatmulScalar, Shader::MatmulCoop, Shader::Elementwise, Shader::Norm];
 
     /// File stem under `shaders/`.
     pub fn name(self) -> &'static str {
@@ -30,6 +31,7 @@ impl Shader {
             Shader::MatmulScalar => "matmul_scalar",
             Shader::MatmulCoop => "matmul_coop",
             Shader::Elementwise => "elementwise",
+            Shader::Norm => "norm",
         }
     }
 
@@ -63,6 +65,7 @@ impl Shader {
             Shader::MatmulScalar => include_str!("../../shaders/matmul_scalar.wgsl"),
             Shader::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),
             Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
+            Shader::Norm => include_str!("../../shaders/norm.wgsl"),
         }
     }
 

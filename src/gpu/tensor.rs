@@ -136,6 +136,13 @@ impl Tensor {
         })
     }
 
+    /// Whether the two tensors' storage ranges share bytes of one buffer.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.buffer, &other.buffer)
+            && self.offset < other.offset + other.bytes()
+            && other.offset < self.offset + self.bytes()
+    }
+
     /// Downloads the values as f32 (waits for the GPU).
     pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let n = self.numel();

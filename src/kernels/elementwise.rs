@@ -5,6 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
+use super::grid;
 use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
 
 /// Mirrors `struct Params` in elementwise.wgsl.
@@ -95,11 +96,6 @@ pub enum Binary {
     Mul { alpha: f32 },
 }
 
-fn groups(units: usize) -> [u32; 3] {
-    let g = units.div_ceil(256).max(1) as u32;
-    if g <= 65535 { [g, 1, 1] } else { [65535, g.div_ceil(65535), 1] }
-}
-
 fn key(entry: &'static str, x: DType, y: DType) -> PipelineKey {
     PipelineKey::new(Shader::Elementwise, entry)
         .with("IN_F32", (x == DType::F32) as i64)
@@ -123,7 +119,7 @@ pub fn unary(gpu: &Gpu, op: Unary, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
     let (code, alpha, beta) = op.code();
     let p = ElementwiseParams { numel: n as u32, b_len: n as u32, op: code, alpha, beta, ..Default::default() };
     let bytes = (n * (x.dtype.size() + y.dtype.size())) as f64;
-    gpu.dispatch(&key("unary", x.dtype, y.dtype), &p, &[x, y], groups(n.div_ceil(8)), 0.0, bytes)
+    gpu.dispatch(&key("unary", x.dtype, y.dtype), &p, &[x, y], grid(n.div_ceil(8)), 0.0, bytes)
 }
 
 /// y = a (op) b; `b` has as many elements as `a`, or is one row that repeats
@@ -143,7 +139,7 @@ pub fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor) -> Resu
     };
     let p = ElementwiseParams { numel: n as u32, b_len: b.numel() as u32, op: code, alpha, ..Default::default() };
     let bytes = (n * (2 * a.dtype.size() + y.dtype.size())) as f64;
-    gpu.dispatch(&key("binary", a.dtype, y.dtype), &p, &[a, y, b], groups(n.div_ceil(8)), 0.0, bytes)
+    gpu.dispatch(&key("binary", a.dtype, y.dtype), &p, &[a, y, b], grid(n.div_ceil(8)), 0.0, bytes)
 }
 
 /// Cast (or copy) x into y's dtype.
@@ -155,7 +151,7 @@ pub fn cast(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
     check_len("cast", n)?;
     let p = ElementwiseParams { numel: n as u32, b_len: n as u32, ..Default::default() };
     let bytes = (n * (x.dtype.size() + y.dtype.size())) as f64;
-    gpu.dispatch(&key("convert", x.dtype, y.dtype), &p, &[x, y], groups(n.div_ceil(4)), 0.0, bytes)
+    gpu.dispatch(&key("convert", x.dtype, y.dtype), &p, &[x, y], grid(n.div_ceil(4)), 0.0, bytes)
 }
 
 /// dst[r, c] = src[r, c] for `rows` rows and `cols` columns, with row strides `ld_src` and
@@ -171,5 +167,5 @@ pub fn copy2d(gpu: &Gpu, src: &Tensor, dst: &Tensor, rows: usize, cols: usize, l
     }
     let p = ElementwiseParams { numel: n as u32, cols: cols as u32, ld_src: ld_src as u32, ld_dst: ld_dst as u32, ..Default::default() };
     let bytes = (rows * cols * src.dtype.size() + n * dst.dtype.size()) as f64;
-    gpu.dispatch(&key("copy2d", src.dtype, dst.dtype), &p, &[src, dst], groups(n.div_ceil(8)), 0.0, bytes)
+    gpu.dispatch(&key("copy2d", src.dtype, dst.dtype), &p, &[src, dst], grid(n.div_ceil(8)), 0.0, bytes)
 }

@@ -3,8 +3,16 @@
 
 pub mod elementwise;
 pub mod matmul;
+pub mod norm;
 
 use crate::gpu::{PipelineKey, Shader};
+
+/// The grid for one invocation per unit in workgroups of 256: 2-D when one dimension is not
+/// enough (the shaders fold it back as (wg.y·num_wg.x + wg.x)·256 + local index).
+pub(crate) fn grid(units: usize) -> [u32; 3] {
+    let g = units.div_ceil(256).max(1) as u32;
+    if g <= 65535 { [g, 1, 1] } else { [65535, g.div_ceil(65535), 1] }
+}
 
 /// Every pipeline variant the launchers can ask for: the shader tests validate and translate
 /// each one, so no variant first fails on a user's machine.
@@ -35,6 +43,9 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
                 );
             }
         }
+    }
+    for entry in ["gn_stats", "gn_final", "gn_apply", "ln"] {
+        keys.push(PipelineKey::new(Shader::Norm, entry));
     }
     keys
 }

@@ -1,0 +1,217 @@
+// norm.wgsl — group norm over channels-last activations (optionally fused with SiLU) and layer
+// norm over rows; f16 storage, f32 statistics.
+//
+// Layout: group norm takes x as [batch, rows, C] (NHWC flattened: rows = H·W), C a multiple of
+// 8 and at most 2560, `groups` groups of C/groups consecutive channels; layer norm takes
+// [rows, C]. f16 tensors are read and written as vec4<u32> words of 8 halves
+// (unpack2x16float), so no shader-f16 is needed; f32 scratch is bitcast from the same words.
+//
+// Group norm is three launches:
+//   gn_stats  grid (nblocks, batch), 256 invocations: rows [blk·block, +block) of one item;
+//             invocation t reads channel octets t % (C/8) (+256, ...) of rows lane, lane +
+//             lanes, ... (lanes = 256 / (C/8)), so a subgroup reads consecutive words of a row.
+//             Each keeps per-channel shifted sums (shift = its first value: little
+//             cancellation), turns them into (count, mean, M2) and the groups are merged with
+//             Chan's formula into one (count, mean, M2) per (item, block, group).
+//   gn_final  grid (ceil(batch·groups / 64)), 64 invocations: one (item, group) each, merges
+//             the blocks; writes (mean, 1/sqrt(var + eps)) — biased variance, as PyTorch.
+//   gn_apply  one invocation per 8 elements: y = (x - mean)·rstd·gamma + beta, then SiLU if
+//             `silu`.
+// Layer norm (ln): grid (rows), 64 invocations per row; mean, then variance of the centred
+// values (two passes over the row, which stays in L1), then y = (x - mean)·rstd·gamma + beta.
+// Saves nothing for backward (the LoRA backward recomputes statistics where it needs them).
+
+struct Params {
+    rows: u32,      // group norm: rows per batch item; layer norm: rows
+    c: u32,         // channels (row length)
+    groups: u32,    // group norm groups
+    block: u32,     // gn_stats: rows per block
+    nblocks: u32,   // gn_stats: blocks per item
+    batch: u32,
+    silu: u32,      // gn_apply: 1 applies SiLU after the affine
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+// gn_stats: x -> partials; gn_final: partials -> stats; gn_apply / ln: x -> y.
+@group(0) @binding(1) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> dst: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> gamma: array<vec4<u32>>;
+@group(0) @binding(4) var<storage, read> beta: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> stats: array<vec4<u32>>;
+
+const MAX_C: u32 = 2560u;
+
+struct Oct { lo: vec4<f32>, hi: vec4<f32> }
+
+fn unpack8(v: vec4<u32>) -> Oct {
+    return Oct(vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)),
+               vec4<f32>(unpack2x16float(v.z), unpack2x16float(v.w)));
+}
+
+fn pack8(f: Oct) -> vec4<u32> {
+    return vec4<u32>(pack2x16float(f.lo.xy), pack2x16float(f.lo.zw), pack2x16float(f.hi.xy), pack2x16float(f.hi.zw));
+}
+
+// Chan et al.'s merge of two (count, mean, M2) summaries.
+fn merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    let n = a.x + b.x;
+    if (n == 0.0) { return a; }
+    let d = b.y - a.y;
+    let f = b.x / n;
+    return vec3<f32>(n, a.y + d * f, a.z + b.z + d * d * a.x * f);
+}
+
+// Per (lane, channel) summaries: lanes·C <= max(2048, C) <= MAX_C.
+var<workgroup> sh_mean: array<f32, MAX_C>;
+var<workgroup> sh_m2: array<f32, MAX_C>;
+var<workgroup> sh_n: array<f32, 256>;             // rows seen per lane
+
+@compute @workgroup_size(256)
+fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let blk = wg.x;
+    let b = wg.y;
+    let oct = p.c / 8u;
+    let lanes = max(1u, 256u / oct);
+    let lane = t / oct;
+    let r0 = blk * p.block;
+    let r1 = min(r0 + p.block, p.rows);
+    let base = b * p.rows * oct;   // in words
+    if (t < lanes) {
+        var n = 0.0;
+        for (var r = r0 + t; r < r1; r += lanes) { n += 1.0; }
+        sh_n[t] = n;
+    }
+    if (lane < lanes) {
+        for (var o = t % oct; o < oct; o += 256u) {
+            var s = Oct(vec4<f32>(0.0), vec4<f32>(0.0));
+            var s1 = s;
+            var s2 = s;
+            var n = 0.0;
+            for (var r = r0 + lane; r < r1; r += lanes) {
+                let v = unpack8(src[base + r * oct + o]);
+                if (n == 0.0) { s = v; }
+                let dl = v.lo - s.lo;
+                let dh = v.hi - s.hi;
+                s1.lo += dl; s1.hi += dh;
+                s2.lo += dl * dl; s2.hi += dh * dh;
+                n += 1.0;
+            }
+            let inv = 1.0 / max(n, 1.0);
+            let i = lane * p.c + o * 8u;
+            let ml = s.lo + s1.lo * inv;
+            let mh = s.hi + s1.hi * inv;
+            let ql = max(s2.lo - s1.lo * s1.lo * inv, vec4<f32>(0.0));
+            let qh = max(s2.hi - s1.hi * s1.hi * inv, vec4<f32>(0.0));
+            sh_mean[i] = ml.x; sh_mean[i + 1u] = ml.y; sh_mean[i + 2u] = ml.z; sh_mean[i + 3u] = ml.w;
+            sh_mean[i + 4u] = mh.x; sh_mean[i + 5u] = mh.y; sh_mean[i + 6u] = mh.z; sh_mean[i + 7u] = mh.w;
+            sh_m2[i] = ql.x; sh_m2[i + 1u] = ql.y; sh_m2[i + 2u] = ql.z; sh_m2[i + 3u] = ql.w;
+            sh_m2[i + 4u] = qh.x; sh_m2[i + 5u] = qh.y; sh_m2[i + 6u] = qh.z; sh_m2[i + 7u] = qh.w;
+        }
+    }
+    workgroupBarrier();
+    if (t < p.groups) {
+        let cg = p.c / p.groups;
+        var acc = vec3<f32>(0.0);
+        for (var l = 0u; l < lanes; l++) {
+            let n = sh_n[l];
+            if (n == 0.0) { continue; }
+            for (var c = t * cg; c < (t + 1u) * cg; c++) {
+                acc = merge(acc, vec3<f32>(n, sh_mean[l * p.c + c], sh_m2[l * p.c + c]));
+            }
+        }
+        dst[(b * p.nblocks + blk) * p.groups + t] = bitcast<vec4<u32>>(vec4<f32>(acc, 0.0));
+    }
+}
+
+@compute @workgroup_size(64)
+fn gn_final(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;   // b * groups + g
+    if (i >= p.batch * p.groups) { return; }
+    let b = i / p.groups;
+    let g = i % p.groups;
+    var acc = vec3<f32>(0.0);
+    for (var k = 0u; k < p.nblocks; k++) {
+        acc = merge(acc, bitcast<vec4<f32>>(src[(b * p.nblocks + k) * p.groups + g]).xyz);
+    }
+    let var_ = acc.z / max(acc.x, 1.0);
+    dst[i] = bitcast<vec4<u32>>(vec4<f32>(acc.y, inverseSqrt(var_ + p.eps), 0.0, 0.0));
+}
+
+fn affine(v: Oct, o: u32, mean: Oct, rstd: Oct) -> Oct {
+    let g = unpack8(gamma[o]);
+    let bt = unpack8(beta[o]);
+    var y = Oct((v.lo - mean.lo) * rstd.lo * g.lo + bt.lo, (v.hi - mean.hi) * rstd.hi * g.hi + bt.hi);
+    if (p.silu != 0u) {
+        y = Oct(y.lo / (1.0 + exp(-y.lo)), y.hi / (1.0 + exp(-y.hi)));
+    }
+    return y;
+}
+
+fn stat(b: u32, c: u32) -> vec2<f32> {
+    let g = c / (p.c / p.groups);
+    return bitcast<vec4<f32>>(stats[b * p.groups + g]).xy;
+}
+
+@compute @workgroup_size(256)
+fn gn_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let u = (wg.y * nwg.x + wg.x) * 256u + lid;
+    let oct = p.c / 8u;
+    if (u >= p.batch * p.rows * oct) { return; }
+    let o = u % oct;
+    let b = u / (p.rows * oct);
+    let c = o * 8u;
+    let s0 = stat(b, c); let s1 = stat(b, c + 1u); let s2 = stat(b, c + 2u); let s3 = stat(b, c + 3u);
+    let s4 = stat(b, c + 4u); let s5 = stat(b, c + 5u); let s6 = stat(b, c + 6u); let s7 = stat(b, c + 7u);
+    let mean = Oct(vec4<f32>(s0.x, s1.x, s2.x, s3.x), vec4<f32>(s4.x, s5.x, s6.x, s7.x));
+    let rstd = Oct(vec4<f32>(s0.y, s1.y, s2.y, s3.y), vec4<f32>(s4.y, s5.y, s6.y, s7.y));
+    dst[u] = pack8(affine(unpack8(src[u]), o, mean, rstd));
+}
+
+var<workgroup> red: array<f32, 64>;
+
+// Sum of `v` over the 64 invocations of the workgroup (every invocation gets it).
+fn sum64(t: u32, v: f32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (t < s) { red[t] += red[t + s]; }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn hsum(v: Oct) -> f32 {
+    return dot(v.lo, vec4<f32>(1.0)) + dot(v.hi, vec4<f32>(1.0));
+}
+
+@compute @workgroup_size(64)
+fn ln(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+      @builtin(local_invocation_index) t: u32) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }   // uniform across the workgroup
+    let oct = p.c / 8u;
+    let base = row * oct;
+    var s = 0.0;
+    for (var o = t; o < oct; o += 64u) { s += hsum(unpack8(src[base + o])); }
+    let mean = sum64(t, s) / f32(p.c);
+    var q = 0.0;
+    for (var o = t; o < oct; o += 64u) {
+        let v = unpack8(src[base + o]);
+        let dl = v.lo - mean;
+        let dh = v.hi - mean;
+        q += dot(dl, dl) + dot(dh, dh);
+    }
+    let rstd = inverseSqrt(sum64(t, q) / f32(p.c) + p.eps);
+    let m = Oct(vec4<f32>(mean), vec4<f32>(mean));
+    let r = Oct(vec4<f32>(rstd), vec4<f32>(rstd));
+    for (var o = t; o < oct; o += 64u) {
+        let v = unpack8(src[base + o]);
+        let g = unpack8(gamma[o]);
+        let bt = unpack8(beta[o]);
+        dst[base + o] = pack8(Oct((v.lo - m.lo) * r.lo * g.lo + bt.lo, (v.hi - m.hi) * r.hi * g.hi + bt.hi));
+    }
+}
