@@ -21,6 +21,11 @@
 // constants, the optional ones behind override conditions the driver folds away: a private
 // array indexed at run time goes to local memory (measured: 3x slower here, 20x on the
 // scalar kernel).
+// CONV (override): 2-D convolution as an implicit GEMM, with A gathered from an NHWC input
+// (never materialised) and B the weight stored [cout, ks, ks, cin] (TRANS_B): M = images·oh·ow,
+// N = cout, K = ks·ks·cin. Eight consecutive k are eight channels of one input pixel, read as
+// one 16-byte word when cin is a multiple of 8 (flags bit 8), else one by one; taps outside
+// the image read zero (zero padding).
 // Saves nothing for backward.
 
 enable f16;
@@ -28,9 +33,13 @@ enable wgpu_cooperative_matrix;
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, flags: u32,      // flags: 1 bias, 2 accumulate, 4 vector loads ok
+    lda: u32, ldb: u32, ldc: u32, flags: u32,      // flags: 1 bias, 2 accumulate, 4 vector loads ok, 8 conv cin % 8 == 0
     stride_a: u32, stride_b: u32, stride_c: u32, alpha: f32,
     off_a: u32, off_b: u32, off_c: u32, off_bias: u32,
+    // CONV: A is the implicit im2col matrix of an NHWC input [batch, ih, iw, cin]: row m =
+    // (image, oy, ox) of the [oh, ow] output, column k = (ky, kx, ci) of a ks x ks window.
+    ih: u32, iw: u32, cin: u32, ks: u32,
+    stride: u32, pad: u32, oh: u32, ow: u32,
 }
 
 override WARPS: u32 = 8u;
@@ -41,6 +50,7 @@ override STAGES: u32 = 1u;
 override TRANS_A: bool = false;
 override TRANS_B: bool = true;
 override OUT_F32: bool = false;
+override CONV: bool = false;
 override BM: u32 = 128u;
 override BN: u32 = 128u;
 override WARPS_M: u32 = 2u;
@@ -107,6 +117,43 @@ fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, 
     return out;
 }
 
+// One input value of the implicit im2col matrix at (m, k); 0 outside the image or the matrix.
+fn conv_el(m: u32, k: u32) -> f16 {
+    if (m >= p.m || k >= p.k) { return 0.0h; }
+    let ohw = p.oh * p.ow;
+    let img = m / ohw;
+    let oy = (m % ohw) / p.ow;
+    let ox = m % p.ow;
+    let ci = k % p.cin;
+    let tap = k / p.cin;
+    let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
+    let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+    if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return 0.0h; }
+    let i = p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci;
+    return half_at(a[i >> 3u], i);
+}
+
+// Eight values of the implicit im2col matrix: row m, columns k0..k0+8.
+fn conv8(m: u32, k0: u32) -> mat2x4<f16> {
+    if ((p.flags & 8u) != 0u && m < p.m && k0 + 8u <= p.k) {
+        // cin % 8 == 0: one pixel, eight channels, one aligned 16-byte word.
+        let ohw = p.oh * p.ow;
+        let img = m / ohw;
+        let oy = (m % ohw) / p.ow;
+        let ox = m % p.ow;
+        let ci = k0 % p.cin;
+        let tap = k0 / p.cin;
+        let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
+        let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+        if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return mat2x4<f16>(); }
+        return a[(p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci) >> 3u];
+    }
+    var out = mat2x4<f16>();
+    out[0] = vec4<f16>(conv_el(m, k0), conv_el(m, k0 + 1u), conv_el(m, k0 + 2u), conv_el(m, k0 + 3u));
+    out[1] = vec4<f16>(conv_el(m, k0 + 4u), conv_el(m, k0 + 5u), conv_el(m, k0 + 6u), conv_el(m, k0 + 7u));
+    return out;
+}
+
 // Tile of A for k0: K-contiguous (!TRANS_A) it is BM rows of BK; else BK rows of BM.
 // Entry e (of BM*BK/8) -> (stored row, stored col0) and its shared index.
 fn a_entry(e: u32, m0: u32, k0: u32) -> vec3<u32> {
@@ -131,6 +178,7 @@ fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
 fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
     let x = a_entry(e, m0, k0);
     if (TRANS_A) { return load8(true, base, x.x, x.y, p.k, p.m, p.lda, vec_ok); }
+    if (CONV) { return conv8(x.x, x.y); }
     return load8(true, base, x.x, x.y, p.m, p.k, p.lda, vec_ok);
 }
 fn fetch_b(e: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {

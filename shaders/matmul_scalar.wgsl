@@ -14,18 +14,28 @@
 // global words are loaded into registers while the current shared tile is multiplied.
 // Every private array and register block is indexed by constants only: a run-time index
 // makes the driver move the whole array to local memory (measured: 20x slower).
+// CONV (override): 2-D convolution as an implicit GEMM, with A gathered from an NHWC input
+// (never materialised) and B the weight stored [cout, ks, ks, cin] (TRANS_B): M = images·oh·ow,
+// N = cout, K = ks·ks·cin. Eight consecutive k are eight channels of one input pixel, read as
+// one 16-byte word when cin is a multiple of 8 (flags bit 8), else one by one; taps outside
+// the image read zero (zero padding).
 // Saves nothing for backward.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
-    lda: u32, ldb: u32, ldc: u32, flags: u32,      // flags: 1 bias, 2 accumulate, 4 vector loads ok
+    lda: u32, ldb: u32, ldc: u32, flags: u32,      // flags: 1 bias, 2 accumulate, 4 vector loads ok, 8 conv cin % 8 == 0
     stride_a: u32, stride_b: u32, stride_c: u32, alpha: f32,
     off_a: u32, off_b: u32, off_c: u32, off_bias: u32,
+    // CONV: A is the implicit im2col matrix of an NHWC input [batch, ih, iw, cin]: row m =
+    // (image, oy, ox) of the [oh, ow] output, column k = (ky, kx, ci) of a ks x ks window.
+    ih: u32, iw: u32, cin: u32, ks: u32,
+    stride: u32, pad: u32, oh: u32, ow: u32,
 }
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = true;
 override OUT_F32: bool = false;
+override CONV: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<u32>>;
@@ -69,10 +79,48 @@ fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, 
                      pk(is_a, base, r, c0 + 4u, rows, cols, ld), pk(is_a, base, r, c0 + 6u, rows, cols, ld));
 }
 
+// One input value of the implicit im2col matrix at (m, k); 0 outside the image or the matrix.
+fn conv_el(m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) { return 0.0; }
+    let ohw = p.oh * p.ow;
+    let img = m / ohw;
+    let oy = (m % ohw) / p.ow;
+    let ox = m % p.ow;
+    let ci = k % p.cin;
+    let tap = k / p.cin;
+    let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
+    let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+    if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return 0.0; }
+    let i = p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci;
+    return half_at(a[i >> 3u], i);
+}
+
+// Eight values of the implicit im2col matrix: row m, columns k0..k0+8.
+fn conv8(m: u32, k0: u32) -> vec4<u32> {
+    if ((p.flags & 8u) != 0u && m < p.m && k0 + 8u <= p.k) {
+        // cin % 8 == 0: one pixel, eight channels, one aligned word.
+        let ohw = p.oh * p.ow;
+        let img = m / ohw;
+        let oy = (m % ohw) / p.ow;
+        let ox = m % p.ow;
+        let ci = k0 % p.cin;
+        let tap = k0 / p.cin;
+        let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
+        let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+        if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return vec4<u32>(0u); }
+        return a[(p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci) >> 3u];
+    }
+    return vec4<u32>(pack2x16float(vec2<f32>(conv_el(m, k0), conv_el(m, k0 + 1u))),
+                     pack2x16float(vec2<f32>(conv_el(m, k0 + 2u), conv_el(m, k0 + 3u))),
+                     pack2x16float(vec2<f32>(conv_el(m, k0 + 4u), conv_el(m, k0 + 5u))),
+                     pack2x16float(vec2<f32>(conv_el(m, k0 + 6u), conv_el(m, k0 + 7u))));
+}
+
 // Which 8 elements invocation t loads for the tile at k0, as (stored row, stored col0).
 // K-contiguous storage: 128 rows x 2 groups of 8 k. Otherwise: 16 k-rows x 16 groups of 8.
 fn fetch_a(t: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {
     if (TRANS_A) { return load8(true, base, k0 + t / 16u, m0 + (t % 16u) * 8u, p.k, p.m, p.lda, vec_ok); }
+    if (CONV) { return conv8(m0 + t / 2u, k0 + (t % 2u) * 8u); }
     return load8(true, base, m0 + t / 2u, k0 + (t % 2u) * 8u, p.m, p.k, p.lda, vec_ok);
 }
 fn fetch_b(t: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {

@@ -1,5 +1,6 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
-//! at 4096³ / 8192³ on every path the device has, elementwise ops at 64 MiB. Each case is
+//! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes,
+//! elementwise ops at 64 MiB. Each case is
 //! warmed up, then timed over repeated launches (median of several batches), and reported
 //! in ms and TFLOP/s or GB/s.
 
@@ -8,6 +9,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
+use crate::kernels::conv::Conv2d;
 use crate::kernels::matmul::{CoopTile, Matmul};
 
 /// One measured case.
@@ -84,6 +86,15 @@ pub const MATMUL_CASES: [(&str, usize, usize, usize); 8] = [
     ("square_8192", 8192, 8192, 8192),
 ];
 
+/// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout).
+pub const CONV_CASES: [(&str, usize, usize, usize, usize); 5] = [
+    ("unet_64x64x320_b2", 2, 64, 320, 320),
+    ("unet_32x32x640_b2", 2, 32, 640, 640),
+    ("unet_16x16x1280_b2", 2, 16, 1280, 1280),
+    ("vae_256x256x256", 1, 256, 256, 256),
+    ("vae_512x512x128", 1, 512, 128, 128),
+];
+
 /// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
 /// The cooperative-matrix matmul is timed with every tile of `CoopTile::ALL` at 8192³, and at
 /// every case when `all_tiles` (for tuning the tile choice).
@@ -123,6 +134,31 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
             let reps = ((2e12 / mm.flops()) as usize).clamp(1, 200);
             let reps = if slow { 1 } else { reps };
+            let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
+            emit(BenchResult {
+                name: full.clone(),
+                path: format!("{path} {}", d.label),
+                ms: s * 1e3,
+                tflops: mm.flops() / s / 1e12,
+                gbs: d.bytes / s / 1e9,
+            });
+        }
+    }
+    for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
+        let full = format!("conv3x3_{name}");
+        if !wanted(&full) || (slow && batch * size * size * cout * 9 * cin > 1 << 31) {
+            continue;
+        }
+        let x = random_f16(gpu, &[batch, size, size, cin], 5, "bench conv x")?;
+        let w = random_f16(gpu, &[cout, 3, 3, cin], 6, "bench conv w")?;
+        let b = random_f16(gpu, &[cout], 7, "bench conv b")?;
+        let y = Tensor::empty(gpu, &[batch, size, size, cout], DType::F16, "bench conv y")?;
+        for &path in &paths {
+            let mut conv = Conv2d::new(batch, size, size, cin, cout, 3, 1, 1);
+            conv.path = Some(path);
+            let mm = conv.matmul()?;
+            let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
+            let reps = if slow { 1 } else { ((2e12 / mm.flops()) as usize).clamp(1, 200) };
             let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
             emit(BenchResult {
                 name: full.clone(),

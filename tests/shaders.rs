@@ -84,9 +84,12 @@ macro_rules! rust_layout {
 fn uniform_structs_match_wgsl() {
     use atelier::kernels::elementwise::ElementwiseParams;
     use atelier::kernels::matmul::MatmulParams;
-    let mm = rust_layout!(MatmulParams { m, n, k, batch, lda, ldb, ldc, flags, stride_a, stride_b, stride_c, alpha, off_a, off_b, off_c, off_bias });
+    let mm = rust_layout!(MatmulParams { m, n, k, batch, lda, ldb, ldc, flags, stride_a, stride_b, stride_c, alpha, off_a, off_b, off_c, off_bias, ih, iw, cin, ks, stride, pad, oh, ow });
     assert_eq!(wgsl_struct(Shader::MatmulScalar, "Params"), mm);
     assert_eq!(wgsl_struct(Shader::MatmulCoop, "Params"), mm);
+    use atelier::kernels::norm::NormParams;
+    let nm = rust_layout!(NormParams { rows, c, groups, block, nblocks, batch, silu, eps });
+    assert_eq!(wgsl_struct(Shader::Norm, "Params"), nm);
     let ew = rust_layout!(ElementwiseParams { numel, b_len, op, cols, alpha, beta, ld_src, ld_dst });
     assert_eq!(wgsl_struct(Shader::Elementwise, "Params"), ew);
 }

@@ -28,11 +28,34 @@ pub struct MatmulParams {
     pub off_b: u32,
     pub off_c: u32,
     pub off_bias: u32,
+    pub ih: u32,
+    pub iw: u32,
+    pub cin: u32,
+    pub ks: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub oh: u32,
+    pub ow: u32,
 }
 
 const FLAG_BIAS: u32 = 1;
 const FLAG_ACCUMULATE: u32 = 2;
 const FLAG_VEC: u32 = 4;
+const FLAG_CONV_VEC: u32 = 8;
+
+/// The geometry of a convolution run as an implicit GEMM (see `kernels::conv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub images: usize,
+    pub ih: usize,
+    pub iw: usize,
+    pub cin: usize,
+    pub ks: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
 
 /// Tile configuration of the cooperative-matrix kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,11 +157,12 @@ impl CoopTile {
     }
 
     /// The pipeline key of this tile for the given layout and output type.
-    pub fn key(&self, trans_a: bool, trans_b: bool, out_f32: bool) -> PipelineKey {
+    pub fn key(&self, trans_a: bool, trans_b: bool, out_f32: bool, conv: bool) -> PipelineKey {
         PipelineKey::new(Shader::MatmulCoop, "main")
             .with("TRANS_A", trans_a as i64)
             .with("TRANS_B", trans_b as i64)
             .with("OUT_F32", out_f32 as i64)
+            .with("CONV", conv as i64)
             .with("BM", self.bm as i64)
             .with("BN", self.bn as i64)
             .with("WARPS", self.warps as i64)
@@ -172,6 +196,9 @@ pub struct Matmul {
     pub path: Option<KernelPath>,
     /// Force a cooperative-matrix tile (default: chosen by size).
     pub tile: Option<CoopTile>,
+    /// A is the implicit im2col matrix of an NHWC image batch (then not trans_a, trans_b,
+    /// batch 1).
+    pub conv: Option<ConvGeom>,
 }
 
 impl Matmul {
@@ -189,6 +216,7 @@ impl Matmul {
             stride_b: k * n,
             path: None,
             tile: None,
+            conv: None,
         }
     }
 
@@ -229,6 +257,10 @@ impl Matmul {
         );
         let vec_ok = lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0;
         let mut flags = if vec_ok { FLAG_VEC } else { 0 };
+        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0 });
+        if self.conv.is_some() && g.cin % 8 == 0 {
+            flags |= FLAG_CONV_VEC;
+        }
         if bias.is_some() {
             flags |= FLAG_BIAS;
         }
@@ -248,6 +280,14 @@ impl Matmul {
             stride_b: self.stride_b as u32,
             stride_c: (self.m * ldc) as u32,
             alpha: self.alpha,
+            ih: g.ih as u32,
+            iw: g.iw as u32,
+            cin: g.cin as u32,
+            ks: g.ks as u32,
+            stride: g.stride as u32,
+            pad: g.pad as u32,
+            oh: g.oh as u32,
+            ow: g.ow as u32,
             ..Default::default()
         };
         let out_f32 = c.dtype == DType::F32;
@@ -256,13 +296,10 @@ impl Matmul {
                 if !tile.valid() {
                     return Err(Error::Usage(format!("matmul: unsupported cooperative-matrix tile {tile:?}")));
                 }
-                (tile.key(self.trans_a, self.trans_b, out_f32), tile.bm, tile.bn)
+                (tile.key(self.trans_a, self.trans_b, out_f32, self.conv.is_some()), tile.bm, tile.bn)
             }
             KernelPath::Scalar => (
-                PipelineKey::new(Shader::MatmulScalar, "main")
-                    .with("TRANS_A", self.trans_a as i64)
-                    .with("TRANS_B", self.trans_b as i64)
-                    .with("OUT_F32", out_f32 as i64),
+                scalar_key(self.trans_a, self.trans_b, out_f32, self.conv.is_some()),
                 128,
                 128,
             ),
@@ -280,7 +317,15 @@ impl Matmul {
         if self.m == 0 || self.n == 0 || self.k == 0 || self.batch == 0 {
             return Err(Error::shape(op, format!("empty product {}x{}x{} batch {}", self.m, self.n, self.k, self.batch)));
         }
-        let need_a = (self.batch - 1) * self.stride_a + self.m * self.k;
+        let need_a = match self.conv {
+            Some(g) => {
+                if self.trans_a || !self.trans_b || self.batch != 1 || g.images * g.oh * g.ow != self.m || g.ks * g.ks * g.cin != self.k {
+                    return Err(Error::shape(op, format!("convolution {g:?} does not match the product {}x{}x{}", self.m, self.n, self.k)));
+                }
+                g.images * g.ih * g.iw * g.cin
+            }
+            None => (self.batch - 1) * self.stride_a + self.m * self.k,
+        };
         let need_b = (self.batch - 1) * self.stride_b + self.k * self.n;
         if a.numel() < need_a {
             return Err(Error::shape(op, format!("A {:?} holds {} values, needs {need_a}", a.shape, a.numel())));
@@ -321,6 +366,15 @@ impl Matmul {
         rec.run(&self.prepare(gpu, a, b, bias, &tmp, ld)?)?;
         rec.run(&super::elementwise::copy2d(gpu, &tmp, c, rows, self.n, ld, self.n)?)
     }
+}
+
+/// The scalar path's pipeline key.
+pub fn scalar_key(trans_a: bool, trans_b: bool, out_f32: bool, conv: bool) -> PipelineKey {
+    PipelineKey::new(Shader::MatmulScalar, "main")
+        .with("TRANS_A", trans_a as i64)
+        .with("TRANS_B", trans_b as i64)
+        .with("OUT_F32", out_f32 as i64)
+        .with("CONV", conv as i64)
 }
 
 /// Y = X·Wᵀ + b: X [.., K] f16, W [N, K] f16, b [N] f16, Y [.., N] f16 or f32.

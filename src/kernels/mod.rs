@@ -1,6 +1,7 @@
 //! Kernel launchers, one file per shader family. Each validates its shapes, picks the
 //! pipeline variant and declares the flops and bytes of a launch for the profiler.
 
+pub mod conv;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
@@ -21,16 +22,18 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     for ta in [false, true] {
         for tb in [false, true] {
             for out_f32 in [false, true] {
-                keys.push(
-                    PipelineKey::new(Shader::MatmulScalar, "main")
-                        .with("TRANS_A", ta as i64)
-                        .with("TRANS_B", tb as i64)
-                        .with("OUT_F32", out_f32 as i64),
-                );
+                keys.push(matmul::scalar_key(ta, tb, out_f32, false));
                 for t in matmul::CoopTile::ALL {
-                    keys.push(t.key(ta, tb, out_f32));
+                    keys.push(t.key(ta, tb, out_f32, false));
                 }
             }
+        }
+    }
+    // Convolutions: A gathered from an image, the weight [cout, ks, ks, cin] (TRANS_B).
+    for out_f32 in [false, true] {
+        keys.push(matmul::scalar_key(false, true, out_f32, true));
+        for t in matmul::CoopTile::ALL {
+            keys.push(t.key(false, true, out_f32, true));
         }
     }
     for entry in ["unary", "binary", "copy2d", "convert"] {

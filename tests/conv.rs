@@ -1,0 +1,118 @@
+//! Op tests for the convolution (implicit GEMM on the matmul shaders, override CONV) against
+//! an f64 CPU reference over NHWC images, on every path the device has: 3x3 stride 1 and 2,
+//! 1x1, channel counts that are and are not multiples of 8, odd sizes, odd cout with f16
+//! output, bias, f32 output, and a real SD-1.5 shape. Outputs are NaN-poisoned first.
+
+mod common;
+
+use atelier::gpu::{DType, Recorder, Tensor};
+use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
+use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
+
+/// Inputs are exact f16 values, products are accumulated in f32 over K ≤ 2880 and the result
+/// is rounded once to f16 (~3e-4 relative, RMS): 1e-3 is that with margin, no more. A wrong
+/// tap, channel or padding rule is off by O(1).
+const BOUND: f64 = 1e-3;
+
+/// conv over x [b, h, w, cin] with PyTorch-layout weight [cout, cin, ks, ks], in f64.
+fn reference(c: &Conv2d, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+    let (oh, ow) = c.out_hw();
+    let mut y = vec![0.0; c.batch * oh * ow * c.cout];
+    for b in 0..c.batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..c.cout {
+                    let mut acc = bias.map_or(0.0, |v| v[o] as f64);
+                    for ky in 0..c.ks {
+                        for kx in 0..c.ks {
+                            let iy = (oy * c.stride + ky) as isize - c.pad as isize;
+                            let ix = (ox * c.stride + kx) as isize - c.pad as isize;
+                            if iy < 0 || ix < 0 || iy >= c.h as isize || ix >= c.w as isize {
+                                continue;
+                            }
+                            let xb = ((b * c.h + iy as usize) * c.w + ix as usize) * c.cin;
+                            for i in 0..c.cin {
+                                acc += x[xb + i] as f64 * w[((o * c.cin + i) * c.ks + ky) * c.ks + kx] as f64;
+                            }
+                        }
+                    }
+                    y[((b * oh + oy) * ow + ox) * c.cout + o] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn run(c: Conv2d, with_bias: bool, out: DType) {
+    let g = gpu();
+    for path in paths() {
+        let what = format!("conv {c:?} bias {with_bias} out {out} on {path}");
+        let s = seed(&what);
+        let x = round_f16(&random(c.batch * c.h * c.w * c.cin, s));
+        let w = round_f16(&random(c.cout * c.cin * c.ks * c.ks, s ^ 1));
+        let bias = round_f16(&random(c.cout, s ^ 2));
+        let (oh, ow) = c.out_hw();
+        let tx = Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cin], DType::F16, &x, "x").unwrap();
+        let wn = conv_weight_to_nhwc(&w, c.cout, c.cin, c.ks, c.ks);
+        let tw = Tensor::from_f32(g, &[c.cout, c.ks, c.ks, c.cin], DType::F16, &wn, "w").unwrap();
+        let tb = Tensor::from_f32(g, &[c.cout], DType::F16, &bias, "bias").unwrap();
+        let ty = Tensor::empty(g, &[c.batch, oh, ow, c.cout], out, "y").unwrap();
+        ty.fill_words(g, POISON);
+        let mut conv = c;
+        conv.path = Some(path);
+        let mut rec = Recorder::new(g);
+        conv.run(g, &mut rec, &tx, &tw, with_bias.then_some(&tb), &ty).unwrap();
+        rec.finish().unwrap();
+        let r = reference(&c, &x, &w, with_bias.then_some(&bias[..]));
+        let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
+        assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+    }
+}
+
+#[test]
+fn conv3x3_stride1() {
+    run(Conv2d::new(1, 5, 7, 8, 16, 3, 1, 1), true, DType::F16);
+    run(Conv2d::new(2, 9, 6, 16, 24, 3, 1, 1), false, DType::F16);
+    run(Conv2d::new(1, 4, 4, 32, 40, 3, 1, 1), true, DType::F32);
+}
+
+#[test]
+fn conv3x3_stride2_downsample() {
+    run(Conv2d::new(1, 9, 8, 32, 32, 3, 2, 1), true, DType::F16); // odd height
+    run(Conv2d::new(2, 16, 16, 64, 64, 3, 2, 1), true, DType::F16);
+}
+
+#[test]
+fn conv1x1() {
+    run(Conv2d::new(1, 6, 6, 40, 20, 1, 1, 0), true, DType::F16);
+    run(Conv2d::new(2, 3, 5, 8, 8, 1, 1, 0), false, DType::F16);
+}
+
+#[test]
+fn channels_not_multiple_of_8_and_odd_cout() {
+    run(Conv2d::new(1, 8, 8, 4, 32, 3, 1, 1), true, DType::F16); // UNet conv_in (4 latent channels)
+    run(Conv2d::new(1, 8, 8, 3, 16, 3, 1, 1), true, DType::F16); // VAE encoder conv_in (RGB)
+    run(Conv2d::new(1, 8, 8, 32, 3, 3, 1, 1), true, DType::F16); // VAE decoder conv_out: odd cout
+    run(Conv2d::new(1, 5, 5, 4, 4, 1, 1, 0), true, DType::F16); // post_quant_conv
+}
+
+#[test]
+fn sd_shape_64x64x320() {
+    run(Conv2d::new(1, 64, 64, 320, 320, 3, 1, 1), true, DType::F16);
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let g = gpu();
+    let x = Tensor::empty(g, &[1, 4, 4, 8], DType::F16, "x").unwrap();
+    let w = Tensor::empty(g, &[8, 3, 3, 8], DType::F16, "w").unwrap();
+    let y = Tensor::empty(g, &[1, 4, 4, 8], DType::F16, "y").unwrap();
+    let mut rec = Recorder::new(g);
+    // Wrong cin in the weight, wrong output size, a kernel larger than the padded image.
+    let wrong_w = Tensor::empty(g, &[8, 3, 3, 4], DType::F16, "w").unwrap();
+    assert!(Conv2d::new(1, 4, 4, 8, 8, 3, 1, 1).run(g, &mut rec, &x, &wrong_w, None, &y).is_err());
+    assert!(Conv2d::new(1, 4, 4, 8, 8, 3, 2, 1).run(g, &mut rec, &x, &w, None, &y).is_err());
+    assert!(Conv2d::new(1, 2, 2, 8, 8, 5, 1, 0).matmul().is_err());
+    assert!(Conv2d::new(1, 4, 4, 8, 8, 3, 0, 1).matmul().is_err());
+}
