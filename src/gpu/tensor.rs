@@ -93,6 +93,29 @@ impl Tensor {
         Ok(t)
     }
 
+    /// Uploads f16 values given as their IEEE half bit patterns (as read from a weight file),
+    /// into a new f16 tensor, without converting or copying the whole slice again.
+    pub fn from_f16_bits(gpu: &Gpu, shape: &[usize], bits: &[u16], what: &str) -> Result<Tensor> {
+        let t = Tensor::empty(gpu, shape, DType::F16, what)?;
+        if bits.len() != t.numel() {
+            return Err(Error::shape(
+                format!("upload of {what}"),
+                format!("shape {shape:?} holds {} values, got {}", t.numel(), bits.len()),
+            ));
+        }
+        // Queue writes must be whole 4-byte words: the even-length body goes as it is, an odd
+        // last value is padded with a zero half (the buffer is padded to 16 bytes).
+        let even = bits.len() & !1;
+        if even > 0 {
+            gpu.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(&bits[..even]));
+        }
+        if even < bits.len() {
+            let tail = [bits[even], 0u16];
+            gpu.queue.write_buffer(&t.buffer, t.offset + even as u64 * 2, bytemuck::cast_slice(&tail));
+        }
+        Ok(t)
+    }
+
     /// Overwrites the tensor with f32 values, converted to its dtype.
     pub fn write_f32(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
         if data.len() != self.numel() {

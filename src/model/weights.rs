@@ -1,1 +1,904 @@
-//! Weight files: safetensors, both layouts.
+//! Weight files: safetensors in either SD-1.5 layout, read memory-mapped and streamed to the
+//! GPU as f16 one tensor at a time, behind one shape-checked API.
+//!
+//! **Names.** Every tensor is named `<component>.<diffusers key>`, with the component one of
+//! `unet`, `vae`, `text_encoder` (the diffusers folder names), e.g.
+//! `unet.down_blocks.0.resnets.0.conv1.weight`, `vae.decoder.up_blocks.0.upsamplers.0.conv.weight`,
+//! `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight`.
+//!
+//! **Layouts.** [`Weights::open`] takes either
+//! 1. a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, ...), reading
+//!    `unet/diffusion_pytorch_model.safetensors`, `vae/diffusion_pytorch_model.safetensors` and
+//!    `text_encoder/model.safetensors`, or their `.fp16` variants, or sharded files
+//!    (`*.safetensors.index.json`). The plain file is preferred when both exist, as diffusers
+//!    does without `variant="fp16"`; [`LoadOptions::prefer_fp16`] picks the fp16 variant
+//!    (half the bytes to read; the same values once rounded to f16). Old folders' VAE
+//!    attention names (`query`, `key`, `value`, `proj_attn`) are renamed as diffusers does.
+//! 2. a single-file original (LDM) checkpoint, `*.safetensors`, whose keys go through the
+//!    converter in [`crate::model::convert`]; EMA copies and other unused keys are ignored.
+//!
+//! PyTorch pickles (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: unpickling can run code. The
+//! message gives a one-line conversion. SD-2.x and SDXL checkpoints are recognised and refused.
+//!
+//! **Loading.** [`Weights::get`] (or [`Prefix::get`] under a name prefix) checks the shape
+//! against what the model expects, converts F32, F16 or BF16 to f16 and uploads it; only the
+//! tensor at hand is ever held in RAM. A name that is not in the files does not stop the
+//! load: it is recorded, a NaN-filled placeholder of the expected shape is returned, and
+//! [`Weights::finish`] — which every loader must call before using the tensors — fails with
+//! the full list of missing names; on success it reports the unused names. A wrong shape or
+//! an unreadable tensor is an error at once, naming the file, the key and the shapes.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::model::convert::{self, KeyMap, LdmLayout, TEXT_ENCODER, UNET, VAE};
+
+/// Options for [`Weights::open_with`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// In a diffusers folder, read the `.fp16` variant files when both exist.
+    pub prefer_fp16: bool,
+    /// Block structure used to convert single-file (LDM) key names.
+    pub layout: LdmLayout,
+}
+
+/// Which layout the weights came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A diffusers folder.
+    Diffusers,
+    /// A single-file original (LDM) checkpoint.
+    SingleFile,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Diffusers => "diffusers folder",
+            Format::SingleFile => "single-file checkpoint",
+        })
+    }
+}
+
+/// The components, with their diffusers folder, weight file stem and LDM key prefix.
+const COMPONENTS: [(&str, &str, &str, &str); 3] = [
+    (UNET, "diffusion_pytorch_model", convert::LDM_UNET, "UNet"),
+    (VAE, "diffusion_pytorch_model", convert::LDM_VAE, "VAE"),
+    (TEXT_ENCODER, "model", convert::LDM_CLIP, "CLIP text encoder"),
+];
+
+/// The safetensors crate's limit on header size.
+const MAX_HEADER: u64 = 100_000_000;
+/// Queued uploads are flushed to the GPU (and their staging memory freed) every this many bytes.
+const FLUSH_BYTES: u64 = 256 << 20;
+
+/// An open weight file.
+struct SourceFile {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// One tensor of a file under its atelier name.
+struct Entry {
+    file: usize,
+    /// The key in the file.
+    key: String,
+    dtype: Dtype,
+    /// Shape as stored in the file.
+    file_shape: Vec<usize>,
+    /// Shape as atelier sees it (differs only for squeezed 1x1-conv weights).
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+#[derive(Default)]
+struct State {
+    used: HashSet<String>,
+    missing: Vec<String>,
+    bytes: u64,
+    since_flush: u64,
+}
+
+/// The weights of one SD-1.5 model, memory-mapped; see the module docs.
+pub struct Weights {
+    path: PathBuf,
+    format: Format,
+    files: Vec<SourceFile>,
+    entries: BTreeMap<String, Entry>,
+    /// Tensors in the files that have no atelier name (EMA copies, schedule buffers, ...).
+    ignored: usize,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Weights")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("tensors", &self.entries.len())
+            .field("ignored", &self.ignored)
+            .finish()
+    }
+}
+
+/// What [`Weights::finish`] found.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    /// Distinct tensors loaded.
+    pub loaded: usize,
+    /// Bytes uploaded to the GPU.
+    pub bytes: u64,
+    /// Names in the files that were never asked for.
+    pub unused: Vec<String>,
+    /// Tensors in the files with no atelier name (EMA copies and the like).
+    pub ignored: usize,
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "loaded {} tensors ({:.1} MiB on the GPU)", self.loaded, self.bytes as f64 / 1048576.0)?;
+        if !self.unused.is_empty() {
+            let shown: Vec<&str> = self.unused.iter().take(5).map(String::as_str).collect();
+            let more = if self.unused.len() > 5 { ", ..." } else { "" };
+            write!(f, "; {} unused: {}{more}", self.unused.len(), shown.join(", "))?;
+        }
+        if self.ignored > 0 {
+            write!(f, "; {} keys of the file ignored (EMA copies and the like)", self.ignored)?;
+        }
+        Ok(())
+    }
+}
+
+impl Weights {
+    /// Opens a diffusers folder or a single `.safetensors` checkpoint with default options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Weights> {
+        Weights::open_with(path, &LoadOptions::default())
+    }
+
+    /// Opens a diffusers folder or a single `.safetensors` checkpoint.
+    pub fn open_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Weights> {
+        let mut path = path.as_ref();
+        // A diffusers folder named by its model_index.json.
+        if path.file_name().is_some_and(|n| n == "model_index.json") && path.is_file() {
+            path = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        }
+        let meta = std::fs::metadata(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::model(
+                    path,
+                    "no such file or folder; pass an SD-1.5 diffusers folder (holding model_index.json) \
+                     or a single .safetensors checkpoint",
+                )
+            } else {
+                Error::Io { path: path.to_path_buf(), source: e }
+            }
+        })?;
+        let w = if meta.is_dir() { open_diffusers(path, opts)? } else { open_single(path, opts)? };
+        check_family(&w)?;
+        Ok(w)
+    }
+
+    /// The folder or file the weights were opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The layout the weights came in.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The files read.
+    pub fn files(&self) -> Vec<&Path> {
+        self.files.iter().map(|f| f.path.as_path()).collect()
+    }
+
+    /// Number of named tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if no tensor has an atelier name.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// All atelier names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// True if the files hold a tensor of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// True if the files hold any tensor of a component (`unet`, `vae`, `text_encoder`).
+    pub fn has_component(&self, component: &str) -> bool {
+        let p = format!("{component}.");
+        self.entries.range(p.clone()..).next().is_some_and(|(k, _)| k.starts_with(&p))
+    }
+
+    /// The shape of a tensor as atelier sees it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The file and the key in it that a name comes from.
+    pub fn source(&self, name: &str) -> Option<(&Path, &str)> {
+        self.entries.get(name).map(|e| (self.files[e.file].path.as_path(), e.key.as_str()))
+    }
+
+    /// Tensors in the files that have no atelier name (EMA copies and the like).
+    pub fn ignored(&self) -> usize {
+        self.ignored
+    }
+
+    /// A name prefix builder: `weights.prefix(gpu, "unet.down_blocks.0").get("resnets.0.conv1.weight", ..)`.
+    pub fn prefix<'a>(&'a self, gpu: &'a Gpu, prefix: &str) -> Prefix<'a> {
+        Prefix { weights: self, gpu, prefix: prefix.trim_end_matches('.').to_string() }
+    }
+
+    /// Uploads a tensor as f16, checking its shape. A missing name is recorded for
+    /// [`Weights::finish`] and gives a NaN-filled placeholder of the expected shape.
+    pub fn get(&self, gpu: &Gpu, name: &str, expected: &[usize]) -> Result<Tensor> {
+        self.get_as(gpu, name, expected, DType::F16)
+    }
+
+    /// As [`Weights::get`], uploading as f16 or f32.
+    pub fn get_as(&self, gpu: &Gpu, name: &str, expected: &[usize], dtype: DType) -> Result<Tensor> {
+        let Some(e) = self.lookup(name, expected)? else {
+            let t = Tensor::empty(gpu, expected, dtype, name)?;
+            t.fill_words(gpu, 0xFFFF_FFFF);
+            return Ok(t);
+        };
+        let data = &self.files[e.file].mmap[e.start..e.end];
+        let t = match dtype {
+            DType::F16 => {
+                let bits = self.f16_bits(e, data)?;
+                Tensor::from_f16_bits(gpu, &e.shape, &bits, name)?
+            }
+            DType::F32 => Tensor::from_f32(gpu, &e.shape, DType::F32, &self.f32_values(e, data)?, name)?,
+        };
+        self.uploaded(gpu, t.bytes())?;
+        Ok(t)
+    }
+
+    /// Reads a tensor to the CPU as f32 with the file's values (not rounded to f16), checking
+    /// its shape. A missing name is recorded for [`Weights::finish`] and gives NaNs.
+    pub fn get_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        match self.lookup(name, expected)? {
+            Some(e) => self.f32_values(e, &self.files[e.file].mmap[e.start..e.end]),
+            None => {
+                let n = expected.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
+                    Error::shape(format!("reading {name}"), format!("shape {expected:?} overflows"))
+                })?;
+                Ok(vec![f32::NAN; n])
+            }
+        }
+    }
+
+    /// Names asked for so far that the files do not hold.
+    pub fn missing(&self) -> Vec<String> {
+        self.state().missing.clone()
+    }
+
+    /// Ends a load: an error listing every missing name if any was asked for, else a report
+    /// with the names never asked for.
+    pub fn finish(&self) -> Result<LoadReport> {
+        let st = self.state();
+        if !st.missing.is_empty() {
+            return Err(Error::model(&self.path, self.missing_message(&st.missing)));
+        }
+        Ok(LoadReport {
+            loaded: st.used.len(),
+            bytes: st.bytes,
+            unused: self.entries.keys().filter(|k| !st.used.contains(*k)).cloned().collect(),
+            ignored: self.ignored,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry for a name after the shape and dtype checks; `None` (recorded) if missing.
+    fn lookup(&self, name: &str, expected: &[usize]) -> Result<Option<&Entry>> {
+        let Some(e) = self.entries.get(name) else {
+            let mut st = self.state();
+            if !st.missing.iter().any(|m| m == name) {
+                st.missing.push(name.to_string());
+            }
+            return Ok(None);
+        };
+        let file = &self.files[e.file].path;
+        if e.shape != expected {
+            let stored = if e.file_shape != e.shape { format!(" (stored as {:?})", e.file_shape) } else { String::new() };
+            return Err(Error::model(
+                file,
+                format!(
+                    "tensor {:?}{} has shape {:?}{stored}, but the SD-1.5 model needs {expected:?}; the file is \
+                     not an SD-1.5 model (or was made for another configuration): use an SD-1.5 checkpoint \
+                     or a model fine-tuned from one",
+                    e.key,
+                    if e.key != name { format!(" (loaded as {name})") } else { String::new() },
+                    e.shape
+                ),
+            ));
+        }
+        if !matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(Error::model(
+                file,
+                format!(
+                    "tensor {:?} is stored as {:?}; atelier reads F32, F16 and BF16 weights only (quantized or \
+                     integer weights are not supported): use an fp32, fp16 or bf16 safetensors file",
+                    e.key, e.dtype
+                ),
+            ));
+        }
+        self.state().used.insert(name.to_string());
+        Ok(Some(e))
+    }
+
+    fn overflow(&self, e: &Entry, index: usize, value: f32) -> Error {
+        Error::model(
+            &self.files[e.file].path,
+            format!(
+                "tensor {:?} holds {value} at index {index}, outside the f16 range (±65504) atelier stores \
+                 weights in; the file is damaged or is not an SD-1.5 model",
+                e.key
+            ),
+        )
+    }
+
+    /// The tensor as f16 bit patterns (borrowed straight from the file when it is f16).
+    fn f16_bits<'d>(&self, e: &Entry, data: &'d [u8]) -> Result<Cow<'d, [u16]>> {
+        let checked = |x: f32, i: usize| {
+            let h = f16::from_f32(x);
+            if h.is_infinite() && x.is_finite() { Err(self.overflow(e, i, x)) } else { Ok(h.to_bits()) }
+        };
+        Ok(match e.dtype {
+            Dtype::F16 => match bytemuck::try_cast_slice::<u8, u16>(data) {
+                Ok(s) if cfg!(target_endian = "little") => Cow::Borrowed(s),
+                _ => Cow::Owned(data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()),
+            },
+            Dtype::F32 => Cow::Owned(
+                data.chunks_exact(4)
+                    .enumerate()
+                    .map(|(i, c)| checked(f32::from_le_bytes([c[0], c[1], c[2], c[3]]), i))
+                    .collect::<Result<_>>()?,
+            ),
+            _ => Cow::Owned(
+                data.chunks_exact(2)
+                    .enumerate()
+                    .map(|(i, c)| checked(bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(), i))
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+
+    /// The tensor's values as f32, exactly as stored.
+    fn f32_values(&self, e: &Entry, data: &[u8]) -> Result<Vec<f32>> {
+        Ok(match e.dtype {
+            Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+            other => return Err(Error::model(&self.files[e.file].path, format!("tensor {:?} is {other:?}", e.key))),
+        })
+    }
+
+    /// Counts an upload; every [`FLUSH_BYTES`] submits the queued writes and waits, so the
+    /// staging copies of a whole model never pile up in RAM.
+    fn uploaded(&self, gpu: &Gpu, bytes: u64) -> Result<()> {
+        let flush = {
+            let mut st = self.state();
+            st.bytes += bytes;
+            st.since_flush += bytes;
+            let f = st.since_flush >= FLUSH_BYTES;
+            if f {
+                st.since_flush = 0;
+            }
+            f
+        };
+        if flush {
+            gpu.queue.submit([]);
+            gpu.wait()?;
+        }
+        Ok(())
+    }
+
+    fn missing_message(&self, missing: &[String]) -> String {
+        let mut sorted = missing.to_vec();
+        sorted.sort();
+        let mut s = format!(
+            "{} weight tensor{} the SD-1.5 model needs {} not in the {}:\n",
+            sorted.len(),
+            if sorted.len() == 1 { "" } else { "s" },
+            if sorted.len() == 1 { "is" } else { "are" },
+            self.format
+        );
+        for m in &sorted {
+            s += &format!("  {m}\n");
+        }
+        for (comp, stem, ldm, what) in COMPONENTS {
+            let p = format!("{comp}.");
+            if !sorted.iter().any(|m| m.starts_with(&p)) || self.has_component(comp) {
+                continue;
+            }
+            s += &match self.format {
+                Format::Diffusers => {
+                    format!("The folder has no {what} weights ({comp}/{stem}.safetensors).\n")
+                }
+                Format::SingleFile => format!(
+                    "The file has no {what} weights at all (keys {ldm}*); it may hold only part of a model.\n"
+                ),
+            };
+        }
+        s += "Use a complete SD-1.5 checkpoint (a diffusers folder or a single .safetensors file) or a model \
+              fine-tuned from SD-1.5.";
+        s
+    }
+}
+
+/// Names under a prefix, with the GPU to upload to: the loaders' view of [`Weights`].
+#[derive(Clone)]
+pub struct Prefix<'a> {
+    weights: &'a Weights,
+    gpu: &'a Gpu,
+    prefix: String,
+}
+
+impl<'a> Prefix<'a> {
+    /// A longer prefix: `w.at("resnets").at(0)` is `<prefix>.resnets.0`.
+    pub fn at(&self, sub: impl fmt::Display) -> Prefix<'a> {
+        Prefix { weights: self.weights, gpu: self.gpu, prefix: self.name(&sub.to_string()) }
+    }
+
+    /// The full name of a key under this prefix.
+    pub fn name(&self, key: &str) -> String {
+        let key = key.trim_matches('.');
+        match (self.prefix.is_empty(), key.is_empty()) {
+            (true, _) => key.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}.{key}", self.prefix),
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// [`Weights::get`] of `<prefix>.<key>`.
+    pub fn get(&self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        self.weights.get(self.gpu, &self.name(key), expected)
+    }
+
+    /// [`Weights::get_as`] of `<prefix>.<key>`.
+    pub fn get_as(&self, key: &str, expected: &[usize], dtype: DType) -> Result<Tensor> {
+        self.weights.get_as(self.gpu, &self.name(key), expected, dtype)
+    }
+
+    /// [`Weights::get_f32`] of `<prefix>.<key>`.
+    pub fn get_f32(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        self.weights.get_f32(&self.name(key), expected)
+    }
+
+    /// True if the files hold `<prefix>.<key>`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.weights.contains(&self.name(key))
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &'a Weights {
+        self.weights
+    }
+
+    /// The GPU tensors are uploaded to.
+    pub fn gpu(&self) -> &'a Gpu {
+        self.gpu
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading safetensors files
+
+/// A tensor as listed in a file's header, with its absolute byte range.
+struct RawTensor {
+    key: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+fn is_pickle_name(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    matches!(ext.as_deref(), Some("ckpt" | "pt" | "pth" | "bin" | "pkl" | "pickle"))
+}
+
+/// The refusal for a PyTorch pickle, with the one-line conversion.
+fn pickle_error(path: &Path, why: &str) -> Error {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.ckpt".into());
+    let out = if name == "pytorch_model.bin" {
+        "model.safetensors".to_string()
+    } else {
+        Path::new(&name).with_extension("safetensors").to_string_lossy().into_owned()
+    };
+    Error::model(
+        path,
+        format!(
+            "{why}: atelier does not load pickles, because unpickling a file can run arbitrary code. \
+             Convert it to safetensors once, with PyTorch and safetensors installed, in its folder: \
+             python -c \"import torch, safetensors.torch as st; sd = torch.load('{name}', map_location='cpu', \
+             weights_only=True); sd = sd.get('state_dict', sd); st.save_file({{k: v.contiguous().clone() for k, v \
+             in sd.items() if torch.is_tensor(v)}}, '{out}')\" (weights_only=True refuses code in the pickle; \
+             for a whole diffusers pipeline, from_pretrained(...).save_pretrained(..., safe_serialization=True) \
+             does the same), then pass the .safetensors file"
+        ),
+    )
+}
+
+fn read_safetensors(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
+    if is_pickle_name(path) {
+        return Err(pickle_error(path, "this is a PyTorch pickle checkpoint"));
+    }
+    let io = |e: std::io::Error| Error::Io { path: path.to_path_buf(), source: e };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    if len == 0 {
+        return Err(Error::model(path, "the file is empty (0 bytes): an interrupted download or copy? Get it again"));
+    }
+    // SAFETY: the map is read-only; as with every memory-mapped reader, the file must not be
+    // changed by another program while atelier runs.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+    let b: &[u8] = &mmap;
+    let not_st = |why: String| {
+        Error::model(
+            path,
+            format!(
+                "not a safetensors file ({why}); pass an SD-1.5 .safetensors checkpoint or a diffusers folder; \
+                 if the file was downloaded, check that the download is complete"
+            ),
+        )
+    };
+    if b.starts_with(b"PK\x03\x04") || (b.len() > 1 && b[0] == 0x80 && (2..=5).contains(&b[1])) {
+        return Err(pickle_error(path, "this is a PyTorch pickle checkpoint (saved by torch.save), not safetensors"));
+    }
+    if b.len() < 9 {
+        return Err(not_st(format!("only {} bytes long, shorter than a safetensors header", b.len())));
+    }
+    let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    if b[8] != b'{' {
+        return Err(not_st("it does not start with an 8-byte header length and a JSON header".into()));
+    }
+    if n > MAX_HEADER {
+        return Err(not_st(format!("its header length, {n} bytes, is beyond the 100 MB safetensors allows")));
+    }
+    if 8 + n > len {
+        return Err(Error::model(
+            path,
+            format!(
+                "the file is truncated: it ends inside its {n}-byte header ({} bytes of it present); \
+                 an interrupted download or copy? Get the file again",
+                len - 8
+            ),
+        ));
+    }
+    let data_start = 8 + n as usize;
+    let meta: Metadata = serde_json::from_slice(&b[8..data_start])
+        .map_err(|e| not_st(format!("its JSON header is invalid: {e}")))?;
+    let have = b.len() - data_start;
+    let want = meta.data_len();
+    if want > have {
+        return Err(Error::model(
+            path,
+            format!(
+                "the file is truncated: its header describes {want} bytes of tensor data but only {have} are there \
+                 ({} missing); an interrupted download or copy? Get the file again",
+                want - have
+            ),
+        ));
+    }
+    if want < have {
+        return Err(not_st(format!(
+            "{} bytes follow the last tensor the header describes; the file is damaged",
+            have - want
+        )));
+    }
+    let mut tensors: Vec<RawTensor> = meta
+        .tensors()
+        .into_iter()
+        .map(|(key, info)| RawTensor {
+            key,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: data_start + info.data_offsets.0,
+            end: data_start + info.data_offsets.1,
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok((mmap, tensors))
+}
+
+// ---------------------------------------------------------------------------------------
+// The two layouts
+
+/// Adds a tensor under its atelier name; two tensors with one name is an error.
+fn insert(entries: &mut BTreeMap<String, Entry>, files: &[SourceFile], name: String, entry: Entry) -> Result<()> {
+    if let Some(old) = entries.get(&name) {
+        return Err(Error::model(
+            &files[entry.file].path,
+            format!(
+                "two tensors give the weight {name}: {:?} in {} and {:?}; the checkpoint mixes two layouts \
+                 (or old and new names): re-save it with one of them",
+                old.key,
+                files[old.file].path.display(),
+                entry.key
+            ),
+        ));
+    }
+    entries.insert(name, entry);
+    Ok(())
+}
+
+fn entry_of(file: usize, t: RawTensor, squeeze: bool) -> Entry {
+    let shape = if squeeze && t.shape.len() > 2 && t.shape[2..].iter().all(|&d| d == 1) {
+        t.shape[..2].to_vec()
+    } else {
+        t.shape.clone()
+    };
+    Entry { file, key: t.key, dtype: t.dtype, file_shape: t.shape, shape, start: t.start, end: t.end }
+}
+
+fn open_single(path: &Path, opts: &LoadOptions) -> Result<Weights> {
+    let (mmap, tensors) = read_safetensors(path)?;
+    // Families atelier does not run, recognised by their key prefixes.
+    for (prefix, what) in [
+        ("conditioner.embedders.", "this is an SDXL checkpoint (keys conditioner.embedders.*: two text encoders)"),
+        (
+            "cond_stage_model.model.",
+            "this is a Stable Diffusion 2.x checkpoint (keys cond_stage_model.model.*: an OpenCLIP ViT-H text encoder)",
+        ),
+        (
+            "model.diffusion_model.label_emb.",
+            "this is an SDXL-style checkpoint (keys model.diffusion_model.label_emb.*: a UNet with an added \
+             class/size embedding)",
+        ),
+    ] {
+        if tensors.iter().any(|t| t.key.starts_with(prefix)) {
+            return Err(unsupported(path, what));
+        }
+    }
+    let map = KeyMap::new(&opts.layout);
+    let files = vec![SourceFile { path: path.to_path_buf(), mmap }];
+    let mut entries = BTreeMap::new();
+    let mut ignored = 0;
+    let sample: Vec<String> = tensors.iter().take(3).map(|t| t.key.clone()).collect();
+    let mut diffusers_like = false;
+    let mut lora_like = false;
+    for t in tensors {
+        match map.convert(&t.key) {
+            Some(c) => insert(&mut entries, &files, c.name, entry_of(0, t, c.squeeze))?,
+            None => {
+                let k = &t.key;
+                diffusers_like |= ["down_blocks.", "conv_in.", "encoder.down_blocks.", "text_model."]
+                    .iter()
+                    .any(|p| k.starts_with(p));
+                lora_like |= k.contains("lora_") || k.contains("lora.");
+                ignored += 1;
+            }
+        }
+    }
+    if entries.is_empty() {
+        let why = if lora_like {
+            "this is a LoRA (keys lora_*), not a base model: pass an SD-1.5 checkpoint as the model and the LoRA \
+             where LoRAs go"
+                .to_string()
+        } else if diffusers_like {
+            "this looks like one component of a diffusers folder (diffusers key names): pass the folder that holds \
+             model_index.json, unet/, vae/ and text_encoder/"
+                .to_string()
+        } else {
+            format!(
+                "no SD-1.5 weights in it: an SD-1.5 single-file checkpoint has keys under {}, {} and {} (this file \
+                 has e.g. {}); pass an SD-1.5 checkpoint or a diffusers folder",
+                convert::LDM_UNET,
+                convert::LDM_VAE,
+                convert::LDM_CLIP,
+                if sample.is_empty() { "no tensors at all".to_string() } else { sample.join(", ") }
+            )
+        };
+        return Err(Error::model(path, why));
+    }
+    Ok(Weights {
+        path: path.to_path_buf(),
+        format: Format::SingleFile,
+        files,
+        entries,
+        ignored,
+        state: Mutex::new(State::default()),
+    })
+}
+
+/// The weight files of one component folder, in order of preference.
+fn candidates(stem: &str, prefer_fp16: bool) -> [String; 4] {
+    let plain = [format!("{stem}.safetensors"), format!("{stem}.safetensors.index.json")];
+    let fp16 = [format!("{stem}.fp16.safetensors"), format!("{stem}.safetensors.index.fp16.json")];
+    let [a, b] = if prefer_fp16 { [fp16.clone(), plain.clone()] } else { [plain, fp16] };
+    let [a0, a1] = a;
+    let [b0, b1] = b;
+    [a0, a1, b0, b1]
+}
+
+/// The shard file names an `*.safetensors.index.json` lists.
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read(index).map_err(|e| Error::Io { path: index.to_path_buf(), source: e })?;
+    let bad = |why: &str| {
+        Error::model(index, format!("not a valid sharded-weights index ({why}); get the model folder again"))
+    };
+    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object"))?;
+    let mut names: Vec<String> = Vec::new();
+    for f in map.values() {
+        let f = f.as_str().ok_or_else(|| bad("a weight_map value is not a file name"))?;
+        let plain = Path::new(f).file_name().is_some_and(|n| n == f) && f != ".." && f != ".";
+        if !plain {
+            return Err(bad(&format!("shard {f:?} is not a plain file name in the same folder")));
+        }
+        if !names.iter().any(|n| n == f) {
+            names.push(f.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn open_diffusers(dir: &Path, opts: &LoadOptions) -> Result<Weights> {
+    let index_path = dir.join("model_index.json");
+    let has_index = index_path.is_file();
+    if has_index {
+        let text = std::fs::read(&index_path).map_err(|e| Error::Io { path: index_path.clone(), source: e })?;
+        let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+            Error::model(&index_path, format!("not valid JSON ({e}); the model folder is damaged: get it again"))
+        })?;
+        let class = v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
+        if class.contains("XL") || v.get("text_encoder_2").is_some() {
+            return Err(unsupported(dir, &format!("this is an SDXL pipeline ({class}, two text encoders)")));
+        }
+    }
+    if dir.join("text_encoder_2").is_dir() {
+        return Err(unsupported(dir, "this is an SDXL pipeline (it has text_encoder_2/)"));
+    }
+    let mut files: Vec<SourceFile> = Vec::new();
+    let mut entries = BTreeMap::new();
+    let mut ignored = 0;
+    for (comp, stem, _, _) in COMPONENTS {
+        let cdir = dir.join(comp);
+        let Some(pick) = candidates(stem, opts.prefer_fp16).into_iter().find(|c| cdir.join(c).is_file()) else {
+            // A pickle where safetensors should be is refused by name, with the conversion.
+            let pickles = [format!("{stem}.bin"), format!("{stem}.fp16.bin"), "pytorch_model.bin".into()];
+            if let Some(p) = pickles.iter().map(|p| cdir.join(p)).find(|p| p.is_file()) {
+                return Err(pickle_error(&p, &format!("the folder's {comp} weights are only in a PyTorch pickle")));
+            }
+            continue;
+        };
+        let shards = if pick.ends_with(".json") { shard_names(&cdir.join(&pick))? } else { vec![pick] };
+        for shard in shards {
+            let path = cdir.join(&shard);
+            let (mmap, tensors) = read_safetensors(&path)?;
+            let file = files.len();
+            files.push(SourceFile { path, mmap });
+            for t in tensors {
+                if t.key.is_empty() {
+                    ignored += 1;
+                    continue;
+                }
+                let (name, squeeze) = match (comp == VAE).then(|| convert::diffusers_vae_legacy(&t.key)).flatten() {
+                    Some(c) => (format!("{comp}.{}", c.name), c.squeeze),
+                    // transformers 5 holds CLIPTextModel's weights without `text_model.` (and adds
+                    // it back when saving); a state dict saved directly lacks it.
+                    None if comp == TEXT_ENCODER
+                        && ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| t.key.starts_with(p)) =>
+                    {
+                        (format!("{comp}.text_model.{}", t.key), false)
+                    }
+                    None => (format!("{comp}.{}", t.key), false),
+                };
+                insert(&mut entries, &files, name, entry_of(file, t, squeeze))?;
+            }
+        }
+    }
+    if files.is_empty() {
+        let why = if ["diffusion_pytorch_model.safetensors", "model.safetensors"].iter().any(|f| dir.join(f).is_file())
+        {
+            "this looks like one component folder of a diffusers model: pass its parent, the folder that holds \
+             model_index.json, unet/, vae/ and text_encoder/"
+                .to_string()
+        } else {
+            format!(
+                "{}no weights found: an SD-1.5 diffusers folder holds model_index.json and \
+                 unet/diffusion_pytorch_model.safetensors, vae/diffusion_pytorch_model.safetensors and \
+                 text_encoder/model.safetensors (or their .fp16 variants); pass such a folder or a single \
+                 .safetensors checkpoint",
+                if has_index { "" } else { "not a diffusers model folder (no model_index.json) and " }
+            )
+        };
+        return Err(Error::model(dir, why));
+    }
+    Ok(Weights {
+        path: dir.to_path_buf(),
+        format: Format::Diffusers,
+        files,
+        entries,
+        ignored,
+        state: Mutex::new(State::default()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Model family checks
+
+fn unsupported(path: &Path, what: &str) -> Error {
+    Error::model(
+        path,
+        format!(
+            "{what}. atelier supports Stable Diffusion 1.5 and models fine-tuned from it (SD-1.x: CLIP ViT-L/14 \
+             text encoder, 768-wide cross-attention) only; pass an SD-1.5 checkpoint (such as \
+             v1-5-pruned-emaonly.safetensors) or an SD-1.5 diffusers folder"
+        ),
+    )
+}
+
+/// Refuses SD-2.x and SDXL by their tensor names and shapes, in either layout.
+fn check_family(w: &Weights) -> Result<()> {
+    for (name, e) in &w.entries {
+        let path = &w.files[e.file].path;
+        if name.starts_with("unet.add_embedding.") {
+            return Err(unsupported(path, "this is an SDXL UNet (it has add_embedding.*)"));
+        }
+        if name.starts_with("unet.") && name.ends_with("attn2.to_k.weight") && e.shape.len() == 2 {
+            match e.shape[1] {
+                1024 => {
+                    return Err(unsupported(
+                        path,
+                        &format!(
+                            "this is a Stable Diffusion 2.x model ({:?} has shape {:?}: 1024-wide text context)",
+                            e.key, e.shape
+                        ),
+                    ));
+                }
+                2048 | 1280 => {
+                    return Err(unsupported(
+                        path,
+                        &format!("this is an SDXL model ({:?} has shape {:?}: {}-wide text context)", e.key, e.shape, e.shape[1]),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if name == "text_encoder.text_model.embeddings.token_embedding.weight"
+            && e.shape.len() == 2
+            && matches!(e.shape[1], 1024 | 1280)
+        {
+            return Err(unsupported(
+                path,
+                &format!("this is not an SD-1.x text encoder ({:?} has shape {:?}: OpenCLIP width)", e.key, e.shape),
+            ));
+        }
+    }
+    Ok(())
+}
