@@ -90,6 +90,12 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::norm::NormParams;
     let nm = rust_layout!(NormParams { rows, c, groups, block, nblocks, batch, silu, eps });
     assert_eq!(wgsl_struct(Shader::Norm, "Params"), nm);
+    use atelier::kernels::attention::AttentionParams;
+    let at = rust_layout!(AttentionParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, off_q, off_k, off_v, off_o, scale, _pad0, _pad1, _pad2 });
+    assert_eq!(wgsl_struct(Shader::Attention, "Params"), at);
+    use atelier::kernels::tensor_ops::TensorOpsParams;
+    let to = rust_layout!(TensorOpsParams { words, c1, c2, h, w, shift, pad0, pad1 });
+    assert_eq!(wgsl_struct(Shader::TensorOps, "Params"), to);
     let ew = rust_layout!(ElementwiseParams { numel, b_len, op, cols, alpha, beta, ld_src, ld_dst });
     assert_eq!(wgsl_struct(Shader::Elementwise, "Params"), ew);
 }

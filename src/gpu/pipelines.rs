@@ -19,11 +19,20 @@ pub enum Shader {
     MatmulCoop,
     Elementwise,
     Norm,
+    Attention,
+    TensorOps,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 4] = [Shader::MatmulScalar, Shader::MatmulCoop, Shader::Elementwise, Shader::Norm];
+    pub const ALL: [Shader; 6] = [
+        Shader::MatmulScalar,
+        Shader::MatmulCoop,
+        Shader::Elementwise,
+        Shader::Norm,
+        Shader::Attention,
+        Shader::TensorOps,
+    ];
 
     /// File stem under `shaders/`.
     pub fn name(self) -> &'static str {
@@ -32,6 +41,8 @@ impl Shader {
             Shader::MatmulCoop => "matmul_coop",
             Shader::Elementwise => "elementwise",
             Shader::Norm => "norm",
+            Shader::Attention => "attention",
+            Shader::TensorOps => "tensor_ops",
         }
     }
 
@@ -66,6 +77,8 @@ impl Shader {
             Shader::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),
             Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
+            Shader::Attention => include_str!("../../shaders/attention.wgsl"),
+            Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
         }
     }
 

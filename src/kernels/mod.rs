@@ -1,10 +1,12 @@
 //! Kernel launchers, one file per shader family. Each validates its shapes, picks the
 //! pipeline variant and declares the flops and bytes of a launch for the profiler.
 
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
+pub mod tensor_ops;
 
 use crate::gpu::{PipelineKey, Shader};
 
@@ -49,6 +51,10 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     }
     for entry in ["gn_stats", "gn_final", "gn_apply", "ln"] {
         keys.push(PipelineKey::new(Shader::Norm, entry));
+    }
+    keys.push(attention::key());
+    for entry in ["upsample2x", "concat", "geglu", "timestep", "embed"] {
+        keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }
     keys
 }

@@ -1,0 +1,237 @@
+//! Op tests for shaders/attention.wgsl: softmax(q·kᵀ·scale)·v per (batch, head) against an
+//! f64 CPU reference, on fresh seeded random inputs with NaN-poisoned outputs: tiny and odd
+//! shapes, CLIP's causal 77x77, cross-attention over 77 keys, every SD-1.5 head dim (40, 64,
+//! 80, 160, 512), one real UNet self-attention (4096 tokens), q/k/v read out of one fused
+//! tensor, large logits (online softmax stability) and refused shapes.
+
+mod common;
+
+use atelier::gpu::{DType, Tensor};
+use atelier::kernels::attention::{Attention, Operand};
+use common::{gpu, random, rel_l2, round_f16, seed, POISON};
+
+/// Outputs are O(0.1..1) weighted means stored as f16 (relative rounding 2^-11, ~3e-4 RMS);
+/// probabilities and accumulators are f32. 2e-3 covers that with room for f32 sums over 4096
+/// keys, and nothing more: a missing scale, a wrong mask, a dropped rescale or a wrong
+/// column slice is off by 1e-1 or more.
+const BOUND: f64 = 2e-3;
+
+fn upload(v: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_f32(gpu(), shape, DType::F16, v, "input").unwrap()
+}
+
+fn poisoned(shape: &[usize]) -> Tensor {
+    let t = Tensor::empty(gpu(), shape, DType::F16, "o").unwrap();
+    t.fill_words(gpu(), POISON);
+    t
+}
+
+fn input(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    round_f16(&random(n, seed).iter().map(|x| scale * x).collect::<Vec<_>>())
+}
+
+/// Reference attention in f64. x (b, i, c) at off + (b·l + i)·ld + c; output dense
+/// [batch, lq, heads·d].
+fn attention_ref(
+    a: &Attention,
+    q: (&[f32], usize, usize),
+    k: (&[f32], usize, usize),
+    v: (&[f32], usize, usize),
+) -> Vec<f64> {
+    let (hd, d) = (a.heads * a.d, a.d);
+    let mut out = vec![0.0; a.batch * a.lq * hd];
+    let mut s = vec![0.0f64; a.lk];
+    for b in 0..a.batch {
+        for h in 0..a.heads {
+            for i in 0..a.lq {
+                let qa = q.1 + (b * a.lq + i) * q.2 + h * d;
+                let nk = if a.causal { (i + 1).min(a.lk) } else { a.lk };
+                let mut mx = f64::NEG_INFINITY;
+                for j in 0..nk {
+                    let ka = k.1 + (b * a.lk + j) * k.2 + h * d;
+                    let dot: f64 = (0..d).map(|c| q.0[qa + c] as f64 * k.0[ka + c] as f64).sum();
+                    s[j] = dot * a.scale as f64;
+                    mx = mx.max(s[j]);
+                }
+                let mut sum = 0.0;
+                for sj in s.iter_mut().take(nk) {
+                    *sj = (*sj - mx).exp();
+                    sum += *sj;
+                }
+                let oa = (b * a.lq + i) * hd + h * d;
+                for j in 0..nk {
+                    let va = v.1 + (b * a.lk + j) * v.2 + h * d;
+                    for c in 0..d {
+                        out[oa + c] += s[j] / sum * v.0[va + c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs `a` on dense random q, k, v with inputs in ±amp; returns the error and the seconds
+/// the GPU run took.
+fn run(a: Attention, amp: f32) -> (f64, f64) {
+    let g = gpu();
+    let what = format!("attention {a:?} amp {amp}");
+    let s = seed(&what);
+    let hd = a.heads * a.d;
+    let q = input(a.batch * a.lq * hd, amp, s);
+    let k = input(a.batch * a.lk * hd, amp, s ^ 1);
+    let v = input(a.batch * a.lk * hd, 1.0, s ^ 2);
+    let (tq, tk, tv) = (upload(&q, &[a.batch, a.lq, hd]), upload(&k, &[a.batch, a.lk, hd]), upload(&v, &[a.batch, a.lk, hd]));
+    let to = poisoned(&[a.batch, a.lq, hd]);
+    let d = a
+        .prepare(g, Operand::dense(&tq, hd), Operand::dense(&tk, hd), Operand::dense(&tv, hd), Operand::dense(&to, hd))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    g.run_now(&d).unwrap();
+    let out = to.to_f32(g).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let r = attention_ref(&a, (&q, 0, hd), (&k, 0, hd), (&v, 0, hd));
+    let e = rel_l2(&out, &r);
+    eprintln!("{what}: rel L2 {e:.3e}, {secs:.2} s on the GPU");
+    assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+    (e, secs)
+}
+
+#[test]
+fn tiny_and_odd_shapes() {
+    run(Attention::new(1, 2, 5, 7, 8, false), 1.0);
+    run(Attention::new(2, 2, 5, 7, 16, false), 1.0); // batch 2: per-item offsets
+    run(Attention::new(1, 3, 33, 70, 24, false), 1.0); // odd head dim 24, partial blocks
+    run(Attention::new(2, 1, 9, 9, 8, true), 1.0);
+}
+
+#[test]
+fn clip_causal() {
+    // CLIP: 77 tokens, d 64 (4 of its 12 heads), query i sees keys 0..=i.
+    run(Attention::new(1, 4, 77, 77, 64, true), 2.0);
+    // More keys than queries, causal (top-left aligned): keys past lq are never seen.
+    run(Attention::new(1, 2, 20, 50, 40, true), 1.0);
+}
+
+#[test]
+fn cross_attention() {
+    // UNet cross-attention: image tokens over 77 text tokens.
+    run(Attention::new(1, 2, 256, 77, 40, false), 2.0);
+    run(Attention::new(2, 1, 64, 77, 80, false), 2.0);
+}
+
+#[test]
+fn head_dims() {
+    run(Attention::new(1, 1, 64, 64, 160, false), 2.0);
+    run(Attention::new(1, 2, 40, 70, 80, false), 2.0);
+    // VAE mid-block: one head of 512.
+    run(Attention::new(1, 1, 256, 256, 512, false), 1.0);
+}
+
+#[test]
+fn unet_self_attention_4096() {
+    // UNet down block 0 at 512x512: 64x64 latent tokens, d 40 (one of 8 heads).
+    let (_, secs) = run(Attention::new(1, 1, 4096, 4096, 40, false), 2.0);
+    assert!(secs < 60.0, "4096x4096 d 40 took {secs:.1} s");
+}
+
+#[test]
+fn large_logits_are_stable() {
+    // |q|, |k| up to 8 at d 64: logits q·k/8 reach about ±30 (a naive exp would overflow
+    // f16 and lose f32 precision); the running max keeps every exponent <= 0. Causal so the
+    // first rows see few keys.
+    let (e, _) = run(Attention::new(1, 2, 100, 100, 64, true), 8.0);
+    assert!(e.is_finite());
+    run(Attention::new(1, 1, 130, 300, 16, false), 12.0);
+}
+
+#[test]
+fn fused_qkv_slices() {
+    // q, k and v are column slices of one [batch, l, 3·heads·d] tensor (a fused projection);
+    // the output goes to columns of a wider tensor whose other columns must stay poisoned.
+    let g = gpu();
+    let a = Attention::new(2, 3, 45, 45, 16, false);
+    let hd = a.heads * a.d;
+    let ld = 3 * hd;
+    let s = seed("attention fused qkv");
+    let qkv = input(a.batch * a.lq * ld, 2.0, s);
+    let t = upload(&qkv, &[a.batch, a.lq, ld]);
+    let ldo = hd + 16;
+    let to = poisoned(&[a.batch, a.lq, ldo]);
+    let d = a
+        .prepare(g, Operand::slice(&t, 0, ld), Operand::slice(&t, hd, ld), Operand::slice(&t, 2 * hd, ld), Operand::slice(&to, 8, ldo))
+        .unwrap();
+    g.run_now(&d).unwrap();
+    let out = to.to_f32(g).unwrap();
+    let r = attention_ref(&a, (&qkv, 0, ld), (&qkv, hd, ld), (&qkv, 2 * hd, ld));
+    let mut got = Vec::new();
+    for row in out.chunks(ldo) {
+        assert!(row[..8].iter().chain(&row[8 + hd..]).all(|x| x.is_nan()), "wrote outside its columns");
+        got.extend_from_slice(&row[8..8 + hd]);
+    }
+    let e = rel_l2(&got, &r);
+    assert!(e < BOUND, "fused qkv: rel L2 {e:.3e} over {BOUND:.0e}");
+}
+
+#[test]
+fn refuses_bad_shapes() {
+    let g = gpu();
+    let t = upload(&vec![0.0; 2 * 16 * 64], &[2, 16, 64]);
+    let o = poisoned(&[2, 16, 64]);
+    let dense = |x| Operand::dense(x, 64);
+    let ok = Attention::new(2, 4, 16, 16, 16, false);
+    assert!(ok.prepare(g, dense(&t), dense(&t), dense(&t), dense(&o)).is_ok());
+    for (a, why) in [
+        (Attention::new(2, 2, 16, 16, 12, false), "d not a multiple of 8"),
+        (Attention::new(1, 1, 16, 16, 520, false), "d over 512"),
+        (Attention::new(2, 4, 17, 16, 16, false), "q too short"),
+        (Attention::new(2, 4, 16, 17, 16, false), "k too short"),
+        (Attention::new(2, 8, 16, 16, 16, false), "heads·d wider than the row"),
+        (Attention::new(0, 4, 16, 16, 16, false), "empty batch"),
+        (Attention::new(2, 4, 16, 0, 16, false), "no keys"),
+    ] {
+        assert!(a.prepare(g, dense(&t), dense(&t), dense(&t), dense(&o)).is_err(), "{why}");
+    }
+    let bad = |x, off, ld| Operand::slice(x, off, ld);
+    assert!(ok.prepare(g, bad(&t, 4, 64), dense(&t), dense(&t), dense(&o)).is_err(), "offset not a multiple of 8");
+    assert!(ok.prepare(g, dense(&t), bad(&t, 8, 64), dense(&t), dense(&o)).is_err(), "offset runs past the end");
+    assert!(ok.prepare(g, dense(&t), dense(&t), bad(&t, 0, 60), dense(&o)).is_err(), "stride not a multiple of 8");
+    assert!(ok.prepare(g, dense(&t), dense(&t), dense(&t), dense(&t)).is_err(), "o shares q's buffer");
+    let t32 = Tensor::from_f32(g, &[2, 16, 64], DType::F32, &vec![0.0; 2 * 16 * 64], "f32").unwrap();
+    assert!(ok.prepare(g, dense(&t32), dense(&t), dense(&t), dense(&o)).is_err(), "f32 q");
+}
+
+/// Timing on real SD-1.5 shapes (ignored: minutes on a software GPU). Run with
+/// `--ignored --nocapture` on a real GPU; prints ms and TFLOP/s per shape (wall time of 10
+/// back-to-back launches in one submission, after a warm-up).
+#[test]
+#[ignore]
+fn timing_sd_shapes() {
+    let g = gpu();
+    for (name, a) in [
+        ("unet 64x64 self, 2x8 heads d40", Attention::new(2, 8, 4096, 4096, 40, false)),
+        ("unet 64x64 cross, 2x8 heads d40", Attention::new(2, 8, 4096, 77, 40, false)),
+        ("unet 32x32 self, 2x8 heads d80", Attention::new(2, 8, 1024, 1024, 80, false)),
+        ("unet 16x16 self, 2x8 heads d160", Attention::new(2, 8, 256, 256, 160, false)),
+        ("clip causal 2x12 heads d64", Attention::new(2, 12, 77, 77, 64, true)),
+        ("vae mid 64x64, 1 head d512", Attention::new(1, 1, 4096, 4096, 512, false)),
+    ] {
+        let hd = a.heads * a.d;
+        let q = upload(&input(a.batch * a.lq * hd, 1.0, 1), &[a.batch, a.lq, hd]);
+        let k = upload(&input(a.batch * a.lk * hd, 1.0, 2), &[a.batch, a.lk, hd]);
+        let o = poisoned(&[a.batch, a.lq, hd]);
+        let d = a.prepare(g, Operand::dense(&q, hd), Operand::dense(&k, hd), Operand::dense(&k, hd), Operand::dense(&o, hd)).unwrap();
+        g.run_now(&d).unwrap();
+        o.to_f32(g).unwrap();
+        let n = 10;
+        let t0 = std::time::Instant::now();
+        let mut rec = atelier::gpu::Recorder::new(g);
+        for _ in 0..n {
+            rec.run(&d).unwrap();
+        }
+        rec.finish().unwrap();
+        o.to_f32(g).unwrap();
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
+        eprintln!("{name:36} {ms:9.3} ms  {:7.2} TFLOP/s", d.flops / ms / 1e9);
+    }
+}
