@@ -1,6 +1,6 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
 //! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes,
-//! elementwise ops at 64 MiB. Each case is
+//! attention at UNet, CLIP and VAE shapes, elementwise ops at 64 MiB. Each case is
 //! warmed up, then timed over repeated launches (median of several batches), and reported
 //! in ms and TFLOP/s or GB/s.
 
@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
+use crate::kernels::attention::{Attention, Operand};
 use crate::kernels::conv::Conv2d;
 use crate::kernels::matmul::{CoopTile, Matmul};
 
@@ -168,6 +169,29 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                 gbs: d.bytes / s / 1e9,
             });
         }
+    }
+    // Attention at SD-1.5 shapes (scalar kernel on every device for now).
+    let attn_cases = [
+        ("unet_64x64_self_2x8h_d40", Attention::new(2, 8, 4096, 4096, 40, false)),
+        ("unet_64x64_cross_2x8h_d40", Attention::new(2, 8, 4096, 77, 40, false)),
+        ("unet_32x32_self_2x8h_d80", Attention::new(2, 8, 1024, 1024, 80, false)),
+        ("unet_16x16_self_2x8h_d160", Attention::new(2, 8, 256, 256, 160, false)),
+        ("clip_causal_2x12h_d64", Attention::new(2, 12, 77, 77, 64, true)),
+        ("vae_mid_64x64_d512", Attention::new(1, 1, 4096, 4096, 512, false)),
+    ];
+    for (name, a) in attn_cases {
+        let full = format!("attention_{name}");
+        if !wanted(&full) || (slow && a.lq * a.lk > 1 << 16) {
+            continue;
+        }
+        let hd = a.heads * a.d;
+        let q = random_f16(gpu, &[a.batch, a.lq, hd], 8, "bench q")?;
+        let kv = random_f16(gpu, &[a.batch, a.lk, hd], 9, "bench kv")?;
+        let o = Tensor::empty(gpu, &[a.batch, a.lq, hd], DType::F16, "bench o")?;
+        let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
+        let reps = if slow { 1 } else { ((2e11 / d.flops.max(1.0)) as usize).clamp(1, 200) };
+        let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
+        emit(BenchResult { name: full, path: d.label.to_string(), ms: s * 1e3, tflops: d.flops / s / 1e12, gbs: d.bytes / s / 1e9 });
     }
     // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).
     let n = if slow { 1 << 20 } else { 32 << 20 };

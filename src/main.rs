@@ -110,7 +110,7 @@ fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool) -
     }
     if results.is_empty() {
         return Err(atelier::Error::Usage(format!(
-            "no benchmark matches {:?}; names start with matmul_, conv3x3_ or elementwise_",
+            "no benchmark matches {:?}; names start with matmul_, conv3x3_, attention_ or elementwise_",
             filter.unwrap_or("")
         )));
     }

@@ -201,37 +201,3 @@ fn refuses_bad_shapes() {
     assert!(ok.prepare(g, dense(&t32), dense(&t), dense(&t), dense(&o)).is_err(), "f32 q");
 }
 
-/// Timing on real SD-1.5 shapes (ignored: minutes on a software GPU). Run with
-/// `--ignored --nocapture` on a real GPU; prints ms and TFLOP/s per shape (wall time of 10
-/// back-to-back launches in one submission, after a warm-up).
-#[test]
-#[ignore]
-fn timing_sd_shapes() {
-    let g = gpu();
-    for (name, a) in [
-        ("unet 64x64 self, 2x8 heads d40", Attention::new(2, 8, 4096, 4096, 40, false)),
-        ("unet 64x64 cross, 2x8 heads d40", Attention::new(2, 8, 4096, 77, 40, false)),
-        ("unet 32x32 self, 2x8 heads d80", Attention::new(2, 8, 1024, 1024, 80, false)),
-        ("unet 16x16 self, 2x8 heads d160", Attention::new(2, 8, 256, 256, 160, false)),
-        ("clip causal 2x12 heads d64", Attention::new(2, 12, 77, 77, 64, true)),
-        ("vae mid 64x64, 1 head d512", Attention::new(1, 1, 4096, 4096, 512, false)),
-    ] {
-        let hd = a.heads * a.d;
-        let q = upload(&input(a.batch * a.lq * hd, 1.0, 1), &[a.batch, a.lq, hd]);
-        let k = upload(&input(a.batch * a.lk * hd, 1.0, 2), &[a.batch, a.lk, hd]);
-        let o = poisoned(&[a.batch, a.lq, hd]);
-        let d = a.prepare(g, Operand::dense(&q, hd), Operand::dense(&k, hd), Operand::dense(&k, hd), Operand::dense(&o, hd)).unwrap();
-        g.run_now(&d).unwrap();
-        o.to_f32(g).unwrap();
-        let n = 10;
-        let t0 = std::time::Instant::now();
-        let mut rec = atelier::gpu::Recorder::new(g);
-        for _ in 0..n {
-            rec.run(&d).unwrap();
-        }
-        rec.finish().unwrap();
-        o.to_f32(g).unwrap();
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / n as f64;
-        eprintln!("{name:36} {ms:9.3} ms  {:7.2} TFLOP/s", d.flops / ms / 1e9);
-    }
-}
