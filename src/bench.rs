@@ -70,6 +70,14 @@ pub fn time_dispatch(gpu: &Gpu, d: &Dispatch, reps: usize, batches: usize) -> Re
     Ok(times[times.len() / 2])
 }
 
+/// Times a compute-bound launch with about `work` flops per batch of repetitions (1 to 200
+/// launches; one launch in one batch on a CPU adapter) and reports it under `name` and `path`.
+fn time_case(gpu: &Gpu, d: &Dispatch, name: String, path: String, work: f64, slow: bool) -> Result<BenchResult> {
+    let reps = if slow { 1 } else { ((work / d.flops.max(1.0)) as usize).clamp(1, 200) };
+    let s = time_dispatch(gpu, d, reps, if slow { 1 } else { 5 })?;
+    Ok(BenchResult { name, path, ms: s * 1e3, tflops: d.flops / s / 1e12, gbs: d.bytes / s / 1e9 })
+}
+
 fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     Tensor::from_f32(gpu, shape, DType::F16, &noise(n, seed), what)
@@ -133,16 +141,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             mm.path = Some(path);
             mm.tile = tile;
             let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
-            let reps = ((2e12 / mm.flops()) as usize).clamp(1, 200);
-            let reps = if slow { 1 } else { reps };
-            let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
-            emit(BenchResult {
-                name: full.clone(),
-                path: format!("{path} {}", d.label),
-                ms: s * 1e3,
-                tflops: mm.flops() / s / 1e12,
-                gbs: d.bytes / s / 1e9,
-            });
+            emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
         }
     }
     for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
@@ -159,15 +158,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             conv.path = Some(path);
             let mm = conv.matmul()?;
             let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
-            let reps = if slow { 1 } else { ((2e12 / mm.flops()) as usize).clamp(1, 200) };
-            let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
-            emit(BenchResult {
-                name: full.clone(),
-                path: format!("{path} {}", d.label),
-                ms: s * 1e3,
-                tflops: mm.flops() / s / 1e12,
-                gbs: d.bytes / s / 1e9,
-            });
+            emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
         }
     }
     // Attention at SD-1.5 shapes (scalar kernel on every device for now).
@@ -189,9 +180,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         let kv = random_f16(gpu, &[a.batch, a.lk, hd], 9, "bench kv")?;
         let o = Tensor::empty(gpu, &[a.batch, a.lq, hd], DType::F16, "bench o")?;
         let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
-        let reps = if slow { 1 } else { ((2e11 / d.flops.max(1.0)) as usize).clamp(1, 200) };
-        let s = time_dispatch(gpu, &d, reps, if slow { 1 } else { 5 })?;
-        emit(BenchResult { name: full, path: d.label.to_string(), ms: s * 1e3, tflops: d.flops / s / 1e12, gbs: d.bytes / s / 1e9 });
+        emit(time_case(gpu, &d, full, d.label.to_string(), 2e11, slow)?);
     }
     // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).
     let n = if slow { 1 << 20 } else { 32 << 20 };
