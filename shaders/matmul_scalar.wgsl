@@ -79,11 +79,9 @@ fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, 
                      pk(is_a, base, r, c0 + 4u, rows, cols, ld), pk(is_a, base, r, c0 + 6u, rows, cols, ld));
 }
 
-// Element index in `a` of the implicit im2col matrix at (m, k), or NO_TAP where the value
-// is zero (outside the matrix, or a tap in the zero padding).
-const NO_TAP: u32 = 0xffffffffu;
-fn conv_index(m: u32, k: u32) -> u32 {
-    if (m >= p.m || k >= p.k) { return NO_TAP; }
+// One input value of the implicit im2col matrix at (m, k); 0 outside the image or the matrix.
+fn conv_el(m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) { return 0.0; }
     let ohw = p.oh * p.ow;
     let img = m / ohw;
     let oy = (m % ohw) / p.ow;
@@ -92,24 +90,25 @@ fn conv_index(m: u32, k: u32) -> u32 {
     let tap = k / p.cin;
     let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
     let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
-    if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return NO_TAP; }
-    return p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci;
-}
-
-// One value of the implicit im2col matrix at (m, k).
-fn conv_el(m: u32, k: u32) -> f32 {
-    let i = conv_index(m, k);
-    if (i == NO_TAP) { return 0.0; }
+    if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return 0.0; }
+    let i = p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci;
     return half_at(a[i >> 3u], i);
 }
 
 // Eight values of the implicit im2col matrix: row m, columns k0..k0+8.
 fn conv8(m: u32, k0: u32) -> vec4<u32> {
-    if ((p.flags & 8u) != 0u && k0 + 8u <= p.k) {
-        // cin % 8 == 0: one pixel, eight channels, one aligned 16-byte word.
-        let i = conv_index(m, k0);
-        if (i == NO_TAP) { return vec4<u32>(0u); }
-        return a[i >> 3u];
+    if ((p.flags & 8u) != 0u && m < p.m && k0 + 8u <= p.k) {
+        // cin % 8 == 0: one pixel, eight channels, one aligned word.
+        let ohw = p.oh * p.ow;
+        let img = m / ohw;
+        let oy = (m % ohw) / p.ow;
+        let ox = m % p.ow;
+        let ci = k0 % p.cin;
+        let tap = k0 / p.cin;
+        let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
+        let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+        if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return vec4<u32>(0u); }
+        return a[(p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci) >> 3u];
     }
     return vec4<u32>(pack2x16float(vec2<f32>(conv_el(m, k0), conv_el(m, k0 + 1u))),
                      pack2x16float(vec2<f32>(conv_el(m, k0 + 2u), conv_el(m, k0 + 3u))),
