@@ -1,5 +1,6 @@
 // elementwise.wgsl — elementwise ops over flat tensors: unary (copy, SiLU, GELU, quick-GELU,
-// affine), binary (add, mul, with the second operand broadcast along rows), casts between
+// affine), binary (add, mul, with the second operand broadcast along rows, or one of its rows
+// per group of output rows: a per-image channel vector), casts between
 // f16 and f32 (entry `convert`, 4 elements per invocation), and a 2-D strided copy.
 //
 // Layout: flat arrays, any shape. Storage is read and written as vec4<u32> words; an f16
@@ -14,9 +15,9 @@
 
 struct Params {
     numel: u32,      // output elements (for copy2d: dst storage elements, rows * ld_dst)
-    b_len: u32,      // binary: elements of the second operand (numel, or a row length to broadcast)
+    b_len: u32,      // binary: elements of the second operand (numel), or its row length to broadcast
     op: u32,         // unary: 0 copy, 1 silu, 2 gelu (erf), 3 quick_gelu, 4 affine; binary: 0 add, 1 mul
-    cols: u32,       // copy2d: columns copied
+    cols: u32,       // copy2d: columns copied; binary: output elements per row of x2 when broadcast
     alpha: f32,      // affine scale, or the scale of the second operand in binary ops
     beta: f32,       // affine shift
     ld_src: u32,     // copy2d: source row stride
@@ -74,9 +75,14 @@ fn load_x2(u: u32) -> Oct {
         return Oct(bitcast<vec4<f32>>(x2[2u * u]), hi);
     }
     let i = 8u * u;
-    let l = p.b_len;
-    return Oct(vec4<f32>(x2_at(i % l), x2_at((i + 1u) % l), x2_at((i + 2u) % l), x2_at((i + 3u) % l)),
-               vec4<f32>(x2_at((i + 4u) % l), x2_at((i + 5u) % l), x2_at((i + 6u) % l), x2_at((i + 7u) % l)));
+    return Oct(vec4<f32>(x2_row(i), x2_row(i + 1u), x2_row(i + 2u), x2_row(i + 3u)),
+               vec4<f32>(x2_row(i + 4u), x2_row(i + 5u), x2_row(i + 6u), x2_row(i + 7u)));
+}
+
+// The broadcast second operand for output element i: row i / cols of x2 (b_len elements
+// each), repeated along each group of `cols` output elements.
+fn x2_row(i: u32) -> f32 {
+    return x2_at((i / p.cols) * p.b_len + i % p.b_len);
 }
 
 fn store_y(u: u32, f: Oct) {

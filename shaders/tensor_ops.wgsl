@@ -1,5 +1,5 @@
 // tensor_ops.wgsl — the small data-movement and embedding ops around the networks' heavy
-// kernels: nearest 2x upsample and channel concat over channels-last images, GEGLU, the
+// kernels: nearest upsample (2x, or to a size) and channel concat over channels-last images, GEGLU, the
 // sinusoidal timestep embedding and the token + position embedding.
 //
 // Layout: channels-last ([batch, H, W, C] / [rows, C]); f16 tensors read and written as
@@ -8,7 +8,8 @@
 // Dispatch: 256 invocations per workgroup; word u = (wg.y·num_wg.x + wg.x)·256 + local index,
 // u < p.words. Arithmetic is f32. Saves nothing for backward.
 //
-//   upsample2x  y[b, oy, ox, c] = x[b, oy/2, ox/2, c]             (h, w: input size; c1: C)
+//   upsample2x  y[b, oy, ox, c] = x[b, oy·h/oh, ox·w/ow, c]       (nearest to a size: h, w in,
+//               oh, ow out (2h, 2w for the 2x upsample); c1: C)
 //   concat      y[r, c] = c < c1 ? a[r, c] : b[r, c - c1]        (C = c1 + c2)
 //   geglu       y[r, j] = x[r, j] · gelu(x[r, f + j])             (x [rows, 2f]; c1 = f; erf GELU)
 //   timestep    y[b, j] = cos(t_b·w_j) for j < half, sin(t_b·w_(j-half)) after, with
@@ -24,8 +25,8 @@ struct Params {
     h: u32,       // upsample: input height; embed: sequence length
     w: u32,       // upsample: input width; embed: vocabulary size
     shift: f32,   // timestep: downscale_freq_shift
-    pad0: u32,
-    pad1: u32,
+    oh: u32,      // upsample: output height
+    ow: u32,      // upsample: output width
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -46,11 +47,13 @@ fn upsample2x(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     let e = 2u * u;
     let ch = e % p.c1;
     let pix = e / p.c1;
-    let ow = 2u * p.w;
-    let ox = pix % ow;
-    let oy = (pix / ow) % (2u * p.h);
-    let img = pix / (ow * 2u * p.h);
-    y[u] = a[(((img * p.h + oy / 2u) * p.w + ox / 2u) * p.c1 + ch) / 2u];
+    let ox = pix % p.ow;
+    let oy = (pix / p.ow) % p.oh;
+    let img = pix / (p.ow * p.oh);
+    // Source pixel floor(o · in / out), as torch's nearest interpolation to a size.
+    let sy = oy * p.h / p.oh;
+    let sx = ox * p.w / p.ow;
+    y[u] = a[(((img * p.h + sy) * p.w + sx) * p.c1 + ch) / 2u];
 }
 
 @compute @workgroup_size(256)

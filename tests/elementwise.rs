@@ -169,6 +169,42 @@ fn binary_add_mul_same_size_and_broadcast_row() {
 }
 
 #[test]
+fn binary_grouped_adds_a_row_per_image() {
+    let g = gpu();
+    // (groups, rows per group, C): [groups, rows, C] (op) [groups, C], as the UNet adds each
+    // image's time embedding to its channels; odd sizes make groups straddle 8-element units.
+    let shapes = [(1, 1, 8), (2, 3, 5), (3, 7, 9), (2, 64, 320), (4, 5, 16), (2, 4096, 320)];
+    for op in [Binary::Add { alpha: 1.0 }, Binary::Mul { alpha: 0.5 }] {
+        for &(groups, rows, c) in &shapes {
+            for xt in DTYPES {
+                let what = format!("grouped {op:?} {groups}x{rows}x{c} {xt}");
+                let s = seed(&what);
+                let n = groups * rows * c;
+                let (av, bv) = (values(n, xt, s), values(groups * c, xt, s ^ 1));
+                let (a, b) = (upload(&av, xt, "a"), upload(&bv, xt, "b"));
+                let y = poisoned(&[groups, rows, c], xt);
+                g.run_now(&elementwise::binary_grouped(g, op, &a, &b, &y, groups).unwrap()).unwrap();
+                let (r, scale): (Vec<f64>, Vec<f64>) = (0..n)
+                    .map(|i| {
+                        let (x, w) = (av[i] as f64, bv[(i / (rows * c)) * c + i % c] as f64);
+                        match op {
+                            Binary::Add { alpha } => (x + alpha as f64 * w, x.abs() + (alpha as f64 * w).abs()),
+                            Binary::Mul { alpha } => (alpha as f64 * x * w, (alpha as f64 * x * w).abs()),
+                        }
+                    })
+                    .unzip();
+                check(&what, &y, &r, &scale);
+            }
+        }
+    }
+    // b's rows must divide into the groups, and each group into b's rows.
+    let a = poisoned(&[2, 3, 5], DType::F16);
+    let b = poisoned(&[3, 5], DType::F16);
+    assert!(elementwise::binary_grouped(g, Binary::Add { alpha: 1.0 }, &a, &b, &a, 2).is_err());
+    assert!(elementwise::binary_grouped(g, Binary::Add { alpha: 1.0 }, &a, &b, &a, 0).is_err());
+}
+
+#[test]
 fn copy2d_strided_rows_zero_the_gap() {
     let g = gpu();
     // (rows, cols, ld_src, ld_dst); the source holds exactly (rows-1)·ld_src + cols values.

@@ -5,7 +5,7 @@
 mod common;
 
 use atelier::gpu::{DType, Tensor};
-use atelier::kernels::tensor_ops::{concat, embed, geglu, timestep_embedding, upload_ids, upsample2x};
+use atelier::kernels::tensor_ops::{concat, embed, geglu, timestep_embedding, upload_ids, upsample2x, upsample_nearest};
 use common::{gpu, random, rel_l2, round_f16, seed, POISON};
 
 fn up(v: &[f32], shape: &[usize]) -> Tensor {
@@ -46,6 +46,34 @@ fn upsample_nearest_2x() {
         }
         exact(&what, &y, &r);
     }
+}
+
+#[test]
+fn upsample_nearest_to_a_size() {
+    let g = gpu();
+    // The UNet's upsamplers at latent sizes that do not halve evenly (12 -> 6 -> 3 -> 2 going
+    // down, 2 -> 3 -> 6 coming up), plus uneven ratios. Source pixel floor(o·in/out), which
+    // torch's nearest interpolation computes as floor(o·(in/out)) in f32: the same at these
+    // sizes (checked against torch when the fixtures were made: b1_8x12's up blocks).
+    for &(b, (h, w), (oh, ow), c) in &[(1, (1, 2), (2, 3), 4), (2, (2, 3), (3, 6), 6), (1, (3, 5), (7, 11), 8), (1, (4, 4), (4, 4), 2)] {
+        let what = format!("upsample {b}x{h}x{w}x{c} to {oh}x{ow}");
+        let x = round_f16(&random(b * h * w * c, seed(&what)));
+        let y = out(&[b, oh, ow, c]);
+        g.run_now(&upsample_nearest(g, &up(&x, &[b, h, w, c]), &y, b, (h, w), (oh, ow), c).unwrap()).unwrap();
+        let mut r = vec![0.0; b * oh * ow * c];
+        for i in 0..b {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for k in 0..c {
+                        r[((i * oh + oy) * ow + ox) * c + k] = x[((i * h + oy * h / oh) * w + ox * w / ow) * c + k];
+                    }
+                }
+            }
+        }
+        exact(&what, &y, &r);
+    }
+    let (x, y) = (out(&[1, 2, 2, 2]), out(&[1, 1, 1, 2]));
+    assert!(upsample_nearest(g, &x, &y, 1, (2, 2), (1, 1), 2).is_err(), "downsampling");
 }
 
 #[test]

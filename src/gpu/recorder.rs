@@ -16,21 +16,37 @@ pub struct Recorder<'a> {
     gpu: &'a Gpu,
     pending: Vec<Dispatch>,
     profiler: Option<&'a mut Profiler>,
+    /// Capture mode: dispatches are kept, never submitted (see [`Recorder::capture`]).
+    capture: bool,
 }
 
 impl<'a> Recorder<'a> {
     pub fn new(gpu: &'a Gpu) -> Self {
-        Recorder { gpu, pending: Vec::new(), profiler: None }
+        Recorder { gpu, pending: Vec::new(), profiler: None, capture: false }
+    }
+
+    /// A recorder that only collects: launchers that record into it (e.g. `Matmul::run`)
+    /// fill a list that [`Recorder::into_dispatches`] returns, for a plan to replay.
+    pub fn capture(gpu: &'a Gpu) -> Self {
+        Recorder { gpu, pending: Vec::new(), profiler: None, capture: true }
+    }
+
+    /// The dispatches a capturing recorder collected, in order.
+    pub fn into_dispatches(mut self) -> Vec<Dispatch> {
+        std::mem::take(&mut self.pending)
     }
 
     /// A recorder whose dispatches are timed by `profiler` (when the device has timestamps).
     pub fn with_profiler(gpu: &'a Gpu, profiler: Option<&'a mut Profiler>) -> Self {
-        Recorder { gpu, pending: Vec::new(), profiler }
+        Recorder { gpu, pending: Vec::new(), profiler, capture: false }
     }
 
     /// Queues one dispatch; submits when a batch is full.
     pub fn run(&mut self, d: &Dispatch) -> Result<()> {
         self.pending.push(d.clone());
+        if self.capture {
+            return Ok(());
+        }
         let cap = self.profiler.as_ref().map_or(BATCH, |p| p.free_slots().min(BATCH));
         if self.pending.len() >= cap {
             self.submit()?;
@@ -40,7 +56,7 @@ impl<'a> Recorder<'a> {
 
     /// Encodes and submits everything queued (does not wait).
     pub fn submit(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || self.capture {
             return Ok(());
         }
         let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {

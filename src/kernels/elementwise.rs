@@ -125,10 +125,21 @@ pub fn unary(gpu: &Gpu, op: Unary, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
 /// y = a (op) b; `b` has as many elements as `a`, or is one row that repeats
 /// (a.numel() a multiple of b.numel()). a and b share a dtype.
 pub fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor) -> Result<Dispatch> {
+    binary_grouped(gpu, op, a, b, y, 1)
+}
+
+/// y = a (op) b with `b` [groups, L] and `a` split into `groups` equal parts, each adding
+/// (or multiplying) its row of `b` repeated: a per-image vector over an image batch
+/// ([batch, HW, C] + [batch, C] with groups = batch).
+pub fn binary_grouped(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor, groups: usize) -> Result<Dispatch> {
     let n = y.numel();
     check_len("binary", n)?;
-    if a.numel() != n || b.numel() == 0 || n % b.numel() != 0 {
-        return Err(Error::shape("binary", format!("a {:?}, b {:?}, y {:?}", a.shape, b.shape, y.shape)));
+    let bad = groups == 0 || b.numel() == 0 || b.numel() % groups != 0 || n % groups != 0 || {
+        let (per, row) = (n / groups, b.numel() / groups);
+        row == 0 || per % row != 0
+    };
+    if a.numel() != n || bad {
+        return Err(Error::shape("binary", format!("a {:?}, b {:?}, y {:?} in {groups} groups", a.shape, b.shape, y.shape)));
     }
     if a.dtype != b.dtype {
         return Err(Error::DType { op: "binary".into(), detail: format!("a is {}, b is {}", a.dtype, b.dtype) });
@@ -137,8 +148,15 @@ pub fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor) -> Resu
         Binary::Add { alpha } => (0, alpha),
         Binary::Mul { alpha } => (1, alpha),
     };
-    let p = ElementwiseParams { numel: n as u32, b_len: b.numel() as u32, op: code, alpha, ..Default::default() };
-    let bytes = (n * (2 * a.dtype.size() + y.dtype.size())) as f64;
+    let p = ElementwiseParams {
+        numel: n as u32,
+        b_len: (b.numel() / groups) as u32,
+        op: code,
+        alpha,
+        cols: (n / groups) as u32,
+        ..Default::default()
+    };
+    let bytes = (n * (a.dtype.size() + y.dtype.size()) + b.numel() * b.dtype.size()) as f64;
     gpu.dispatch(&key("binary", a.dtype, y.dtype), &p, &[a, y, b], grid(n.div_ceil(8)), 0.0, bytes)
 }
 

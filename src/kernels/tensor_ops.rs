@@ -18,8 +18,8 @@ pub struct TensorOpsParams {
     pub h: u32,
     pub w: u32,
     pub shift: f32,
-    pub pad0: u32,
-    pub pad1: u32,
+    pub oh: u32,
+    pub ow: u32,
 }
 
 fn key(entry: &'static str) -> PipelineKey {
@@ -44,12 +44,30 @@ fn words(op: &str, n: usize) -> Result<u32> {
 
 /// y [batch, 2h, 2w, c] = nearest 2x upsample of x [batch, h, w, c]; c even.
 pub fn upsample2x(gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usize, h: usize, w: usize, c: usize) -> Result<Dispatch> {
-    let op = "upsample2x";
+    upsample_nearest(gpu, x, y, batch, (h, w), (2 * h, 2 * w), c)
+}
+
+/// y [batch, oh, ow, c] = nearest upsample of x [batch, h, w, c] to the size (oh, ow), each
+/// output pixel taking source pixel floor(o·in/out) as torch's `interpolate(size=..)` does
+/// (the UNet's upsamplers at latent sizes that do not halve evenly); c even.
+pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usize, (h, w): (usize, usize), (oh, ow): (usize, usize), c: usize) -> Result<Dispatch> {
+    let op = "upsample";
     f16s(op, &[x, y])?;
     let n = batch * h * w * c;
-    need(op, c % 2 == 0 && x.numel() == n && y.numel() == 4 * n, || format!("x {:?}, y {:?} for [{batch}, {h}, {w}, {c}]", x.shape, y.shape))?;
-    let p = TensorOpsParams { words: words(op, 4 * n)?, c1: c as u32, h: h as u32, w: w as u32, ..Default::default() };
-    gpu.dispatch(&key("upsample2x"), &p, &[x, y], grid(2 * n), 0.0, (n * 10) as f64)
+    let on = batch * oh * ow * c;
+    need(op, c % 2 == 0 && x.numel() == n && y.numel() == on && oh >= h && ow >= w && h > 0 && w > 0, || {
+        format!("x {:?} [{batch}, {h}, {w}, {c}] to y {:?} [{batch}, {oh}, {ow}, {c}]: C even, the output no smaller", x.shape, y.shape)
+    })?;
+    let p = TensorOpsParams {
+        words: words(op, on)?,
+        c1: c as u32,
+        h: h as u32,
+        w: w as u32,
+        oh: oh as u32,
+        ow: ow as u32,
+        ..Default::default()
+    };
+    gpu.dispatch(&key("upsample2x"), &p, &[x, y], grid(on / 2), 0.0, ((n + on) * 2) as f64)
 }
 
 /// y [rows, c1 + c2] = concat(a [rows, c1], b [rows, c2]) along channels; c1, c2 even.
