@@ -1,4 +1,6 @@
 //! SD-1.5 models: weight loading, CLIP, UNet, VAE.
 
+pub mod clip;
 pub mod convert;
+pub mod layers;
 pub mod weights;

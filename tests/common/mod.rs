@@ -3,6 +3,8 @@
 //! poison word written over outputs before a kernel runs.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use std::sync::OnceLock;
 
 use atelier::gpu::{Gpu, KernelPath};

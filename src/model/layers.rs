@@ -1,0 +1,181 @@
+//! The layers the three networks are made of, loaded from weights and recorded into a plan:
+//! linear (optionally several projections fused into one product), 2-D convolution (weights
+//! reordered to [cout, ks, ks, cin] at load, 1x1 convolutions run as linears over NHWC
+//! pixels), group norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images
+//! or token-major rows.
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, PlanBuilder, Tensor};
+use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
+use crate::kernels::matmul::Matmul;
+use crate::kernels::norm::{self, GroupNorm};
+use crate::model::weights::Prefix;
+
+/// y = x·Wᵀ + b with W [n, k].
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl Linear {
+    /// `<p>.weight` [n, k] and, with `bias`, `<p>.bias` [n].
+    pub fn load(p: &Prefix, n: usize, k: usize, bias: bool) -> Result<Linear> {
+        let w = p.get("weight", &[n, k])?;
+        let b = if bias { Some(p.get("bias", &[n])?) } else { None };
+        Ok(Linear { w, b, n, k })
+    }
+
+    /// A 1x1 convolution `<p>.weight` [n, k, 1, 1] as a linear over pixels.
+    pub fn load_1x1(p: &Prefix, n: usize, k: usize) -> Result<Linear> {
+        let mut w = p.get("weight", &[n, k, 1, 1])?;
+        w.shape = vec![n, k];
+        Ok(Linear { w, b: Some(p.get("bias", &[n])?), n, k })
+    }
+
+    /// Several projections of one input stacked into one weight: `<p>.<name>.weight` [n_i, k]
+    /// for each name (and their biases), so one product gives their outputs side by side.
+    pub fn load_fused(p: &Prefix, names: &[&str], n: &[usize], k: usize, bias: bool) -> Result<Linear> {
+        let total: usize = n.iter().sum();
+        let mut w = Vec::with_capacity(total * k);
+        let mut b = Vec::with_capacity(total);
+        for (name, &rows) in names.iter().zip(n) {
+            let q = p.at(name);
+            w.extend(q.get_f32("weight", &[rows, k])?);
+            if bias {
+                b.extend(q.get_f32("bias", &[rows])?);
+            }
+        }
+        let what = p.name(&format!("{{{}}}.weight", names.join(",")));
+        let w = Tensor::from_f32(p.gpu(), &[total, k], DType::F16, &w, &what)?;
+        let b = if bias { Some(Tensor::from_f32(p.gpu(), &[total], DType::F16, &b, &what.replace("weight", "bias"))?) } else { None };
+        Ok(Linear { w, b, n: total, k })
+    }
+
+    /// Records y [rows, n] (=, or += with `accumulate`) from x [rows, k].
+    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, y: &Tensor, accumulate: bool) -> Result<()> {
+        let rows = x.numel() / self.k;
+        if x.numel() != rows * self.k || y.numel() != rows * self.n {
+            return Err(Error::shape("linear", format!("x {:?}, y {:?} for W [{}, {}]", x.shape, y.shape, self.n, self.k)));
+        }
+        let mut mm = Matmul::new(rows, self.n, self.k);
+        mm.trans_b = true;
+        mm.accumulate = accumulate;
+        mm.run(pb.gpu, &mut pb.rec, x, &self.w, self.b.as_ref(), y)
+    }
+
+    /// A new tensor [rows, n] = x·Wᵀ + b.
+    pub fn apply(&self, pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tensor> {
+        let rows = x.numel() / self.k;
+        let y = pb.f16(&[rows, self.n], what)?;
+        self.forward(pb, x, &y, false)?;
+        Ok(y)
+    }
+}
+
+/// A square 2-D convolution with bias over NHWC images.
+pub struct Conv {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub cin: usize,
+    pub cout: usize,
+    pub ks: usize,
+    pub stride: usize,
+}
+
+impl Conv {
+    /// `<p>.weight` [cout, cin, ks, ks] (reordered to [cout, ks, ks, cin]) and `<p>.bias`;
+    /// padding ks/2.
+    pub fn load(p: &Prefix, cin: usize, cout: usize, ks: usize, stride: usize) -> Result<Conv> {
+        let w = p.get_f32("weight", &[cout, cin, ks, ks])?;
+        let w = conv_weight_to_nhwc(&w, cout, cin, ks, ks);
+        let w = Tensor::from_f32(p.gpu(), &[cout, ks, ks, cin], DType::F16, &w, &p.name("weight"))?;
+        Ok(Conv { w, b: p.get("bias", &[cout])?, cin, cout, ks, stride })
+    }
+
+    /// The output size for an h x w input.
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        self.shape(1, h, w).out_hw()
+    }
+
+    fn shape(&self, batch: usize, h: usize, w: usize) -> Conv2d {
+        Conv2d::new(batch, h, w, self.cin, self.cout, self.ks, self.stride, self.ks / 2)
+    }
+
+    /// Records y [batch, oh, ow, cout] (=, or += with `accumulate`) from x [batch, h, w, cin].
+    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor, accumulate: bool) -> Result<()> {
+        let conv = self.shape(batch, h, w);
+        let (oh, ow) = conv.out_hw();
+        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
+            return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
+        }
+        let mut mm = conv.matmul()?;
+        mm.accumulate = accumulate;
+        mm.run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
+    }
+
+    /// A new tensor [batch, oh, ow, cout] = conv(x).
+    pub fn apply(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), what: &str) -> Result<Tensor> {
+        let (oh, ow) = self.out_hw(h, w);
+        let y = pb.f16(&[batch, oh, ow, self.cout], what)?;
+        self.forward(pb, x, (batch, h, w), &y, false)?;
+        Ok(y)
+    }
+}
+
+/// Group norm or layer norm parameters: `<p>.weight` and `<p>.bias` [c].
+pub struct Norm {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub c: usize,
+    pub eps: f32,
+}
+
+impl Norm {
+    pub fn load(p: &Prefix, c: usize, eps: f32) -> Result<Norm> {
+        Ok(Norm { gamma: p.get("weight", &[c])?, beta: p.get("bias", &[c])?, c, eps })
+    }
+
+    /// A new tensor: GroupNorm(x) over `groups` groups per image (then SiLU), x [batch, rows, c].
+    pub fn group(&self, pb: &mut PlanBuilder, x: &Tensor, batch: usize, groups: usize, silu: bool, what: &str) -> Result<Tensor> {
+        let rows = x.numel() / (batch * self.c).max(1);
+        let gn = GroupNorm::new(pb.gpu, batch, rows, self.c, groups, self.eps, silu)?;
+        let y = pb.f16(&x.shape, what)?;
+        pb.run_all(gn.prepare(pb.gpu, x, &self.gamma, &self.beta, &y)?)?;
+        Ok(y)
+    }
+
+    /// A new tensor: LayerNorm(x) over the last dimension.
+    pub fn layer(&self, pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tensor> {
+        let y = pb.f16(&x.shape, what)?;
+        pb.run(norm::layer_norm(pb.gpu, x, &self.gamma, &self.beta, &y, self.eps)?)?;
+        Ok(y)
+    }
+}
+
+/// Named copies of intermediate tensors, taken while a plan is built (for the fixture tests
+/// that locate a mismatch block by block); off unless asked for.
+#[derive(Default)]
+pub struct Taps {
+    pub on: bool,
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl Taps {
+    /// Records a copy of `x` under `name` when tapping.
+    pub fn tap(&mut self, pb: &mut PlanBuilder, name: &str, x: &Tensor) -> Result<()> {
+        if !self.on {
+            return Ok(());
+        }
+        let copy = Tensor::empty(pb.gpu, &x.shape, x.dtype, name)?;
+        pb.run(crate::kernels::elementwise::unary(pb.gpu, crate::kernels::elementwise::Unary::Copy, x, &copy)?)?;
+        self.tensors.push((name.to_string(), copy));
+        Ok(())
+    }
+
+    /// The tapped tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
