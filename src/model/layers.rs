@@ -82,6 +82,9 @@ pub struct Conv {
     pub cout: usize,
     pub ks: usize,
     pub stride: usize,
+    /// Padding of one pixel on the bottom and right only (the VAE encoder's downsamplers:
+    /// `F.pad(x, (0, 1, 0, 1))` then padding 0); else ks/2 on every side.
+    pub pad_end_only: bool,
 }
 
 impl Conv {
@@ -91,26 +94,42 @@ impl Conv {
         let w = p.get_f32("weight", &[cout, cin, ks, ks])?;
         let w = conv_weight_to_nhwc(&w, cout, cin, ks, ks);
         let w = Tensor::from_f32(p.gpu(), &[cout, ks, ks, cin], DType::F16, &w, &p.name("weight"))?;
-        Ok(Conv { w, b: p.get("bias", &[cout])?, cin, cout, ks, stride })
+        Ok(Conv { w, b: p.get("bias", &[cout])?, cin, cout, ks, stride, pad_end_only: false })
+    }
+
+    /// As [`Conv::load`], padded by one pixel at the bottom and right only.
+    pub fn load_end_pad(p: &Prefix, cin: usize, cout: usize, ks: usize, stride: usize) -> Result<Conv> {
+        Ok(Conv { pad_end_only: true, ..Conv::load(p, cin, cout, ks, stride)? })
     }
 
     /// The output size for an h x w input.
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        if self.pad_end_only {
+            let o = |x: usize| (x + 1).saturating_sub(self.ks) / self.stride + 1;
+            return (o(h), o(w));
+        }
         self.shape(1, h, w).out_hw()
     }
 
     fn shape(&self, batch: usize, h: usize, w: usize) -> Conv2d {
-        Conv2d::new(batch, h, w, self.cin, self.cout, self.ks, self.stride, self.ks / 2)
+        let pad = if self.pad_end_only { 0 } else { self.ks / 2 };
+        Conv2d::new(batch, h, w, self.cin, self.cout, self.ks, self.stride, pad)
     }
 
     /// Records y [batch, oh, ow, cout] (=, or += with `accumulate`) from x [batch, h, w, cin].
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor, accumulate: bool) -> Result<()> {
         let conv = self.shape(batch, h, w);
-        let (oh, ow) = conv.out_hw();
-        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
+        let (oh, ow) = self.out_hw(h, w);
+        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout || h + 1 < self.ks || w + 1 < self.ks {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
         let mut mm = conv.matmul()?;
+        if let Some(g) = mm.conv.as_mut() {
+            // With padding 0 the kernel reads zeros past the bottom and right edges: one more
+            // output row and column than padding 0 alone gives is the end padding.
+            (g.oh, g.ow) = (oh, ow);
+            mm.m = batch * oh * ow;
+        }
         mm.accumulate = accumulate;
         mm.run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
     }

@@ -3,4 +3,5 @@
 pub mod clip;
 pub mod convert;
 pub mod layers;
+pub mod unet_blocks;
 pub mod weights;
