@@ -120,7 +120,7 @@ impl Conv {
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor, accumulate: bool) -> Result<()> {
         let conv = self.shape(batch, h, w);
         let (oh, ow) = self.out_hw(h, w);
-        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout || h + 1 < self.ks || w + 1 < self.ks {
+        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout || (self.pad_end_only && (h + 1 < self.ks || w + 1 < self.ks)) {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
         let mut mm = conv.matmul()?;

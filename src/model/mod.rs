@@ -3,5 +3,6 @@
 pub mod clip;
 pub mod convert;
 pub mod layers;
+pub mod unet;
 pub mod unet_blocks;
 pub mod weights;
