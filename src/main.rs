@@ -1,8 +1,12 @@
-//! The `atelier` command line: thin wrappers over the library (info, bench).
+//! The `atelier` command line: thin wrappers over the library (info, bench, bench --model).
 
 use std::process::ExitCode;
 
+use std::path::{Path, PathBuf};
+
 use clap::{Parser, Subcommand};
+
+use atelier::bench_models::ModelBench;
 
 use atelier::gpu::device::{list_adapters, GpuOptions};
 use atelier::gpu::Gpu;
@@ -23,7 +27,8 @@ struct Cli {
 enum Command {
     /// List the GPUs, their features and limits, and the kernel path atelier will use.
     Info,
-    /// Run the kernel benchmarks (matmul at SD shapes and 4096³/8192³, elementwise at 64 MiB).
+    /// Run the kernel benchmarks (matmul, conv, attention at SD shapes, elementwise at 64 MiB),
+    /// or with --model time the text encoder, UNet and VAE of a model.
     Bench {
         /// Only the cases whose name contains this text.
         #[arg(long)]
@@ -34,6 +39,39 @@ enum Command {
         /// Time every cooperative-matrix tile at every matmul shape (for tuning), not only at 8192³.
         #[arg(long)]
         all_tiles: bool,
+        /// Time the networks of this model (a diffusers folder or a single .safetensors file)
+        /// instead of the kernels.
+        #[arg(long, value_name = "PATH")]
+        model: Option<PathBuf>,
+        /// Images per batch (with --model): 2 is one classifier-free-guidance step.
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        /// Images per VAE batch (with --model): decoding is one image at a time by default.
+        #[arg(long, default_value_t = 1)]
+        vae_batch: usize,
+        /// Image width in pixels (with --model), a multiple of 8.
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        /// Image height in pixels (with --model), a multiple of 8.
+        #[arg(long, default_value_t = 512)]
+        height: usize,
+        /// Timed runs per network (with --model), after two warm-up runs.
+        #[arg(long, default_value_t = 10)]
+        repeat: usize,
+        /// Inputs for the networks (with --model): a safetensors file with clip.input_ids,
+        /// unet.sample, unet.timestep, unet.encoder_hidden_states, vae.latent, vae.image
+        /// (NCHW f32, as diffusers takes them); absent ones are seeded random.
+        #[arg(long, value_name = "FILE")]
+        inputs: Option<PathBuf>,
+        /// Write the networks' outputs here (with --model), as f32 safetensors.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Also time the VAE encoder (with --model).
+        #[arg(long)]
+        encode: bool,
+        /// Print a per-kernel profile of one run of each network (with --model).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -42,7 +80,11 @@ fn main() -> ExitCode {
     let opts = GpuOptions::from_env().with_adapter(cli.adapter.clone());
     let result = match cli.command {
         Command::Info => info(&opts),
-        Command::Bench { filter, json, all_tiles } => bench(&opts, filter.as_deref(), json, all_tiles),
+        Command::Bench { model: Some(model), batch, vae_batch, width, height, repeat, inputs, output, encode, profile, .. } => {
+            let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
+            bench_model(&opts, &model, &o)
+        }
+        Command::Bench { filter, json, all_tiles, .. } => bench(&opts, filter.as_deref(), json, all_tiles),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,5 +156,15 @@ fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool) -
             filter.unwrap_or("")
         )));
     }
+    Ok(())
+}
+
+fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench) -> atelier::Result<()> {
+    let gpu = Gpu::new(opts)?;
+    println!("{}", gpu.describe());
+    let t0 = std::time::Instant::now();
+    let sd = atelier::model::sd15::StableDiffusion::load(&gpu, model, &Default::default(), None)?;
+    println!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
+    atelier::bench_models::run(&gpu, &sd, o)?;
     Ok(())
 }

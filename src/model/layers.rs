@@ -5,7 +5,7 @@
 //! or token-major rows.
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, PlanBuilder, Tensor};
+use crate::gpu::{PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::norm::{self, GroupNorm};
@@ -47,9 +47,9 @@ impl Linear {
                 b.extend(q.get_f32("bias", &[rows])?);
             }
         }
-        let what = p.name(&format!("{{{}}}.weight", names.join(",")));
-        let w = Tensor::from_f32(p.gpu(), &[total, k], DType::F16, &w, &what)?;
-        let b = if bias { Some(Tensor::from_f32(p.gpu(), &[total], DType::F16, &b, &what.replace("weight", "bias"))?) } else { None };
+        let fused = format!("{{{}}}", names.join(","));
+        let w = p.upload(&format!("{fused}.weight"), &[total, k], &w)?;
+        let b = if bias { Some(p.upload(&format!("{fused}.bias"), &[total], &b)?) } else { None };
         Ok(Linear { w, b, n: total, k })
     }
 
@@ -93,7 +93,7 @@ impl Conv {
     pub fn load(p: &Prefix, cin: usize, cout: usize, ks: usize, stride: usize) -> Result<Conv> {
         let w = p.get_f32("weight", &[cout, cin, ks, ks])?;
         let w = conv_weight_to_nhwc(&w, cout, cin, ks, ks);
-        let w = Tensor::from_f32(p.gpu(), &[cout, ks, ks, cin], DType::F16, &w, &p.name("weight"))?;
+        let w = p.upload("weight", &[cout, ks, ks, cin], &w)?;
         Ok(Conv { w, b: p.get("bias", &[cout])?, cin, cout, ks, stride, pad_end_only: false })
     }
 

@@ -2,7 +2,9 @@
 
 pub mod clip;
 pub mod convert;
+pub mod sd15;
 pub mod layers;
 pub mod unet;
 pub mod unet_blocks;
+pub mod vae;
 pub mod weights;

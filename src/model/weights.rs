@@ -497,6 +497,14 @@ impl<'a> Prefix<'a> {
         self.weights.get_f32(&self.name(key), expected)
     }
 
+    /// Uploads values made from this prefix's tensors (a reordered convolution weight, fused
+    /// projections) as f16 tensor `<prefix>.<key>`, counted in the load report like the rest.
+    pub fn upload(&self, key: &str, shape: &[usize], values: &[f32]) -> Result<Tensor> {
+        let t = Tensor::from_f32(self.gpu, shape, DType::F16, values, &self.name(key))?;
+        self.weights.uploaded(self.gpu, t.bytes())?;
+        Ok(t)
+    }
+
     /// True if the files hold `<prefix>.<key>`.
     pub fn contains(&self, key: &str) -> bool {
         self.weights.contains(&self.name(key))

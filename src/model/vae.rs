@@ -1,0 +1,409 @@
+//! The VAE (diffusers' `AutoencoderKL`, SD-1.5's `vae`): the decoder (latent z -> image) and
+//! the encoder (image -> the latent distribution's mean, log-variance, standard deviation and
+//! a seeded sample). Images and latents are NHWC f16 on the GPU.
+//!
+//! Encoder: `conv_in`; per level `layers_per_block` resnets and, on all but the last level, a
+//! 3x3 stride-2 convolution padded at the bottom and right only; the mid block (resnet,
+//! single-head self-attention, resnet); GroupNorm+SiLU; `conv_out` to 2·latent channels;
+//! `quant_conv` (1x1). Its output channels are the mean and the log-variance, run here as two
+//! 1x1 products (the two row halves of `quant_conv`) so each lands in a dense tensor.
+//! Decoder: `post_quant_conv` (1x1), `conv_in`, the mid block, per level over the reversed
+//! widths `layers_per_block + 1` resnets and, on all but the last, a nearest 2x upsample and
+//! a 3x3 convolution; GroupNorm+SiLU; `conv_out` to the image.
+//!
+//! The decoder takes z as given (the caller divides the UNet's latents by `scaling_factor`)
+//! and gives `decode(z).sample` before any clamping. The log-variance clamp to [-30, 20] and
+//! std = exp(logvar / 2) run on the CPU after the encoder pass ([`EncodePlan::complete`]):
+//! the elementwise shader has no clamp or exp yet. sample = mean + std·noise runs on the GPU.
+
+use crate::config::VaeConfig;
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
+use crate::kernels::attention::{self, Attention, Operand};
+use crate::kernels::elementwise::{self, Binary};
+use crate::kernels::tensor_ops;
+use crate::model::layers::{Conv, Linear, Norm, Taps};
+use crate::model::unet_blocks::{Hw, ResnetBlock2D, Upsample2D};
+use crate::model::weights::{Prefix, Weights};
+use crate::rng::Rng;
+
+/// The mid block's attention (`mid_block.attentions.0`): GroupNorm (no SiLU), q, k, v with
+/// biases fused into one [3C, C] product, one head of width C, `to_out.0` with bias, added to
+/// the block's input.
+struct VaeAttention {
+    c: usize,
+    groups: usize,
+    group_norm: Norm,
+    qkv: Linear,
+    to_out: Linear,
+}
+
+impl VaeAttention {
+    fn load(p: &Prefix, c: usize, groups: usize, eps: f32) -> Result<Self> {
+        Ok(VaeAttention {
+            c,
+            groups,
+            group_norm: Norm::load(&p.at("group_norm"), c, eps)?,
+            qkv: Linear::load_fused(p, &["to_q", "to_k", "to_v"], &[c, c, c], c, true)?,
+            to_out: Linear::load(&p.at("to_out.0"), c, c, true)?,
+        })
+    }
+
+    /// x [batch, h, w, c] += to_out(attention(qkv(group_norm(x)))).
+    fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, batch: usize) -> Result<()> {
+        let c = self.c;
+        let l = x.numel() / (batch * c);
+        let n = self.group_norm.group(pb, x, batch, self.groups, false, "vae attention norm")?;
+        let qkv = self.qkv.apply(pb, &n, "vae attention qkv")?;
+        pb.free(n);
+        let o = pb.f16(&[batch * l, c], "vae attention out")?;
+        let (q, k, v) = (Operand::slice(&qkv, 0, 3 * c), Operand::slice(&qkv, c, 3 * c), Operand::slice(&qkv, 2 * c, 3 * c));
+        pb.run(Attention::new(batch, 1, l, l, c, false).prepare(pb.gpu, q, k, v, Operand::dense(&o, c))?)?;
+        pb.free(qkv);
+        self.to_out.forward(pb, &o, x, true)?;
+        pb.free(o);
+        Ok(())
+    }
+}
+
+/// `UNetMidBlock2D` without a time embedding: resnet, attention, resnet.
+struct MidBlock {
+    resnets: [ResnetBlock2D; 2],
+    attention: VaeAttention,
+}
+
+impl MidBlock {
+    fn load(p: &Prefix, c: usize, groups: usize, eps: f32) -> Result<Self> {
+        let resnet = |i: usize| ResnetBlock2D::load(&p.at("resnets").at(i), c, c, None, groups, eps);
+        Ok(MidBlock { resnets: [resnet(0)?, resnet(1)?], attention: VaeAttention::load(&p.at("attentions.0"), c, groups, eps)? })
+    }
+
+    /// A new tensor from x [batch, h, w, c].
+    fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw) -> Result<Tensor> {
+        let h = self.resnets[0].forward(pb, x, hw, None)?;
+        self.attention.forward(pb, &h, hw.0)?;
+        let y = self.resnets[1].forward(pb, &h, hw, None)?;
+        pb.free(h);
+        Ok(y)
+    }
+}
+
+/// Runs `blocks` in turn on `x` (a pool tensor, freed once read).
+fn resnets(pb: &mut PlanBuilder, blocks: &[ResnetBlock2D], mut x: Tensor, hw: Hw) -> Result<Tensor> {
+    for r in blocks {
+        let y = r.forward(pb, &x, hw, None)?;
+        pb.free(std::mem::replace(&mut x, y));
+    }
+    Ok(x)
+}
+
+/// The VAE's weights on the GPU.
+pub struct AutoencoderKL {
+    pub cfg: VaeConfig,
+    enc_conv_in: Conv,
+    /// Per level: resnets, then the downsampler (all but the last level).
+    enc_levels: Vec<(Vec<ResnetBlock2D>, Option<Conv>)>,
+    enc_mid: MidBlock,
+    enc_norm_out: Norm,
+    enc_conv_out: Conv,
+    /// `quant_conv`'s first and second halves of output channels: mean and log-variance.
+    quant_mean: Linear,
+    quant_logvar: Linear,
+    post_quant_conv: Linear,
+    dec_conv_in: Conv,
+    dec_mid: MidBlock,
+    /// Per level: resnets, then the upsampler (all but the last level).
+    dec_levels: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
+    dec_norm_out: Norm,
+    dec_conv_out: Conv,
+}
+
+/// A built decoder pass for `batch` latents of `h` x `w`.
+pub struct DecodePlan {
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Latent z in, [batch, h, w, latent_channels] f16 (not scaled: see the module doc).
+    pub latent: Tensor,
+    /// Image out, [batch, 8h, 8w, out_channels] f16, not clamped.
+    pub image: Tensor,
+    pub plan: Plan,
+    pub taps: Taps,
+}
+
+/// A built encoder pass for `batch` images of `h` x `w` pixels.
+pub struct EncodePlan {
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Image in, [batch, h, w, in_channels] f16 (values in [-1, 1]).
+    pub image: Tensor,
+    /// Standard normal noise in for the sample, [batch, h/8, w/8, latent_channels] f16; see
+    /// [`EncodePlan::set_noise_seed`].
+    pub noise: Tensor,
+    /// Outputs, each [batch, h/8, w/8, latent_channels] f16.
+    pub mean: Tensor,
+    /// Clamped to [-30, 20] by [`EncodePlan::complete`] (raw after `plan` alone).
+    pub logvar: Tensor,
+    pub std: Tensor,
+    /// mean + std·noise.
+    pub sample: Tensor,
+    /// The encoder: image -> mean, logvar (not yet clamped).
+    pub plan: Plan,
+    /// sample = mean + std·noise, replayed by [`EncodePlan::complete`] once std is written.
+    pub sample_plan: Plan,
+    pub taps: Taps,
+}
+
+impl AutoencoderKL {
+    /// Loads `vae.*`; the caller ends the load with `Weights::finish`.
+    pub fn load(weights: &Weights, gpu: &Gpu, cfg: &VaeConfig) -> Result<AutoencoderKL> {
+        cfg.validate().map_err(|e| Error::model(weights.path(), e))?;
+        let ch = &cfg.block_out_channels;
+        let (groups, eps, lat) = (cfg.norm_num_groups, cfg.norm_eps, cfg.latent_channels);
+        let top = ch[ch.len() - 1];
+        if !top.is_multiple_of(8) || top > attention::MAX_D {
+            return Err(Error::model(weights.path(), format!("VAE mid-block attention width {top}: must be a multiple of 8, at most {}", attention::MAX_D)));
+        }
+        let p = weights.prefix(gpu, "vae");
+        let resnet = |q: &Prefix, cin, cout| ResnetBlock2D::load(q, cin, cout, None, groups, eps);
+
+        let e = p.at("encoder");
+        let mut enc_levels = Vec::new();
+        let mut cin = ch[0];
+        for (i, &c) in ch.iter().enumerate() {
+            let b = e.at("down_blocks").at(i);
+            let rs = (0..cfg.layers_per_block).map(|j| resnet(&b.at("resnets").at(j), if j == 0 { cin } else { c }, c)).collect::<Result<_>>()?;
+            let down = if i + 1 < ch.len() { Some(Conv::load_end_pad(&b.at("downsamplers.0.conv"), c, c, 3, 2)?) } else { None };
+            enc_levels.push((rs, down));
+            cin = c;
+        }
+        // quant_conv [2L, 2L, 1, 1]: rows 0..L give the mean, L..2L the log-variance.
+        let qp = p.at("quant_conv");
+        let (qw, qb) = (qp.get_f32("weight", &[2 * lat, 2 * lat, 1, 1])?, qp.get_f32("bias", &[2 * lat])?);
+        let half = |i: usize, what: &str| -> Result<Linear> {
+            let w = Tensor::from_f32(gpu, &[lat, 2 * lat], DType::F16, &qw[i * lat * 2 * lat..(i + 1) * lat * 2 * lat], &qp.name(&format!("weight ({what})")))?;
+            let b = Tensor::from_f32(gpu, &[lat], DType::F16, &qb[i * lat..(i + 1) * lat], &qp.name(&format!("bias ({what})")))?;
+            Ok(Linear { w, b: Some(b), n: lat, k: 2 * lat })
+        };
+
+        let d = p.at("decoder");
+        let mut dec_levels = Vec::new();
+        let mut cin = top;
+        for (i, &c) in ch.iter().rev().enumerate() {
+            let b = d.at("up_blocks").at(i);
+            let rs = (0..=cfg.layers_per_block).map(|j| resnet(&b.at("resnets").at(j), if j == 0 { cin } else { c }, c)).collect::<Result<_>>()?;
+            let up = if i + 1 < ch.len() { Some(Upsample2D::load(&b.at("upsamplers.0"), c)?) } else { None };
+            dec_levels.push((rs, up));
+            cin = c;
+        }
+        Ok(AutoencoderKL {
+            enc_conv_in: Conv::load(&e.at("conv_in"), cfg.in_channels, ch[0], 3, 1)?,
+            enc_levels,
+            enc_mid: MidBlock::load(&e.at("mid_block"), top, groups, eps)?,
+            enc_norm_out: Norm::load(&e.at("conv_norm_out"), top, eps)?,
+            enc_conv_out: Conv::load(&e.at("conv_out"), top, 2 * lat, 3, 1)?,
+            quant_mean: half(0, "mean")?,
+            quant_logvar: half(1, "logvar")?,
+            post_quant_conv: Linear::load_1x1(&p.at("post_quant_conv"), lat, lat)?,
+            dec_conv_in: Conv::load(&d.at("conv_in"), lat, top, 3, 1)?,
+            dec_mid: MidBlock::load(&d.at("mid_block"), top, groups, eps)?,
+            dec_levels,
+            dec_norm_out: Norm::load(&d.at("conv_norm_out"), ch[0], eps)?,
+            dec_conv_out: Conv::load(&d.at("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Builds the decoder for `batch` latents of `h` x `w` (any sizes >= 1). With `tap`, keeps
+    /// `post_quant_conv`, `decoder.conv_in`, `decoder.mid_block` and `decoder.up_blocks.<i>`
+    /// (diffusers' module names; NHWC).
+    pub fn decode_plan(&self, gpu: &Gpu, batch: usize, h: usize, w: usize, tap: bool) -> Result<DecodePlan> {
+        if batch == 0 || h == 0 || w == 0 {
+            return Err(Error::Usage(format!("VAE decode: batch {batch} of {h}x{w} latents: every size must be at least 1")));
+        }
+        let (lat, groups) = (self.cfg.latent_channels, self.cfg.norm_num_groups);
+        let f = self.cfg.downscale();
+        let mut pb = PlanBuilder::new(gpu);
+        let mut taps = Taps { on: tap, ..Default::default() };
+        let latent = Tensor::empty(gpu, &[batch, h, w, lat], DType::F16, "vae latent")?;
+        let image = Tensor::empty(gpu, &[batch, h * f, w * f, self.cfg.out_channels], DType::F16, "vae image")?;
+        let mut z = self.post_quant_conv.apply(&mut pb, &latent, "vae post_quant_conv")?;
+        z.shape = vec![batch, h, w, lat];
+        taps.tap(&mut pb, "post_quant_conv", &z)?;
+        let (lh, lw) = (h, w);
+        let (mut h, mut w) = (h, w);
+        let x = self.dec_conv_in.apply(&mut pb, &z, (batch, h, w), "vae decoder conv_in")?;
+        pb.free(z);
+        taps.tap(&mut pb, "decoder.conv_in", &x)?;
+        let mut x = {
+            let y = self.dec_mid.forward(&mut pb, &x, (batch, h, w))?;
+            pb.free(x);
+            y
+        };
+        taps.tap(&mut pb, "decoder.mid_block", &x)?;
+        for (i, (rs, up)) in self.dec_levels.iter().enumerate() {
+            x = resnets(&mut pb, rs, x, (batch, h, w))?;
+            if let Some(up) = up {
+                let y = up.forward(&mut pb, &x, (batch, h, w), (2 * h, 2 * w))?;
+                pb.free(std::mem::replace(&mut x, y));
+                (h, w) = (2 * h, 2 * w);
+            }
+            taps.tap(&mut pb, &format!("decoder.up_blocks.{i}"), &x)?;
+        }
+        let n = self.dec_norm_out.group(&mut pb, &x, batch, groups, true, "vae decoder norm_out")?;
+        pb.free(x);
+        self.dec_conv_out.forward(&mut pb, &n, (batch, h, w), &image, false)?;
+        pb.free(n);
+        Ok(DecodePlan { batch, h: lh, w: lw, latent, image, plan: pb.finish(), taps })
+    }
+
+    /// Builds the encoder for `batch` images of `h` x `w` pixels (multiples of the downscale
+    /// factor f = 8, at least 2f). With `tap`, keeps `encoder.down_blocks.<i>` (after the downsampler),
+    /// `encoder.mid_block`, `encoder.conv_out` and `quant_conv` (mean and raw log-variance
+    /// side by side: the moments).
+    pub fn encode_plan(&self, gpu: &Gpu, batch: usize, h: usize, w: usize, tap: bool) -> Result<EncodePlan> {
+        let f = self.cfg.downscale();
+        // Sides of f pixels (diffusers takes them) are refused for now: the last downsampler
+        // would see a 2-pixel side, which Conv2d's size check refuses before the end padding.
+        if batch == 0 || h < 2 * f || w < 2 * f || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+            return Err(Error::Usage(format!("VAE encode: batch {batch} of {h}x{w} images: need batch >= 1 and sides that are multiples of {f}, at least {}", 2 * f)));
+        }
+        let (lat, groups) = (self.cfg.latent_channels, self.cfg.norm_num_groups);
+        let mut pb = PlanBuilder::new(gpu);
+        let mut taps = Taps { on: tap, ..Default::default() };
+        let image = Tensor::empty(gpu, &[batch, h, w, self.cfg.in_channels], DType::F16, "vae input image")?;
+        let out = |what: &str| Tensor::empty(gpu, &[batch, h / f, w / f, lat], DType::F16, what);
+        let (noise, mean, logvar, std, sample) = (out("vae noise")?, out("vae mean")?, out("vae logvar")?, out("vae std")?, out("vae sample")?);
+        let (mut h, mut w) = (h, w);
+        let mut x = self.enc_conv_in.apply(&mut pb, &image, (batch, h, w), "vae encoder conv_in")?;
+        for (i, (rs, down)) in self.enc_levels.iter().enumerate() {
+            x = resnets(&mut pb, rs, x, (batch, h, w))?;
+            if let Some(down) = down {
+                let y = down.apply(&mut pb, &x, (batch, h, w), "vae downsample")?;
+                pb.free(std::mem::replace(&mut x, y));
+                (h, w) = down.out_hw(h, w);
+            }
+            taps.tap(&mut pb, &format!("encoder.down_blocks.{i}"), &x)?;
+        }
+        let y = self.enc_mid.forward(&mut pb, &x, (batch, h, w))?;
+        pb.free(std::mem::replace(&mut x, y));
+        taps.tap(&mut pb, "encoder.mid_block", &x)?;
+        let n = self.enc_norm_out.group(&mut pb, &x, batch, groups, true, "vae encoder norm_out")?;
+        pb.free(x);
+        let m = self.enc_conv_out.apply(&mut pb, &n, (batch, h, w), "vae encoder conv_out")?;
+        pb.free(n);
+        taps.tap(&mut pb, "encoder.conv_out", &m)?;
+        self.quant_mean.forward(&mut pb, &m, &mean, false)?;
+        self.quant_logvar.forward(&mut pb, &m, &logvar, false)?;
+        pb.free(m);
+        if tap {
+            let moments = Tensor::empty(gpu, &[batch, h, w, 2 * lat], DType::F16, "quant_conv")?;
+            pb.run(tensor_ops::concat(gpu, &mean, &logvar, &moments, batch * h * w, lat, lat)?)?;
+            taps.tensors.push(("quant_conv".into(), moments));
+        }
+        let plan = pb.finish();
+
+        let mut pb = PlanBuilder::new(gpu);
+        let t = pb.f16(&std.shape, "vae std·noise")?;
+        pb.run(elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &std, &noise, &t)?)?;
+        pb.run(elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &mean, &t, &sample)?)?;
+        pb.free(t);
+        let sample_plan = pb.finish();
+        let (h, w) = (h * f, w * f);
+        Ok(EncodePlan { batch, h, w, image, noise, mean, logvar, std, sample, plan, sample_plan, taps })
+    }
+}
+
+/// Writes `data` (NHWC, f32) into `t`, checking the count.
+fn write(gpu: &Gpu, t: &Tensor, data: &[f32], what: &str) -> Result<()> {
+    if data.len() != t.numel() {
+        return Err(Error::shape(what, format!("{} values for {:?} (NHWC)", data.len(), t.shape)));
+    }
+    t.write_f32(gpu, data)
+}
+
+impl DecodePlan {
+    /// Writes the latent z ([batch, h, w, latent_channels], NHWC) for the next replay.
+    pub fn set_latent(&self, gpu: &Gpu, nhwc: &[f32]) -> Result<()> {
+        write(gpu, &self.latent, nhwc, "VAE decode input")
+    }
+
+    /// Queues the pass.
+    pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.plan.record(rec)
+    }
+
+    /// Decodes `nhwc` and waits; the result is in [`DecodePlan::image`].
+    pub fn run(&self, gpu: &Gpu, nhwc: &[f32]) -> Result<()> {
+        self.set_latent(gpu, nhwc)?;
+        let mut rec = Recorder::new(gpu);
+        self.record(&mut rec)?;
+        rec.finish()
+    }
+}
+
+/// Clamps log-variances to [-30, 20] in place and gives std = exp(logvar / 2) for each, as
+/// diffusers' `DiagonalGaussianDistribution`.
+pub fn clamp_logvar_std(logvar: &mut [f32]) -> Vec<f32> {
+    logvar
+        .iter_mut()
+        .map(|v| {
+            *v = v.clamp(-30.0, 20.0);
+            (0.5 * *v as f64).exp() as f32
+        })
+        .collect()
+}
+
+impl EncodePlan {
+    /// Writes the image ([batch, h, w, in_channels], NHWC, values in [-1, 1]).
+    pub fn set_image(&self, gpu: &Gpu, nhwc: &[f32]) -> Result<()> {
+        write(gpu, &self.image, nhwc, "VAE encode input")
+    }
+
+    /// Writes the sample's noise ([batch, h/8, w/8, latent_channels], NHWC).
+    pub fn set_noise(&self, gpu: &Gpu, nhwc: &[f32]) -> Result<()> {
+        write(gpu, &self.noise, nhwc, "VAE encode noise")
+    }
+
+    /// The documented noise for `seed`: `Rng::new(seed).normals(n)` for the n = batch · h/8 ·
+    /// w/8 · latent_channels values, taken in NHWC order (channel fastest, then x, y, image).
+    /// Not torch's stream: the same seed gives another sample than diffusers.
+    pub fn seeded_noise(&self, seed: u64) -> Vec<f32> {
+        Rng::new(seed).normals(self.noise.numel())
+    }
+
+    /// Writes [`EncodePlan::seeded_noise`] for `seed`.
+    pub fn set_noise_seed(&self, gpu: &Gpu, seed: u64) -> Result<()> {
+        self.set_noise(gpu, &self.seeded_noise(seed))
+    }
+
+    /// Queues the encoder pass (mean and the raw log-variance); finish with
+    /// [`EncodePlan::complete`] once it has run.
+    pub fn record(&self, rec: &mut Recorder) -> Result<()> {
+        self.plan.record(rec)
+    }
+
+    /// After the encoder pass: clamps the log-variance and computes std on the CPU (waits for
+    /// the GPU; a stopgap until the elementwise shader has clamp and exp), writes both back,
+    /// then runs sample = mean + std·noise on the GPU and waits.
+    pub fn complete(&self, gpu: &Gpu) -> Result<()> {
+        let mut logvar = self.logvar.to_f32(gpu)?;
+        let std = clamp_logvar_std(&mut logvar);
+        self.logvar.write_f32(gpu, &logvar)?;
+        self.std.write_f32(gpu, &std)?;
+        let mut rec = Recorder::new(gpu);
+        self.sample_plan.record(&mut rec)?;
+        rec.finish()
+    }
+
+    /// Encodes `nhwc` with the noise for `seed` and waits: mean, logvar, std and sample.
+    pub fn run(&self, gpu: &Gpu, nhwc: &[f32], seed: u64) -> Result<()> {
+        self.set_image(gpu, nhwc)?;
+        self.set_noise_seed(gpu, seed)?;
+        let mut rec = Recorder::new(gpu);
+        self.record(&mut rec)?;
+        rec.finish()?;
+        self.complete(gpu)
+    }
+}
