@@ -1,5 +1,5 @@
 // elementwise.wgsl — elementwise ops over flat tensors: unary (copy, SiLU, GELU, quick-GELU,
-// affine), binary (add, mul, with the second operand broadcast along rows, or one of its rows
+// affine, clamp, exp), binary (add, mul, with the second operand broadcast along rows, or one of its rows
 // per group of output rows: a per-image channel vector), casts between
 // f16 and f32 (entry `convert`, 4 elements per invocation), and a 2-D strided copy.
 //
@@ -16,7 +16,8 @@
 struct Params {
     numel: u32,      // output elements (for copy2d: dst storage elements, rows * ld_dst)
     b_len: u32,      // binary: elements of the second operand (numel), or its row length to broadcast
-    op: u32,         // unary: 0 copy, 1 silu, 2 gelu (erf), 3 quick_gelu, 4 affine; binary: 0 add, 1 mul
+    op: u32,         // unary: 0 copy, 1 silu, 2 gelu (erf), 3 quick_gelu, 4 affine, 5 clamp to
+                     // [alpha, beta], 6 exp(alpha·x); binary: 0 add, 1 mul
     cols: u32,       // copy2d: columns copied; binary: output elements per row of x2 when broadcast
     alpha: f32,      // affine scale, or the scale of the second operand in binary ops
     beta: f32,       // affine shift
@@ -107,6 +108,8 @@ fn unary_op(v: vec4<f32>) -> vec4<f32> {
         case 2u: { return 0.5 * v * (1.0 + erf_approx(v * 0.70710678118654752)); }
         case 3u: { return v / (1.0 + exp(-1.702 * v)); }
         case 4u: { return v * p.alpha + p.beta; }
+        case 5u: { return clamp(v, vec4<f32>(p.alpha), vec4<f32>(p.beta)); }
+        case 6u: { return exp(v * p.alpha); }
         default: { return v; }
     }
 }

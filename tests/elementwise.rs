@@ -1,5 +1,5 @@
 //! Op tests of the elementwise family (`src/kernels/elementwise.rs`) against a CPU reference
-//! in f64: every unary op (copy, SiLU, GELU, quick-GELU, affine), add and mul (same-size and
+//! in f64: every unary op (copy, SiLU, GELU, quick-GELU, affine, clamp, exp), add and mul (same-size and
 //! with a broadcast row), casts f16<->f32 and copy2d, at sizes 1, 7, 8, 9, 1023 and
 //! 4096·320+5, for f16 and f32 inputs and outputs, on fresh seeded random inputs. Outputs are
 //! poisoned with NaN first, so an unwritten element fails. Also: the padding past numel is
@@ -25,8 +25,15 @@ use common::*;
 
 const SIZES: [usize; 6] = [1, 7, 8, 9, 1023, 4096 * 320 + 5];
 const DTYPES: [DType; 2] = [DType::F16, DType::F32];
-const UNARY: [Unary; 5] =
-    [Unary::Copy, Unary::Silu, Unary::Gelu, Unary::QuickGelu, Unary::Affine { alpha: -0.37, beta: 0.625 }];
+const UNARY: [Unary; 7] = [
+    Unary::Copy,
+    Unary::Silu,
+    Unary::Gelu,
+    Unary::QuickGelu,
+    Unary::Affine { alpha: -0.37, beta: 0.625 },
+    Unary::Clamp { lo: -1.5, hi: 2.0 },
+    Unary::Exp { scale: 0.5 },
+];
 
 /// The relative-L2 bound for an output dtype (reasons at the top of the file).
 fn bound(out: DType) -> f64 {

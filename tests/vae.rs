@@ -13,7 +13,7 @@
 mod common;
 
 use atelier::config::Sd15Config;
-use atelier::model::vae::{clamp_logvar_std, AutoencoderKL};
+use atelier::model::vae::AutoencoderKL;
 use atelier::model::weights::Weights;
 use atelier::rng::Rng;
 use common::fixtures::*;
@@ -162,16 +162,6 @@ fn vae_seeded_sample_is_mean_plus_std_times_noise() {
 }
 
 #[test]
-fn vae_logvar_clamp_and_std() {
-    let mut lv = vec![-100.0, -30.0, 0.0, 2.0, 20.0, 50.0];
-    let std = clamp_logvar_std(&mut lv);
-    assert_eq!(lv, vec![-30.0, -30.0, 0.0, 2.0, 20.0, 20.0]);
-    for (s, v) in std.iter().zip(&lv) {
-        assert!((s - (0.5 * v).exp()).abs() <= 1e-6 * s, "{s} vs exp({v}/2)");
-    }
-}
-
-#[test]
 fn vae_refuses_bad_sizes() {
     let g = gpu();
     let model = load("tiny-sd");
@@ -182,7 +172,6 @@ fn vae_refuses_bad_sizes() {
     assert!(model.encode_plan(g, 1, 0, 64, false).is_err());
     assert!(model.encode_plan(g, 1, 63, 64, false).is_err());
     assert!(model.encode_plan(g, 1, 64, 60, false).is_err());
-    assert!(model.encode_plan(g, 1, 8, 16, false).is_err());
     // Absurd sizes are errors (over the device's buffer limits), not panics.
     assert!(model.decode_plan(g, 1, 1 << 20, 1 << 20, false).is_err());
     assert!(model.encode_plan(g, usize::MAX / 8, 1 << 20, 1 << 20, false).is_err());
@@ -190,6 +179,10 @@ fn vae_refuses_bad_sizes() {
     let d = model.decode_plan(g, 1, 2, 3, false).unwrap();
     assert!(d.run(g, &[0.0; 5]).is_err());
     d.run(g, &[0.0; 2 * 3 * 4]).unwrap();
+    // One-latent-pixel sides work (the last downsamplers see 2- and 1-pixel sides).
+    let e = model.encode_plan(g, 1, 8, 16, false).unwrap();
+    e.run(g, &[0.25; 8 * 16 * 3], 1).unwrap();
+    assert!(e.mean.to_f32(g).unwrap().iter().all(|v| v.is_finite()));
     let e = model.encode_plan(g, 1, 16, 24, false).unwrap();
     assert!(e.run(g, &[0.0; 7], 1).is_err());
     assert!(e.set_noise(g, &[0.0; 3]).is_err());

@@ -1,4 +1,5 @@
-//! Launchers for `shaders/elementwise.wgsl`: unary ops (copy, SiLU, GELU, quick-GELU, affine),
+//! Launchers for `shaders/elementwise.wgsl`: unary ops (copy, SiLU, GELU, quick-GELU, affine,
+//! clamp, exp),
 //! binary ops (add, mul; the second operand may broadcast along rows), casts f16<->f32 and a
 //! strided 2-D copy. All memory-bound: bytes = inputs read + output written, no flops counted.
 
@@ -35,6 +36,10 @@ pub enum Unary {
     QuickGelu,
     /// y = alpha·x + beta (scale is beta = 0).
     Affine { alpha: f32, beta: f32 },
+    /// y = min(max(x, lo), hi).
+    Clamp { lo: f32, hi: f32 },
+    /// y = exp(scale·x).
+    Exp { scale: f32 },
 }
 
 impl Unary {
@@ -45,6 +50,8 @@ impl Unary {
             Unary::Gelu => (2, 1.0, 0.0),
             Unary::QuickGelu => (3, 1.0, 0.0),
             Unary::Affine { alpha, beta } => (4, alpha, beta),
+            Unary::Clamp { lo, hi } => (5, lo, hi),
+            Unary::Exp { scale } => (6, scale, 0.0),
         }
     }
 
@@ -56,6 +63,8 @@ impl Unary {
             Unary::Gelu => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
             Unary::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
             Unary::Affine { alpha, beta } => alpha as f64 * x + beta as f64,
+            Unary::Clamp { lo, hi } => x.clamp(lo as f64, hi as f64),
+            Unary::Exp { scale } => (scale as f64 * x).exp(),
         }
     }
 }

@@ -104,31 +104,28 @@ impl Conv {
 
     /// The output size for an h x w input.
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        if self.pad_end_only {
-            let o = |x: usize| (x + 1).saturating_sub(self.ks) / self.stride + 1;
-            return (o(h), o(w));
-        }
         self.shape(1, h, w).out_hw()
     }
 
     fn shape(&self, batch: usize, h: usize, w: usize) -> Conv2d {
-        let pad = if self.pad_end_only { 0 } else { self.ks / 2 };
-        Conv2d::new(batch, h, w, self.cin, self.cout, self.ks, self.stride, pad)
+        if self.pad_end_only {
+            // Sized as the padded image with padding 0; `forward` points the gather back at
+            // the real one, whose reads past the bottom and right edges give zeros.
+            return Conv2d::new(batch, h + 1, w + 1, self.cin, self.cout, self.ks, self.stride, 0);
+        }
+        Conv2d::new(batch, h, w, self.cin, self.cout, self.ks, self.stride, self.ks / 2)
     }
 
     /// Records y [batch, oh, ow, cout] (=, or += with `accumulate`) from x [batch, h, w, cin].
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor, accumulate: bool) -> Result<()> {
         let conv = self.shape(batch, h, w);
         let (oh, ow) = self.out_hw(h, w);
-        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout || (self.pad_end_only && (h + 1 < self.ks || w + 1 < self.ks)) {
+        if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
         let mut mm = conv.matmul()?;
-        if let Some(g) = mm.conv.as_mut() {
-            // With padding 0 the kernel reads zeros past the bottom and right edges: one more
-            // output row and column than padding 0 alone gives is the end padding.
-            (g.oh, g.ow) = (oh, ow);
-            mm.m = batch * oh * ow;
+        if let (true, Some(g)) = (self.pad_end_only, mm.conv.as_mut()) {
+            (g.ih, g.iw) = (h, w);
         }
         mm.accumulate = accumulate;
         mm.run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)

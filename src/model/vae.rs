@@ -12,15 +12,15 @@
 //! a 3x3 convolution; GroupNorm+SiLU; `conv_out` to the image.
 //!
 //! The decoder takes z as given (the caller divides the UNet's latents by `scaling_factor`)
-//! and gives `decode(z).sample` before any clamping. The log-variance clamp to [-30, 20] and
-//! std = exp(logvar / 2) run on the CPU after the encoder pass ([`EncodePlan::complete`]):
-//! the elementwise shader has no clamp or exp yet. sample = mean + std·noise runs on the GPU.
+//! and gives `decode(z).sample` before any clamping. The encoder's plan ends with the
+//! log-variance clamp to [-30, 20], std = exp(logvar / 2) and sample = mean + std·noise, as
+//! diffusers' `DiagonalGaussianDistribution`.
 
 use crate::config::VaeConfig;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::attention::{self, Attention, Operand};
-use crate::kernels::elementwise::{self, Binary};
+use crate::kernels::elementwise::{self, Binary, Unary};
 use crate::kernels::tensor_ops;
 use crate::model::layers::{Conv, Linear, Norm, Taps};
 use crate::model::unet_blocks::{Hw, ResnetBlock2D, Upsample2D};
@@ -143,15 +143,13 @@ pub struct EncodePlan {
     pub noise: Tensor,
     /// Outputs, each [batch, h/8, w/8, latent_channels] f16.
     pub mean: Tensor,
-    /// Clamped to [-30, 20] by [`EncodePlan::complete`] (raw after `plan` alone).
+    /// Clamped to [-30, 20].
     pub logvar: Tensor,
     pub std: Tensor,
     /// mean + std·noise.
     pub sample: Tensor,
-    /// The encoder: image -> mean, logvar (not yet clamped).
+    /// The encoder: image -> mean, logvar, std, sample.
     pub plan: Plan,
-    /// sample = mean + std·noise, replayed by [`EncodePlan::complete`] once std is written.
-    pub sample_plan: Plan,
     pub taps: Taps,
 }
 
@@ -259,15 +257,13 @@ impl AutoencoderKL {
     }
 
     /// Builds the encoder for `batch` images of `h` x `w` pixels (multiples of the downscale
-    /// factor f = 8, at least 2f). With `tap`, keeps `encoder.down_blocks.<i>` (after the downsampler),
+    /// factor f = 8). With `tap`, keeps `encoder.down_blocks.<i>` (after the downsampler),
     /// `encoder.mid_block`, `encoder.conv_out` and `quant_conv` (mean and raw log-variance
     /// side by side: the moments).
     pub fn encode_plan(&self, gpu: &Gpu, batch: usize, h: usize, w: usize, tap: bool) -> Result<EncodePlan> {
         let f = self.cfg.downscale();
-        // Sides of f pixels (diffusers takes them) are refused for now: the last downsampler
-        // would see a 2-pixel side, which Conv2d's size check refuses before the end padding.
-        if batch == 0 || h < 2 * f || w < 2 * f || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
-            return Err(Error::Usage(format!("VAE encode: batch {batch} of {h}x{w} images: need batch >= 1 and sides that are multiples of {f}, at least {}", 2 * f)));
+        if batch == 0 || h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
+            return Err(Error::Usage(format!("VAE encode: batch {batch} of {h}x{w} images: need batch >= 1 and sides that are positive multiples of {f}")));
         }
         let (lat, groups) = (self.cfg.latent_channels, self.cfg.norm_num_groups);
         let mut pb = PlanBuilder::new(gpu);
@@ -295,23 +291,23 @@ impl AutoencoderKL {
         pb.free(n);
         taps.tap(&mut pb, "encoder.conv_out", &m)?;
         self.quant_mean.forward(&mut pb, &m, &mean, false)?;
-        self.quant_logvar.forward(&mut pb, &m, &logvar, false)?;
+        let raw = pb.f16(&logvar.shape, "vae raw logvar")?;
+        self.quant_logvar.forward(&mut pb, &m, &raw, false)?;
         pb.free(m);
         if tap {
             let moments = Tensor::empty(gpu, &[batch, h, w, 2 * lat], DType::F16, "quant_conv")?;
-            pb.run(tensor_ops::concat(gpu, &mean, &logvar, &moments, batch * h * w, lat, lat)?)?;
+            pb.run(tensor_ops::concat(gpu, &mean, &raw, &moments, batch * h * w, lat, lat)?)?;
             taps.tensors.push(("quant_conv".into(), moments));
         }
-        let plan = pb.finish();
-
-        let mut pb = PlanBuilder::new(gpu);
+        pb.run(elementwise::unary(gpu, Unary::Clamp { lo: -30.0, hi: 20.0 }, &raw, &logvar)?)?;
+        pb.free(raw);
+        pb.run(elementwise::unary(gpu, Unary::Exp { scale: 0.5 }, &logvar, &std)?)?;
         let t = pb.f16(&std.shape, "vae std·noise")?;
         pb.run(elementwise::binary(gpu, Binary::Mul { alpha: 1.0 }, &std, &noise, &t)?)?;
         pb.run(elementwise::binary(gpu, Binary::Add { alpha: 1.0 }, &mean, &t, &sample)?)?;
         pb.free(t);
-        let sample_plan = pb.finish();
         let (h, w) = (h * f, w * f);
-        Ok(EncodePlan { batch, h, w, image, noise, mean, logvar, std, sample, plan, sample_plan, taps })
+        Ok(EncodePlan { batch, h, w, image, noise, mean, logvar, std, sample, plan: pb.finish(), taps })
     }
 }
 
@@ -343,18 +339,6 @@ impl DecodePlan {
     }
 }
 
-/// Clamps log-variances to [-30, 20] in place and gives std = exp(logvar / 2) for each, as
-/// diffusers' `DiagonalGaussianDistribution`.
-pub fn clamp_logvar_std(logvar: &mut [f32]) -> Vec<f32> {
-    logvar
-        .iter_mut()
-        .map(|v| {
-            *v = v.clamp(-30.0, 20.0);
-            (0.5 * *v as f64).exp() as f32
-        })
-        .collect()
-}
-
 impl EncodePlan {
     /// Writes the image ([batch, h, w, in_channels], NHWC, values in [-1, 1]).
     pub fn set_image(&self, gpu: &Gpu, nhwc: &[f32]) -> Result<()> {
@@ -378,23 +362,9 @@ impl EncodePlan {
         self.set_noise(gpu, &self.seeded_noise(seed))
     }
 
-    /// Queues the encoder pass (mean and the raw log-variance); finish with
-    /// [`EncodePlan::complete`] once it has run.
+    /// Queues the pass.
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
         self.plan.record(rec)
-    }
-
-    /// After the encoder pass: clamps the log-variance and computes std on the CPU (waits for
-    /// the GPU; a stopgap until the elementwise shader has clamp and exp), writes both back,
-    /// then runs sample = mean + std·noise on the GPU and waits.
-    pub fn complete(&self, gpu: &Gpu) -> Result<()> {
-        let mut logvar = self.logvar.to_f32(gpu)?;
-        let std = clamp_logvar_std(&mut logvar);
-        self.logvar.write_f32(gpu, &logvar)?;
-        self.std.write_f32(gpu, &std)?;
-        let mut rec = Recorder::new(gpu);
-        self.sample_plan.record(&mut rec)?;
-        rec.finish()
     }
 
     /// Encodes `nhwc` with the noise for `seed` and waits: mean, logvar, std and sample.
@@ -403,7 +373,6 @@ impl EncodePlan {
         self.set_noise_seed(gpu, seed)?;
         let mut rec = Recorder::new(gpu);
         self.record(&mut rec)?;
-        rec.finish()?;
-        self.complete(gpu)
+        rec.finish()
     }
 }
