@@ -161,7 +161,8 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
         }
     }
-    // Attention at SD-1.5 shapes (scalar kernel on every device for now).
+    // Attention at SD-1.5 shapes on every path the device has (the VAE's d 512 runs the
+    // scalar kernel on both: the label says which pipeline ran).
     let attn_cases = [
         ("unet_64x64_self_2x8h_d40", Attention::new(2, 8, 4096, 4096, 40, false)),
         ("unet_64x64_cross_2x8h_d40", Attention::new(2, 8, 4096, 77, 40, false)),
@@ -179,8 +180,12 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         let q = random_f16(gpu, &[a.batch, a.lq, hd], 8, "bench q")?;
         let kv = random_f16(gpu, &[a.batch, a.lk, hd], 9, "bench kv")?;
         let o = Tensor::empty(gpu, &[a.batch, a.lq, hd], DType::F16, "bench o")?;
-        let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
-        emit(time_case(gpu, &d, full, d.label.to_string(), 2e11, slow)?);
+        for &path in &paths {
+            let mut a = a;
+            a.path = Some(path);
+            let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
+            emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e11, slow)?);
+        }
     }
     // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).
     let n = if slow { 1 << 20 } else { 32 << 20 };

@@ -1,19 +1,24 @@
-//! Op tests for shaders/attention.wgsl: softmax(q·kᵀ·scale)·v per (batch, head) against an
-//! f64 CPU reference, on fresh seeded random inputs with NaN-poisoned outputs: tiny and odd
-//! shapes, CLIP's causal 77x77, cross-attention over 77 keys, every SD-1.5 head dim (40, 64,
-//! 80, 160, 512), one real UNet self-attention (4096 tokens), q/k/v read out of one fused
-//! tensor, large logits (online softmax stability) and refused shapes.
+//! Op tests for shaders/attention.wgsl and shaders/attention_coop.wgsl:
+//! softmax(q·kᵀ·scale)·v per (batch, head) against an f64 CPU reference, on fresh seeded
+//! random inputs with NaN-poisoned outputs, on both kernel paths where the device has them
+//! (`common::paths()`: the cooperative-matrix kernel only where the device offers it): tiny
+//! and odd shapes, CLIP's causal 77x77, cross-attention over 77 keys, every SD-1.5 head dim
+//! (40, 64, 80, 160, 512; 512 runs on the scalar kernel on both paths), one real UNet
+//! self-attention (4096 tokens), q/k/v read out of one fused tensor, every cooperative tile,
+//! large logits (online softmax stability), the path choice and refused shapes.
 
 mod common;
 
-use atelier::gpu::{DType, Tensor};
-use atelier::kernels::attention::{Attention, Operand};
-use common::{gpu, random, rel_l2, round_f16, seed, POISON};
+use atelier::gpu::{DType, KernelPath, Tensor};
+use atelier::kernels::attention::{coop_dp, Attention, CoopTile, Operand, COOP_MAX_DP, COOP_SHARED_LIMIT};
+use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Outputs are O(0.1..1) weighted means stored as f16 (relative rounding 2^-11, ~3e-4 RMS);
-/// probabilities and accumulators are f32. 2e-3 covers that with room for f32 sums over 4096
-/// keys, and nothing more: a missing scale, a wrong mask, a dropped rescale or a wrong
-/// column slice is off by 1e-1 or more.
+/// probabilities and accumulators are f32 (the cooperative kernel rounds the probabilities
+/// to f16 for the tensor cores, relative 2^-11 per term, and normalises by the sum of the
+/// rounded values, which averages out over the keys). 2e-3 covers that with room for f32
+/// sums over 4096 keys, and nothing more: a missing scale, a wrong mask, a dropped rescale
+/// or a wrong column slice is off by 1e-1 or more.
 const BOUND: f64 = 2e-3;
 
 fn upload(v: &[f32], shape: &[usize]) -> Tensor {
@@ -71,11 +76,17 @@ fn attention_ref(
     out
 }
 
-/// Runs `a` on dense random q, k, v with inputs in ±amp; returns the error and the seconds
-/// the GPU run took.
-fn run(a: Attention, amp: f32) -> (f64, f64) {
+/// Runs `a` on `path` on dense random q, k, v with inputs in ±amp; returns the error and the
+/// seconds the GPU run took. Asking for cooperative matrices on a device that offers them
+/// must give the cooperative kernel whenever the padded head dim allows it.
+fn run_on(mut a: Attention, amp: f32, path: KernelPath) -> (f64, f64) {
     let g = gpu();
-    let what = format!("attention {a:?} amp {amp}");
+    a.path = Some(path);
+    let (used, tile) = a.plan(g);
+    if path == KernelPath::Coop && coop_dp(a.d) <= COOP_MAX_DP {
+        assert_eq!(used, KernelPath::Coop, "{a:?}: the cooperative kernel was not chosen");
+    }
+    let what = format!("attention {a:?} amp {amp} on {used} {tile:?}");
     let s = seed(&what);
     let hd = a.heads * a.d;
     let q = input(a.batch * a.lq * hd, amp, s);
@@ -92,9 +103,14 @@ fn run(a: Attention, amp: f32) -> (f64, f64) {
     let secs = t0.elapsed().as_secs_f64();
     let r = attention_ref(&a, (&q, 0, hd), (&k, 0, hd), (&v, 0, hd));
     let e = rel_l2(&out, &r);
-    eprintln!("{what}: rel L2 {e:.3e}, {secs:.2} s on the GPU");
+    eprintln!("{what}: {}: rel L2 {e:.3e}, {secs:.2} s on the GPU", d.label);
     assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
     (e, secs)
+}
+
+/// Runs `a` on every path the device has; returns the worst error and the longest time.
+fn run(a: Attention, amp: f32) -> (f64, f64) {
+    paths().into_iter().map(|p| run_on(a, amp, p)).fold((0.0, 0.0), |x, y| (x.0.max(y.0), x.1.max(y.1)))
 }
 
 #[test]
@@ -149,28 +165,101 @@ fn large_logits_are_stable() {
 fn fused_qkv_slices() {
     // q, k and v are column slices of one [batch, l, 3·heads·d] tensor (a fused projection);
     // the output goes to columns of a wider tensor whose other columns must stay poisoned.
+    // d 40 pads to 48 on the cooperative path: its zero columns must not leak into the
+    // neighbouring head's or the poisoned columns.
     let g = gpu();
-    let a = Attention::new(2, 3, 45, 45, 16, false);
-    let hd = a.heads * a.d;
-    let ld = 3 * hd;
-    let s = seed("attention fused qkv");
-    let qkv = input(a.batch * a.lq * ld, 2.0, s);
-    let t = upload(&qkv, &[a.batch, a.lq, ld]);
-    let ldo = hd + 16;
-    let to = poisoned(&[a.batch, a.lq, ldo]);
-    let d = a
-        .prepare(g, Operand::slice(&t, 0, ld), Operand::slice(&t, hd, ld), Operand::slice(&t, 2 * hd, ld), Operand::slice(&to, 8, ldo))
-        .unwrap();
-    g.run_now(&d).unwrap();
-    let out = to.to_f32(g).unwrap();
-    let r = attention_ref(&a, (&qkv, 0, ld), (&qkv, hd, ld), (&qkv, 2 * hd, ld));
-    let mut got = Vec::new();
-    for row in out.chunks(ldo) {
-        assert!(row[..8].iter().chain(&row[8 + hd..]).all(|x| x.is_nan()), "wrote outside its columns");
-        got.extend_from_slice(&row[8..8 + hd]);
+    for d in [16, 40] {
+        for path in paths() {
+            let mut a = Attention::new(2, 3, 45, 45, d, false);
+            a.path = Some(path);
+            let hd = a.heads * a.d;
+            let ld = 3 * hd;
+            let s = seed(&format!("attention fused qkv d {d} {path}"));
+            let qkv = input(a.batch * a.lq * ld, 2.0, s);
+            let t = upload(&qkv, &[a.batch, a.lq, ld]);
+            let ldo = hd + 16;
+            let to = poisoned(&[a.batch, a.lq, ldo]);
+            let disp = a
+                .prepare(g, Operand::slice(&t, 0, ld), Operand::slice(&t, hd, ld), Operand::slice(&t, 2 * hd, ld), Operand::slice(&to, 8, ldo))
+                .unwrap();
+            g.run_now(&disp).unwrap();
+            let out = to.to_f32(g).unwrap();
+            let r = attention_ref(&a, (&qkv, 0, ld), (&qkv, hd, ld), (&qkv, 2 * hd, ld));
+            let mut got = Vec::new();
+            for row in out.chunks(ldo) {
+                assert!(row[..8].iter().chain(&row[8 + hd..]).all(|x| x.is_nan()), "{}: wrote outside its columns", disp.label);
+                got.extend_from_slice(&row[8..8 + hd]);
+            }
+            let e = rel_l2(&got, &r);
+            eprintln!("fused qkv d {d} {}: rel L2 {e:.3e}", disp.label);
+            assert!(e < BOUND, "fused qkv d {d} {}: rel L2 {e:.3e} over {BOUND:.0e}", disp.label);
+        }
     }
-    let e = rel_l2(&got, &r);
-    assert!(e < BOUND, "fused qkv: rel L2 {e:.3e} over {BOUND:.0e}");
+}
+
+#[test]
+fn every_coop_tile() {
+    // Each cooperative tile (forced) on partial query and key blocks, causal and not, at
+    // padded head dims 16, 48, 64, 80 and 160 where the tile fits; the scalar path runs the
+    // same shapes.
+    for path in paths() {
+        for tile in CoopTile::ALL {
+            for (a, amp) in [
+                (Attention::new(2, 2, 70, 77, 40, false), 2.0),
+                (Attention::new(1, 2, 77, 77, 64, true), 2.0),
+                (Attention::new(1, 1, 33, 100, 8, false), 1.0),
+                (Attention::new(1, 1, 50, 45, 80, true), 2.0),
+                (Attention::new(1, 1, 40, 70, 160, false), 2.0),
+            ] {
+                let mut a = a;
+                if path == KernelPath::Coop {
+                    if !tile.valid(coop_dp(a.d) as u32, gpu().caps.limits.max_compute_workgroup_storage_size) {
+                        continue;
+                    }
+                    a.tile = Some(tile);
+                } else if tile != CoopTile::ALL[0] {
+                    continue; // the scalar kernel has no such tiles: run each shape once
+                }
+                run_on(a, amp, path);
+            }
+        }
+    }
+}
+
+#[test]
+fn path_choice() {
+    // Sizes of the cooperative kernel's workgroup memory as in attention_coop.wgsl's header.
+    let t = |bq, bk, warps| CoopTile { bq, bk, warps };
+    assert_eq!(t(64, 64, 4).shared_bytes(48), 47104);
+    assert_eq!(t(64, 32, 4).shared_bytes(80), 47104);
+    assert_eq!(t(32, 32, 4).shared_bytes(160), 38912);
+    assert!(!t(64, 64, 4).valid(64, COOP_SHARED_LIMIT) && !t(64, 32, 4).valid(96, COOP_SHARED_LIMIT));
+    assert!(t(32, 32, 4).valid(160, COOP_SHARED_LIMIT) && !t(32, 32, 4).valid(176, COOP_SHARED_LIMIT));
+    assert!(!t(32, 32, 8).valid(48, COOP_SHARED_LIMIT), "8 subgroups on 32 rows: half a score fragment each");
+    assert_eq!(coop_dp(40), 48);
+    let g = gpu();
+    let limit = g.caps.limits.max_compute_workgroup_storage_size;
+    for d in [40, 64, 80, 160, 512] {
+        let mut a = Attention::new(2, 8, 4096, 77, d, false);
+        a.path = Some(KernelPath::Scalar);
+        assert_eq!(a.plan(g), (KernelPath::Scalar, None), "d {d} forced scalar");
+        a.path = Some(KernelPath::Coop);
+        let tile = CoopTile::AUTO.into_iter().find(|t| t.valid(coop_dp(d) as u32, limit));
+        let coop = g.caps.coop_16x16_f16_f32 && d <= COOP_MAX_DP && tile.is_some();
+        let want = if coop { (KernelPath::Coop, tile) } else { (KernelPath::Scalar, None) };
+        assert_eq!(a.plan(g), want, "d {d} coop asked for (device offers coop: {})", g.caps.coop_16x16_f16_f32);
+        a.path = None;
+        let (p, _) = a.plan(g);
+        assert_eq!(p == KernelPath::Coop, g.caps.path == KernelPath::Coop && coop, "d {d} default path");
+    }
+    if g.caps.coop_16x16_f16_f32 && limit >= COOP_SHARED_LIMIT {
+        // The H100 (48 KiB): every SD-1.5 head dim but the VAE's 512 runs on tensor cores.
+        for (d, tile) in [(40, t(64, 64, 8)), (64, t(32, 32, 4)), (80, t(32, 32, 4)), (160, t(32, 32, 4))] {
+            let mut a = Attention::new(1, 1, 64, 64, d, false);
+            a.path = Some(KernelPath::Coop);
+            assert_eq!(a.plan(g), (KernelPath::Coop, Some(tile)), "d {d}");
+        }
+    }
 }
 
 #[test]

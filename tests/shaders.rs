@@ -93,6 +93,7 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::attention::AttentionParams;
     let at = rust_layout!(AttentionParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, off_q, off_k, off_v, off_o, scale, _pad0, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::Attention, "Params"), at);
+    assert_eq!(wgsl_struct(Shader::AttentionCoop, "Params"), at);
     use atelier::kernels::tensor_ops::TensorOpsParams;
     let to = rust_layout!(TensorOpsParams { words, c1, c2, h, w, shift, oh, ow });
     assert_eq!(wgsl_struct(Shader::TensorOps, "Params"), to);

@@ -20,17 +20,19 @@ pub enum Shader {
     Elementwise,
     Norm,
     Attention,
+    AttentionCoop,
     TensorOps,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 6] = [
+    pub const ALL: [Shader; 7] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
         Shader::Norm,
         Shader::Attention,
+        Shader::AttentionCoop,
         Shader::TensorOps,
     ];
 
@@ -42,6 +44,7 @@ impl Shader {
             Shader::Elementwise => "elementwise",
             Shader::Norm => "norm",
             Shader::Attention => "attention",
+            Shader::AttentionCoop => "attention_coop",
             Shader::TensorOps => "tensor_ops",
         }
     }
@@ -78,13 +81,14 @@ impl Shader {
             Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
+            Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
         }
     }
 
     /// Whether the shader needs shader-f16 and cooperative matrices (the coop path).
     pub fn needs_coop(self) -> bool {
-        matches!(self, Shader::MatmulCoop)
+        matches!(self, Shader::MatmulCoop | Shader::AttentionCoop)
     }
 }
 

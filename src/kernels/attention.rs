@@ -1,7 +1,11 @@
-//! Launcher for `shaders/attention.wgsl`: scaled-dot-product attention
-//! o = softmax(q·kᵀ·scale [+ causal mask])·v per (batch, head), flash-attention style (key
-//! blocks through workgroup memory, online softmax in f32), never materialising the scores.
-//! Scalar path: f16 tensors read as packed words, no shader-f16.
+//! Launcher for `shaders/attention.wgsl` and `shaders/attention_coop.wgsl`: scaled-dot-product
+//! attention o = softmax(q·kᵀ·scale [+ causal mask])·v per (batch, head), flash-attention
+//! style (key blocks through workgroup memory, online softmax in f32), never materialising
+//! the scores. Two paths: cooperative matrices (tensor cores, 16x16x16 f16 -> f32) where the
+//! device offers them and the padded head dim (d rounded up to 16) is at most
+//! [`COOP_MAX_DP`] with a tile that fits the workgroup-memory limit; else the scalar kernel
+//! (f16 tensors read as packed words, no shader-f16), which also takes d up to [`MAX_D`]
+//! (the VAE's single 512-wide head).
 //!
 //! Operands are token-major: q [batch, lq, heads·d], k and v [batch, lk, heads·d], o [batch,
 //! lq, heads·d], each an [`Operand`]: a tensor, the element offset of its first value and its
@@ -13,9 +17,9 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
+use crate::gpu::{DType, Dispatch, Gpu, KernelPath, PipelineKey, Shader, Tensor};
 
-/// Mirrors `struct Params` in attention.wgsl.
+/// Mirrors `struct Params` in attention.wgsl and attention_coop.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct AttentionParams {
@@ -44,9 +48,108 @@ pub struct AttentionParams {
 /// Largest head dimension the shader takes (SD-1.5's VAE mid-block attention, one head).
 pub const MAX_D: usize = 512;
 
-/// The pipeline the launcher uses (one variant: tile sizes travel in the uniform).
+/// The scalar path's pipeline (one variant: tile sizes travel in the uniform).
 pub fn key() -> PipelineKey {
     PipelineKey::new(Shader::Attention, "attn")
+}
+
+/// Largest padded head dim (d rounded up to 16) of the cooperative-matrix kernel: it holds
+/// DP/16 Q fragments per subgroup in as many variables (10).
+pub const COOP_MAX_DP: usize = 160;
+
+/// Workgroup memory the shader tests validate the cooperative-matrix variants for (wgpu's
+/// default `max_compute_workgroup_storage_size`); the launcher never goes past it.
+pub const COOP_SHARED_LIMIT: u32 = 48 * 1024;
+
+/// Head dim `d` rounded up to a whole 16-wide fragment (40 -> 48).
+pub fn coop_dp(d: usize) -> usize {
+    d.div_ceil(16) * 16
+}
+
+/// Tile of the cooperative-matrix kernel: `bq` query rows per workgroup, `bk` keys per block
+/// and `warps` subgroups of 32 invocations (4 or 8). The softmax gives each query row
+/// R = 32·warps/bq invocations (2 or 4); each subgroup computes bk/16/(warps·16/bq) score
+/// fragments (at least one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopTile {
+    pub bq: u32,
+    pub bk: u32,
+    pub warps: u32,
+}
+
+const fn coop_tile(bq: u32, bk: u32, warps: u32) -> CoopTile {
+    CoopTile { bq, bk, warps }
+}
+
+impl CoopTile {
+    /// The tiles the launcher tries, taking the first that fits: on the H100, 64x64 with 8
+    /// subgroups is the fastest at d 40 (padded 48, the largest it fits in 48 KiB: 1.12 ms
+    /// for 2x8 heads of 4096x4096, against 1.46 ms with 32x32); 32x32 with 4 subgroups is
+    /// the fastest or level at d 64, 80 and 160, and the smallest (DP <= 160 in 48 KiB).
+    pub const AUTO: [CoopTile; 2] = [coop_tile(64, 64, 8), coop_tile(32, 32, 4)];
+    /// Every tile the shader supports, for tests and benchmarks (each where it fits).
+    pub const ALL: [CoopTile; 6] = [
+        coop_tile(32, 32, 4),
+        coop_tile(32, 64, 4),
+        coop_tile(64, 32, 4),
+        coop_tile(64, 64, 4),
+        coop_tile(64, 32, 8),
+        coop_tile(64, 64, 8),
+    ];
+
+    /// Workgroup memory in bytes at padded head dim `dp`; mirrors the arrays of
+    /// attention_coop.wgsl: skv max(bq, bk)·(dp + 8) halves, sp bq·(bk + 8) halves, ss
+    /// bq·(bk + 4) f32, so bq·(dp + 4) f32.
+    pub fn shared_bytes(&self, dp: u32) -> u32 {
+        let skv = self.bq.max(self.bk) * (dp / 4 + 2) * 8;
+        let sp = self.bq * (self.bk / 4 + 2) * 8;
+        let ss = self.bq * (self.bk + 4) * 4;
+        let so = self.bq * (dp + 4) * 4;
+        skv + sp + ss + so
+    }
+
+    /// Whether the shader supports this tile at padded head dim `dp` within `limit` bytes of
+    /// workgroup memory (never more than [`COOP_SHARED_LIMIT`], what the tests validate):
+    /// 2 or 4 invocations per softmax row, whole score fragments per subgroup, and a K or V
+    /// tile of at most 5 words of 8 halves per invocation (its prefetch registers).
+    pub fn valid(&self, dp: u32, limit: u32) -> bool {
+        let wg = self.warps * 32;
+        let row_blocks = self.bq / 16;
+        [32, 64].contains(&self.bq)
+            && [32, 64].contains(&self.bk)
+            && [4, 8].contains(&self.warps)
+            && [2, 4].contains(&(wg / self.bq))
+            && self.warps % row_blocks == 0
+            && (self.bk / 16) % (self.warps / row_blocks) == 0
+            && dp % 16 == 0
+            && dp >= 16
+            && dp as usize <= COOP_MAX_DP
+            && self.bk * dp / 8 <= 5 * wg
+            && self.shared_bytes(dp) <= limit.min(COOP_SHARED_LIMIT)
+    }
+
+    /// The pipeline key of this tile at padded head dim `dp`.
+    pub fn key(&self, dp: u32) -> PipelineKey {
+        PipelineKey::new(Shader::AttentionCoop, "attn")
+            .with("BQ", self.bq as i64)
+            .with("BKV", self.bk as i64)
+            .with("WARPS", self.warps as i64)
+            .with("DP", dp as i64)
+    }
+}
+
+/// Every cooperative-matrix pipeline the launcher can ask for (each tile at each padded head
+/// dim where it fits 48 KiB), for the shader tests.
+pub fn coop_variants() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for dp in (16..=COOP_MAX_DP as u32).step_by(16) {
+        for t in CoopTile::ALL {
+            if t.valid(dp, COOP_SHARED_LIMIT) {
+                keys.push(t.key(dp));
+            }
+        }
+    }
+    keys
 }
 
 /// One attention operand: `tensor` holds element (b, i, c) (batch b, token i, column c of
@@ -86,12 +189,42 @@ pub struct Attention {
     pub causal: bool,
     /// Score scale, usually 1/sqrt(d).
     pub scale: f32,
+    /// Force a path (default: the device's). Cooperative matrices asked for where the device
+    /// lacks them or the head dim does not fit run on the scalar kernel (see [`Attention::plan`]).
+    pub path: Option<KernelPath>,
+    /// Force a cooperative-matrix tile (default: the first of [`CoopTile::AUTO`] that fits).
+    pub tile: Option<CoopTile>,
 }
 
 impl Attention {
     /// Attention with scale 1/sqrt(d).
     pub fn new(batch: usize, heads: usize, lq: usize, lk: usize, d: usize, causal: bool) -> Self {
-        Attention { batch, heads, lq, lk, d, causal, scale: 1.0 / (d as f32).sqrt() }
+        Attention { batch, heads, lq, lk, d, causal, scale: 1.0 / (d as f32).sqrt(), path: None, tile: None }
+    }
+
+    /// Which path (and cooperative-matrix tile) this attention runs on `gpu`: cooperative
+    /// matrices where asked for (by `path`, else by the device's path) and offered, when the
+    /// padded head dim is at most [`COOP_MAX_DP`] and a tile fits the device's workgroup
+    /// memory; the scalar kernel otherwise (e.g. the VAE's d = 512).
+    pub fn plan(&self, gpu: &Gpu) -> (KernelPath, Option<CoopTile>) {
+        let coop = match self.path {
+            Some(KernelPath::Coop) => gpu.caps.coop_16x16_f16_f32,
+            Some(KernelPath::Scalar) => false,
+            None => gpu.caps.path == KernelPath::Coop,
+        };
+        let dp = coop_dp(self.d);
+        if !coop || self.d == 0 || dp > COOP_MAX_DP {
+            return (KernelPath::Scalar, None);
+        }
+        let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
+        let tile = match self.tile {
+            Some(t) => Some(t), // checked in `prepare`
+            None => CoopTile::AUTO.into_iter().find(|t| t.valid(dp as u32, limit)),
+        };
+        match tile {
+            Some(t) => (KernelPath::Coop, Some(t)),
+            None => (KernelPath::Scalar, None),
+        }
     }
 
     /// Tile sizes: bq query rows per workgroup (bq·d/8 <= 256 invocations own an output
@@ -148,7 +281,7 @@ impl Attention {
     /// in a buffer of its own (it is bound writable; q, k and v may share one buffer).
     pub fn prepare(&self, gpu: &Gpu, q: Operand, k: Operand, v: Operand, o: Operand) -> Result<Dispatch> {
         let op = "attention";
-        let Attention { batch, heads, lq, lk, d, causal, scale } = *self;
+        let Attention { batch, heads, lq, lk, d, causal, scale, .. } = *self;
         if batch == 0 || heads == 0 || lq == 0 || lk == 0 || d == 0 {
             return Err(Error::shape(op, format!("empty shape: batch {batch}, heads {heads}, lq {lq}, lk {lk}, d {d}")));
         }
@@ -170,7 +303,25 @@ impl Attention {
                 ));
             }
         }
-        let (bq, bk) = self.tiles();
+        let (path, tile) = self.plan(gpu);
+        let (key, bq, bk) = match (path, tile) {
+            (KernelPath::Coop, Some(t)) => {
+                let dp = coop_dp(d) as u32;
+                let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
+                if !t.valid(dp, limit) {
+                    return Err(Error::Usage(format!(
+                        "attention: cooperative-matrix tile {t:?} does not fit head dim {d} (padded {dp}): {} bytes of workgroup memory, limit {}",
+                        t.shared_bytes(dp),
+                        limit.min(COOP_SHARED_LIMIT)
+                    )));
+                }
+                (t.key(dp), t.bq as usize, t.bk as usize)
+            }
+            _ => {
+                let (bq, bk) = self.tiles();
+                (key(), bq, bk)
+            }
+        };
         let groups = [lq.div_ceil(bq) as u32, (batch * heads) as u32, 1];
         let p = AttentionParams {
             batch: batch as u32,
@@ -195,6 +346,6 @@ impl Attention {
         let bh = (batch * heads) as f64;
         let flops = 4.0 * bh * d as f64 * self.pairs();
         let bytes = bh * d as f64 * 2.0 * (2.0 * lq as f64 + 2.0 * lk as f64);
-        gpu.dispatch(&key(), &p, &[q.tensor, k.tensor, v.tensor, o.tensor], groups, flops, bytes)
+        gpu.dispatch(&key, &p, &[q.tensor, k.tensor, v.tensor, o.tensor], groups, flops, bytes)
     }
 }

@@ -53,6 +53,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
         keys.push(PipelineKey::new(Shader::Norm, entry));
     }
     keys.push(attention::key());
+    keys.extend(attention::coop_variants());
     for entry in ["upsample2x", "concat", "geglu", "timestep", "embed"] {
         keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }
