@@ -187,3 +187,39 @@ fn copy2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     store_y(u, Oct(vec4<f32>(src_at(s), src_at(s + 1u), src_at(s + 2u), src_at(s + 3u)),
                    vec4<f32>(src_at(s + 4u), src_at(s + 5u), src_at(s + 6u), src_at(s + 7u))));
 }
+
+// splitk_sum: y[i] = Σ_{s < b_len} x[s·numel + i] (+ bias[i % cols] when op & 1) (+ y[i] when
+// op & 2): the reduction of a convolution split over K into b_len f32 partial products
+// (IN_F32 is true; x2 holds the f16 bias; numel a multiple of 8). 8 elements per invocation.
+@compute @workgroup_size(256)
+fn splitk_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let u = unit_index(wg, nwg, lid);
+    if (u * 8u >= p.numel) { return; }
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    let words = p.numel / 4u;
+    for (var s = 0u; s < p.b_len; s++) {
+        lo += bitcast<vec4<f32>>(x[s * words + 2u * u]);
+        hi += bitcast<vec4<f32>>(x[s * words + 2u * u + 1u]);
+    }
+    if ((p.op & 1u) != 0u) {
+        let i = 8u * u;
+        let c = i % p.cols;
+        // cols is a multiple of 8: the eight columns c..c+8 are one word of the bias.
+        let bw = unpack8(x2[c / 8u]);
+        lo += bw.lo;
+        hi += bw.hi;
+    }
+    if ((p.op & 2u) != 0u) {
+        if (OUT_F32) {
+            lo += bitcast<vec4<f32>>(y[2u * u]);
+            hi += bitcast<vec4<f32>>(y[2u * u + 1u]);
+        } else {
+            let old = unpack8(y[u]);
+            lo += old.lo;
+            hi += old.hi;
+        }
+    }
+    store_y(u, Oct(lo, hi));
+}

@@ -38,6 +38,11 @@ override OUT_F32: bool = false;
 override CONV: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// CONV split over K: batch index z computes the partial product over im2col columns
+// z·stride_a .. z·stride_a + k (B's batch stride is the same k offset; C gets one f32 slice per
+// z, summed by the launcher). Set once per invocation in main.
+var<private> kbase: u32;
 @group(0) @binding(1) var<storage, read> a: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<vec4<u32>>;
@@ -86,8 +91,8 @@ fn conv_el(m: u32, k: u32) -> f32 {
     let img = m / ohw;
     let oy = (m % ohw) / p.ow;
     let ox = m % p.ow;
-    let ci = k % p.cin;
-    let tap = k / p.cin;
+    let ci = (k + kbase) % p.cin;
+    let tap = (k + kbase) / p.cin;
     let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
     let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
     if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return 0.0; }
@@ -103,8 +108,8 @@ fn conv8(m: u32, k0: u32) -> vec4<u32> {
         let img = m / ohw;
         let oy = (m % ohw) / p.ow;
         let ox = m % p.ow;
-        let ci = k0 % p.cin;
-        let tap = k0 / p.cin;
+        let ci = (k0 + kbase) % p.cin;
+        let tap = (k0 + kbase) / p.cin;
         let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
         let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
         if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return vec4<u32>(0u); }
@@ -206,6 +211,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let m0 = wg.y * BM;
     let n0 = wg.x * BN;
     let base_a = p.off_a + bz * p.stride_a;
+    if (CONV) { kbase = bz * p.stride_a; }
     let base_b = p.off_b + bz * p.stride_b;
     let vec_ok = (p.flags & 4u) != 0u;
     let tx = t % 16u;

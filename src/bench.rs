@@ -50,10 +50,12 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
 
 /// Times `d`: a few warm-up launches, then `batches` batches of `reps` launches each;
 /// returns the median seconds per launch.
-pub fn time_dispatch(gpu: &Gpu, d: &Dispatch, reps: usize, batches: usize) -> Result<f64> {
+pub fn time_dispatch(gpu: &Gpu, ds: &[Dispatch], reps: usize, batches: usize) -> Result<f64> {
     let mut rec = Recorder::new(gpu);
     for _ in 0..3 {
-        rec.run(d)?;
+        for d in ds {
+            rec.run(d)?;
+        }
     }
     rec.finish()?;
     let mut times = Vec::with_capacity(batches);
@@ -61,7 +63,9 @@ pub fn time_dispatch(gpu: &Gpu, d: &Dispatch, reps: usize, batches: usize) -> Re
         let t = Instant::now();
         let mut rec = Recorder::new(gpu);
         for _ in 0..reps {
-            rec.run(d)?;
+            for d in ds {
+                rec.run(d)?;
+            }
         }
         rec.finish()?;
         times.push(t.elapsed().as_secs_f64() / reps as f64);
@@ -72,10 +76,12 @@ pub fn time_dispatch(gpu: &Gpu, d: &Dispatch, reps: usize, batches: usize) -> Re
 
 /// Times a compute-bound launch with about `work` flops per batch of repetitions (1 to 200
 /// launches; one launch in one batch on a CPU adapter) and reports it under `name` and `path`.
-fn time_case(gpu: &Gpu, d: &Dispatch, name: String, path: String, work: f64, slow: bool) -> Result<BenchResult> {
-    let reps = if slow { 1 } else { ((work / d.flops.max(1.0)) as usize).clamp(1, 200) };
-    let s = time_dispatch(gpu, d, reps, if slow { 1 } else { 5 })?;
-    Ok(BenchResult { name, path, ms: s * 1e3, tflops: d.flops / s / 1e12, gbs: d.bytes / s / 1e9 })
+fn time_case(gpu: &Gpu, ds: &[Dispatch], name: String, path: String, work: f64, slow: bool) -> Result<BenchResult> {
+    let flops: f64 = ds.iter().map(|d| d.flops).sum();
+    let bytes: f64 = ds.iter().map(|d| d.bytes).sum();
+    let reps = if slow { 1 } else { ((work / flops.max(1.0)) as usize).clamp(1, 200) };
+    let s = time_dispatch(gpu, ds, reps, if slow { 1 } else { 5 })?;
+    Ok(BenchResult { name, path, ms: s * 1e3, tflops: flops / s / 1e12, gbs: bytes / s / 1e9 })
 }
 
 fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
@@ -96,10 +102,11 @@ pub const MATMUL_CASES: [(&str, usize, usize, usize); 8] = [
 ];
 
 /// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout).
-pub const CONV_CASES: [(&str, usize, usize, usize, usize); 5] = [
+pub const CONV_CASES: [(&str, usize, usize, usize, usize); 6] = [
     ("unet_64x64x320_b2", 2, 64, 320, 320),
     ("unet_32x32x640_b2", 2, 32, 640, 640),
     ("unet_16x16x1280_b2", 2, 16, 1280, 1280),
+    ("unet_8x8x1280_b2", 2, 8, 1280, 1280),
     ("vae_256x256x256", 1, 256, 256, 256),
     ("vae_512x512x128", 1, 512, 128, 128),
 ];
@@ -141,7 +148,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             mm.path = Some(path);
             mm.tile = tile;
             let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
-            emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+            emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
         }
     }
     for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
@@ -156,9 +163,20 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         for &path in &paths {
             let mut conv = Conv2d::new(batch, size, size, cin, cout, 3, 1, 1);
             conv.path = Some(path);
-            let mm = conv.matmul()?;
+            let mut mm = conv.matmul()?;
+            // Unsplit, and split over K where the launcher would split it.
+            mm.split_k = Some(1);
             let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
-            emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+            emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+            mm.split_k = None;
+            if let Some(shape) = mm.partials_shape(gpu) {
+                let parts = Tensor::empty(gpu, &shape, DType::F32, "bench split-K partials")?;
+                let mut rec = Recorder::capture(gpu);
+                mm.run_split(gpu, &mut rec, &x, &w, Some(&b), &y, &parts)?;
+                let ds = rec.into_dispatches();
+                let label = format!("{path} split-K x{} {}", shape[0] / mm.m, ds[0].label);
+                emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            }
         }
     }
     // Attention at SD-1.5 shapes on every path the device has (the VAE's d 512 runs the
@@ -184,7 +202,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             let mut a = a;
             a.path = Some(path);
             let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
-            emit(time_case(gpu, &d, full.clone(), format!("{path} {}", d.label), 2e11, slow)?);
+            emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e11, slow)?);
         }
     }
     // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).
@@ -212,7 +230,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         if !wanted(&full) {
             continue;
         }
-        let s = time_dispatch(gpu, &d, if slow { 2 } else { 100 }, if slow { 1 } else { 5 })?;
+        let s = time_dispatch(gpu, std::slice::from_ref(&d), if slow { 2 } else { 100 }, if slow { 1 } else { 5 })?;
         emit(BenchResult { name: full, path: d.label.to_string(), ms: s * 1e3, tflops: 0.0, gbs: d.bytes / s / 1e9 });
     }
     Ok(out)

@@ -1,7 +1,7 @@
 //! Op tests for the convolution (implicit GEMM on the matmul shaders, override CONV) against
 //! an f64 CPU reference over NHWC images, on every path the device has: 3x3 stride 1 and 2,
 //! 1x1, channel counts that are and are not multiples of 8, odd sizes, odd cout with f16
-//! output, bias, f32 output, and a real SD-1.5 shape. Outputs are NaN-poisoned first.
+//! output, bias, f32 output, splits over K, and real SD-1.5 shapes. Outputs are NaN-poisoned first.
 
 mod common;
 
@@ -100,6 +100,50 @@ fn channels_not_multiple_of_8_and_odd_cout() {
 #[test]
 fn sd_shape_64x64x320() {
     run(Conv2d::new(1, 64, 64, 320, 320, 3, 1, 1), true, DType::F16);
+}
+
+#[test]
+fn split_over_k() {
+    // Forced splits (the launcher splits long-K convolutions with few tiles, e.g. the UNet's
+    // 8x8 and 16x16 levels): slices of whole and of partial pixels, stride 2, f32 output.
+    for s in [2, 3, 4] {
+        let mut c = Conv2d::new(2, 6, 5, 32, 24, 3, 1, 1);
+        c.split_k = Some(s);
+        run(c, true, DType::F16);
+        run(c, false, DType::F32);
+        let mut c = Conv2d::new(1, 7, 6, 32, 16, 3, 2, 1);
+        c.split_k = Some(s);
+        run(c, true, DType::F16);
+    }
+    // The real shape the UNet splits most (8x8x1280, batch 2, K = 11520 in 16 slices), and the
+    // partials summed onto C (accumulate), as the resnets' conv2 adds onto the shortcut.
+    let mut c = Conv2d::new(2, 8, 8, 1280, 1280, 3, 1, 1);
+    c.split_k = Some(16);
+    run(c, true, DType::F16);
+    let g = gpu();
+    for path in paths() {
+        let c = Conv2d::new(1, 4, 6, 16, 8, 3, 1, 1);
+        let what = format!("split accumulate on {path}");
+        let sd = seed(&what);
+        let x = round_f16(&random(4 * 6 * 16, sd));
+        let w = round_f16(&random(8 * 16 * 9, sd ^ 1));
+        let bias = round_f16(&random(8, sd ^ 2));
+        let y0 = round_f16(&random(4 * 6 * 8, sd ^ 3));
+        let tx = Tensor::from_f32(g, &[1, 4, 6, 16], DType::F16, &x, "x").unwrap();
+        let tw = Tensor::from_f32(g, &[8, 3, 3, 16], DType::F16, &conv_weight_to_nhwc(&w, 8, 16, 3, 3), "w").unwrap();
+        let tb = Tensor::from_f32(g, &[8], DType::F16, &bias, "bias").unwrap();
+        let ty = Tensor::from_f32(g, &[1, 4, 6, 8], DType::F16, &y0, "y").unwrap();
+        let mut mm = c.matmul().unwrap();
+        mm.path = Some(path);
+        mm.split_k = Some(3);
+        mm.accumulate = true;
+        let mut rec = Recorder::new(g);
+        mm.run(g, &mut rec, &tx, &tw, Some(&tb), &ty).unwrap();
+        rec.finish().unwrap();
+        let r: Vec<f64> = reference(&c, &x, &w, Some(&bias)).iter().zip(&y0).map(|(a, &b)| a + b as f64).collect();
+        let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
+        assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+    }
 }
 
 #[test]

@@ -22,12 +22,14 @@ pub struct Conv2d {
     pub pad: usize,
     /// Force a path (default: the device's).
     pub path: Option<KernelPath>,
+    /// Force a split over K (default: the launcher's choice, see `Matmul::split`).
+    pub split_k: Option<usize>,
 }
 
 impl Conv2d {
     /// A `ks`x`ks` convolution with the given stride and padding.
     pub fn new(batch: usize, h: usize, w: usize, cin: usize, cout: usize, ks: usize, stride: usize, pad: usize) -> Self {
-        Conv2d { batch, h, w, cin, cout, ks, stride, pad, path: None }
+        Conv2d { batch, h, w, cin, cout, ks, stride, pad, path: None, split_k: None }
     }
 
     /// Output height and width.
@@ -49,6 +51,7 @@ impl Conv2d {
         let mut mm = Matmul::new(self.batch * oh * ow, self.cout, self.ks * self.ks * self.cin);
         mm.trans_b = true;
         mm.path = self.path;
+        mm.split_k = self.split_k;
         mm.conv = Some(ConvGeom {
             images: self.batch,
             ih: self.h,

@@ -196,3 +196,21 @@ pub fn copy2d(gpu: &Gpu, src: &Tensor, dst: &Tensor, rows: usize, cols: usize, l
     let bytes = (rows * cols * src.dtype.size() + n * dst.dtype.size()) as f64;
     gpu.dispatch(&key("copy2d", src.dtype, dst.dtype), &p, &[src, dst], grid(n.div_ceil(8)), 0.0, bytes)
 }
+
+/// The sum of a split-K product: y [rows, cols] (f16 or f32) = Σ_s x[s] (x f32 [slices, rows,
+/// cols]) + bias [cols] (f16, optional) (+ y with `accumulate`). rows·cols and cols multiples
+/// of 8.
+pub fn splitk_sum(gpu: &Gpu, x: &Tensor, slices: usize, bias: Option<&Tensor>, y: &Tensor, cols: usize, accumulate: bool) -> Result<Dispatch> {
+    let n = y.numel();
+    check_len("split-K sum", n * slices)?;
+    if x.dtype != DType::F32 || bias.is_some_and(|b| b.dtype != DType::F16 || b.numel() != cols) {
+        return Err(Error::DType { op: "split-K sum".into(), detail: "partials must be f32, the bias f16 [cols]".into() });
+    }
+    if slices == 0 || cols == 0 || cols % 8 != 0 || n % cols != 0 || x.numel() != slices * n {
+        return Err(Error::shape("split-K sum", format!("x {:?} in {slices} slices to y {:?} of {cols} columns (a multiple of 8)", x.shape, y.shape)));
+    }
+    let op = bias.is_some() as u32 | (accumulate as u32) << 1;
+    let p = ElementwiseParams { numel: n as u32, b_len: slices as u32, op, cols: cols as u32, ..Default::default() };
+    let bytes = (n * (slices * 4 + y.dtype.size() * (1 + accumulate as usize))) as f64;
+    gpu.dispatch(&key("splitk_sum", DType::F32, y.dtype), &p, &[x, y, bias.unwrap_or(x)], grid(n / 8), 0.0, bytes)
+}

@@ -199,6 +199,10 @@ pub struct Matmul {
     /// A is the implicit im2col matrix of an NHWC image batch (then not trans_a, trans_b,
     /// batch 1).
     pub conv: Option<ConvGeom>,
+    /// Convolutions: split K into this many slices computed side by side into f32 partials,
+    /// then summed (default: chosen by [`Matmul::split`] when there are too few tiles to
+    /// fill the GPU, as at the UNet's 16x16 and 8x8 levels).
+    pub split_k: Option<usize>,
 }
 
 impl Matmul {
@@ -217,7 +221,31 @@ impl Matmul {
             path: None,
             tile: None,
             conv: None,
+            split_k: None,
         }
+    }
+
+    /// How many K slices a convolution runs as: 1 unless it has fewer than two waves of tiles
+    /// on a large GPU (264 tiles, the tile rule's figure) and K is long; then the smallest power
+    /// of two up to 16 that reaches two waves, with slices of at least 512 and a multiple of 8.
+    pub fn split(&self, gpu: &Gpu) -> usize {
+        if self.conv.is_none() || self.n % 8 != 0 || (self.m * self.n) % 8 != 0 {
+            return 1;
+        }
+        if let Some(s) = self.split_k {
+            return s.max(1);
+        }
+        let (path, tile) = self.plan(gpu);
+        let (bm, bn) = match path {
+            KernelPath::Coop => (tile.bm as usize, tile.bn as usize),
+            KernelPath::Scalar => (128, 128),
+        };
+        let tiles = self.m.div_ceil(bm) * self.n.div_ceil(bn);
+        let mut s = 1;
+        while tiles * s < 264 && s < 16 && self.k % (16 * s) == 0 && self.k / (2 * s) >= 512 {
+            s *= 2;
+        }
+        s
     }
 
     /// Floating-point operations of one launch.
@@ -251,6 +279,14 @@ impl Matmul {
     pub fn prepare(&self, gpu: &Gpu, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor, ldc: usize) -> Result<Dispatch> {
         self.check(a, b, bias, c, ldc)?;
         let (path, tile) = self.plan(gpu);
+        let slices = self.split(gpu);
+        if slices > 1 && (self.k % (8 * slices) != 0 || bias.is_some() || self.accumulate || c.dtype != DType::F32 || ldc != self.n) {
+            return Err(Error::Usage(format!(
+                "matmul: a split over K ({slices} slices) writes f32 partials without bias or accumulation, K ({}) a multiple of 8·slices; use Matmul::run",
+                self.k
+            )));
+        }
+        let k_slice = self.k / slices;
         let (lda, ldb) = (
             if self.trans_a { self.m } else { self.k },
             if self.trans_b { self.k } else { self.n },
@@ -267,17 +303,23 @@ impl Matmul {
         if self.accumulate {
             flags |= FLAG_ACCUMULATE;
         }
+        // Split over K: batch z is the slice at im2col column z·k_slice (stride_a is that offset
+        // for the conv gather, stride_b B's), C's batch z its f32 partial.
+        let (k, batch, stride_a, stride_b) = match slices {
+            1 => (self.k, self.batch, self.stride_a, self.stride_b),
+            s => (k_slice, s, k_slice, k_slice),
+        };
         let params = MatmulParams {
             m: self.m as u32,
             n: self.n as u32,
-            k: self.k as u32,
-            batch: self.batch as u32,
+            k: k as u32,
+            batch: batch as u32,
             lda: lda as u32,
             ldb: ldb as u32,
             ldc: ldc as u32,
             flags,
-            stride_a: self.stride_a as u32,
-            stride_b: self.stride_b as u32,
+            stride_a: stride_a as u32,
+            stride_b: stride_b as u32,
             stride_c: (self.m * ldc) as u32,
             alpha: self.alpha,
             ih: g.ih as u32,
@@ -304,7 +346,7 @@ impl Matmul {
                 128,
             ),
         };
-        let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), self.batch as u32];
+        let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
         let bytes = (a.numel() * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
         gpu.dispatch(&key, &params, &[a, b, bias.unwrap_or(a), c], groups, self.flops(), bytes)
     }
@@ -351,9 +393,31 @@ impl Matmul {
         Ok(())
     }
 
+    /// The f32 scratch a split over K needs ([slices·M, N]), or None when it does not split.
+    pub fn partials_shape(&self, gpu: &Gpu) -> Option<[usize; 2]> {
+        let slices = self.split(gpu);
+        (slices > 1).then_some([slices * self.m, self.n])
+    }
+
+    /// Records a split product: the f32 partials into `parts` (of [`Matmul::partials_shape`]),
+    /// then one pass summing them with the bias (and C when accumulating) into `c`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_split(&self, gpu: &Gpu, rec: &mut crate::gpu::Recorder, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor, parts: &Tensor) -> Result<()> {
+        let slices = self.split(gpu);
+        let mut mm = self.clone();
+        mm.accumulate = false;
+        mm.split_k = Some(slices);
+        rec.run(&mm.prepare(gpu, a, b, None, parts, self.n)?)?;
+        rec.run(&super::elementwise::splitk_sum(gpu, parts, slices, bias, c, self.n, self.accumulate)?)
+    }
+
     /// Records the product into `rec`: `c` is [batch, M, N]. Handles odd N with f16 output by
     /// computing into a padded scratch tensor and compacting it.
     pub fn run(&self, gpu: &Gpu, rec: &mut crate::gpu::Recorder, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<()> {
+        if let Some(shape) = self.partials_shape(gpu) {
+            let parts = Tensor::empty(gpu, &shape, DType::F32, "split-K partials")?;
+            return self.run_split(gpu, rec, a, b, bias, c, &parts);
+        }
         if c.dtype == DType::F32 || self.n % 2 == 0 {
             return rec.run(&self.prepare(gpu, a, b, bias, c, self.n)?);
         }

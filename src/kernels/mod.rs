@@ -38,7 +38,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
             keys.push(t.key(false, true, out_f32, true));
         }
     }
-    for entry in ["unary", "binary", "copy2d", "convert"] {
+    for entry in ["unary", "binary", "copy2d", "convert", "splitk_sum"] {
         for i in [false, true] {
             for o in [false, true] {
                 keys.push(

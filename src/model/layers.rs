@@ -5,7 +5,7 @@
 //! or token-major rows.
 
 use crate::error::{Error, Result};
-use crate::gpu::{PlanBuilder, Tensor};
+use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::norm::{self, GroupNorm};
@@ -128,6 +128,12 @@ impl Conv {
             (g.ih, g.iw) = (h, w);
         }
         mm.accumulate = accumulate;
+        if let Some(shape) = mm.partials_shape(pb.gpu) {
+            let parts = pb.tensor(&shape, DType::F32, "split-K partials")?;
+            mm.run_split(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y, &parts)?;
+            pb.free(parts);
+            return Ok(());
+        }
         mm.run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
     }
 
