@@ -16,7 +16,8 @@ use std::time::Instant;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Plan, Profiler, Recorder, Tensor};
+use crate::gpu::{Gpu, Plan, Profiler, Recorder};
+use crate::model::layers::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::model::sd15::StableDiffusion;
 use crate::rng::Rng;
 
@@ -67,34 +68,15 @@ fn read_inputs(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
     Ok(out)
 }
 
-/// [n, c, h, w] <-> [n, h, w, c]; `to_nhwc` picks the direction, `shape` is NCHW.
-fn permute(x: &[f32], shape: &[usize], to_nhwc: bool) -> Vec<f32> {
-    let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
-    let mut y = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..hw {
-                let (nchw, nhwc) = ((b * c + ch) * hw + p, (b * hw + p) * c + ch);
-                if to_nhwc { y[nhwc] = x[nchw] } else { y[nchw] = x[nhwc] }
-            }
-        }
-    }
-    y
-}
-
 /// Times `plan` (two warm-up runs, then `repeat` timed ones, each waited for).
 fn time_plan(gpu: &Gpu, plan: &Plan, repeat: usize, profile: bool, name: &str) -> Result<(f64, f64)> {
     for _ in 0..2 {
-        let mut rec = Recorder::new(gpu);
-        plan.record(&mut rec)?;
-        rec.finish()?;
+        plan.run(gpu)?;
     }
     let mut times = Vec::new();
     for _ in 0..repeat.max(1) {
         let t0 = Instant::now();
-        let mut rec = Recorder::new(gpu);
-        plan.record(&mut rec)?;
-        rec.finish()?;
+        plan.run(gpu)?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
     if profile {
@@ -155,7 +137,7 @@ pub fn run(gpu: &Gpu, sd: &StableDiffusion, o: &ModelBench) -> Result<Vec<Timing
     let unet = sd.unet.plan(gpu, b, lh, lw, len, false)?;
     let nchw = [b, lat_c, lh, lw];
     let sample = match take(&inputs, "unet.sample", &nchw)? {
-        Some(v) => permute(v, &nchw, true),
+        Some(v) => nchw_to_nhwc(v, &nchw),
         None => rng.normals(b * lat_c * lh * lw),
     };
     let t = take(&inputs, "unet.timestep", &[b])?.cloned().unwrap_or(vec![999.0; b]);
@@ -163,7 +145,7 @@ pub fn run(gpu: &Gpu, sd: &StableDiffusion, o: &ModelBench) -> Result<Vec<Timing
     unet.set_inputs(gpu, &sample, &t, &ctx)?;
     let (med, min) = time_plan(gpu, &unet.plan, o.repeat, o.profile, "UNet")?;
     timings.push(Timing { name: "unet".into(), shape: format!("{b}x{lat_c}x{lh}x{lw}"), median_ms: med, min_ms: min, flops: unet.plan.flops(), activation_bytes: unet.plan.activation_bytes });
-    outputs.push(("unet.out".into(), nchw.to_vec(), permute(&unet.out.to_f32(gpu)?, &nchw, false)));
+    outputs.push(("unet.out".into(), nchw.to_vec(), nhwc_to_nchw(&unet.out.to_f32(gpu)?, &nchw)));
     drop(unet);
 
     // VAE decode and encode, at their own batch size
@@ -171,14 +153,14 @@ pub fn run(gpu: &Gpu, sd: &StableDiffusion, o: &ModelBench) -> Result<Vec<Timing
     let dec = sd.vae.decode_plan(gpu, b, lh, lw, false)?;
     let lat_nchw = [b, sd.config.vae.latent_channels, lh, lw];
     let latent = match take(&inputs, "vae.latent", &lat_nchw)? {
-        Some(v) => permute(v, &lat_nchw, true),
+        Some(v) => nchw_to_nhwc(v, &lat_nchw),
         None => rng.normals(lat_nchw.iter().product()),
     };
-    upload(gpu, &dec.latent, &latent)?;
+    dec.set_latent(gpu, &latent)?;
     let (med, min) = time_plan(gpu, &dec.plan, o.repeat, o.profile, "VAE decode")?;
     timings.push(Timing { name: "vae decode".into(), shape: format!("{b}x{}x{lh}x{lw}", lat_nchw[1]), median_ms: med, min_ms: min, flops: dec.plan.flops(), activation_bytes: dec.plan.activation_bytes });
     let img_nchw = [b, sd.config.vae.out_channels, h, w];
-    outputs.push(("vae.decoded".into(), img_nchw.to_vec(), permute(&dec.image.to_f32(gpu)?, &img_nchw, false)));
+    outputs.push(("vae.decoded".into(), img_nchw.to_vec(), nhwc_to_nchw(&dec.image.to_f32(gpu)?, &img_nchw)));
     drop(dec);
 
     // VAE encode
@@ -187,14 +169,14 @@ pub fn run(gpu: &Gpu, sd: &StableDiffusion, o: &ModelBench) -> Result<Vec<Timing
         let enc = sd.vae.encode_plan(gpu, b, h, w, false)?;
         let nchw = [b, sd.config.vae.in_channels, h, w];
         let image = match image_in {
-            Some(v) => permute(v, &nchw, true),
+            Some(v) => nchw_to_nhwc(v, &nchw),
             None => rng.normals(nchw.iter().product()).iter().map(|x| x.clamp(-1.0, 1.0)).collect(),
         };
-        upload(gpu, &enc.image, &image)?;
+        enc.set_image(gpu, &image)?;
         let (med, min) = time_plan(gpu, &enc.plan, o.repeat, o.profile, "VAE encode")?;
         timings.push(Timing { name: "vae encode".into(), shape: format!("{b}x{}x{h}x{w}", nchw[1]), median_ms: med, min_ms: min, flops: enc.plan.flops(), activation_bytes: enc.plan.activation_bytes });
         let mean_nchw = [b, sd.config.vae.latent_channels, lh, lw];
-        outputs.push(("vae.mean".into(), mean_nchw.to_vec(), permute(&enc.mean.to_f32(gpu)?, &mean_nchw, false)));
+        outputs.push(("vae.mean".into(), mean_nchw.to_vec(), nhwc_to_nchw(&enc.mean.to_f32(gpu)?, &mean_nchw)));
     }
 
     println!("{:<12} {:<16} {:>10} {:>10} {:>9} {:>14}", "network", "input", "median ms", "min ms", "TFLOP/s", "activ. MiB");
@@ -215,13 +197,6 @@ pub fn run(gpu: &Gpu, sd: &StableDiffusion, o: &ModelBench) -> Result<Vec<Timing
         println!("outputs written to {}", path.display());
     }
     Ok(timings)
-}
-
-fn upload(gpu: &Gpu, t: &Tensor, v: &[f32]) -> Result<()> {
-    if t.numel() != v.len() {
-        return Err(Error::shape("bench input", format!("{} values for {:?}", v.len(), t.shape)));
-    }
-    t.write_f32(gpu, v)
 }
 
 /// Writes f32 tensors to a safetensors file, through a temporary name.

@@ -103,6 +103,13 @@ impl Plan {
         Ok(())
     }
 
+    /// Runs the whole pass and waits for it.
+    pub fn run(&self, gpu: &Gpu) -> Result<()> {
+        let mut rec = Recorder::new(gpu);
+        self.record(&mut rec)?;
+        rec.finish()
+    }
+
     /// Flops of one replay (for TFLOP/s figures).
     pub fn flops(&self) -> f64 {
         self.dispatches.iter().map(|d| d.flops).sum()

@@ -112,7 +112,7 @@ impl ClipTextModel {
             taps.tap(&mut pb, &format!("hidden_states.{}", i + 1), &h)?;
         }
         let out = Tensor::empty(gpu, &[batch, len, d], DType::F16, "clip output")?;
-        pb.run(crate::kernels::norm::layer_norm(gpu, &h, &self.final_layer_norm.gamma, &self.final_layer_norm.beta, &out, self.final_layer_norm.eps)?)?;
+        self.final_layer_norm.layer_into(&mut pb, &h, &out)?;
         pb.free(h);
         Ok(ClipPlan { batch, len, ids, out, plan: pb.finish(), taps })
     }
@@ -136,8 +136,6 @@ impl ClipPlan {
     /// Runs the pass on `ids` and waits; the result is in [`ClipPlan::out`].
     pub fn run(&self, gpu: &Gpu, ids: &[u32]) -> Result<()> {
         self.set_ids(gpu, ids)?;
-        let mut rec = Recorder::new(gpu);
-        self.record(&mut rec)?;
-        rec.finish()
+        self.plan.run(gpu)
     }
 }

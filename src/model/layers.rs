@@ -171,9 +171,39 @@ impl Norm {
     /// A new tensor: LayerNorm(x) over the last dimension.
     pub fn layer(&self, pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tensor> {
         let y = pb.f16(&x.shape, what)?;
-        pb.run(norm::layer_norm(pb.gpu, x, &self.gamma, &self.beta, &y, self.eps)?)?;
+        self.layer_into(pb, x, &y)?;
         Ok(y)
     }
+
+    /// y = LayerNorm(x) over the last dimension, into a given tensor.
+    pub fn layer_into(&self, pb: &mut PlanBuilder, x: &Tensor, y: &Tensor) -> Result<()> {
+        pb.run(norm::layer_norm(pb.gpu, x, &self.gamma, &self.beta, y, self.eps)?)
+    }
+}
+
+/// Reorders [n, c, h, w] values (as PyTorch holds images and latents) into [n, h, w, c];
+/// `shape` is the NCHW shape.
+pub fn nchw_to_nhwc(x: &[f32], shape: &[usize]) -> Vec<f32> {
+    permute(x, shape, true)
+}
+
+/// Reorders [n, h, w, c] values into [n, c, h, w]; `shape` is the NCHW shape.
+pub fn nhwc_to_nchw(x: &[f32], shape: &[usize]) -> Vec<f32> {
+    permute(x, shape, false)
+}
+
+fn permute(x: &[f32], shape: &[usize], to_nhwc: bool) -> Vec<f32> {
+    let (n, c, hw) = (shape[0], shape[1], shape[2] * shape[3]);
+    let mut y = vec![0.0; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..hw {
+                let (nchw, nhwc) = ((b * c + ch) * hw + p, (b * hw + p) * c + ch);
+                if to_nhwc { y[nhwc] = x[nchw] } else { y[nchw] = x[nhwc] }
+            }
+        }
+    }
+    y
 }
 
 /// Named copies of intermediate tensors, taken while a plan is built (for the fixture tests

@@ -253,8 +253,6 @@ impl UNetPlan {
 
     /// Runs the pass and waits; the result is in [`UNetPlan::out`].
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
-        let mut rec = Recorder::new(gpu);
-        self.record(&mut rec)?;
-        rec.finish()
+        self.plan.run(gpu)
     }
 }

@@ -333,9 +333,7 @@ impl DecodePlan {
     /// Decodes `nhwc` and waits; the result is in [`DecodePlan::image`].
     pub fn run(&self, gpu: &Gpu, nhwc: &[f32]) -> Result<()> {
         self.set_latent(gpu, nhwc)?;
-        let mut rec = Recorder::new(gpu);
-        self.record(&mut rec)?;
-        rec.finish()
+        self.plan.run(gpu)
     }
 }
 
@@ -371,8 +369,6 @@ impl EncodePlan {
     pub fn run(&self, gpu: &Gpu, nhwc: &[f32], seed: u64) -> Result<()> {
         self.set_image(gpu, nhwc)?;
         self.set_noise_seed(gpu, seed)?;
-        let mut rec = Recorder::new(gpu);
-        self.record(&mut rec)?;
-        rec.finish()
+        self.plan.run(gpu)
     }
 }

@@ -1,9 +1,12 @@
 //! Helpers for the model tests: the committed fixtures (tiny random-weight SD-1.5 and the
 //! float64 PyTorch references made by `tests/fixtures/make_fixtures.py`), PyTorch's own fp16
-//! error on the same inputs (the bound of each comparison), and NCHW <-> NHWC reordering.
+//! error on the same inputs (the bound of each comparison), and the library's NCHW <-> NHWC
+//! reordering.
 
 use std::path::PathBuf;
 
+#[allow(unused_imports)] // used by the model tests, not by every test binary
+pub use atelier::model::layers::{nchw_to_nhwc, nhwc_to_nchw};
 use safetensors::{Dtype, SafeTensors};
 
 /// A path under tests/fixtures.
@@ -50,34 +53,6 @@ pub fn torch_fp16_error(model: &str, name: &str) -> f64 {
     let text = std::fs::read_to_string(fixture("reference_errors.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v[model][name]["fp16"].as_f64().unwrap_or_else(|| panic!("reference_errors.json has no {model}.{name}.fp16"))
-}
-
-/// [n, c, h, w] -> [n, h, w, c].
-pub fn nchw_to_nhwc(x: &[f32], shape: &[usize]) -> Vec<f32> {
-    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-    let mut y = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..h * w {
-                y[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
-            }
-        }
-    }
-    y
-}
-
-/// [n, h, w, c] -> [n, c, h, w], with `shape` the NCHW shape.
-pub fn nhwc_to_nchw(x: &[f32], shape: &[usize]) -> Vec<f32> {
-    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-    let mut y = vec![0.0; x.len()];
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..h * w {
-                y[(b * c + ch) * h * w + p] = x[(b * h * w + p) * c + ch];
-            }
-        }
-    }
-    y
 }
 
 /// Relative L2 error of `out` against `reference`; panics past `bound`.
