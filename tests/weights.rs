@@ -716,6 +716,22 @@ fn pickles_are_refused_with_the_conversion() {
     assert!(e.contains("diffusion_pytorch_model.bin") && e.contains("pickle") && e.contains("'diffusion_pytorch_model.safetensors'"), "{e}");
 }
 
+#[test]
+fn header_lengths_that_look_like_pickle_protocol_bytes_are_safetensors() {
+    // A header of 640 + 256k bytes makes the file start 0x80, 0x02..0x05: a pickle's PROTO opcode.
+    let dir = TempDir::new("proto-bytes");
+    for len in [640usize, 1152, 1408] {
+        let json = r#"{"model.diffusion_model.out.2.bias":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        let header = format!("{json}{}", " ".repeat(len - json.len()));
+        let bytes = with_header(&header, &1.5f32.to_le_bytes());
+        assert_eq!(bytes[0], 0x80);
+        let p = dir.join(&format!("h{len}.safetensors"));
+        std::fs::write(&p, bytes).unwrap();
+        let w = Weights::open(&p).unwrap_or_else(|e| panic!("header {len}: {e}"));
+        assert!(w.contains("unet.conv_out.bias"), "header {len}");
+    }
+}
+
 fn assert_refused(e: &str, family: &str) {
     assert!(e.contains(family), "does not say it is {family}: {e}");
     assert!(e.contains("Stable Diffusion 1.5") && e.contains("only"), "does not say what is supported: {e}");

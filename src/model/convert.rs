@@ -275,6 +275,31 @@ impl KeyMap {
     }
 }
 
+impl KeyMap {
+    /// The LDM key of an atelier UNet or text-encoder name: the inverse of [`KeyMap::convert`]
+    /// for those (kohya LoRA names are sometimes built from LDM paths,
+    /// `lora_unet_input_blocks_1_1_...`). `None` for other names and for names the layout has
+    /// no LDM place for.
+    pub fn to_ldm(&self, name: &str) -> Option<String> {
+        if let Some(rest) = name.strip_prefix("text_encoder.") {
+            return (!rest.is_empty()).then(|| format!("{LDM_CLIP}{rest}"));
+        }
+        let rest = name.strip_prefix("unet.")?;
+        let (ldm, d, kind) =
+            self.unet.iter().filter(|(_, d, _)| rest.starts_with(d.as_str())).max_by_key(|(_, d, _)| d.len())?;
+        let inner = &rest[d.len()..];
+        let inner = match kind {
+            Kind::Keep => inner.to_string(),
+            Kind::UNetResnet => UNET_RESNET.iter().find_map(|(from, to)| {
+                let tail = inner.strip_prefix(to)?;
+                (!tail.is_empty()).then(|| format!("{from}{tail}"))
+            })?,
+            Kind::VaeResnet | Kind::VaeAttention => return None,
+        };
+        (!inner.is_empty()).then(|| format!("{LDM_UNET}{ldm}{inner}"))
+    }
+}
+
 /// Finds the module prefix `rest` starts with and renames the remainder by the module kind.
 fn convert_in(table: &[(String, String, Kind)], rest: &str) -> Option<(String, bool)> {
     // Prefixes end in '.', so "input_blocks.1." never matches "input_blocks.10.*"; where two

@@ -4,6 +4,8 @@ pub mod clip;
 pub mod convert;
 pub mod sd15;
 pub mod layers;
+pub mod lora_file;
+mod lora_keys;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

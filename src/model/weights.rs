@@ -27,9 +27,15 @@
 //! [`Weights::finish`] — which every loader must call before using the tensors — fails with
 //! the full list of missing names; on success it reports the unused names. A wrong shape or
 //! an unreadable tensor is an error at once, naming the file, the key and the shapes.
+//!
+//! **LoRAs.** [`Weights::add_lora`] (before any tensor is read) registers a
+//! [`LoraFile`](crate::model::lora_file::LoraFile) with a user scale; every read of a weight it
+//! touches, through [`Weights::get_as`] or [`Weights::get_f32`] (so fused and reordered loads
+//! too), returns W + scale * alpha/r * up·down, computed in f32 before any f16 rounding. Several
+//! LoRAs add up. The load report counts the weights each LoRA changed.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -43,6 +49,7 @@ use safetensors::tensor::Metadata;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::model::convert::{self, KeyMap, LdmLayout, TEXT_ENCODER, UNET, VAE};
+use crate::model::lora_file::{Delta, LoraFile};
 
 /// Options for [`Weights::open_with`].
 #[derive(Clone, Debug, Default)]
@@ -107,6 +114,8 @@ struct Entry {
 #[derive(Default)]
 struct State {
     used: HashSet<String>,
+    /// Per LoRA (in the order added): the weights read with its change merged.
+    merged: Vec<HashSet<String>>,
     missing: Vec<String>,
     bytes: u64,
     since_flush: u64,
@@ -120,6 +129,12 @@ pub struct Weights {
     entries: BTreeMap<String, Entry>,
     /// Tensors in the files that have no atelier name (EMA copies, schedule buffers, ...).
     ignored: usize,
+    /// The block structure the names were converted with (also names kohya LoRA keys).
+    layout: LdmLayout,
+    /// LoRAs added, in order: (file, user scale, weights it changes).
+    loras: Vec<(PathBuf, f32, usize)>,
+    /// Atelier name -> the LoRA changes merged into it when it is read.
+    deltas: HashMap<String, Vec<Delta>>,
     state: Mutex<State>,
 }
 
@@ -145,6 +160,21 @@ pub struct LoadReport {
     pub unused: Vec<String>,
     /// Tensors in the files with no atelier name (EMA copies and the like).
     pub ignored: usize,
+    /// The LoRAs merged, in the order added.
+    pub loras: Vec<LoraMerge>,
+}
+
+/// What one LoRA changed, in a [`LoadReport`].
+#[derive(Clone, Debug)]
+pub struct LoraMerge {
+    /// The LoRA file (or PEFT folder).
+    pub path: PathBuf,
+    /// The user scale it was added with.
+    pub scale: f32,
+    /// Weights it has a change for.
+    pub targets: usize,
+    /// Of those, the weights the model loaded (with the change merged).
+    pub merged: usize,
 }
 
 impl fmt::Display for LoadReport {
@@ -157,6 +187,10 @@ impl fmt::Display for LoadReport {
         }
         if self.ignored > 0 {
             write!(f, "; {} keys of the file ignored (EMA copies and the like)", self.ignored)?;
+        }
+        for l in &self.loras {
+            let name = l.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            write!(f, "; LoRA {name} (scale {}): {} of {} weights merged", l.scale, l.merged, l.targets)?;
         }
         Ok(())
     }
@@ -186,7 +220,8 @@ impl Weights {
                 Error::Io { path: path.to_path_buf(), source: e }
             }
         })?;
-        let w = if meta.is_dir() { open_diffusers(path, opts)? } else { open_single(path, opts)? };
+        let mut w = if meta.is_dir() { open_diffusers(path, opts)? } else { open_single(path, opts)? };
+        w.layout = opts.layout.clone();
         check_family(&w)?;
         Ok(w)
     }
@@ -247,6 +282,56 @@ impl Weights {
         self.ignored
     }
 
+    /// The block structure single-file names were converted with.
+    pub fn layout(&self) -> &LdmLayout {
+        &self.layout
+    }
+
+    /// Registers a LoRA, opened for these weights by [`LoraFile::open`], to be merged with the
+    /// user scale `scale` into every weight it changes as that weight is read:
+    /// W' = W + scale * alpha/r * up·down. Call it before loading the model (an error once any
+    /// tensor was read); LoRAs added one after another add up. Every target must be a weight of
+    /// these files with the shape the LoRA's matrices give (errors name the key and both shapes).
+    pub fn add_lora(&mut self, lora: &LoraFile, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::Usage(format!("the scale of LoRA {} is {scale}; give a finite number", lora.path.display())));
+        }
+        if !self.state().used.is_empty() {
+            return Err(Error::Usage(format!(
+                "LoRA {} added after the model started loading; add LoRAs right after opening the weights",
+                lora.path.display()
+            )));
+        }
+        let index = self.loras.len();
+        let mut deltas = Vec::with_capacity(lora.adapters.len());
+        for a in &lora.adapters {
+            let Some(e) = self.entries.get(&a.target) else {
+                return Err(Error::model(
+                    &lora.path,
+                    format!(
+                        "LoRA key {:?} changes {}, which is not in the model {}; open the LoRA for the model it is                          merged into",
+                        a.key,
+                        a.target,
+                        self.path.display()
+                    ),
+                ));
+            };
+            lora.check_target(a, &e.shape)?;
+            deltas.push((a.target.clone(), Delta::new(index, scale, a)));
+        }
+        for (target, d) in deltas {
+            self.deltas.entry(target).or_default().push(d);
+        }
+        self.loras.push((lora.path.clone(), scale, lora.adapters.len()));
+        self.state().merged.push(HashSet::new());
+        Ok(())
+    }
+
+    /// The LoRAs added: (file, user scale, number of weights each changes).
+    pub fn loras(&self) -> &[(PathBuf, f32, usize)] {
+        &self.loras
+    }
+
     /// A name prefix builder: `weights.prefix(gpu, "unet.down_blocks.0").get("resnets.0.conv1.weight", ..)`.
     pub fn prefix<'a>(&'a self, gpu: &'a Gpu, prefix: &str) -> Prefix<'a> {
         Prefix { weights: self, gpu, prefix: prefix.trim_end_matches('.').to_string() }
@@ -266,22 +351,34 @@ impl Weights {
             return Ok(t);
         };
         let data = &self.files[e.file].mmap[e.start..e.end];
-        let t = match dtype {
-            DType::F16 => {
+        let t = match (dtype, self.with_loras(name, e, data)?) {
+            (DType::F16, None) => {
                 let bits = self.f16_bits(e, data)?;
                 Tensor::from_f16_bits(gpu, &e.shape, &bits, name)?
             }
-            DType::F32 => Tensor::from_f32(gpu, &e.shape, DType::F32, &self.f32_values(e, data)?, name)?,
+            (DType::F16, Some(v)) => {
+                let bits = v.iter().enumerate().map(|(i, &x)| self.checked_f16(e, i, x, true)).collect::<Result<Vec<u16>>>()?;
+                Tensor::from_f16_bits(gpu, &e.shape, &bits, name)?
+            }
+            (DType::F32, None) => Tensor::from_f32(gpu, &e.shape, DType::F32, &self.f32_values(e, data)?, name)?,
+            (DType::F32, Some(v)) => Tensor::from_f32(gpu, &e.shape, DType::F32, &v, name)?,
         };
         self.uploaded(gpu, t.bytes())?;
         Ok(t)
     }
 
-    /// Reads a tensor to the CPU as f32 with the file's values (not rounded to f16), checking
-    /// its shape. A missing name is recorded for [`Weights::finish`] and gives NaNs.
+    /// Reads a tensor to the CPU as f32 with the file's values (not rounded to f16; LoRA changes
+    /// merged in f32), checking its shape. A missing name is recorded for [`Weights::finish`]
+    /// and gives NaNs.
     pub fn get_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         match self.lookup(name, expected)? {
-            Some(e) => self.f32_values(e, &self.files[e.file].mmap[e.start..e.end]),
+            Some(e) => {
+                let data = &self.files[e.file].mmap[e.start..e.end];
+                match self.with_loras(name, e, data)? {
+                    Some(v) => Ok(v),
+                    None => self.f32_values(e, data),
+                }
+            }
             None => {
                 let n = expected.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
                     Error::shape(format!("reading {name}"), format!("shape {expected:?} overflows"))
@@ -308,6 +405,17 @@ impl Weights {
             bytes: st.bytes,
             unused: self.entries.keys().filter(|k| !st.used.contains(*k)).cloned().collect(),
             ignored: self.ignored,
+            loras: self
+                .loras
+                .iter()
+                .zip(&st.merged)
+                .map(|((path, scale, targets), merged)| LoraMerge {
+                    path: path.clone(),
+                    scale: *scale,
+                    targets: *targets,
+                    merged: merged.len(),
+                })
+                .collect(),
         })
     }
 
@@ -364,12 +472,39 @@ impl Weights {
         )
     }
 
+    /// The tensor's values with the LoRA changes for `name` merged, or `None` if no LoRA
+    /// changes it.
+    fn with_loras(&self, name: &str, e: &Entry, data: &[u8]) -> Result<Option<Vec<f32>>> {
+        let Some(deltas) = self.deltas.get(name) else { return Ok(None) };
+        let mut v = self.f32_values(e, data)?;
+        for d in deltas {
+            d.add_to(&mut v);
+        }
+        let mut st = self.state();
+        for d in deltas {
+            st.merged[d.lora].insert(name.to_string());
+        }
+        Ok(Some(v))
+    }
+
+    /// x as f16 bits; a finite value beyond f16's range is an error naming the key (and the
+    /// LoRAs, when `merged`).
+    fn checked_f16(&self, e: &Entry, i: usize, x: f32, merged: bool) -> Result<u16> {
+        let h = f16::from_f32(x);
+        if h.is_infinite() && x.is_finite() {
+            let mut err = self.overflow(e, i, x);
+            if let (Error::Model { problem, .. }, true) = (&mut err, merged) {
+                *problem += " (after merging LoRAs into it: lower their scales)";
+            }
+            Err(err)
+        } else {
+            Ok(h.to_bits())
+        }
+    }
+
     /// The tensor as f16 bit patterns (borrowed straight from the file when it is f16).
     fn f16_bits<'d>(&self, e: &Entry, data: &'d [u8]) -> Result<Cow<'d, [u16]>> {
-        let checked = |x: f32, i: usize| {
-            let h = f16::from_f32(x);
-            if h.is_infinite() && x.is_finite() { Err(self.overflow(e, i, x)) } else { Ok(h.to_bits()) }
-        };
+        let checked = |x: f32, i: usize| self.checked_f16(e, i, x, false);
         Ok(match e.dtype {
             Dtype::F16 => match bytemuck::try_cast_slice::<u8, u16>(data) {
                 Ok(s) if cfg!(target_endian = "little") => Cow::Borrowed(s),
@@ -525,12 +660,12 @@ impl<'a> Prefix<'a> {
 // Reading safetensors files
 
 /// A tensor as listed in a file's header, with its absolute byte range.
-struct RawTensor {
-    key: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    start: usize,
-    end: usize,
+pub(crate) struct RawTensor {
+    pub(crate) key: String,
+    pub(crate) dtype: Dtype,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
 }
 
 fn is_pickle_name(path: &Path) -> bool {
@@ -561,6 +696,14 @@ fn pickle_error(path: &Path, why: &str) -> Error {
 }
 
 fn read_safetensors(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
+    let (mmap, tensors, _) =
+        read_safetensors_file(path, "pass an SD-1.5 .safetensors checkpoint or a diffusers folder")?;
+    Ok((mmap, tensors))
+}
+
+/// A safetensors file, memory-mapped: its tensors sorted by key and its `__metadata__`; `what`
+/// says what the caller expected (for the "not a safetensors file" message).
+pub(crate) fn read_safetensors_file(path: &Path, what: &str) -> Result<(Mmap, Vec<RawTensor>, HashMap<String, String>)> {
     if is_pickle_name(path) {
         return Err(pickle_error(path, "this is a PyTorch pickle checkpoint"));
     }
@@ -578,12 +721,16 @@ fn read_safetensors(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
         Error::model(
             path,
             format!(
-                "not a safetensors file ({why}); pass an SD-1.5 .safetensors checkpoint or a diffusers folder; \
-                 if the file was downloaded, check that the download is complete"
+                "not a safetensors file ({why}); {what}; if the file was downloaded, check that the download \
+                 is complete"
             ),
         )
     };
-    if b.starts_with(b"PK\x03\x04") || (b.len() > 1 && b[0] == 0x80 && (2..=5).contains(&b[1])) {
+    // A pickle starts with PROTO (0x80, protocol 2-5), or is a zip; a safetensors header length
+    // can start with the same two bytes (640 + 256k bytes), so a JSON header after the 8-byte
+    // length wins.
+    let json_header = b.len() > 8 && b[8] == b'{';
+    if !json_header && (b.starts_with(b"PK\x03\x04") || (b.len() > 1 && b[0] == 0x80 && (2..=5).contains(&b[1]))) {
         return Err(pickle_error(path, "this is a PyTorch pickle checkpoint (saved by torch.save), not safetensors"));
     }
     if b.len() < 9 {
@@ -639,7 +786,8 @@ fn read_safetensors(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
         })
         .collect();
     tensors.sort_by(|a, b| a.key.cmp(&b.key));
-    Ok((mmap, tensors))
+    let file_meta = meta.metadata().clone().unwrap_or_default();
+    Ok((mmap, tensors, file_meta))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -738,6 +886,9 @@ fn open_single(path: &Path, opts: &LoadOptions) -> Result<Weights> {
         files,
         entries,
         ignored,
+        layout: opts.layout.clone(),
+        loras: Vec::new(),
+        deltas: HashMap::new(),
         state: Mutex::new(State::default()),
     })
 }
@@ -853,6 +1004,9 @@ fn open_diffusers(dir: &Path, opts: &LoadOptions) -> Result<Weights> {
         files,
         entries,
         ignored,
+        layout: opts.layout.clone(),
+        loras: Vec::new(),
+        deltas: HashMap::new(),
         state: Mutex::new(State::default()),
     })
 }
