@@ -89,14 +89,21 @@ fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tenso
     Tensor::from_f32(gpu, shape, DType::F16, &noise(n, seed), what)
 }
 
-/// The matmul cases: (name, M, N, K), Y = X·Wᵀ.
-pub const MATMUL_CASES: [(&str, usize, usize, usize); 8] = [
-    ("sd_attn_proj_4096x320x320", 4096, 320, 320),
-    ("sd_ff_in_4096x2560x320", 4096, 2560, 320),
-    ("sd_ff_out_4096x320x1280", 4096, 320, 1280),
-    ("sd_mid_256x1280x1280", 256, 1280, 1280),
-    ("sd_cross_kv_77x320x768", 77, 320, 768),
-    ("clip_mlp_77x3072x768", 77, 3072, 768),
+/// The matmul cases: (name, M, N, K), Y = X·Wᵀ. The UNet's linears at 512x512 with batch 2
+/// (one guided step: M = 2 · tokens) at each level, CLIP's MLP, and square products.
+pub const MATMUL_CASES: [(&str, usize, usize, usize); 14] = [
+    ("unet64_proj_8192x320x320", 8192, 320, 320),
+    ("unet64_qkv_8192x960x320", 8192, 960, 320),
+    ("unet64_ff_in_8192x2560x320", 8192, 2560, 320),
+    ("unet64_ff_out_8192x320x1280", 8192, 320, 1280),
+    ("unet32_proj_2048x640x640", 2048, 640, 640),
+    ("unet32_ff_in_2048x5120x640", 2048, 5120, 640),
+    ("unet32_ff_out_2048x640x2560", 2048, 640, 2560),
+    ("unet16_proj_512x1280x1280", 512, 1280, 1280),
+    ("unet16_ff_in_512x10240x1280", 512, 10240, 1280),
+    ("unet16_ff_out_512x1280x5120", 512, 1280, 5120),
+    ("unet_cross_kv_154x640x768", 154, 640, 768),
+    ("clip_mlp_154x3072x768", 154, 3072, 768),
     ("square_4096", 4096, 4096, 4096),
     ("square_8192", 8192, 8192, 8192),
 ];

@@ -27,11 +27,12 @@ struct Case {
     alpha: f32,
     out: DType,
     broadcast_b: bool,
+    split: Option<usize>,
 }
 
 impl Case {
     fn new(m: usize, n: usize, k: usize) -> Case {
-        Case { m, n, k, batch: 1, trans_a: false, trans_b: true, bias: false, accumulate: false, alpha: 1.0, out: DType::F16, broadcast_b: false }
+        Case { m, n, k, batch: 1, trans_a: false, trans_b: true, bias: false, accumulate: false, alpha: 1.0, out: DType::F16, broadcast_b: false, split: None }
     }
 }
 
@@ -98,6 +99,7 @@ fn run_case(c: &Case, path: KernelPath, tile: Option<CoopTile>) -> f64 {
     mm.stride_b = if c.broadcast_b { 0 } else { c.k * c.n };
     mm.path = Some(path);
     mm.tile = tile;
+    mm.split_k = c.split;
     let mut rec = Recorder::new(g);
     mm.run(g, &mut rec, &ta, &tb, c.bias.then_some(&tbias), &tc).unwrap();
     rec.finish().unwrap();
@@ -141,6 +143,32 @@ fn bias_alpha_accumulate_f32_out() {
             }
         }
     }
+}
+
+#[test]
+fn split_over_k_every_layout() {
+    // Forced splits (the launcher splits long-K products with few tiles, e.g. the UNet's 16x16
+    // and 8x8 levels and its time-embedding projections): f32 partials, then one pass adding
+    // them with the bias and C.
+    for s in [2, 4, 8] {
+        for (ta, tb) in [(false, true), (false, false), (true, true), (true, false)] {
+            for out in [DType::F16, DType::F32] {
+                let mut c = Case::new(77, 96, 192);
+                c.split = Some(s);
+                c.trans_a = ta;
+                c.trans_b = tb;
+                c.bias = true;
+                c.accumulate = true;
+                c.alpha = 0.37;
+                c.out = out;
+                check(&c);
+            }
+        }
+    }
+    let mut c = Case::new(2, 1280, 1280);
+    c.split = Some(8);
+    c.bias = true;
+    check(&c);
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub struct Profiler {
     /// Labels, flops and bytes of the pairs in flight, in slot order.
     slots: Vec<(std::sync::Arc<str>, f64, f64)>,
     period_ns: f64,
+    /// Rows per launch shape (workgroups and flops) as well as per pipeline: set by
+    /// ATELIER_PROFILE_SHAPES=1, for finding which of a kernel's launches are slow.
+    by_shape: bool,
     pub stats: HashMap<String, KernelStats>,
 }
 
@@ -61,6 +64,7 @@ impl Profiler {
             readback,
             slots: Vec::new(),
             period_ns: gpu.queue.get_timestamp_period() as f64,
+            by_shape: std::env::var("ATELIER_PROFILE_SHAPES").is_ok_and(|v| v == "1"),
             stats: HashMap::new(),
         })
     }
@@ -72,7 +76,12 @@ impl Profiler {
     /// Takes the next pair of query indices for `d`.
     pub(crate) fn slot(&mut self, d: &Dispatch) -> (&wgpu::QuerySet, u32, u32) {
         let i = self.slots.len() as u32;
-        self.slots.push((d.label.clone(), d.flops, d.bytes));
+        let label = if self.by_shape {
+            format!("{} groups {:?} {:.3} GFLOP {:.1} MB", d.label, d.groups, d.flops / 1e9, d.bytes / 1e6).into()
+        } else {
+            d.label.clone()
+        };
+        self.slots.push((label, d.flops, d.bytes));
         (&self.query_set, 2 * i, 2 * i + 1)
     }
 

@@ -199,9 +199,9 @@ pub struct Matmul {
     /// A is the implicit im2col matrix of an NHWC image batch (then not trans_a, trans_b,
     /// batch 1).
     pub conv: Option<ConvGeom>,
-    /// Convolutions: split K into this many slices computed side by side into f32 partials,
-    /// then summed (default: chosen by [`Matmul::split`] when there are too few tiles to
-    /// fill the GPU, as at the UNet's 16x16 and 8x8 levels).
+    /// Split K into this many slices computed side by side into f32 partials, then summed
+    /// (default: chosen by [`Matmul::split`] when there are too few tiles to fill the GPU, as
+    /// at the UNet's 16x16 and 8x8 levels).
     pub split_k: Option<usize>,
 }
 
@@ -225,13 +225,17 @@ impl Matmul {
         }
     }
 
-    /// How many K slices a convolution runs as: 1 unless it has less than one wave of tiles
-    /// on a large GPU (132, the H100's SM count) and K is long; then the smallest power of two
-    /// up to 16 that reaches two waves (264 tiles), with slices of at least 512 and a multiple
-    /// of 8. Measured on the H100 (UNet, batch 2): 16x16x1280 x4 24.0 -> 39.5 TFLOP/s,
-    /// 8x8x1280 x16 7.0 -> 27.0; 32x32x640 (160 tiles) is slower split (50.9 -> 46.7).
+    /// How many K slices a product runs as: 1 unless it has less than about one wave of tiles
+    /// on a large GPU (120; the H100 has 132 SMs); then the smallest power of two up to 16
+    /// that reaches two waves (264 tiles), with slices a multiple of 8 and at least 512 long.
+    /// Linears split only when M is at most 64 (the time-embedding projections, M = batch),
+    /// into slices of at least 128: on the H100 a split made the UNet's 512x1280x1280 linears
+    /// no faster (79.5 -> 76.4 us plus the sum) and CLIP's 154-row ones 3x slower, while the
+    /// 2x1280x1280 projection went 87 -> 21 us. Convolutions (UNet, batch 2): 16x16x1280 x4
+    /// 24.0 -> 39.5 TFLOP/s, 8x8x1280 x16 7.0 -> 27.0; 32x32x640 (160 tiles) is slower split
+    /// (50.9 -> 46.7). Batched products never split (the slices are the batch entries).
     pub fn split(&self, gpu: &Gpu) -> usize {
-        if self.conv.is_none() || self.n % 8 != 0 || (self.m * self.n) % 8 != 0 {
+        if self.n % 8 != 0 || (self.m * self.n) % 8 != 0 || self.batch != 1 {
             return 1;
         }
         if let Some(s) = self.split_k {
@@ -243,11 +247,12 @@ impl Matmul {
             KernelPath::Scalar => (128, 128),
         };
         let tiles = self.m.div_ceil(bm) * self.n.div_ceil(bn);
-        if tiles >= 132 {
+        if tiles >= 120 || (self.conv.is_none() && self.m > 64) {
             return 1;
         }
+        let min_slice = if self.conv.is_some() { 512 } else { 128 };
         let mut s = 1;
-        while tiles * s < 264 && s < 16 && self.k % (16 * s) == 0 && self.k / (2 * s) >= 512 {
+        while tiles * s < 264 && s < 16 && self.k % (16 * s) == 0 && self.k / (2 * s) >= min_slice {
             s *= 2;
         }
         s
@@ -269,7 +274,10 @@ impl Matmul {
             // Fewer than ~2 waves of big tiles on a large GPU: use a smaller tile.
             let big = CoopTile::DEFAULT;
             let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
-            match (tiles < 264, self.k >= 640) {
+            // Linears keep the big tile down to about one wave (H100, UNet linears at M 8192:
+            // N 320 K 320 35.6 -> 44.3 TFLOP/s, N 960 53.9 -> 68.4, N 320 K 1280 58.9 -> 67.7).
+            let enough = if self.conv.is_some() { 264 } else { 120 };
+            match (tiles < enough, self.k >= 640) {
                 (false, _) => big,
                 (true, false) => CoopTile::SMALL,
                 (true, true) => CoopTile::SMALL_LONG_K,
@@ -308,11 +316,17 @@ impl Matmul {
         if self.accumulate {
             flags |= FLAG_ACCUMULATE;
         }
-        // Split over K: batch z is the slice at im2col column z·k_slice (stride_a is that offset
-        // for the conv gather, stride_b B's), C's batch z its f32 partial.
+        // Split over K: batch z is the slice starting at column z·k_slice of A (stride_a is
+        // that offset, also for the conv gather) and at that row of B, C's batch z its f32
+        // partial.
         let (k, batch, stride_a, stride_b) = match slices {
             1 => (self.k, self.batch, self.stride_a, self.stride_b),
-            s => (k_slice, s, k_slice, k_slice),
+            s => (
+                k_slice,
+                s,
+                if self.trans_a { k_slice * self.m } else { k_slice },
+                if self.trans_b { k_slice } else { k_slice * self.n },
+            ),
         };
         let params = MatmulParams {
             m: self.m as u32,

@@ -62,7 +62,7 @@ impl Linear {
         let mut mm = Matmul::new(rows, self.n, self.k);
         mm.trans_b = true;
         mm.accumulate = accumulate;
-        mm.run(pb.gpu, &mut pb.rec, x, &self.w, self.b.as_ref(), y)
+        run_pooled(pb, &mm, x, &self.w, self.b.as_ref(), y)
     }
 
     /// A new tensor [rows, n] = x·Wᵀ + b.
@@ -128,13 +128,7 @@ impl Conv {
             (g.ih, g.iw) = (h, w);
         }
         mm.accumulate = accumulate;
-        if let Some(shape) = mm.partials_shape(pb.gpu) {
-            let parts = pb.tensor(&shape, DType::F32, "split-K partials")?;
-            mm.run_split(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y, &parts)?;
-            pb.free(parts);
-            return Ok(());
-        }
-        mm.run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
+        run_pooled(pb, &mm, x, &self.w, Some(&self.b), y)
     }
 
     /// A new tensor [batch, oh, ow, cout] = conv(x).
@@ -144,6 +138,17 @@ impl Conv {
         self.forward(pb, x, (batch, h, w), &y, false)?;
         Ok(y)
     }
+}
+
+/// Records a product, its split-K partials (when it splits) taken from the plan's pool.
+fn run_pooled(pb: &mut PlanBuilder, mm: &Matmul, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
+    if let Some(shape) = mm.partials_shape(pb.gpu) {
+        let parts = pb.tensor(&shape, DType::F32, "split-K partials")?;
+        mm.run_split(pb.gpu, &mut pb.rec, x, w, b, y, &parts)?;
+        pb.free(parts);
+        return Ok(());
+    }
+    mm.run(pb.gpu, &mut pb.rec, x, w, b, y)
 }
 
 /// Group norm or layer norm parameters: `<p>.weight` and `<p>.bias` [c].
