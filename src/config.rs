@@ -582,16 +582,22 @@ pub enum PredictionType {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
-    /// `(0..n) * (T / n) + steps_offset`, descending (SD-1.5's default).
+    /// `(0..n) * (T / n) + steps_offset`, descending (DDIM's and PNDM's default).
     Leading,
     /// `T - k * T / n - 1` for k in 0..n.
     Trailing,
-    /// `linspace(0, T - 1, n)`, rounded.
+    /// `linspace(0, T - 1, n)` (rounded for the samplers that take integer timesteps; the
+    /// default of every other sampler).
     Linspace,
 }
 
 /// The noise schedule and inference-time conventions (diffusers' `scheduler_config.json`;
 /// SD-1.5 ships a `PNDMScheduler` config, whose shared keys every sampler here follows).
+///
+/// Switching samplers in diffusers is `Cls.from_config(pipe.scheduler.config)`, and there a key the
+/// file leaves out takes the *new class's* default, not the PNDM one. The keys whose defaults differ
+/// between the schedulers are therefore kept as `Option` (`None`: absent from the file), and each
+/// sampler in [`crate::schedulers`] applies its own diffusers default.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
@@ -599,14 +605,25 @@ pub struct SchedulerConfig {
     pub beta_start: f64,
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
-    /// Added to every inference timestep (SD-1.5: 1, so 50 steps run 981, 961, ..., 1).
+    /// Added to every "leading" inference timestep (SD-1.5: 1, so 50 steps run 981, 961, ..., 1).
+    /// Absent: 0, as in every diffusers scheduler.
+    #[serde(default)]
     pub steps_offset: usize,
     pub prediction_type: PredictionType,
-    pub timestep_spacing: TimestepSpacing,
-    /// DDIM: use alpha_cumprod = 1 for the step after the last (false: the first alpha_cumprod).
-    pub set_alpha_to_one: bool,
-    /// Clip the predicted x0 to [-1, 1].
-    pub clip_sample: bool,
+    /// Absent (SD-1.5's file): "leading" for DDIM and PNDM, "linspace" for the other samplers.
+    #[serde(default)]
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// DDIM and PNDM: use alpha_cumprod = 1 for the step after the last (false: the first
+    /// alpha_cumprod). Absent: true for DDIM, false for PNDM.
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    /// DDIM and Heun: clip the predicted x0 to [-1, 1]. Absent: true for DDIM, false for Heun.
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    /// PNDM: skip the Runge-Kutta warm-up (PLMS only). Only `true` is supported for PNDM;
+    /// absent means diffusers' default, false.
+    #[serde(default)]
+    pub skip_prk_steps: Option<bool>,
 }
 
 impl Default for SchedulerConfig {
@@ -616,8 +633,8 @@ impl Default for SchedulerConfig {
 }
 
 impl SchedulerConfig {
-    /// SD-1.5's values (its file has no `prediction_type` / `timestep_spacing`: diffusers'
-    /// defaults, epsilon and leading, apply).
+    /// SD-1.5's values, as its file gives them (no `prediction_type`: epsilon; no
+    /// `timestep_spacing`: each sampler's own default).
     pub fn v1_5() -> Self {
         SchedulerConfig {
             num_train_timesteps: 1000,
@@ -626,13 +643,16 @@ impl SchedulerConfig {
             beta_schedule: BetaSchedule::ScaledLinear,
             steps_offset: 1,
             prediction_type: PredictionType::Epsilon,
-            timestep_spacing: TimestepSpacing::Leading,
-            set_alpha_to_one: false,
-            clip_sample: false,
+            timestep_spacing: None,
+            set_alpha_to_one: Some(false),
+            clip_sample: Some(false),
+            skip_prk_steps: Some(true),
         }
     }
 
-    /// Reads a diffusers `scheduler_config.json`; absent keys take SD-1.5's values.
+    /// Reads a diffusers `scheduler_config.json`. Absent keys take SD-1.5's values, except the
+    /// `Option` ones and `steps_offset`, which take diffusers' per-sampler defaults (see above).
+    /// Keys that would change the sampling math in ways not implemented here are refused.
     pub fn from_diffusers_json(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value = read_json(path)?;
@@ -642,6 +662,19 @@ impl SchedulerConfig {
                 "trained_betas is set; only beta_start/beta_end schedules are supported",
             ));
         }
+        check_fixed(
+            path,
+            &value,
+            &[
+                ("rescale_betas_zero_snr", "false"),
+                ("thresholding", "false"),
+                ("clip_sample_range", "1.0"),
+                ("use_exponential_sigmas", "false"),
+                ("use_beta_sigmas", "false"),
+                ("use_lu_lambdas", "false"),
+                ("timestep_type", "\"discrete\""),
+            ],
+        )?;
         let cfg: SchedulerConfig = parse(path, value)?;
         if cfg.num_train_timesteps == 0
             || !(cfg.beta_start > 0.0 && cfg.beta_end > cfg.beta_start && cfg.beta_end < 1.0)
@@ -807,6 +840,34 @@ mod tests {
         assert!(tiny.vae.block_out_channels.iter().all(|c| c / tiny.vae.norm_num_groups >= 2));
         assert_ne!(tiny.unet.block_out_channels[0], tiny.unet.block_out_channels[1]);
         assert!(tiny.clip.num_hidden_layers >= 3);
+    }
+
+    #[test]
+    fn scheduler_keys_left_out_stay_unset() {
+        // Left out, these take each sampler's diffusers default (see SchedulerConfig).
+        let bare =
+            r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#;
+        let s = parse_str("bare", bare, |p| SchedulerConfig::from_diffusers_json(p)).unwrap();
+        assert_eq!(
+            (s.timestep_spacing, s.set_alpha_to_one, s.clip_sample, s.skip_prk_steps),
+            (None, None, None, None)
+        );
+        assert_eq!(s.steps_offset, 0);
+        let trailing = SD15_SCHEDULER.replace(
+            r#""clip_sample": false"#,
+            r#""clip_sample": false, "timestep_spacing": "trailing""#,
+        );
+        let s =
+            parse_str("trailing", &trailing, |p| SchedulerConfig::from_diffusers_json(p)).unwrap();
+        assert_eq!(s.timestep_spacing, Some(TimestepSpacing::Trailing));
+        let zsnr = SD15_SCHEDULER.replace(
+            r#""clip_sample": false"#,
+            r#""clip_sample": false, "rescale_betas_zero_snr": true"#,
+        );
+        let e = parse_str("zsnr", &zsnr, |p| SchedulerConfig::from_diffusers_json(p))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rescale_betas_zero_snr"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod rng;
+pub mod schedulers;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -22,7 +22,8 @@ pub struct Reference {
 
 impl Reference {
     pub fn open(rel: &str) -> Reference {
-        let bytes = std::fs::read(fixture(rel)).unwrap_or_else(|e| panic!("{rel}: {e} (made by tests/fixtures/make_fixtures.py)"));
+        let bytes = std::fs::read(fixture(rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e} (made by tests/fixtures/make_fixtures.py)"));
         Reference { bytes, rel: rel.to_string() }
     }
 
@@ -31,8 +32,16 @@ impl Reference {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
         let t = st.tensor(name).unwrap_or_else(|_| panic!("{}: no tensor {name}", self.rel));
         let v = match t.dtype() {
-            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::I32 => t.data().chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+            Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::I32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+                .collect(),
             d => panic!("{}: {name} is {d:?}", self.rel),
         };
         (t.shape().to_vec(), v)
@@ -41,7 +50,12 @@ impl Reference {
     /// The names starting with `prefix`.
     pub fn names(&self, prefix: &str) -> Vec<String> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let mut v: Vec<String> = st.names().into_iter().filter(|n| n.starts_with(prefix)).map(|n| n.to_string()).collect();
+        let mut v: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .map(|n| n.to_string())
+            .collect();
         v.sort();
         v
     }
@@ -52,7 +66,9 @@ impl Reference {
 pub fn torch_fp16_error(model: &str, name: &str) -> f64 {
     let text = std::fs::read_to_string(fixture("reference_errors.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v[model][name]["fp16"].as_f64().unwrap_or_else(|| panic!("reference_errors.json has no {model}.{name}.fp16"))
+    v[model][name]["fp16"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("reference_errors.json has no {model}.{name}.fp16"))
 }
 
 /// Relative L2 error of `out` against `reference`; panics past `bound`.

@@ -32,9 +32,11 @@ pub fn paths() -> Vec<KernelPath> {
 
 /// A fresh seed per call (or ATELIER_TEST_SEED), printed so a failure can be replayed.
 pub fn seed(what: &str) -> u64 {
-    let s = std::env::var("ATELIER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let s =
+        std::env::var("ATELIER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+                as u64
+        });
     eprintln!("{what}: seed {s}");
     s
 }
