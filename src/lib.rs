@@ -6,9 +6,13 @@ pub mod bench_models;
 pub mod config;
 pub mod error;
 pub mod gpu;
+pub mod images;
 pub mod kernels;
 pub mod model;
+pub mod pipeline;
+pub mod progress;
 pub mod rng;
+pub mod sample;
 pub mod schedulers;
 pub mod tokenizer;
 

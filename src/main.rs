@@ -1,4 +1,4 @@
-//! The `atelier` command line: thin wrappers over the library (info, bench, bench --model).
+//! The `atelier` command line: thin wrappers over the library (sample, info, bench, bench --model).
 
 use std::process::ExitCode;
 
@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use atelier::bench_models::ModelBench;
+use atelier::sample::SampleArgs;
+use atelier::schedulers::Sampler;
 
 use atelier::gpu::device::{list_adapters, GpuOptions};
 use atelier::gpu::Gpu;
@@ -25,6 +27,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate images from a prompt (text-to-image), or from a picture (--init-image).
+    #[command(after_help = "Examples:\n  atelier sample --model v1-5-pruned-emaonly.safetensors --prompt \"a portrait of a lady, oil on canvas\"\n  \
+atelier sample --model sd15/ --prompt-file prompts.txt --num-images 4 --seed 42 --output portraits/\n  \
+atelier sample --model sd15/ --prompt \"in the style of Gainsborough\" --init-image photo.jpg --strength 0.6\n  \
+atelier sample --model sd15/ --prompt \"a lady\" --lora portraits.safetensors:0.8")]
+    Sample(Box<SampleCli>),
     /// List the GPUs, their features and limits, and the kernel path atelier will use.
     Info,
     /// Run the kernel benchmarks (matmul, conv, attention at SD shapes, elementwise at 64 MiB),
@@ -75,11 +83,89 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct SampleCli {
+    /// The SD-1.5 model: a diffusers folder or a single-file checkpoint (.safetensors).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// What to draw.
+    #[arg(long, short = 'p')]
+    prompt: Option<String>,
+    /// A text file with one prompt per line (lines starting with # are skipped).
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
+    /// What to steer away from.
+    #[arg(long, short = 'n', default_value = "")]
+    negative_prompt: String,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    /// Classifier-free guidance scale (1 turns guidance off: one UNet pass a step).
+    #[arg(long, default_value_t = 7.5, value_name = "SCALE")]
+    guidance: f32,
+    /// Sampler: ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_sde, heun, lms, unipc.
+    #[arg(long, default_value = "dpmpp_2m")]
+    sampler: String,
+    /// Karras noise levels (euler, dpmpp_2m, dpmpp_2m_sde, heun, lms, unipc).
+    #[arg(long)]
+    karras: bool,
+    /// DDIM's eta (0: deterministic; 1: as DDPM).
+    #[arg(long, default_value_t = 0.0)]
+    eta: f32,
+    /// Seed of the initial noise (random when absent, and printed); image k uses seed + k.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Image width in pixels, a multiple of 8 (default 512, or the init image's).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels, a multiple of 8 (default 512, or the init image's).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Images per prompt.
+    #[arg(long, value_name = "N")]
+    num_images: Option<usize>,
+    /// Images generated side by side (more is faster on big GPUs and needs more memory).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    batch_size: usize,
+    /// A .png file (numbered -1, -2, ... for several images) or a folder (default: outputs/),
+    /// where images are named NNNNN-SEED.png.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    output: Option<PathBuf>,
+    /// A LoRA file (kohya, diffusers or PEFT) and its scale; repeat for several.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    loras: Vec<(PathBuf, f32)>,
+    /// Start from this picture (image-to-image); resized to --width/--height when given.
+    #[arg(long, value_name = "FILE")]
+    init_image: Option<PathBuf>,
+    /// How much of the init image to repaint, 0 to 1 (default 0.75).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Initial latents instead of seeded noise: a safetensors file with tensor `latents`
+    /// [N, 4, H/8, W/8] f32, to reproduce another engine's run (with --init-image: the noise
+    /// added to the picture's latents).
+    #[arg(long, value_name = "FILE")]
+    init_noise: Option<PathBuf>,
+    /// Also write the final latents (before the VAE) here, in the same format.
+    #[arg(long, value_name = "FILE")]
+    save_latents: Option<PathBuf>,
+    /// Use the text encoder's output this many layers from the end, as A1111 counts (1: the last).
+    #[arg(long, default_value_t = 1)]
+    clip_skip: usize,
+    /// Print a per-kernel profile of one UNet call and one VAE decode.
+    #[arg(long)]
+    profile: bool,
+}
+
+fn parse_lora(s: &str) -> Result<(PathBuf, f32), String> {
+    atelier::sample::parse_lora(s)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let opts = GpuOptions::from_env().with_adapter(cli.adapter.clone());
     let result = match cli.command {
         Command::Info => info(&opts),
+        Command::Sample(s) => sample(&opts, *s),
         Command::Bench { model: Some(model), batch, vae_batch, width, height, repeat, inputs, output, encode, profile, .. } => {
             let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
             bench_model(&opts, &model, &o)
@@ -167,4 +253,38 @@ fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench) -> atelier::Resu
     println!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
     atelier::bench_models::run(&gpu, &sd, o)?;
     Ok(())
+}
+
+fn sample(opts: &GpuOptions, s: SampleCli) -> atelier::Result<()> {
+    let sampler = s.sampler.parse::<Sampler>()?;
+    if s.clip_skip == 0 {
+        return Err(atelier::Error::Usage("--clip-skip counts from 1 (the last layer)".into()));
+    }
+    let args = SampleArgs {
+        model: s.model,
+        prompt: s.prompt,
+        prompt_file: s.prompt_file,
+        negative_prompt: s.negative_prompt,
+        steps: s.steps,
+        guidance: s.guidance,
+        sampler,
+        karras: s.karras,
+        eta: s.eta,
+        seed: s.seed,
+        width: s.width,
+        height: s.height,
+        num_images: s.num_images,
+        batch_size: s.batch_size,
+        output: s.output,
+        loras: s.loras,
+        init_image: s.init_image,
+        strength: s.strength,
+        init_noise: s.init_noise,
+        save_latents: s.save_latents,
+        clip_skip: s.clip_skip,
+        profile: s.profile,
+    };
+    let gpu = Gpu::new(opts)?;
+    eprintln!("{}", gpu.describe());
+    atelier::sample::run(&gpu, &args)
 }

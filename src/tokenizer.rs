@@ -189,6 +189,18 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// The prompt as A1111 feeds long prompts to the text encoder: its tokens in chunks of 75,
+    /// each chunk `<|startoftext|>` + tokens + `<|endoftext|>` padded to 77 with
+    /// `<|endoftext|>`. A chunk that fills up breaks after its last comma when that comma is
+    /// among its last 20 tokens, carrying the rest to the next chunk (A1111's comma
+    /// backtrack). An empty prompt is one chunk. The encoder's outputs of the chunks are
+    /// concatenated along the token axis.
+    pub fn encode_chunks(&self, prompt: &str) -> Result<Vec<Vec<u32>>> {
+        let full = self.encode_full(prompt)?;
+        let comma = self.bpe.token_to_id(",</w>").unwrap_or(u32::MAX);
+        Ok(chunk_tokens(&full[1..full.len() - 1], comma))
+    }
+
     /// Whether `encode` drops tokens of this prompt (more than 75).
     pub fn is_truncated(&self, prompt: &str) -> Result<bool> {
         Ok(self.encode_full(prompt)?.len() > MAX_LEN)
@@ -273,6 +285,46 @@ pub fn pad_and_truncate(full: &[u32]) -> Vec<u32> {
     }
     ids.resize(MAX_LEN, PAD);
     ids
+}
+
+/// Tokens per chunk of a long prompt, and how far back a full chunk looks for a comma to break
+/// after (A1111's `comma_padding_backtrack`).
+const CHUNK_TOKENS: usize = MAX_LEN - 2;
+const COMMA_BACKTRACK: usize = 20;
+
+/// Splits prompt tokens (no BOS / EOS) into 77-id chunks; see [`ClipTokenizer::encode_chunks`].
+pub fn chunk_tokens(tokens: &[u32], comma: u32) -> Vec<Vec<u32>> {
+    let close = |mut body: Vec<u32>| {
+        body.resize(CHUNK_TOKENS, PAD);
+        let mut ids = Vec::with_capacity(MAX_LEN);
+        ids.push(BOS);
+        ids.extend(body);
+        ids.push(EOS);
+        ids
+    };
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<u32> = Vec::new();
+    let mut last_comma: Option<usize> = None;
+    for &t in tokens {
+        if t == comma {
+            last_comma = Some(chunk.len());
+        } else if chunk.len() == CHUNK_TOKENS {
+            if let Some(c) = last_comma.filter(|&c| chunk.len() - c <= COMMA_BACKTRACK) {
+                let carried = chunk.split_off(c + 1);
+                chunks.push(close(std::mem::replace(&mut chunk, carried)));
+                last_comma = None;
+            }
+        }
+        if chunk.len() == CHUNK_TOKENS {
+            chunks.push(close(std::mem::take(&mut chunk)));
+            last_comma = None;
+        }
+        chunk.push(t);
+    }
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(close(chunk));
+    }
+    chunks
 }
 
 /// CLIP's byte -> character map, and the characters in vocabulary order (printable bytes first).

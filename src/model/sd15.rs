@@ -1,12 +1,13 @@
 //! A whole SD-1.5 model on the GPU: configuration, CLIP tokenizer, text encoder, UNet and VAE
 //! loaded from a diffusers folder or a single-file checkpoint, with one load report.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::Sd15Config;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::model::clip::ClipTextModel;
+use crate::model::lora_file::LoraFile;
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::vae::AutoencoderKL;
 use crate::model::weights::{LoadOptions, LoadReport, Weights};
@@ -26,7 +27,27 @@ impl StableDiffusion {
     /// Loads everything from `path`. The configuration is `config` when given, else a
     /// diffusers folder's config files, else (a single file) SD-1.5's.
     pub fn load(gpu: &Gpu, path: &Path, opts: &LoadOptions, config: Option<Sd15Config>) -> Result<StableDiffusion> {
-        let weights = Weights::open_with(path, opts)?;
+        Self::load_with_loras(gpu, path, opts, config, &[])
+    }
+
+    /// As [`StableDiffusion::load`], with LoRA files (kohya, diffusers or PEFT) merged into
+    /// the weights at their scales. Keys of a LoRA that match no weight are reported on
+    /// standard error (and listed in the load report's LoRA lines).
+    pub fn load_with_loras(
+        gpu: &Gpu,
+        path: &Path,
+        opts: &LoadOptions,
+        config: Option<Sd15Config>,
+        loras: &[(PathBuf, f32)],
+    ) -> Result<StableDiffusion> {
+        let mut weights = Weights::open_with(path, opts)?;
+        for (lora_path, scale) in loras {
+            let lora = LoraFile::open(lora_path, &weights)?;
+            for key in &lora.unknown {
+                eprintln!("warning: {}: key {key} matches no weight of the model; ignored", lora.name());
+            }
+            weights.add_lora(&lora, *scale)?;
+        }
         let dir = path.is_dir().then_some(path);
         let config = match (config, dir) {
             (Some(c), _) => c,
