@@ -63,7 +63,8 @@ def main():
     lat = a.size // 8
     init = torch.randn(1, 4, lat, lat, generator=torch.Generator().manual_seed(77))
     noise_path = os.path.join(a.work, "init-noise.safetensors")
-    save_file({"latents": init.contiguous()}, noise_path)
+    # Every atelier image starts from the same latents (the first is a warm-up).
+    save_file({"latents": init.repeat(a.repeat + 1, 1, 1, 1).contiguous()}, noise_path)
 
     def torch_run(output_type):
         return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=a.steps, guidance_scale=a.guidance,
