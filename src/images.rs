@@ -178,10 +178,10 @@ pub fn short_hash(path: &Path) -> Result<String> {
     let h = sha256_file(path)?[..10].to_string();
     if let Some(c) = cache {
         map.insert(key, h.clone());
-        if let (Some(dir), Ok(text)) = (c.parent(), serde_json::to_string_pretty(&map)) {
-            if fs::create_dir_all(dir).is_ok() {
-                let _ = write_atomic(&c, text.as_bytes()); // a cache: failing to write it is harmless
-            }
+        if let (Some(dir), Ok(text)) = (c.parent(), serde_json::to_string_pretty(&map))
+            && fs::create_dir_all(dir).is_ok()
+        {
+            let _ = write_atomic(&c, text.as_bytes()); // a cache: failing to write it is harmless
         }
     }
     Ok(h)

@@ -118,7 +118,7 @@ pub type OnStep<'a> = dyn FnMut(usize, usize) + 'a;
 /// side, and the decoder's largest activation (256 channels at full size, f16) within the
 /// GPU's buffer limit.
 pub fn check_size(gpu: &Gpu, width: usize, height: usize, f: usize) -> Result<()> {
-    if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+    if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
         return Err(Error::Usage(format!("--width {width} / --height {height}: both must be positive multiples of {f}")));
     }
     if width > 4096 || height > 4096 {
@@ -147,20 +147,20 @@ pub fn validate(gpu: &Gpu, sd: &StableDiffusion, req: &Request) -> Result<()> {
         return bad(format!("--clip-skip {}: the text encoder has {} layers", req.clip_skip + 1, sd.config.clip.num_hidden_layers));
     }
     let latent = latent_len(sd, req);
-    if let Some(n) = &req.init_noise {
-        if n.len() != req.num_images * latent {
-            return bad(format!(
-                "the initial noise holds {} values; {} image(s) of {}x{} need [{}, {}, {}, {}]",
-                n.len(),
-                req.num_images,
-                req.width,
-                req.height,
-                req.num_images,
-                sd.config.unet.in_channels,
-                req.height / f,
-                req.width / f
-            ));
-        }
+    if let Some(n) = &req.init_noise
+        && n.len() != req.num_images * latent
+    {
+        return bad(format!(
+            "the initial noise holds {} values; {} image(s) of {}x{} need [{}, {}, {}, {}]",
+            n.len(),
+            req.num_images,
+            req.width,
+            req.height,
+            req.num_images,
+            sd.config.unet.in_channels,
+            req.height / f,
+            req.width / f
+        ));
     }
     if let Some(init) = &req.init_image {
         if !(0.0..=1.0).contains(&init.strength) {
@@ -276,10 +276,12 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
             }
             plan.sample.write_f32(gpu, &input)?;
             plan.timestep.write_f32(gpu, &vec![t; b])?;
-            if req.profile && i == start && first == 0 {
-                if let Some(table) = profile_plan(gpu, &plan.plan)? {
-                    profile.push(("one UNet call".to_string(), table));
-                }
+            if req.profile
+                && i == start
+                && first == 0
+                && let Some(table) = profile_plan(gpu, &plan.plan)?
+            {
+                profile.push(("one UNet call".to_string(), table));
             }
             plan.plan.run(gpu)?;
             let out = plan.out.to_f32(gpu)?;
@@ -316,10 +318,11 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
             let t_image = Instant::now();
             let z: Vec<f32> = all_latents[k * latent..(k + 1) * latent].iter().map(|&x| x / sf).collect();
             dec.set_latent(gpu, &nchw_to_nhwc(&z, &[1, lc, lh, lw]))?;
-            if req.profile && k == 0 {
-                if let Some(table) = profile_plan(gpu, &dec.plan)? {
-                    profile.push(("one VAE decode".to_string(), table));
-                }
+            if req.profile
+                && k == 0
+                && let Some(table) = profile_plan(gpu, &dec.plan)?
+            {
+                profile.push(("one VAE decode".to_string(), table));
             }
             dec.plan.run(gpu)?;
             images.push(to_rgb8(&dec.image.to_f32(gpu)?));

@@ -48,13 +48,13 @@ pub struct SampleArgs {
 
 /// Parses `FILE[:SCALE]` (scale 1 when absent).
 pub fn parse_lora(s: &str) -> std::result::Result<(PathBuf, f32), String> {
-    if let Some((file, scale)) = s.rsplit_once(':') {
-        if let Ok(v) = scale.parse::<f32>() {
-            if !v.is_finite() {
-                return Err(format!("{s}: the scale must be a finite number"));
-            }
-            return Ok((PathBuf::from(file), v));
+    if let Some((file, scale)) = s.rsplit_once(':')
+        && let Ok(v) = scale.parse::<f32>()
+    {
+        if !v.is_finite() {
+            return Err(format!("{s}: the scale must be a finite number"));
         }
+        return Ok((PathBuf::from(file), v));
     }
     Ok((PathBuf::from(s), 1.0))
 }

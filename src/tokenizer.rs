@@ -308,12 +308,12 @@ pub fn chunk_tokens(tokens: &[u32], comma: u32) -> Vec<Vec<u32>> {
     for &t in tokens {
         if t == comma {
             last_comma = Some(chunk.len());
-        } else if chunk.len() == CHUNK_TOKENS {
-            if let Some(c) = last_comma.filter(|&c| chunk.len() - c <= COMMA_BACKTRACK) {
-                let carried = chunk.split_off(c + 1);
-                chunks.push(close(std::mem::replace(&mut chunk, carried)));
-                last_comma = None;
-            }
+        } else if chunk.len() == CHUNK_TOKENS
+            && let Some(c) = last_comma.filter(|&c| chunk.len() - c <= COMMA_BACKTRACK)
+        {
+            let carried = chunk.split_off(c + 1);
+            chunks.push(close(std::mem::replace(&mut chunk, carried)));
+            last_comma = None;
         }
         if chunk.len() == CHUNK_TOKENS {
             chunks.push(close(std::mem::take(&mut chunk)));
