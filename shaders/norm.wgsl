@@ -19,7 +19,9 @@
 //             `silu`.
 // Layer norm (ln): grid (rows), 64 invocations per row; mean, then variance of the centred
 // values (two passes over the row, which stays in L1), then y = (x - mean)·rstd·gamma + beta.
-// Saves nothing for backward (the LoRA backward recomputes statistics where it needs them).
+// Saved for backward (norm_backward.wgsl): group norm's gn_final output, f32 [batch·groups, 4]
+// = (mean, rstd, 0, 0) per (item, group), written to a caller's tensor when asked; layer norm's
+// variant `ln_save` (same grid) also writes f32 [rows, 2] = (mean, rstd) per row to `saved`.
 
 struct Params {
     rows: u32,      // group norm: rows per batch item; layer norm: rows
@@ -39,6 +41,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> gamma: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read> beta: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> stats: array<vec4<u32>>;
+// ln_save only (no entry point uses both `stats` and `saved`): per-row (mean, rstd).
+@group(0) @binding(5) var<storage, read_write> saved: array<vec2<f32>>;
 
 const MAX_C: u32 = 2560u;
 
@@ -188,11 +192,9 @@ fn hsum(v: Oct) -> f32 {
     return dot(v.lo, vec4<f32>(1.0)) + dot(v.hi, vec4<f32>(1.0));
 }
 
-@compute @workgroup_size(64)
-fn ln(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-      @builtin(local_invocation_index) t: u32) {
-    let row = wg.y * nwg.x + wg.x;
-    if (row >= p.rows) { return; }   // uniform across the workgroup
+// One row of layer norm; returns (mean, rstd). (It must not touch `saved`: `ln` would then
+// need a binding 5.)
+fn ln_row(row: u32, t: u32) -> vec2<f32> {
     let oct = p.c / 8u;
     let base = row * oct;
     var s = 0.0;
@@ -214,4 +216,22 @@ fn ln(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u
         let bt = unpack8(beta[o]);
         dst[base + o] = pack8(Oct((v.lo - m.lo) * r.lo * g.lo + bt.lo, (v.hi - m.hi) * r.hi * g.hi + bt.hi));
     }
+    return vec2<f32>(mean, rstd);
+}
+
+@compute @workgroup_size(64)
+fn ln(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+      @builtin(local_invocation_index) t: u32) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }   // uniform across the workgroup
+    _ = ln_row(row, t);
+}
+
+@compute @workgroup_size(64)
+fn ln_save(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) t: u32) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.rows) { return; }   // uniform across the workgroup
+    let ms = ln_row(row, t);
+    if (t == 0u) { saved[row] = ms; }
 }

@@ -90,6 +90,9 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::norm::NormParams;
     let nm = rust_layout!(NormParams { rows, c, groups, block, nblocks, batch, silu, eps });
     assert_eq!(wgsl_struct(Shader::Norm, "Params"), nm);
+    use atelier::kernels::norm_backward::NormBackwardParams;
+    let nb = rust_layout!(NormBackwardParams { rows, c, groups, block, nblocks, batch, silu, _pad });
+    assert_eq!(wgsl_struct(Shader::NormBackward, "Params"), nb);
     use atelier::kernels::attention::AttentionParams;
     let at = rust_layout!(AttentionParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, off_q, off_k, off_v, off_o, scale, _pad0, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::Attention, "Params"), at);

@@ -19,6 +19,7 @@ pub enum Shader {
     MatmulCoop,
     Elementwise,
     Norm,
+    NormBackward,
     Attention,
     AttentionCoop,
     TensorOps,
@@ -26,11 +27,12 @@ pub enum Shader {
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 7] = [
+    pub const ALL: [Shader; 8] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
         Shader::Norm,
+        Shader::NormBackward,
         Shader::Attention,
         Shader::AttentionCoop,
         Shader::TensorOps,
@@ -43,6 +45,7 @@ impl Shader {
             Shader::MatmulCoop => "matmul_coop",
             Shader::Elementwise => "elementwise",
             Shader::Norm => "norm",
+            Shader::NormBackward => "norm_backward",
             Shader::Attention => "attention",
             Shader::AttentionCoop => "attention_coop",
             Shader::TensorOps => "tensor_ops",
@@ -80,6 +83,7 @@ impl Shader {
             Shader::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),
             Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
             Shader::Norm => include_str!("../../shaders/norm.wgsl"),
+            Shader::NormBackward => include_str!("../../shaders/norm_backward.wgsl"),
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),

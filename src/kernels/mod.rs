@@ -6,6 +6,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
+pub mod norm_backward;
 pub mod tensor_ops;
 
 use crate::gpu::{PipelineKey, Shader};
@@ -49,9 +50,10 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
             }
         }
     }
-    for entry in ["gn_stats", "gn_final", "gn_apply", "ln"] {
+    for entry in ["gn_stats", "gn_final", "gn_apply", "ln", "ln_save"] {
         keys.push(PipelineKey::new(Shader::Norm, entry));
     }
+    keys.extend(norm_backward::variants());
     keys.push(attention::key());
     keys.extend(attention::coop_variants());
     for entry in ["upsample2x", "concat", "geglu", "timestep", "embed"] {

@@ -1,6 +1,11 @@
 //! Launchers for `shaders/norm.wgsl`: group norm over channels-last activations [batch, H·W, C]
 //! (optionally fused with SiLU) and layer norm over rows [rows, C]. f16 tensors, f32
 //! statistics. Bytes: group norm reads x twice and writes y once; layer norm the same.
+//!
+//! For the backward (`kernels::norm_backward`), [`GroupNorm::prepare_saving`] writes the
+//! per-(item, group) statistics, f32 [batch·groups, 4] = (mean, rstd, 0, 0), into a caller's
+//! tensor instead of the internal scratch (same three launches), and [`layer_norm_saving`]
+//! writes per-row f32 [rows, 2] = (mean, rstd) besides y (one launch, as [`layer_norm`]).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -54,7 +59,7 @@ impl GroupNorm {
         if batch == 0 || rows == 0 || c == 0 || groups == 0 {
             return Err(Error::shape(op, format!("empty shape: batch {batch}, rows {rows}, C {c}, groups {groups}")));
         }
-        if c % 8 != 0 || c > MAX_C || c % groups != 0 || groups > 256 {
+        if !c.is_multiple_of(8) || c > MAX_C || !c.is_multiple_of(groups) || groups > 256 {
             return Err(Error::shape(
                 op,
                 format!("C={c} with {groups} groups: C must be a multiple of 8 and of the group count, at most {MAX_C}; at most 256 groups"),
@@ -88,6 +93,40 @@ impl GroupNorm {
     /// The three launches y = GroupNorm(x)·gamma + beta (then SiLU): x, y [batch, rows, C]
     /// f16 (not the same memory), gamma and beta [C] f16.
     pub fn prepare(&self, gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor) -> Result<[Dispatch; 3]> {
+        self.prepare_into(gpu, x, gamma, beta, y, &self.stats)
+    }
+
+    /// A new f32 tensor [batch·groups, 4] for [`GroupNorm::prepare_saving`] to fill.
+    pub fn new_stats(&self, gpu: &Gpu, what: &str) -> Result<Tensor> {
+        Tensor::empty(gpu, &[self.batch * self.groups, 4], DType::F32, what)
+    }
+
+    /// As [`GroupNorm::prepare`], and leaves the statistics in `stats` (f32 [batch·groups, 4]:
+    /// mean, 1/sqrt(var + eps), 0, 0 per (item, group), row b·groups + g) for the backward.
+    /// Same launches and cost: gn_final writes `stats` instead of the internal scratch.
+    pub fn prepare_saving(
+        &self,
+        gpu: &Gpu,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        y: &Tensor,
+        stats: &Tensor,
+    ) -> Result<[Dispatch; 3]> {
+        let op = "group norm";
+        if stats.dtype != DType::F32 || stats.numel() != self.batch * self.groups * 4 {
+            return Err(Error::shape(
+                op,
+                format!("stats {:?} {}: want f32 [{}, 4]", stats.shape, stats.dtype, self.batch * self.groups),
+            ));
+        }
+        if stats.overlaps(x) || stats.overlaps(y) || stats.overlaps(&self.partials) {
+            return Err(Error::shape(op, "stats must not share memory with x, y or the scratch"));
+        }
+        self.prepare_into(gpu, x, gamma, beta, y, stats)
+    }
+
+    fn prepare_into(&self, gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor, stats: &Tensor) -> Result<[Dispatch; 3]> {
         let op = "group norm";
         check_f16(op, &[x, gamma, beta, y])?;
         let n = self.batch * self.rows * self.c;
@@ -105,7 +144,7 @@ impl GroupNorm {
         }
         let p = self.params();
         let bytes = (n * 2) as f64;
-        let stats = gpu.dispatch(
+        let sums = gpu.dispatch(
             &PipelineKey::new(Shader::Norm, "gn_stats"),
             &p,
             &[x, &self.partials],
@@ -116,7 +155,7 @@ impl GroupNorm {
         let fin = gpu.dispatch(
             &PipelineKey::new(Shader::Norm, "gn_final"),
             &p,
-            &[&self.partials, &self.stats],
+            &[&self.partials, stats],
             [(self.batch * self.groups).div_ceil(64) as u32, 1, 1],
             0.0,
             (self.partials.numel() * 4) as f64,
@@ -124,22 +163,42 @@ impl GroupNorm {
         let apply = gpu.dispatch(
             &PipelineKey::new(Shader::Norm, "gn_apply"),
             &p,
-            &[x, y, gamma, beta, &self.stats],
+            &[x, y, gamma, beta, stats],
             grid(n / 8),
             0.0,
             bytes * 2.0,
         )?;
-        Ok([stats, fin, apply])
+        Ok([sums, fin, apply])
     }
 }
 
 /// y = LayerNorm(x)·gamma + beta over the last dimension: x, y [.., C] f16 (not the same
 /// memory), C a multiple of 8; gamma, beta [C] f16.
 pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor, eps: f32) -> Result<Dispatch> {
+    let (p, groups) = layer_norm_check(x, gamma, beta, y, eps)?;
+    gpu.dispatch(&PipelineKey::new(Shader::Norm, "ln"), &p, &[x, y, gamma, beta], groups, 0.0, (x.numel() * 6) as f64)
+}
+
+/// As [`layer_norm`], and writes the row statistics to `stats`, f32 [rows, 2] (rows =
+/// x.numel() / C): (mean, 1/sqrt(var + eps)) per row, for `norm_backward::layer_norm_backward`.
+pub fn layer_norm_saving(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor, stats: &Tensor, eps: f32) -> Result<Dispatch> {
+    let (p, groups) = layer_norm_check(x, gamma, beta, y, eps)?;
+    let rows = p.rows as usize;
+    if stats.dtype != DType::F32 || stats.numel() != rows * 2 {
+        return Err(Error::shape("layer norm", format!("stats {:?} {}: want f32 [{rows}, 2]", stats.shape, stats.dtype)));
+    }
+    if stats.overlaps(x) || stats.overlaps(y) {
+        return Err(Error::shape("layer norm", "stats must not share memory with x or y"));
+    }
+    let bytes = (x.numel() * 6 + rows * 8) as f64;
+    gpu.dispatch(&PipelineKey::new(Shader::Norm, "ln_save"), &p, &[x, y, gamma, beta, stats], groups, 0.0, bytes)
+}
+
+fn layer_norm_check(x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor, eps: f32) -> Result<(NormParams, [u32; 3])> {
     let op = "layer norm";
     check_f16(op, &[x, gamma, beta, y])?;
     let c = gamma.numel();
-    if c == 0 || c % 8 != 0 || x.shape.last() != Some(&c) || beta.numel() != c || y.numel() != x.numel() {
+    if c == 0 || !c.is_multiple_of(8) || x.shape.last() != Some(&c) || beta.numel() != c || y.numel() != x.numel() {
         return Err(Error::shape(
             op,
             format!("x {:?}, y {:?}, gamma {:?}, beta {:?} (C a multiple of 8)", x.shape, y.shape, gamma.shape, beta.shape),
@@ -151,6 +210,5 @@ pub fn layer_norm(gpu: &Gpu, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tens
     let rows = x.numel() / c;
     let p = NormParams { rows: rows as u32, c: c as u32, eps, ..Default::default() };
     let g = rows.min(65535) as u32;
-    let groups = [g, rows.div_ceil(65535) as u32, 1];
-    gpu.dispatch(&PipelineKey::new(Shader::Norm, "ln"), &p, &[x, y, gamma, beta], groups, 0.0, (x.numel() * 6) as f64)
+    Ok((p, [g, rows.div_ceil(65535) as u32, 1]))
 }
