@@ -102,4 +102,7 @@ fn uniform_structs_match_wgsl() {
     assert_eq!(wgsl_struct(Shader::TensorOps, "Params"), to);
     let ew = rust_layout!(ElementwiseParams { numel, b_len, op, cols, alpha, beta, ld_src, ld_dst });
     assert_eq!(wgsl_struct(Shader::Elementwise, "Params"), ew);
+    use atelier::kernels::lora::LoraKernelParams;
+    let lo = rust_layout!(LoraKernelParams { numel, salt, threshold, scale, parts, _pad0, _pad1, _pad2 });
+    assert_eq!(wgsl_struct(Shader::Lora, "Params"), lo);
 }

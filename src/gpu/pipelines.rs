@@ -23,11 +23,12 @@ pub enum Shader {
     Attention,
     AttentionCoop,
     TensorOps,
+    Lora,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 8] = [
+    pub const ALL: [Shader; 9] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -36,6 +37,7 @@ impl Shader {
         Shader::Attention,
         Shader::AttentionCoop,
         Shader::TensorOps,
+        Shader::Lora,
     ];
 
     /// File stem under `shaders/`.
@@ -49,6 +51,7 @@ impl Shader {
             Shader::Attention => "attention",
             Shader::AttentionCoop => "attention_coop",
             Shader::TensorOps => "tensor_ops",
+            Shader::Lora => "lora",
         }
     }
 
@@ -87,6 +90,7 @@ impl Shader {
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
+            Shader::Lora => include_str!("../../shaders/lora.wgsl"),
         }
     }
 

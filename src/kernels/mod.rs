@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod norm_backward;
@@ -59,5 +60,6 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     for entry in ["upsample2x", "concat", "geglu", "timestep", "embed"] {
         keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }
+    keys.extend(lora::variants());
     keys
 }

@@ -4,6 +4,7 @@ pub mod clip;
 pub mod convert;
 pub mod sd15;
 pub mod layers;
+pub mod lora;
 pub mod lora_file;
 mod lora_keys;
 pub mod unet;

@@ -1,0 +1,492 @@
+//! Op tests of the trainable LoRA layer (model::lora) and its AdamW step (kernels::lora)
+//! against CPU references in f64, on fresh seeded random inputs (the seed is printed;
+//! ATELIER_TEST_SEED replays it).
+//!
+//! Bounds (relative L2 unless said otherwise):
+//! - Forward y and backward dx (f16 outputs): the GPU stores h = A·xd (and dh, dh·A) in f16
+//!   and rounds the output to f16: two roundings of relative RMS 2^-11/√3 ≈ 2.8e-4 each, so
+//!   ≈ 4e-4 expected; bound 1.5e-3. With dropout, xd = x/(1-p) is one more f16 rounding:
+//!   bound 2e-3.
+//! - dA, dB (f32 outputs, accumulated): one f16 intermediate (dh or h) feeds them: bound 1e-3.
+//! - Per element, max |out - ref| / max |ref| < 3e-3, so one unwritten or wrong element
+//!   fails even when the L2 average hides it. Accumulation targets hold random values first
+//!   (a `=` instead of `+=` fails); the saved intermediates are poisoned with NaN.
+//! - AdamW (f32 on the GPU, f64 reference of torch's algorithm), after 5 steps: m and v 1e-6
+//!   (a few f32 roundings a step, ~6e-8 each); the parameters' change 1e-5 plus the f32
+//!   storage rounding of p (two half-ulp roundings a step, 4·sqrt(10)·2^-24·||p|| / ||change||,
+//!   the larger part at lr 1e-3); the gradient norm 1e-6.
+//! - Finite differences (CPU, f64): the LoRA output is linear in each of A, B and x, so
+//!   central differences are exact up to rounding: bound 1e-8 absolute.
+
+mod common;
+
+use atelier::gpu::{DType, PlanBuilder, Recorder, Tensor};
+use atelier::kernels::lora::{self as lk, dropout_keep, dropout_threshold};
+use atelier::model::lora::{init_values, layout, AdamW, LoraLayer, LoraParams, LoraSpec};
+use common::*;
+
+fn spec(name: &str, k: usize, n: usize, rank: usize, alpha: f32, dropout: f32) -> LoraSpec {
+    LoraSpec { name: name.into(), k, n, rank, alpha, dropout }
+}
+
+/// Elementwise maximum of |out - ref| over max |ref|.
+fn max_rel(out: &[f32], r: &[f64]) -> f64 {
+    let m = r.iter().fold(0f64, |a, &x| a.max(x.abs()));
+    let e = out.iter().zip(r).fold(0f64, |a, (&o, &x)| if o.is_finite() { a.max((o as f64 - x).abs()) } else { f64::INFINITY });
+    e / m.max(1e-300)
+}
+
+fn scaled(v: &[f32], s: f32) -> Vec<f32> {
+    v.iter().map(|x| x * s).collect()
+}
+
+/// The CPU reference in f64: y delta, dA, dB, dx delta for x [m, k], A [r, k], B [n, r],
+/// dy [m, n] and a keep factor per element of x (0 or 1/(1-p); all 1 without dropout).
+struct Ref {
+    y: Vec<f64>,
+    da: Vec<f64>,
+    db: Vec<f64>,
+    dx: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference(x: &[f64], a: &[f64], b: &[f64], dy: &[f64], keep: &[f64], m: usize, k: usize, n: usize, r: usize, scale: f64) -> Ref {
+    let xd: Vec<f64> = x.iter().zip(keep).map(|(x, f)| x * f).collect();
+    let mut h = vec![0f64; m * r];
+    for i in 0..m {
+        for j in 0..r {
+            h[i * r + j] = (0..k).map(|q| xd[i * k + q] * a[j * k + q]).sum();
+        }
+    }
+    let mut y = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = scale * (0..r).map(|q| h[i * r + q] * b[j * r + q]).sum::<f64>();
+        }
+    }
+    let mut db = vec![0f64; n * r];
+    for j in 0..n {
+        for q in 0..r {
+            db[j * r + q] = scale * (0..m).map(|i| dy[i * n + j] * h[i * r + q]).sum::<f64>();
+        }
+    }
+    let mut dh = vec![0f64; m * r];
+    for i in 0..m {
+        for q in 0..r {
+            dh[i * r + q] = scale * (0..n).map(|j| dy[i * n + j] * b[j * r + q]).sum::<f64>();
+        }
+    }
+    let mut da = vec![0f64; r * k];
+    for q in 0..r {
+        for c in 0..k {
+            da[q * k + c] = (0..m).map(|i| dh[i * r + q] * xd[i * k + c]).sum();
+        }
+    }
+    let mut dx = vec![0f64; m * k];
+    for i in 0..m {
+        for c in 0..k {
+            dx[i * k + c] = keep[i * k + c] * (0..r).map(|q| dh[i * r + q] * a[q * k + c]).sum::<f64>();
+        }
+    }
+    Ref { y, da, db, dx }
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Runs forward + backward of layer `li` of a fresh parameter set on the GPU and checks
+/// them against the reference; returns the errors (y, dA, dB, dx).
+fn check_layer(specs: &[LoraSpec], li: usize, m: usize, dropout_seed: u64) -> [f64; 4] {
+    let g = gpu();
+    let s = &specs[li];
+    let (k, n, r) = (s.k, s.n, s.rank);
+    let seed = seed(&format!("lora layer {m}x{k}->{n} r{r} p{}", s.dropout));
+    let lp = LoraParams::new(g, specs, seed).unwrap();
+    let layer: &LoraLayer = &lp.layers[li];
+    // Random A and B (B is zero at init) in the flat layout, and random preset gradients.
+    let mut flat = vec![0f32; lp.total];
+    let mut g0 = vec![0f32; lp.total];
+    let ra = scaled(&random(r * k, seed ^ 10), 1.0 / (k as f32).sqrt());
+    let rb = scaled(&random(n * r, seed ^ 11), 0.5);
+    flat[layer.off_a..layer.off_a + r * k].copy_from_slice(&ra);
+    flat[layer.off_b..layer.off_b + n * r].copy_from_slice(&rb);
+    lp.write_params(g, &flat).unwrap();
+    let (a16, b16) = (round_f16(&ra), round_f16(&rb));
+    let x = round_f16(&random(m * k, seed ^ 1));
+    let dy = round_f16(&random(m * n, seed ^ 2));
+    // Preset accumulation targets, ~5% of the adapter's contribution.
+    let y0 = round_f16(&scaled(&random(m * n, seed ^ 3), 0.05));
+    let dx0 = round_f16(&scaled(&random(m * k, seed ^ 4), 0.05));
+    let ga = scaled(&random(r * k, seed ^ 5), 0.5);
+    let gb = scaled(&random(n * r, seed ^ 6), 0.5);
+    g0[layer.off_a..layer.off_a + r * k].copy_from_slice(&ga);
+    g0[layer.off_b..layer.off_b + n * r].copy_from_slice(&gb);
+    lp.grads.write_f32(g, &g0).unwrap();
+    lp.set_step(g, &AdamW::default(), 1, dropout_seed);
+
+    let tx = Tensor::from_f32(g, &[m, k], DType::F16, &x, "x").unwrap();
+    let ty = Tensor::from_f32(g, &[m, n], DType::F16, &y0, "y").unwrap();
+    let tdy = Tensor::from_f32(g, &[m, n], DType::F16, &dy, "dy").unwrap();
+    let tdx = Tensor::from_f32(g, &[m, k], DType::F16, &dx0, "dx").unwrap();
+    let mut pb = PlanBuilder::new(g);
+    let saved = layer.forward(&mut pb, &tx, &ty).unwrap();
+    saved.h.fill_words(g, POISON);
+    if s.dropout > 0.0 {
+        saved.xd.fill_words(g, POISON);
+    }
+    layer.backward(&mut pb, saved, &tdy, Some(&tdx)).unwrap();
+    pb.finish().run(g).unwrap();
+
+    let thr = dropout_threshold(s.dropout);
+    let keep: Vec<f64> = (0..m * k)
+        .map(|i| if s.dropout == 0.0 { 1.0 } else if dropout_keep(dropout_seed, layer.salt, i as u32, thr) { 1.0 / (1.0 - s.dropout as f64) } else { 0.0 })
+        .collect();
+    let rf = reference(&f64s(&x), &f64s(&a16), &f64s(&b16), &f64s(&dy), &keep, m, k, n, r, layer.scale as f64);
+    let add = |base: &[f32], d: &[f64]| -> Vec<f64> { base.iter().zip(d).map(|(&b, &d)| b as f64 + d).collect() };
+    let grads = lp.grads.to_f32(g).unwrap();
+    let outs = [
+        (ty.to_f32(g).unwrap(), add(&y0, &rf.y), "y"),
+        (grads[layer.off_a..layer.off_a + r * k].to_vec(), add(&ga, &rf.da), "dA"),
+        (grads[layer.off_b..layer.off_b + n * r].to_vec(), add(&gb, &rf.db), "dB"),
+        (tdx.to_f32(g).unwrap(), add(&dx0, &rf.dx), "dx"),
+    ];
+    // Nothing outside the layer's gradient slots was written.
+    for (i, &v) in grads.iter().enumerate() {
+        let inside = (layer.off_a..layer.off_a + r * k).contains(&i) || (layer.off_b..layer.off_b + n * r).contains(&i);
+        if !inside {
+            assert_eq!(v, 0.0, "gradient element {i} outside layer {li}'s slots was written");
+        }
+    }
+    let f16_bound = if s.dropout > 0.0 { 2e-3 } else { 1.5e-3 };
+    let mut errs = [0.0; 4];
+    for (i, (out, want, what)) in outs.iter().enumerate() {
+        let e = rel_l2(out, want);
+        let mx = max_rel(out, want);
+        let bound = if i == 1 || i == 2 { 1e-3 } else { f16_bound };
+        println!("{m}x{k}->{n} r{r} p{}: {what} rel L2 {e:.2e}, max {mx:.2e}", s.dropout);
+        assert!(e < bound, "{what}: rel L2 {e:.3e} over {bound}");
+        assert!(mx < 3e-3, "{what}: max error {mx:.3e} of max |ref|");
+        errs[i] = e;
+    }
+    errs
+}
+
+#[test]
+fn forward_backward_match_cpu_reference() {
+    let specs = vec![
+        spec("first", 16, 24, 4, 16.0, 0.0),
+        spec("odd", 37, 29, 3, 8.0, 0.0),
+        spec("rank1", 40, 8, 1, 1.0, 0.0),
+    ];
+    for li in 0..specs.len() {
+        for m in [1, 5, 77] {
+            check_layer(&specs, li, m, 7);
+        }
+    }
+}
+
+#[test]
+fn sd_shape_attention_projection() {
+    // to_q at the UNet's 64x64 level: 4096 tokens, 320 -> 320, rank 4, alpha 16; dA's
+    // product splits over K here.
+    let specs = vec![spec("to_q", 320, 320, 4, 16.0, 0.0)];
+    check_layer(&specs, 0, 4096, 3);
+    let specs = vec![spec("to_k", 768, 320, 8, 8.0, 0.1)];
+    check_layer(&specs, 0, 77, 3);
+}
+
+#[test]
+fn dropout_forward_backward_match_reference() {
+    let specs = vec![spec("a", 24, 16, 4, 16.0, 0.1), spec("b", 33, 17, 2, 4.0, 0.5)];
+    for li in 0..2 {
+        for m in [3, 64] {
+            check_layer(&specs, li, m, 0x1234_5678_9abc_def0 ^ seed("dropout step seed"));
+        }
+    }
+}
+
+#[test]
+fn dropout_mask_statistics_and_cpu_mirror() {
+    let g = gpu();
+    let n = (1 << 20) + 3;
+    let s = seed("dropout statistics");
+    // Values in [0.5, 1]: never zero, so a zero output is a dropped element.
+    let x: Vec<f32> = round_f16(&random(n, s).iter().map(|v| 0.75 + 0.25 * v).collect::<Vec<_>>());
+    let tx = Tensor::from_f32(g, &[n], DType::F16, &x, "x").unwrap();
+    let ty = Tensor::empty(g, &[n], DType::F16, "y").unwrap();
+    let hyper = Tensor::empty(g, &[lk::HYPER_WORDS], DType::F32, "hyper").unwrap();
+    let mut masks = Vec::new();
+    for (p, step_seed, salt) in [(0.1f32, s, 0u32), (0.5, s, 0), (0.1, s ^ 1, 0), (0.1, s, 1)] {
+        let mut words = [0u32; lk::HYPER_WORDS];
+        words[0] = step_seed as u32;
+        words[1] = (step_seed >> 32) as u32;
+        g.queue.write_buffer(&hyper.buffer, 0, bytemuck::cast_slice(&words));
+        ty.fill_words(g, POISON);
+        g.run_now(&lk::dropout(g, &tx, &ty, &hyper, salt, p, false).unwrap()).unwrap();
+        let y = ty.to_f32(g).unwrap();
+        let thr = dropout_threshold(p);
+        let scale = (1.0 / (1.0 - p as f64)) as f32;
+        let mut kept = 0usize;
+        let mut pairs = 0usize;
+        let mut mask = Vec::with_capacity(n);
+        for i in 0..n {
+            let keep = dropout_keep(step_seed, salt, i as u32, thr);
+            let want = if keep { half::f16::from_f32(x[i] * scale).to_f32() } else { 0.0 };
+            assert_eq!(y[i], want, "p {p} element {i}: GPU mask or value differs from the CPU mirror");
+            kept += keep as usize;
+            if i > 0 && keep && mask[i - 1] {
+                pairs += 1;
+            }
+            mask.push(keep);
+        }
+        let q = 1.0 - p as f64;
+        let rate = kept as f64 / n as f64;
+        let sigma = (q * (1.0 - q) / n as f64).sqrt();
+        println!("p {p}: keep rate {rate:.5} (expected {q}, sigma {sigma:.1e})");
+        assert!((rate - q).abs() < 5.0 * sigma, "keep rate {rate} vs {q}");
+        // Neighbours independent: P(keep_i and keep_i+1) = q².
+        let pair_rate = pairs as f64 / (n - 1) as f64;
+        let ps = (q * q * (1.0 - q * q) / n as f64).sqrt();
+        assert!((pair_rate - q * q).abs() < 5.0 * ps, "pair rate {pair_rate} vs {}", q * q);
+        masks.push(mask);
+    }
+    // Another step seed or another layer gives another mask (disagreement 2pq = 0.18 at p 0.1).
+    for other in [2, 3] {
+        let diff = masks[0].iter().zip(&masks[other]).filter(|(a, b)| a != b).count() as f64 / n as f64;
+        assert!((diff - 0.18).abs() < 0.005, "mask {other} differs from mask 0 in {diff} of elements");
+    }
+}
+
+#[test]
+fn forward_and_backward_use_the_same_mask() {
+    let g = gpu();
+    let (m, k, n) = (50, 40, 24);
+    let specs = vec![spec("l", k, n, 4, 4.0, 0.3)];
+    let s = seed("dropout same mask");
+    let lp = LoraParams::new(g, &specs, s).unwrap();
+    let layer = &lp.layers[0];
+    let mut flat = vec![0f32; lp.total];
+    flat[layer.off_a..layer.off_a + 4 * k].copy_from_slice(&random(4 * k, s ^ 1));
+    flat[layer.off_b..layer.off_b + n * 4].copy_from_slice(&random(n * 4, s ^ 2));
+    lp.write_params(g, &flat).unwrap();
+    for step in 1..=2u64 {
+        lp.set_step(g, &AdamW::default(), step, s.wrapping_add(step));
+        let x: Vec<f32> = round_f16(&random(m * k, s ^ 3).iter().map(|v| 0.75 + 0.25 * v).collect::<Vec<_>>());
+        let tx = Tensor::from_f32(g, &[m, k], DType::F16, &x, "x").unwrap();
+        let ty = Tensor::from_f32(g, &[m, n], DType::F16, &vec![0.0; m * n], "y").unwrap();
+        let tdy = Tensor::from_f32(g, &[m, n], DType::F16, &round_f16(&random(m * n, s ^ 4)), "dy").unwrap();
+        let tdx = Tensor::from_f32(g, &[m, k], DType::F16, &vec![0.0; m * k], "dx").unwrap();
+        let mut pb = PlanBuilder::new(g);
+        let saved = layer.forward(&mut pb, &tx, &ty).unwrap();
+        let xd = saved.xd.clone();
+        layer.backward(&mut pb, saved, &tdy, Some(&tdx)).unwrap();
+        pb.finish().run(g).unwrap();
+        let (xd, dx) = (xd.to_f32(g).unwrap(), tdx.to_f32(g).unwrap());
+        let dropped: Vec<bool> = xd.iter().map(|&v| v == 0.0).collect();
+        let frac = dropped.iter().filter(|&&d| d).count() as f64 / dropped.len() as f64;
+        assert!((frac - 0.3).abs() < 0.05, "dropped fraction {frac}");
+        for i in 0..m * k {
+            assert_eq!(dropped[i], dx[i] == 0.0, "step {step} element {i}: forward dropped {} but dx is {}", dropped[i], dx[i]);
+        }
+    }
+}
+
+#[test]
+fn finite_differences_of_the_cpu_forward() {
+    let (m, k, n, r) = (3, 5, 4, 2);
+    let s = seed("lora finite differences");
+    let x = f64s(&random(m * k, s));
+    let a = f64s(&random(r * k, s ^ 1));
+    let b = f64s(&random(n * r, s ^ 2));
+    let w = f64s(&random(m * n, s ^ 3)); // loss = Σ w·y, so dy = w
+    let scale = 2.5;
+    let ones = vec![1.0; m * k];
+    let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
+        let y = reference(x, a, b, &w, &ones, m, k, n, r, scale).y;
+        y.iter().zip(&w).map(|(y, w)| y * w).sum()
+    };
+    let an = reference(&x, &a, &b, &w, &ones, m, k, n, r, scale);
+    let eps = 1e-3;
+    let fd = |which: usize, i: usize| -> f64 {
+        let (mut xp, mut ap, mut bp) = (x.clone(), a.clone(), b.clone());
+        let (mut xm, mut am, mut bm) = (x.clone(), a.clone(), b.clone());
+        match which {
+            0 => { xp[i] += eps; xm[i] -= eps; }
+            1 => { ap[i] += eps; am[i] -= eps; }
+            _ => { bp[i] += eps; bm[i] -= eps; }
+        }
+        (loss(&xp, &ap, &bp) - loss(&xm, &am, &bm)) / (2.0 * eps)
+    };
+    let mut worst: f64 = 0.0;
+    for (which, grad) in [(0, &an.dx), (1, &an.da), (2, &an.db)] {
+        for (i, &gv) in grad.iter().enumerate() {
+            let e = (fd(which, i) - gv).abs();
+            worst = worst.max(e);
+            assert!(e < 1e-8, "gradient {which} element {i}: analytic {gv}, finite difference {}", fd(which, i));
+        }
+    }
+    println!("finite differences: worst abs error {worst:.2e}");
+}
+
+/// torch.optim.AdamW (amsgrad off, maximize off) with clip_grad_norm_ first, in f64.
+struct CpuAdamW {
+    p: Vec<f64>,
+    m: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl CpuAdamW {
+    /// One step t (1-based) with gradients `g`; returns the total norm before clipping.
+    fn step(&mut self, opt: &AdamW, t: i32, g: &[f32]) -> f64 {
+        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        let coef = match opt.max_grad_norm {
+            Some(max) => (max / (norm + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+        let (bc1, bc2) = (1.0 - opt.beta1.powi(t), 1.0 - opt.beta2.powi(t));
+        for (i, &gf) in g.iter().enumerate() {
+            let gi = gf as f64 * coef;
+            self.p[i] *= 1.0 - opt.lr * opt.weight_decay;
+            self.m[i] = opt.beta1 * self.m[i] + (1.0 - opt.beta1) * gi;
+            self.v[i] = opt.beta2 * self.v[i] + (1.0 - opt.beta2) * gi * gi;
+            let denom = self.v[i].sqrt() / bc2.sqrt() + opt.eps;
+            self.p[i] -= opt.lr / bc1 * self.m[i] / denom;
+        }
+        norm
+    }
+}
+
+#[test]
+fn adamw_matches_torch_algorithm() {
+    let g = gpu();
+    let specs = vec![spec("a", 37, 29, 3, 8.0, 0.0), spec("b", 320, 320, 4, 16.0, 0.1), spec("c", 8, 5, 1, 1.0, 0.0)];
+    let cases = [
+        ("no decay, no clip", AdamW { lr: 1e-2, weight_decay: 0.0, max_grad_norm: None, ..AdamW::default() }),
+        ("decay 0.1, clip active", AdamW { lr: 1e-2, weight_decay: 0.1, max_grad_norm: Some(1.0), ..AdamW::default() }),
+        ("torch defaults, clip inactive", AdamW { max_grad_norm: Some(1e6), ..AdamW::default() }),
+    ];
+    for (what, opt) in cases {
+        let s = seed(&format!("adamw {what}"));
+        let lp = LoraParams::new(g, &specs, s).unwrap();
+        let (offsets, total) = layout(&specs, lp.align);
+        assert_eq!(total, lp.total);
+        // The real parameter slots; the gaps stay zero.
+        let mut slot = vec![false; total];
+        for (sp, &(oa, ob)) in specs.iter().zip(&offsets) {
+            slot[oa..oa + sp.rank * sp.k].iter_mut().for_each(|x| *x = true);
+            slot[ob..ob + sp.n * sp.rank].iter_mut().for_each(|x| *x = true);
+        }
+        let masked = |v: Vec<f32>| -> Vec<f32> { v.into_iter().zip(&slot).map(|(x, &s)| if s { x } else { 0.0 }).collect() };
+        let p0 = masked(random(total, s ^ 1));
+        lp.write_params(g, &p0).unwrap();
+        let mut cpu = CpuAdamW { p: f64s(&p0), m: vec![0.0; total], v: vec![0.0; total] };
+        let steps = lp.optimizer_step(g).unwrap();
+        for t in 1..=5 {
+            // Gradients of norm ~ 3 (so a max_norm of 1 clips), different each step.
+            let gr = masked(scaled(&random(total, s ^ (100 + t as u64)), 3.0 / (total as f32 / 3.0).sqrt()));
+            lp.grads.write_f32(g, &gr).unwrap();
+            lp.set_step(g, &opt, t as u64, 0);
+            let mut rec = Recorder::new(g);
+            for d in &steps {
+                rec.run(d).unwrap();
+            }
+            rec.finish().unwrap();
+            let norm = cpu.step(&opt, t, &gr);
+            let (gn, coef) = lp.grad_norm(g).unwrap();
+            let en = (gn as f64 - norm).abs() / norm;
+            println!("{what} step {t}: grad norm {gn} (ref {norm:.6}, rel {en:.1e}), clip coefficient {coef}");
+            assert!(en < 1e-6, "{what} step {t}: norm {gn} vs {norm}");
+            if opt.max_grad_norm == Some(1.0) {
+                assert!(coef < 0.9, "clipping should be active (norm {gn})");
+            } else {
+                assert_eq!(coef, 1.0);
+            }
+            assert!(lp.grads.to_f32(g).unwrap().iter().all(|&x| x == 0.0), "gradients not zeroed after the step");
+        }
+        let p = lp.params.to_f32(g).unwrap();
+        let change: Vec<f32> = p.iter().zip(&p0).map(|(a, b)| a - b).collect();
+        let want: Vec<f64> = cpu.p.iter().zip(&p0).map(|(a, &b)| a - b as f64).collect();
+        let ep = rel_l2(&change, &want);
+        let em = rel_l2(&lp.m.to_f32(g).unwrap(), &cpu.m);
+        let ev = rel_l2(&lp.v.to_f32(g).unwrap(), &cpu.v);
+        // The parameters are stored in f32: each of the 5 steps rounds p twice (decay, update)
+        // by up to half an ulp (2^-24 relative), which at a small lr is most of the error of
+        // the change: bound 1e-5 of the change plus 4·sqrt(10)·2^-24 of ||p||.
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let bound = 1e-5 + 4.0 * 10f64.sqrt() * 2f64.powi(-24) * norm(&cpu.p) / norm(&want);
+        println!("{what}: after 5 steps rel L2 of the parameter change {ep:.2e} (bound {bound:.1e}), m {em:.2e}, v {ev:.2e}");
+        assert!(ep < bound, "{what}: parameter change {ep:.3e} over {bound:.3e}");
+        assert!(em < 1e-6 && ev < 1e-6, "{what}: m {em:.3e}, v {ev:.3e} over 1e-6");
+        for (i, &x) in p.iter().enumerate() {
+            if !slot[i] {
+                assert_eq!(x, 0.0, "gap element {i} became {x}");
+            }
+        }
+        // The f16 copies are the updated parameters rounded.
+        let p16 = lp.params16.to_f32(g).unwrap();
+        for (i, (&h, &x)) in p16.iter().zip(&p).enumerate() {
+            assert!((h - x).abs() <= x.abs() * 4.9e-4 + 6e-8, "f16 copy {i}: {h} for {x}");
+        }
+    }
+}
+
+#[test]
+fn initialisation_is_peft_default_and_seeded() {
+    let g = gpu();
+    let specs = vec![spec("to_q", 320, 320, 4, 16.0, 0.1), spec("to_k", 768, 320, 4, 16.0, 0.0), spec("tiny", 3, 2, 1, 1.0, 0.0)];
+    let s = seed("lora init");
+    let lp = LoraParams::new(g, &specs, s).unwrap();
+    let p = lp.params.to_f32(g).unwrap();
+    let (offsets, total) = layout(&specs, lp.align);
+    assert_eq!(p, init_values(&specs, &offsets, total, s));
+    let mut in_a = vec![false; total];
+    for (sp, &(oa, ob)) in specs.iter().zip(&offsets) {
+        assert_eq!(oa % lp.align, 0);
+        assert_eq!(ob % lp.align, 0);
+        let a = &p[oa..oa + sp.rank * sp.k];
+        in_a[oa..oa + sp.rank * sp.k].iter_mut().for_each(|x| *x = true);
+        // torch.nn.init.kaiming_uniform_(a=sqrt(5)): bound = sqrt(6/((1+5)·fan_in)) = 1/sqrt(k).
+        let bound = 1.0 / (sp.k as f64).sqrt();
+        let amax = a.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+        assert!(amax <= bound, "{}: |A| reaches {amax}, bound {bound}", sp.name);
+        if a.len() >= 1000 {
+            // Uniform: the extremes near the bound, mean 0, variance bound²/3 (5 sigma).
+            assert!(amax > 0.99 * bound, "{}: |A| only reaches {amax} of {bound}", sp.name);
+            let nn = a.len() as f64;
+            let mean = a.iter().map(|&x| x as f64).sum::<f64>() / nn;
+            let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / nn;
+            let want = bound * bound / 3.0;
+            assert!(mean.abs() < 5.0 * (want / nn).sqrt(), "{}: mean {mean}", sp.name);
+            assert!((var - want).abs() < 5.0 * want * (0.8 / nn).sqrt(), "{}: variance {var} vs {want}", sp.name);
+        }
+        assert!(p[ob..ob + sp.n * sp.rank].iter().all(|&x| x == 0.0), "{}: B not zero", sp.name);
+    }
+    // Everything outside A (B and the gaps) is zero; the optimizer state starts at zero.
+    assert!(p.iter().zip(&in_a).all(|(&x, &a)| a || x == 0.0));
+    for t in [&lp.grads, &lp.m, &lp.v] {
+        assert!(t.to_f32(g).unwrap().iter().all(|&x| x == 0.0));
+    }
+    assert_eq!(lp.params16.to_f32(g).unwrap(), round_f16(&p));
+    lp.grads.write_f32(g, &vec![1.0; lp.total]).unwrap();
+    lp.zero_grads(g);
+    assert!(lp.grads.to_f32(g).unwrap().iter().all(|&x| x == 0.0));
+    // Same seed, same values; another seed, others.
+    let again = LoraParams::new(g, &specs, s).unwrap();
+    assert_eq!(again.params.to_f32(g).unwrap(), p);
+    let other = LoraParams::new(g, &specs, s ^ 1).unwrap();
+    assert_ne!(other.params.to_f32(g).unwrap(), p);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let g = gpu();
+    assert!(LoraParams::new(g, &[spec("zero", 0, 4, 4, 1.0, 0.0)], 1).is_err());
+    assert!(LoraParams::new(g, &[spec("p1", 4, 4, 4, 1.0, 1.0)], 1).is_err());
+    let lp = LoraParams::new(g, &[spec("l", 8, 6, 2, 2.0, 0.0)], 1).unwrap();
+    let x = Tensor::empty(g, &[3, 9], DType::F16, "x").unwrap();
+    let y = Tensor::empty(g, &[3, 6], DType::F16, "y").unwrap();
+    let mut pb = PlanBuilder::new(g);
+    let err = lp.layers[0].forward(&mut pb, &x, &y).err().expect("a width mismatch is an error");
+    assert!(err.to_string().contains("lora forward"), "{err}");
+}
