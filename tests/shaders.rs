@@ -105,4 +105,7 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::lora::LoraKernelParams;
     let lo = rust_layout!(LoraKernelParams { numel, salt, threshold, scale, parts, _pad0, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::Lora, "Params"), lo);
+    use atelier::kernels::grad_ops::GradOpsParams;
+    let go = rust_layout!(GradOpsParams { n, c1, c2, op, h, w, oh, ow, alpha, flags, _pad0, _pad1 });
+    assert_eq!(wgsl_struct(Shader::GradOps, "Params"), go);
 }

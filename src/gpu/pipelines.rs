@@ -24,11 +24,12 @@ pub enum Shader {
     AttentionCoop,
     TensorOps,
     Lora,
+    GradOps,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 9] = [
+    pub const ALL: [Shader; 10] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -38,6 +39,7 @@ impl Shader {
         Shader::AttentionCoop,
         Shader::TensorOps,
         Shader::Lora,
+        Shader::GradOps,
     ];
 
     /// File stem under `shaders/`.
@@ -52,6 +54,7 @@ impl Shader {
             Shader::AttentionCoop => "attention_coop",
             Shader::TensorOps => "tensor_ops",
             Shader::Lora => "lora",
+            Shader::GradOps => "grad_ops",
         }
     }
 
@@ -91,6 +94,7 @@ impl Shader {
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
             Shader::Lora => include_str!("../../shaders/lora.wgsl"),
+            Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
         }
     }
 

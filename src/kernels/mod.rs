@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod grad_ops;
 pub mod lora;
 pub mod matmul;
 pub mod norm;
@@ -61,5 +62,6 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
         keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }
     keys.extend(lora::variants());
+    keys.extend(grad_ops::variants());
     keys
 }
