@@ -26,6 +26,13 @@
 // N = cout, K = ks·ks·cin. Eight consecutive k are eight channels of one input pixel, read as
 // one 16-byte word when cin is a multiple of 8 (flags bit 8), else one by one; taps outside
 // the image read zero (zero padding).
+// CONV_T (override, with CONV; default off, and then folded away): the gather of a transposed
+// convolution (a strided convolution's input gradient dX, see kernels::conv): the image (dY)
+// is read as if dilated by `stride` (stride-1 zeros between pixels) and gathered at stride 1,
+// so im2col row (img, y, x) of dX, tap (ty, tx), reads dY at ((y + ty - pad) / stride,
+// (x + tx - pad) / stride) when both divide evenly and lie inside dY, zero otherwise. B is the
+// flipped, channel-transposed weight [cin, ks, ks, cout]. ih, iw, cin: dY's size and channels
+// (the forward's oh, ow, cout); oh, ow: dX's size; pad: ks - 1 - the forward's padding.
 // Saves nothing for backward.
 
 enable f16;
@@ -51,6 +58,7 @@ override TRANS_A: bool = false;
 override TRANS_B: bool = true;
 override OUT_F32: bool = false;
 override CONV: bool = false;
+override CONV_T: bool = false;
 override BM: u32 = 128u;
 override BN: u32 = 128u;
 override WARPS_M: u32 = 2u;
@@ -159,6 +167,48 @@ fn conv8(m: u32, k0: u32) -> mat2x4<f16> {
     return out;
 }
 
+// CONV_T: the pixel (img·ih + y)·iw + x of dY that im2col row m, column kk (with kbase) of a
+// transposed convolution reads, or NO_PIXEL where it reads zero.
+const NO_PIXEL: u32 = 0xFFFFFFFFu;
+fn convt_pixel(m: u32, kk: u32) -> u32 {
+    let ohw = p.oh * p.ow;
+    let img = m / ohw;
+    let oy = (m % ohw) / p.ow;
+    let ox = m % p.ow;
+    let tap = kk / p.cin;
+    let y = i32(oy + tap / p.ks) - i32(p.pad);
+    let x = i32(ox + tap % p.ks) - i32(p.pad);
+    if (y < 0 || x < 0) { return NO_PIXEL; }
+    let yu = u32(y);
+    let xu = u32(x);
+    if (yu % p.stride != 0u || xu % p.stride != 0u) { return NO_PIXEL; }
+    if (yu / p.stride >= p.ih || xu / p.stride >= p.iw) { return NO_PIXEL; }
+    return (img * p.ih + yu / p.stride) * p.iw + xu / p.stride;
+}
+
+// CONV_T: one value of the implicit im2col matrix at (m, k); 0 outside dY or the matrix.
+fn convt_el(m: u32, k: u32) -> f16 {
+    if (m >= p.m || k >= p.k) { return 0.0h; }
+    let px = convt_pixel(m, k + kbase);
+    if (px == NO_PIXEL) { return 0.0h; }
+    let i = p.off_a + px * p.cin + (k + kbase) % p.cin;
+    return half_at(a[i >> 3u], i);
+}
+
+// CONV_T: eight values of the implicit im2col matrix, row m, columns k0..k0+8.
+fn convt8(m: u32, k0: u32) -> mat2x4<f16> {
+    if ((p.flags & 8u) != 0u && m < p.m && k0 + 8u <= p.k) {
+        // cin % 8 == 0: one pixel, eight channels, one aligned 16-byte word.
+        let px = convt_pixel(m, k0 + kbase);
+        if (px == NO_PIXEL) { return mat2x4<f16>(); }
+        return a[(p.off_a + px * p.cin + (k0 + kbase) % p.cin) >> 3u];
+    }
+    var out = mat2x4<f16>();
+    out[0] = vec4<f16>(convt_el(m, k0), convt_el(m, k0 + 1u), convt_el(m, k0 + 2u), convt_el(m, k0 + 3u));
+    out[1] = vec4<f16>(convt_el(m, k0 + 4u), convt_el(m, k0 + 5u), convt_el(m, k0 + 6u), convt_el(m, k0 + 7u));
+    return out;
+}
+
 // Tile of A for k0: K-contiguous (!TRANS_A) it is BM rows of BK; else BK rows of BM.
 // Entry e (of BM*BK/8) -> (stored row, stored col0) and its shared index.
 fn a_entry(e: u32, m0: u32, k0: u32) -> vec3<u32> {
@@ -183,6 +233,7 @@ fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
 fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
     let x = a_entry(e, m0, k0);
     if (TRANS_A) { return load8(true, base, x.x, x.y, p.k, p.m, p.lda, vec_ok); }
+    if (CONV && CONV_T) { return convt8(x.x, x.y); }
     if (CONV) { return conv8(x.x, x.y); }
     return load8(true, base, x.x, x.y, p.m, p.k, p.lda, vec_ok);
 }

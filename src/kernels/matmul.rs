@@ -55,6 +55,10 @@ pub struct ConvGeom {
     pub pad: usize,
     pub oh: usize,
     pub ow: usize,
+    /// The gather of a transposed convolution (override CONV_T): the image read as if dilated
+    /// by `stride` and gathered at stride 1 (a strided convolution's input gradient, see
+    /// `kernels::conv`). Then ih, iw, cin are dY's and oh, ow dX's.
+    pub transposed: bool,
 }
 
 /// Tile configuration of the cooperative-matrix kernel.
@@ -306,7 +310,7 @@ impl Matmul {
         );
         let vec_ok = lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0;
         let mut flags = if vec_ok { FLAG_VEC } else { 0 };
-        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0 });
+        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0, transposed: false });
         if self.conv.is_some() && g.cin % 8 == 0 {
             flags |= FLAG_CONV_VEC;
         }
@@ -365,6 +369,8 @@ impl Matmul {
                 128,
             ),
         };
+        // The transposed gather is its own variant; forward keys stay as they were.
+        let key = if g.transposed { key.with("CONV_T", 1) } else { key };
         let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
         let bytes = (a.numel() * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
         gpu.dispatch(&key, &params, &[a, b, bias.unwrap_or(a), c], groups, self.flops(), bytes)
@@ -382,6 +388,9 @@ impl Matmul {
             Some(g) => {
                 if self.trans_a || !self.trans_b || self.batch != 1 || g.images * g.oh * g.ow != self.m || g.ks * g.ks * g.cin != self.k {
                     return Err(Error::shape(op, format!("convolution {g:?} does not match the product {}x{}x{}", self.m, self.n, self.k)));
+                }
+                if g.transposed && g.stride == 0 {
+                    return Err(Error::shape(op, format!("transposed convolution {g:?} with stride 0")));
                 }
                 g.images * g.ih * g.iw * g.cin
             }

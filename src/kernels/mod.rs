@@ -41,6 +41,13 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
             keys.push(t.key(false, true, out_f32, true));
         }
     }
+    // Transposed convolutions (a strided convolution's dX, `Conv2d::backward_input`).
+    for out_f32 in [false, true] {
+        keys.push(matmul::scalar_key(false, true, out_f32, true).with("CONV_T", 1));
+        for t in matmul::CoopTile::ALL {
+            keys.push(t.key(false, true, out_f32, true).with("CONV_T", 1));
+        }
+    }
     for entry in ["unary", "binary", "copy2d", "convert", "splitk_sum"] {
         for i in [false, true] {
             for o in [false, true] {
