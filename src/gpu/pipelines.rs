@@ -22,6 +22,7 @@ pub enum Shader {
     NormBackward,
     Attention,
     AttentionCoop,
+    AttentionBackward,
     TensorOps,
     Lora,
     GradOps,
@@ -29,7 +30,7 @@ pub enum Shader {
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 10] = [
+    pub const ALL: [Shader; 11] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -37,6 +38,7 @@ impl Shader {
         Shader::NormBackward,
         Shader::Attention,
         Shader::AttentionCoop,
+        Shader::AttentionBackward,
         Shader::TensorOps,
         Shader::Lora,
         Shader::GradOps,
@@ -52,6 +54,7 @@ impl Shader {
             Shader::NormBackward => "norm_backward",
             Shader::Attention => "attention",
             Shader::AttentionCoop => "attention_coop",
+            Shader::AttentionBackward => "attention_backward",
             Shader::TensorOps => "tensor_ops",
             Shader::Lora => "lora",
             Shader::GradOps => "grad_ops",
@@ -92,6 +95,7 @@ impl Shader {
             Shader::NormBackward => include_str!("../../shaders/norm_backward.wgsl"),
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
+            Shader::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
             Shader::Lora => include_str!("../../shaders/lora.wgsl"),
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),

@@ -2,6 +2,7 @@
 //! pipeline variant and declares the flops and bytes of a launch for the profiler.
 
 pub mod attention;
+pub mod attention_backward;
 pub mod conv;
 pub mod elementwise;
 pub mod grad_ops;
@@ -65,6 +66,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     keys.extend(norm_backward::variants());
     keys.push(attention::key());
     keys.extend(attention::coop_variants());
+    keys.extend(attention_backward::variants());
     for entry in ["upsample2x", "concat", "geglu", "timestep", "embed"] {
         keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }

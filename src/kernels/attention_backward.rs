@@ -1,0 +1,280 @@
+//! Launcher for `shaders/attention_backward.wgsl`: the gradients dq, dk, dv of
+//! o = softmax(q·kᵀ·scale [+ causal mask])·v (`kernels::attention`), FlashAttention-2 style,
+//! never materialising the score matrix. Scalar path only (f16 tensors read as packed words,
+//! no shader-f16); a cooperative-matrix version is to come.
+//!
+//! Operands are token-major [`Operand`]s as in the forward: q, o, dout, dq [batch, lq,
+//! heads·d]; k, v, dk, dv [batch, lk, heads·d]; each may be a column slice of a wider tensor
+//! (a fused qkv product and its gradient). dtypes: q, k, v, o f16 (what the forward read and
+//! wrote); dout f16 or f32; dq f16 or f32; dk and dv f16 or f32 (the same one). Outputs are
+//! overwritten (activation grads).
+//!
+//! What the forward must keep: q, k, v and o (o as written by the forward: D = rowsum(dO∘O)
+//! is taken from it). The softmax statistics are not saved by the forward: the first launch
+//! recomputes them (one q·kᵀ pass, about 1/8 of the backward's flops) into an f32 scratch
+//! tensor [batch·heads·lq, 2] owned by [`AttentionBackward`].
+//!
+//! Three launches (see the shader's header): `attnb_stats` (lse and D per query row),
+//! `attnb_dq` (per query block, over the key blocks) and `attnb_dkv` (per key block, over the
+//! query blocks); no float atomics. Flops per visible (query, key) pair and (batch, head):
+//! 2·d (stats), 6·d (dq: q·kᵀ, dO·vᵀ, dS·k), 8·d (dkv: q·kᵀ, dO·vᵀ, Pᵀ·dO, dSᵀ·q).
+//!
+//! Known limit: `attnb_dkv` runs one workgroup per key block and (batch, head), so
+//! cross-attention (77 keys) gets only 2·batch·heads workgroups, each over all 4096 queries;
+//! a big GPU wants the query range split over more workgroups with a reduction of the partial
+//! dk, dv (not done yet).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::attention::{Attention, Operand, MAX_D};
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
+
+/// Mirrors `struct Params` in attention_backward.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionBackwardParams {
+    pub batch: u32,
+    pub heads: u32,
+    pub lq: u32,
+    pub lk: u32,
+    pub d: u32,
+    pub causal: u32,
+    pub bq: u32,
+    pub bk: u32,
+    pub ldq: u32,
+    pub ldk: u32,
+    pub ldv: u32,
+    pub ldo: u32,
+    pub lddo: u32,
+    pub lddq: u32,
+    pub lddk: u32,
+    pub lddv: u32,
+    pub off_q: u32,
+    pub off_k: u32,
+    pub off_v: u32,
+    pub off_o: u32,
+    pub off_do: u32,
+    pub off_dq: u32,
+    pub off_dk: u32,
+    pub off_dv: u32,
+    pub scale: f32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
+
+/// Workgroup memory of every entry point (the shader's header), bytes.
+pub const SHARED_BYTES: u32 = 3 * 4096 + 8192 + 2 * 4096 + 512;
+
+/// The pipeline of one entry point: `stats` takes dout's dtype, `dq` and `dkv` also their
+/// output's.
+pub fn key(entry: &'static str, dout_f32: bool, out_f32: Option<bool>) -> PipelineKey {
+    let k = PipelineKey::new(Shader::AttentionBackward, entry).with("DO_F32", dout_f32 as i64);
+    match out_f32 {
+        Some(o) => k.with("OUT_F32", o as i64),
+        None => k,
+    }
+}
+
+/// Every pipeline variant the launcher can ask for (for the shader tests).
+pub fn variants() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for dout in [false, true] {
+        keys.push(key("attnb_stats", dout, None));
+        for out in [false, true] {
+            keys.push(key("attnb_dq", dout, Some(out)));
+            keys.push(key("attnb_dkv", dout, Some(out)));
+        }
+    }
+    keys
+}
+
+/// The operands of one backward: the forward's inputs and output, the output's gradient, and
+/// the three gradients written.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionGrads<'a> {
+    pub q: Operand<'a>,
+    pub k: Operand<'a>,
+    pub v: Operand<'a>,
+    /// The forward's output.
+    pub o: Operand<'a>,
+    /// d(loss)/d(o).
+    pub dout: Operand<'a>,
+    pub dq: Operand<'a>,
+    pub dk: Operand<'a>,
+    pub dv: Operand<'a>,
+}
+
+/// The backward of one attention shape, with its f32 scratch (per query row: lse in log2
+/// units and D = rowsum(dO∘O)). Build once per shape (per plan); `prepare` gives the launches.
+pub struct AttentionBackward {
+    pub attn: Attention,
+    /// f32 [batch·heads·lq, 2].
+    pub stats: Tensor,
+}
+
+/// Tiles of a launch: `rows` query rows (stats, dq) or keys (dkv) per workgroup, each owning
+/// one output octet per invocation (rows·P <= 256), and `inner` rows of the streamed operand
+/// per block (inner·P <= 256 words, rows·inner <= 1024 scores), both at most 64.
+fn tiles(d: usize) -> (usize, usize) {
+    let p = d / 8;
+    let rows = (256 / p).min(64);
+    let inner = (256 / p).min(1024 / rows).min(64);
+    (rows, inner)
+}
+
+impl AttentionBackward {
+    /// Checks the shape and allocates the statistics.
+    pub fn new(gpu: &Gpu, attn: Attention) -> Result<Self> {
+        let op = "attention backward";
+        let Attention { batch, heads, lq, lk, d, scale, .. } = attn;
+        if batch == 0 || heads == 0 || lq == 0 || lk == 0 || d == 0 {
+            return Err(Error::shape(op, format!("empty shape: batch {batch}, heads {heads}, lq {lq}, lk {lk}, d {d}")));
+        }
+        if !d.is_multiple_of(8) || d > MAX_D {
+            return Err(Error::shape(op, format!("head dim {d}: must be a multiple of 8, at most {MAX_D}")));
+        }
+        if !scale.is_finite() {
+            return Err(Error::shape(op, format!("scale {scale} is not finite")));
+        }
+        let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
+        if SHARED_BYTES > limit {
+            return Err(Error::Gpu(format!(
+                "{op}: the kernel needs {SHARED_BYTES} bytes of workgroup memory, this device offers {limit}"
+            )));
+        }
+        let stats = Tensor::empty(gpu, &[batch * heads * lq, 2], DType::F32, "attention backward stats")?;
+        Ok(AttentionBackward { attn, stats })
+    }
+
+    fn check_operand(&self, name: &str, x: &Operand, rows: usize, f32_ok: bool) -> Result<()> {
+        let op = "attention backward";
+        let a = &self.attn;
+        let width = a.heads * a.d;
+        if !(x.tensor.dtype == DType::F16 || f32_ok && x.tensor.dtype == DType::F32) {
+            let want = if f32_ok { "f16 or f32" } else { "f16" };
+            return Err(Error::DType { op: op.into(), detail: format!("{name} must be {want}") });
+        }
+        if !x.offset.is_multiple_of(8) || !x.ld.is_multiple_of(8) || x.ld < width {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "{name}: offset {} and row stride {} must be multiples of 8, the stride at least heads·d = {width}",
+                    x.offset, x.ld
+                ),
+            ));
+        }
+        let end = (a.batch * rows - 1).checked_mul(x.ld).and_then(|n| n.checked_add(x.offset + width));
+        let numel = x.tensor.numel();
+        match end {
+            Some(end) if end <= numel && numel <= u32::MAX as usize - 8 => Ok(()),
+            _ => Err(Error::shape(
+                op,
+                format!(
+                    "{name} {:?} (offset {}, row stride {}) is too small for [{}, {rows}, {width}] (or over 2^32 elements)",
+                    x.tensor.shape, x.offset, x.ld, a.batch
+                ),
+            )),
+        }
+    }
+
+    /// The three launches, to run in order: statistics, dq, then dk and dv. See the module doc
+    /// for the operands. Each gradient must be in a buffer holding none of the inputs (it is
+    /// bound writable); dk and dv must have the same dtype.
+    pub fn prepare(&self, gpu: &Gpu, g: &AttentionGrads) -> Result<[Dispatch; 3]> {
+        let op = "attention backward";
+        let a = &self.attn;
+        let (lq, lk) = (a.lq, a.lk);
+        self.check_operand("q", &g.q, lq, false)?;
+        self.check_operand("k", &g.k, lk, false)?;
+        self.check_operand("v", &g.v, lk, false)?;
+        self.check_operand("o", &g.o, lq, false)?;
+        self.check_operand("dout", &g.dout, lq, true)?;
+        self.check_operand("dq", &g.dq, lq, true)?;
+        self.check_operand("dk", &g.dk, lk, true)?;
+        self.check_operand("dv", &g.dv, lk, true)?;
+        if g.dk.tensor.dtype != g.dv.tensor.dtype {
+            return Err(Error::DType { op: op.into(), detail: "dk and dv must have the same dtype".into() });
+        }
+        let inputs = [("q", &g.q), ("k", &g.k), ("v", &g.v), ("o", &g.o), ("dout", &g.dout)];
+        for (gname, x) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
+            for (name, y) in inputs.iter().chain(&[("statistics", &Operand::dense(&self.stats, 2))]) {
+                if std::sync::Arc::ptr_eq(&x.tensor.buffer, &y.tensor.buffer) {
+                    return Err(Error::shape(
+                        op,
+                        format!("{gname} must not be in the same buffer as {name} (it is bound writable, {name} read-only)"),
+                    ));
+                }
+            }
+        }
+        let do32 = g.dout.tensor.dtype == DType::F32;
+        let dq32 = g.dq.tensor.dtype == DType::F32;
+        let dkv32 = g.dk.tensor.dtype == DType::F32;
+        let base = AttentionBackwardParams {
+            batch: a.batch as u32,
+            heads: a.heads as u32,
+            lq: lq as u32,
+            lk: lk as u32,
+            d: a.d as u32,
+            causal: a.causal as u32,
+            bq: 0,
+            bk: 0,
+            ldq: g.q.ld as u32,
+            ldk: g.k.ld as u32,
+            ldv: g.v.ld as u32,
+            ldo: g.o.ld as u32,
+            lddo: g.dout.ld as u32,
+            lddq: g.dq.ld as u32,
+            lddk: g.dk.ld as u32,
+            lddv: g.dv.ld as u32,
+            off_q: g.q.offset as u32,
+            off_k: g.k.offset as u32,
+            off_v: g.v.offset as u32,
+            off_o: g.o.offset as u32,
+            off_do: g.dout.offset as u32,
+            off_dq: g.dq.offset as u32,
+            off_dk: g.dk.offset as u32,
+            off_dv: g.dv.offset as u32,
+            scale: a.scale,
+            ..Default::default()
+        };
+        let (rows, inner) = tiles(a.d);
+        let bh = (a.batch * a.heads) as f64;
+        let pairs = if a.causal { (0..lq).map(|i| (i + 1).min(lk) as f64).sum() } else { lq as f64 * lk as f64 };
+        let fl = |per_d: f64| per_d * bh * a.d as f64 * pairs;
+        let half = |t: &Tensor| t.dtype.size() as f64;
+        let (d, nq, nk) = (a.d as f64, lq as f64, lk as f64);
+        let bhd = bh * d;
+
+        let ps = AttentionBackwardParams { bq: rows as u32, bk: inner as u32, ..base };
+        let groups_q = [lq.div_ceil(rows) as u32, (a.batch * a.heads) as u32, 1];
+        let stats = gpu.dispatch(
+            &key("attnb_stats", do32, None),
+            &ps,
+            &[g.q.tensor, g.k.tensor, g.o.tensor, g.dout.tensor, &self.stats],
+            groups_q,
+            fl(2.0),
+            bhd * (2.0 * nq + 2.0 * nk + 2.0 * nq + half(g.dout.tensor) * nq) + bh * nq * 8.0,
+        )?;
+        let dq = gpu.dispatch(
+            &key("attnb_dq", do32, Some(dq32)),
+            &ps,
+            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dq.tensor],
+            groups_q,
+            fl(6.0),
+            bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq + half(g.dq.tensor) * nq) + bh * nq * 8.0,
+        )?;
+        let pk = AttentionBackwardParams { bq: inner as u32, bk: rows as u32, ..base };
+        let groups_k = [lk.div_ceil(rows) as u32, (a.batch * a.heads) as u32, 1];
+        let dkv = gpu.dispatch(
+            &key("attnb_dkv", do32, Some(dkv32)),
+            &pk,
+            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dk.tensor, g.dv.tensor],
+            groups_k,
+            fl(8.0),
+            bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq + 2.0 * half(g.dk.tensor) * nk) + bh * nq * 8.0,
+        )?;
+        Ok([stats, dq, dkv])
+    }
+}

@@ -1,0 +1,371 @@
+//! Op tests for shaders/attention_backward.wgsl (scalar path): dq, dk, dv of
+//! o = softmax(q·kᵀ·scale)·v against an f64 CPU reference that materialises the scores, on
+//! fresh seeded random q, k, v, dO with NaN-poisoned outputs: the reference itself against
+//! central finite differences of the CPU forward; tiny and odd shapes (sizes not multiples of
+//! the tiles, d 8, 40, 80, heads 1, 2, 8), causal (CLIP 77x77, d 64), cross-attention over 77
+//! keys, head dim 160, large logits, f16 and f32 dO and gradients, fused-qkv column slices,
+//! o as the GPU forward wrote it, two real SD shapes (cross-attention 4096 queries x 77 keys x
+//! d 40 x 8 heads; self-attention 1024 x 1024 x d 80 x 2 heads) and refused shapes.
+
+mod common;
+
+use atelier::gpu::{DType, Tensor};
+use atelier::kernels::attention::{Attention, Operand};
+use atelier::kernels::attention_backward::{AttentionBackward, AttentionGrads};
+use common::{gpu, random, rel_l2, round_f16, seed, POISON};
+
+/// Error bound (relative L2, each of dq, dk, dv). The inputs are the f16 values the GPU
+/// sees, so what is left is: gradients stored as f16 (relative rounding 2^-11, ~2.2e-4 RMS:
+/// measured 1.9e-4 .. 2.6e-4 on lavapipe), o stored as f16 (enters D = rowsum(dO∘o) and
+/// through it every dS = P∘(dP - D); with f32 gradients dq and dk measure ~1e-4, dv ~2e-7)
+/// and f32 sums over up to 1024 terms. 1e-3 is 4x the worst measured, and nothing more: a
+/// missing scale is off by a factor, a wrong mask, a dropped D or a wrong block boundary by
+/// 1e-1 or more.
+const BOUND: f64 = 1e-3;
+
+fn poisoned(shape: &[usize], dtype: DType) -> Tensor {
+    let t = Tensor::empty(gpu(), shape, dtype, "grad").unwrap();
+    t.fill_words(gpu(), POISON);
+    t
+}
+
+fn input(n: usize, scale: f32, seed: u64) -> Vec<f32> {
+    round_f16(&random(n, seed).iter().map(|x| scale * x).collect::<Vec<_>>())
+}
+
+/// Reference forward and backward in f64 on dense [batch, l, heads·d] tensors: returns
+/// (o, dq, dk, dv). Materialises each (batch, head)'s scores.
+fn reference(a: &Attention, q: &[f32], k: &[f32], v: &[f32], dout: &[f32]) -> [Vec<f64>; 4] {
+    let (hd, d, lq, lk) = (a.heads * a.d, a.d, a.lq, a.lk);
+    let sc = a.scale as f64;
+    let mut o = vec![0.0; a.batch * lq * hd];
+    let mut dq = vec![0.0; a.batch * lq * hd];
+    let mut dk = vec![0.0; a.batch * lk * hd];
+    let mut dv = vec![0.0; a.batch * lk * hd];
+    let mut p = vec![0.0f64; lq * lk];
+    let mut ds = vec![0.0f64; lq * lk];
+    for b in 0..a.batch {
+        for h in 0..a.heads {
+            let qa = |i: usize| (b * lq + i) * hd + h * d;
+            let ka = |j: usize| (b * lk + j) * hd + h * d;
+            for i in 0..lq {
+                let nk = if a.causal { (i + 1).min(lk) } else { lk };
+                let mut mx = f64::NEG_INFINITY;
+                for j in 0..lk {
+                    let s = if j < nk {
+                        (0..d).map(|c| q[qa(i) + c] as f64 * k[ka(j) + c] as f64).sum::<f64>() * sc
+                    } else {
+                        f64::NEG_INFINITY
+                    };
+                    p[i * lk + j] = s;
+                    mx = mx.max(s);
+                }
+                let mut sum = 0.0;
+                for j in 0..lk {
+                    let e = (p[i * lk + j] - mx).exp();
+                    p[i * lk + j] = e;
+                    sum += e;
+                }
+                for j in 0..lk {
+                    p[i * lk + j] /= sum;
+                }
+                for j in 0..nk {
+                    for c in 0..d {
+                        o[qa(i) + c] += p[i * lk + j] * v[ka(j) + c] as f64;
+                    }
+                }
+                // dP = dO·vᵀ, D = rowsum(P∘dP) (= rowsum(dO∘o)), dS = P∘(dP - D).
+                let mut dd = 0.0;
+                for j in 0..lk {
+                    let dp: f64 = (0..d).map(|c| dout[qa(i) + c] as f64 * v[ka(j) + c] as f64).sum();
+                    ds[i * lk + j] = dp;
+                    dd += p[i * lk + j] * dp;
+                }
+                for j in 0..lk {
+                    ds[i * lk + j] = p[i * lk + j] * (ds[i * lk + j] - dd);
+                }
+            }
+            for i in 0..lq {
+                for j in 0..lk {
+                    let (pij, dsij) = (p[i * lk + j], ds[i * lk + j]);
+                    for c in 0..d {
+                        dv[ka(j) + c] += pij * dout[qa(i) + c] as f64;
+                        dq[qa(i) + c] += sc * dsij * k[ka(j) + c] as f64;
+                        dk[ka(j) + c] += sc * dsij * q[qa(i) + c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    [o, dq, dk, dv]
+}
+
+#[test]
+fn reference_matches_finite_differences() {
+    // L = Σ o∘G for a fixed random G: dL/dx by central differences of the f64 forward
+    // against the reference backward, every element of q, k and v, causal and not.
+    for a in [Attention::new(2, 2, 3, 4, 3, false), Attention::new(1, 2, 4, 5, 2, true)] {
+        let s = seed(&format!("finite differences {a:?}"));
+        let hd = a.heads * a.d;
+        let q = random(a.batch * a.lq * hd, s);
+        let k = random(a.batch * a.lk * hd, s ^ 1);
+        let v = random(a.batch * a.lk * hd, s ^ 2);
+        let g = random(a.batch * a.lq * hd, s ^ 3);
+        let [_, dq, dk, dv] = reference(&a, &q, &k, &v, &g);
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            let [o, ..] = reference(&a, q, k, v, &g);
+            o.iter().zip(&g).map(|(o, g)| o * *g as f64).sum()
+        };
+        let h = 1e-2f32; // f32 inputs: exact steps of 2^-7 would be better; take the rounded step
+        for (which, grad) in [(0, &dq), (1, &dk), (2, &dv)] {
+            let mut fd = Vec::new();
+            for idx in 0..grad.len() {
+                let mut x = [q.clone(), k.clone(), v.clone()];
+                let x0 = x[which][idx];
+                x[which][idx] = x0 + h;
+                let hp = (x[which][idx] - x0) as f64;
+                let lp = loss(&x[0], &x[1], &x[2]);
+                x[which][idx] = x0 - h;
+                let hm = (x0 - x[which][idx]) as f64;
+                let lm = loss(&x[0], &x[1], &x[2]);
+                fd.push(((lp - lm) / (hp + hm)) as f32);
+            }
+            // Central differences: truncation O(h²) ~ 1e-4 relative at h = 1e-2.
+            let e = rel_l2(&fd, grad);
+            eprintln!("finite differences {a:?} grad {which}: rel L2 {e:.2e}");
+            assert!(e < 1e-3, "reference gradient {which} vs finite differences: {e:.2e}");
+        }
+    }
+}
+
+/// Runs the backward of `a` on dense random inputs (q, k in ±amp, v and dO in ±1; o the
+/// reference forward rounded to f16, as the forward stores it); dO and the gradients in the
+/// given dtypes. Returns the worst error and the GPU seconds.
+fn run(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType) -> (f64, f64) {
+    run_bound(a, amp, dout_dt, grad_dt, BOUND)
+}
+
+fn run_bound(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64) -> (f64, f64) {
+    let g = gpu();
+    let what = format!("attention backward {a:?} amp {amp} dO {dout_dt:?} grads {grad_dt:?}");
+    let s = seed(&what);
+    let hd = a.heads * a.d;
+    let (nq, nk) = (a.batch * a.lq * hd, a.batch * a.lk * hd);
+    let q = input(nq, amp, s);
+    let k = input(nk, amp, s ^ 1);
+    let v = input(nk, 1.0, s ^ 2);
+    let mut dout = random(nq, s ^ 3);
+    if dout_dt == DType::F16 {
+        dout = round_f16(&dout);
+    }
+    let [o, rdq, rdk, rdv] = reference(&a, &q, &k, &v, &dout);
+    let o: Vec<f32> = o.iter().map(|&x| x as f32).collect();
+    let up = |x: &[f32], l: usize, dt: DType| Tensor::from_f32(g, &[a.batch, l, hd], dt, x, "input").unwrap();
+    let (tq, tk, tv, to) = (up(&q, a.lq, DType::F16), up(&k, a.lk, DType::F16), up(&v, a.lk, DType::F16), up(&o, a.lq, DType::F16));
+    let tdo = up(&dout, a.lq, dout_dt);
+    let (tdq, tdk, tdv) = (poisoned(&[a.batch, a.lq, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt));
+    let bw = AttentionBackward::new(g, a).unwrap();
+    bw.stats.fill_words(g, POISON);
+    let dense = |t| Operand::dense(t, hd);
+    let grads = AttentionGrads {
+        q: dense(&tq),
+        k: dense(&tk),
+        v: dense(&tv),
+        o: dense(&to),
+        dout: dense(&tdo),
+        dq: dense(&tdq),
+        dk: dense(&tdk),
+        dv: dense(&tdv),
+    };
+    let ds = bw.prepare(g, &grads).unwrap();
+    let t0 = std::time::Instant::now();
+    for d in &ds {
+        g.run_now(d).unwrap();
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let mut worst: f64 = 0.0;
+    for (name, t, r) in [("dq", &tdq, &rdq), ("dk", &tdk, &rdk), ("dv", &tdv, &rdv)] {
+        let e = rel_l2(&t.to_f32(g).unwrap(), r);
+        eprintln!("{what}: {name} rel L2 {e:.3e}");
+        assert!(e < bound, "{what}: {name} rel L2 {e:.3e} over {bound:.0e}");
+        worst = worst.max(e);
+    }
+    eprintln!("{what}: {secs:.2} s on the GPU");
+    (worst, secs)
+}
+
+fn run16(a: Attention, amp: f32) -> (f64, f64) {
+    run(a, amp, DType::F16, DType::F16)
+}
+
+#[test]
+fn tiny_and_odd_shapes() {
+    run16(Attention::new(1, 1, 5, 7, 8, false), 1.0);
+    run16(Attention::new(2, 2, 5, 7, 16, false), 1.0); // batch 2: per-item offsets
+    run16(Attention::new(1, 2, 33, 70, 40, false), 2.0); // partial blocks both ways
+    run16(Attention::new(2, 1, 9, 9, 8, true), 1.0);
+    run16(Attention::new(1, 2, 70, 33, 80, false), 2.0);
+    run16(Attention::new(1, 8, 19, 23, 8, false), 1.0);
+}
+
+#[test]
+fn dtypes() {
+    // f32 dO and f32 gradients, and each mixed.
+    let a = Attention::new(2, 2, 37, 45, 40, false);
+    run(a, 2.0, DType::F32, DType::F32);
+    run(a, 2.0, DType::F32, DType::F16);
+    run(a, 2.0, DType::F16, DType::F32);
+}
+
+#[test]
+fn clip_causal() {
+    // CLIP: 77 tokens, d 64, query i sees keys 0..=i.
+    run16(Attention::new(1, 4, 77, 77, 64, true), 2.0);
+    // More keys than queries, causal: keys past lq get zero gradients.
+    run(Attention::new(1, 2, 20, 50, 40, true), 1.0, DType::F32, DType::F32);
+    // Large logits (|q|, |k| up to 8 at d 64: scores about ±30, softmax nearly one-hot):
+    // exponents stay <= 0 against the recomputed lse. dq and dk measure ~8.6e-4 here: D's
+    // error from the f16 o (2^-11 relative) reaches dS = P∘(dP - D) unattenuated where one key
+    // dominates, and dq = dS·k·scale, dk = dSᵀ·q·scale grow with |k|, |q| (8x the other tests),
+    // while dv (no D) stays at the f16 rounding. 3e-3: 3.5x the measured.
+    run_bound(Attention::new(1, 2, 100, 100, 64, true), 8.0, DType::F16, DType::F16, 3e-3);
+    // More queries than keys, causal, head dim 160.
+    run16(Attention::new(1, 1, 50, 30, 160, true), 1.0);
+}
+
+#[test]
+fn cross_attention() {
+    // UNet cross-attention: image tokens over 77 text tokens, d 40 / 80 / 160.
+    run16(Attention::new(2, 2, 256, 77, 40, false), 2.0);
+    run16(Attention::new(1, 1, 64, 77, 80, false), 2.0);
+    run16(Attention::new(1, 1, 64, 77, 160, false), 2.0);
+}
+
+#[test]
+fn unet_cross_attention_4096x77() {
+    // UNet down block 0 at 512x512, cross-attention: 4096 latent tokens over 77 text tokens,
+    // 8 heads of 40, batch 1.
+    let (_, secs) = run16(Attention::new(1, 8, 4096, 77, 40, false), 2.0);
+    assert!(secs < 60.0, "4096x77 x 8 heads d 40 took {secs:.1} s");
+}
+
+#[test]
+fn unet_self_attention_1024() {
+    // UNet down block 1 at 512x512 (32x32 latent tokens), self-attention: 2 of its 8 heads
+    // of 80 (the other heads are the same code; all 8 would take ~4x as long on CI).
+    let (_, secs) = run16(Attention::new(1, 2, 1024, 1024, 80, false), 2.0);
+    assert!(secs < 60.0, "1024x1024 x 2 heads d 80 took {secs:.1} s");
+}
+
+#[test]
+fn fused_qkv_slices() {
+    // q, k, v column slices of one [batch, l, 3·heads·d] tensor; the gradients go to the
+    // matching slices of one dqkv tensor (wider by 8 poisoned columns each side), which must
+    // stay poisoned outside them.
+    let g = gpu();
+    let a = Attention::new(2, 3, 45, 45, 16, false);
+    let hd = a.heads * a.d;
+    let ld = 3 * hd;
+    let s = seed("attention backward fused qkv");
+    let qkv = input(a.batch * a.lq * ld, 2.0, s);
+    let dout = round_f16(&random(a.batch * a.lq * hd, s ^ 3));
+    let col = |off: usize| -> Vec<f32> { qkv.chunks(ld).flat_map(|r| r[off..off + hd].to_vec()).collect() };
+    let (q, k, v) = (col(0), col(hd), col(2 * hd));
+    let [o, rdq, rdk, rdv] = reference(&a, &q, &k, &v, &dout);
+    let o: Vec<f32> = o.iter().map(|&x| x as f32).collect();
+    let shape = [a.batch, a.lq, hd];
+    let t = Tensor::from_f32(g, &[a.batch, a.lq, ld], DType::F16, &qkv, "qkv").unwrap();
+    let to = Tensor::from_f32(g, &shape, DType::F16, &o, "o").unwrap();
+    let tdo = Tensor::from_f32(g, &shape, DType::F16, &dout, "do").unwrap();
+    let ldg = ld + 16;
+    let tg = poisoned(&[a.batch, a.lq, ldg], DType::F16);
+    let bw = AttentionBackward::new(g, a).unwrap();
+    let grads = AttentionGrads {
+        q: Operand::slice(&t, 0, ld),
+        k: Operand::slice(&t, hd, ld),
+        v: Operand::slice(&t, 2 * hd, ld),
+        o: Operand::dense(&to, hd),
+        dout: Operand::dense(&tdo, hd),
+        dq: Operand::slice(&tg, 8, ldg),
+        dk: Operand::slice(&tg, 8 + hd, ldg),
+        dv: Operand::slice(&tg, 8 + 2 * hd, ldg),
+    };
+    for d in bw.prepare(g, &grads).unwrap() {
+        g.run_now(&d).unwrap();
+    }
+    let out = tg.to_f32(g).unwrap();
+    let mut got = [Vec::new(), Vec::new(), Vec::new()];
+    for row in out.chunks(ldg) {
+        assert!(row[..8].iter().chain(&row[8 + ld..]).all(|x| x.is_nan()), "wrote outside the gradient columns");
+        for (i, gi) in got.iter_mut().enumerate() {
+            gi.extend_from_slice(&row[8 + i * hd..8 + (i + 1) * hd]);
+        }
+    }
+    for (name, gi, r) in [("dq", &got[0], &rdq), ("dk", &got[1], &rdk), ("dv", &got[2], &rdv)] {
+        let e = rel_l2(gi, r);
+        eprintln!("fused qkv {name}: rel L2 {e:.3e}");
+        assert!(e < BOUND, "fused qkv {name}: rel L2 {e:.3e} over {BOUND:.0e}");
+    }
+}
+
+#[test]
+fn refuses_bad_shapes() {
+    let g = gpu();
+    let t = Tensor::from_f32(g, &[2, 16, 64], DType::F16, &vec![0.0; 2 * 16 * 64], "x").unwrap();
+    let gq = poisoned(&[2, 16, 64], DType::F16);
+    let gk = poisoned(&[2, 16, 64], DType::F16);
+    let gv = poisoned(&[2, 16, 64], DType::F32);
+    let dense = |x| Operand::dense(x, 64);
+    let a = Attention::new(2, 4, 16, 16, 16, false);
+    let bw = AttentionBackward::new(g, a).unwrap();
+    let ok = AttentionGrads { q: dense(&t), k: dense(&t), v: dense(&t), o: dense(&t), dout: dense(&t), dq: dense(&gq), dk: dense(&gk), dv: dense(&gk) };
+    assert!(bw.prepare(g, &ok).is_ok());
+    assert!(bw.prepare(g, &AttentionGrads { dv: dense(&gv), ..ok }).is_err(), "dk f16, dv f32");
+    assert!(bw.prepare(g, &AttentionGrads { dq: dense(&t), ..ok }).is_err(), "dq in q's buffer");
+    assert!(bw.prepare(g, &AttentionGrads { q: dense(&gv), ..ok }).is_err(), "f32 q");
+    assert!(bw.prepare(g, &AttentionGrads { k: Operand::slice(&t, 8, 64), ..ok }).is_err(), "k runs past the end");
+    assert!(bw.prepare(g, &AttentionGrads { dout: Operand::slice(&t, 4, 64), ..ok }).is_err(), "offset not a multiple of 8");
+    for (a, why) in [
+        (Attention::new(2, 2, 16, 16, 12, false), "d not a multiple of 8"),
+        (Attention::new(1, 1, 16, 16, 520, false), "d over 512"),
+        (Attention::new(0, 4, 16, 16, 16, false), "empty batch"),
+    ] {
+        assert!(AttentionBackward::new(g, a).is_err(), "{why}");
+    }
+    let long = AttentionBackward::new(g, Attention::new(2, 4, 17, 16, 16, false)).unwrap();
+    assert!(long.prepare(g, &ok).is_err(), "q too short");
+}
+
+#[test]
+fn after_gpu_forward() {
+    // As a model's backward runs it: o is what the GPU forward wrote (scalar path, causal
+    // CLIP shape and a cross-attention), then the backward.
+    let g = gpu();
+    for a in [Attention::new(1, 2, 77, 77, 64, true), Attention::new(2, 2, 100, 77, 40, false)] {
+        let s = seed(&format!("attention backward after the GPU forward {a:?}"));
+        let hd = a.heads * a.d;
+        let q = input(a.batch * a.lq * hd, 2.0, s);
+        let k = input(a.batch * a.lk * hd, 2.0, s ^ 1);
+        let v = input(a.batch * a.lk * hd, 1.0, s ^ 2);
+        let dout = round_f16(&random(a.batch * a.lq * hd, s ^ 3));
+        let [_, rdq, rdk, rdv] = reference(&a, &q, &k, &v, &dout);
+        let up = |x: &[f32], l: usize| Tensor::from_f32(g, &[a.batch, l, hd], DType::F16, x, "input").unwrap();
+        let (tq, tk, tv, tdo) = (up(&q, a.lq), up(&k, a.lk), up(&v, a.lk), up(&dout, a.lq));
+        let to = poisoned(&[a.batch, a.lq, hd], DType::F16);
+        let mut fwd = a;
+        fwd.path = Some(atelier::gpu::KernelPath::Scalar);
+        let dense = |t| Operand::dense(t, hd);
+        g.run_now(&fwd.prepare(g, dense(&tq), dense(&tk), dense(&tv), dense(&to)).unwrap()).unwrap();
+        let (tdq, tdk, tdv) = (poisoned(&[a.batch, a.lq, hd], DType::F32), poisoned(&[a.batch, a.lk, hd], DType::F32), poisoned(&[a.batch, a.lk, hd], DType::F32));
+        let bw = AttentionBackward::new(g, a).unwrap();
+        let grads = AttentionGrads { q: dense(&tq), k: dense(&tk), v: dense(&tv), o: dense(&to), dout: dense(&tdo), dq: dense(&tdq), dk: dense(&tdk), dv: dense(&tdv) };
+        for d in bw.prepare(g, &grads).unwrap() {
+            g.run_now(&d).unwrap();
+        }
+        for (name, t, r) in [("dq", &tdq, &rdq), ("dk", &tdk, &rdk), ("dv", &tdv, &rdv)] {
+            let e = rel_l2(&t.to_f32(g).unwrap(), r);
+            eprintln!("after the GPU forward {a:?}: {name} rel L2 {e:.3e}");
+            assert!(e < BOUND, "after the GPU forward {a:?}: {name} rel L2 {e:.3e} over {BOUND:.0e}");
+        }
+    }
+}
