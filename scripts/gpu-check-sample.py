@@ -80,8 +80,9 @@ def main():
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         torch.cuda.reset_peak_memory_stats()
-        torch_latents = torch_run("latent").images.float().cpu()
+        torch_run("pil")  # the peak of a whole prompt-to-image run, VAE decode included
         torch_peak = torch.cuda.max_memory_allocated()
+        torch_latents = torch_run("latent").images.float().cpu()
     torch_s = sorted(times)[len(times) // 2]
     del pipe
     te, unet, vae = (x.cpu() for x in (te, unet, vae))
@@ -117,6 +118,11 @@ def main():
     print(f"{'engine':<28}{'prompt -> image s':>18}{'peak GPU memory':>18}")
     print(f"{'diffusers fp16 eager':<28}{torch_s:>18.3f}{torch_peak / 2**30:>14.2f} GiB (allocated)")
     print(f"{'atelier':<28}{atelier_s:>18.3f}{peak[0] / 1024:>14.2f} GiB (nvidia-smi, whole process)")
+    mem = re.search(r"weights ([0-9.]+) MiB; .*CLIP ([0-9.]+) MiB, UNet ([0-9.]+) MiB, VAE decode ([0-9.]+) MiB", text)
+    if mem:
+        w, *plans = (float(x) for x in mem.groups())
+        print(f"{'atelier, tensors only':<28}{'':>18}{(w + max(plans)) / 1024:>14.2f} GiB (weights + the largest plan; "
+              f"comparable to torch's allocated figure)")
     print(f"speed-up {torch_s / atelier_s:.2f}x; final latents differ by {diff:.2e} (relative L2, random weights)")
 
 

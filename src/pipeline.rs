@@ -94,6 +94,8 @@ pub struct Timings {
     pub unet_calls: usize,
     /// Per image: its group's denoising time and its own decode time.
     pub per_image: Vec<(f64, f64)>,
+    /// Activation bytes of the plans (held one at a time): CLIP, UNet, VAE decode.
+    pub plan_bytes: [u64; 3],
 }
 
 /// What came out.
@@ -194,7 +196,8 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
     let guided = req.guidance > 1.0;
 
     // Text: [uncond chunks..., cond chunks...] through CLIP in one batch.
-    let (context, tokens, prompt_chunks) = encode_prompts(gpu, sd, req, guided)?;
+    let (context, tokens, prompt_chunks, clip_bytes) = encode_prompts(gpu, sd, req, guided)?;
+    timings.plan_bytes[0] = clip_bytes;
     let width = sd.config.clip.hidden_size;
     timings.text = t0.elapsed().as_secs_f64();
 
@@ -230,7 +233,9 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
         let b = if guided { 2 * g } else { g };
         if unet_plan.as_ref().is_none_or(|p| p.batch != b) {
             drop(unet_plan.take()); // free the old plan's buffers before building the next
-            unet_plan = Some(sd.unet.plan(gpu, b, lh, lw, tokens, false)?);
+            let p = sd.unet.plan(gpu, b, lh, lw, tokens, false)?;
+            timings.plan_bytes[1] = timings.plan_bytes[1].max(p.plan.activation_bytes);
+            unet_plan = Some(p);
         }
         let plan = unet_plan.as_ref().expect("built above");
         // The context: the unconditional rows for every image, then the conditional ones.
@@ -313,6 +318,7 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
     if req.decode {
         let t = Instant::now();
         let dec = sd.vae.decode_plan(gpu, 1, lh, lw, false)?;
+        timings.plan_bytes[2] = dec.plan.activation_bytes;
         let sf = sd.config.vae.scaling_factor;
         for k in 0..req.num_images {
             let t_image = Instant::now();
@@ -336,8 +342,9 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
 
 /// CLIP outputs of the negative and the positive prompt, each [tokens, width] with
 /// tokens = 77 · chunks (the shorter padded with empty-prompt chunks, as A1111 does); only the
-/// positive when unguided. Returns (values, tokens, positive prompt's chunks).
-fn encode_prompts(gpu: &Gpu, sd: &StableDiffusion, req: &Request, guided: bool) -> Result<(Vec<f32>, usize, usize)> {
+/// positive when unguided. Returns (values, tokens, positive prompt's chunks, the CLIP plan's
+/// activation bytes).
+fn encode_prompts(gpu: &Gpu, sd: &StableDiffusion, req: &Request, guided: bool) -> Result<(Vec<f32>, usize, usize, u64)> {
     let tok = &sd.tokenizer;
     let mut pos = tok.encode_chunks(&req.prompt)?;
     let prompt_chunks = pos.len();
@@ -353,7 +360,7 @@ fn encode_prompts(gpu: &Gpu, sd: &StableDiffusion, req: &Request, guided: bool) 
     let n = seqs.len() / crate::tokenizer::MAX_LEN;
     let clip = sd.clip.plan(gpu, n, req.clip_skip, false)?;
     clip.run(gpu, &seqs)?;
-    Ok((clip.out.to_f32(gpu)?, k * crate::tokenizer::MAX_LEN, prompt_chunks))
+    Ok((clip.out.to_f32(gpu)?, k * crate::tokenizer::MAX_LEN, prompt_chunks, clip.plan.activation_bytes))
 }
 
 /// One profiled replay of a plan, as a table (None where the GPU has no timestamp queries).

@@ -330,6 +330,14 @@ pub fn run(gpu: &Gpu, a: &SampleArgs) -> Result<()> {
         }
         if a.profile {
             let t = &out.timings;
+            let mib = |b: u64| b as f64 / 1048576.0;
+            println!(
+                "GPU memory: weights {:.1} MiB; activations of the plans, held one at a time: CLIP {:.1} MiB, UNet {:.1} MiB, VAE decode {:.1} MiB",
+                mib(sd.report.bytes),
+                mib(t.plan_bytes[0]),
+                mib(t.plan_bytes[1]),
+                mib(t.plan_bytes[2])
+            );
             for (k, (denoise, decode)) in t.per_image.iter().enumerate() {
                 println!(
                     "image {k} done in {:.3} s (text {:.3} s, {} denoising {:.3} s, decode {:.3} s)",
