@@ -52,26 +52,31 @@ pub struct GroupNorm {
     stats: Tensor,
 }
 
+/// Checks a group-norm shape (forward and backward alike) and splits each item's rows into
+/// blocks: enough for ~512 workgroups, at least 16 rows each. Returns (block, nblocks).
+pub(crate) fn group_blocks(op: &str, batch: usize, rows: usize, c: usize, groups: usize) -> Result<(usize, usize)> {
+    if batch == 0 || rows == 0 || c == 0 || groups == 0 {
+        return Err(Error::shape(op, format!("empty shape: batch {batch}, rows {rows}, C {c}, groups {groups}")));
+    }
+    if !c.is_multiple_of(8) || c > MAX_C || !c.is_multiple_of(groups) || groups > 256 {
+        return Err(Error::shape(
+            op,
+            format!("C={c} with {groups} groups: C must be a multiple of 8 and of the group count, at most {MAX_C}; at most 256 groups"),
+        ));
+    }
+    let per_item = 512usize.div_ceil(batch);
+    let block = rows.div_ceil(per_item).max(16);
+    Ok((block, rows.div_ceil(block)))
+}
+
 impl GroupNorm {
     /// `rows` = H·W per batch item; `c` channels in `groups` groups.
     pub fn new(gpu: &Gpu, batch: usize, rows: usize, c: usize, groups: usize, eps: f32, silu: bool) -> Result<Self> {
         let op = "group norm";
-        if batch == 0 || rows == 0 || c == 0 || groups == 0 {
-            return Err(Error::shape(op, format!("empty shape: batch {batch}, rows {rows}, C {c}, groups {groups}")));
-        }
-        if !c.is_multiple_of(8) || c > MAX_C || !c.is_multiple_of(groups) || groups > 256 {
-            return Err(Error::shape(
-                op,
-                format!("C={c} with {groups} groups: C must be a multiple of 8 and of the group count, at most {MAX_C}; at most 256 groups"),
-            ));
-        }
+        let (block, nblocks) = group_blocks(op, batch, rows, c, groups)?;
         if (batch * rows).checked_mul(c).is_none_or(|n| n > u32::MAX as usize - 8) {
             return Err(Error::shape(op, format!("{batch}x{rows}x{c}: over 2^32 elements")));
         }
-        // Enough blocks for ~512 workgroups, at least 16 rows each.
-        let per_item = 512usize.div_ceil(batch);
-        let block = rows.div_ceil(per_item).max(16);
-        let nblocks = rows.div_ceil(block);
         let partials = Tensor::empty(gpu, &[batch * nblocks * groups, 4], DType::F32, "group norm partials")?;
         let stats = Tensor::empty(gpu, &[batch * groups, 4], DType::F32, "group norm stats")?;
         Ok(GroupNorm { batch, rows, c, groups, eps, silu, block, nblocks, partials, stats })

@@ -13,7 +13,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::grid;
-use super::norm::MAX_C;
+use super::norm::group_blocks;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
 
@@ -89,23 +89,11 @@ impl GroupNormBackward {
     /// `rows` = H·W per batch item; `c` channels in `groups` groups; `silu` as in the forward.
     pub fn new(gpu: &Gpu, batch: usize, rows: usize, c: usize, groups: usize, silu: bool) -> Result<Self> {
         let op = "group norm backward";
-        if batch == 0 || rows == 0 || c == 0 || groups == 0 {
-            return Err(Error::shape(op, format!("empty shape: batch {batch}, rows {rows}, C {c}, groups {groups}")));
-        }
-        if !c.is_multiple_of(8) || c > MAX_C || !c.is_multiple_of(groups) || groups > 256 {
-            return Err(Error::shape(
-                op,
-                format!("C={c} with {groups} groups: C must be a multiple of 8 and of the group count, at most {MAX_C}; at most 256 groups"),
-            ));
-        }
+        let (block, nblocks) = group_blocks(op, batch, rows, c, groups)?;
         // dx may be f32: 2 words per 8 elements must stay under 2^32 word indices.
         if (batch * rows).checked_mul(c).is_none_or(|n| n > (u32::MAX as usize) / 4) {
             return Err(Error::shape(op, format!("{batch}x{rows}x{c}: over 2^30 elements")));
         }
-        // As the forward: ~512 workgroups, at least 16 rows each.
-        let per_item = 512usize.div_ceil(batch);
-        let block = rows.div_ceil(per_item).max(16);
-        let nblocks = rows.div_ceil(block);
         let partials = Tensor::empty(gpu, &[batch * nblocks * groups, 4], DType::F32, "group norm backward partials")?;
         let coef = Tensor::empty(gpu, &[batch * groups, 4], DType::F32, "group norm backward coefficients")?;
         Ok(GroupNormBackward { batch, rows, c, groups, silu, block, nblocks, partials, coef })
