@@ -186,7 +186,15 @@ fn latent_len(sd: &StableDiffusion, req: &Request) -> usize {
 /// Runs a request; `on_step` hears of every UNet call.
 pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &Request, on_step: &mut OnStep) -> Result<Output> {
     validate(gpu, sd, req)?;
-    schedulers::new_scheduler(sched, req.sampler, req.steps, req.karras, req.eta)?;
+    // Built first so a bad sampler setting or strength fails before any GPU work; it gives the
+    // schedule's length and img2img start, and each batch of images gets a fresh one.
+    let new_scheduler = || schedulers::new_scheduler(sched, req.sampler, req.steps, req.karras, req.eta);
+    let probe = new_scheduler()?;
+    let start = match &req.init_image {
+        Some(init) => probe.img2img_start(init.strength)?,
+        None => 0,
+    };
+    let calls = probe.timesteps().len() - start;
     let t0 = Instant::now();
     let mut timings = Timings::default();
     let mut profile = Vec::new();
@@ -218,12 +226,6 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
     let t_denoise = Instant::now();
     let mut all_latents = vec![0.0f32; req.num_images * latent];
     let seeds: Vec<u64> = (0..req.num_images as u64).map(|k| req.seed.wrapping_add(k)).collect();
-    let new_scheduler = || schedulers::new_scheduler(sched, req.sampler, req.steps, req.karras, req.eta);
-    let start = match &req.init_image {
-        Some(init) => new_scheduler()?.img2img_start(init.strength)?,
-        None => 0,
-    };
-    let calls = new_scheduler()?.timesteps().len() - start;
     let total_calls = calls * req.num_images.div_ceil(req.batch_size);
     let mut unet_plan: Option<UNetPlan> = None;
     let mut first = 0;
