@@ -252,3 +252,61 @@ fn linear_matches_and_checks_shapes() {
     let err = linear(g, &mut rec, &tx, &bad, None, &ty).unwrap_err();
     assert!(err.to_string().contains("shape mismatch in linear"), "{err}");
 }
+
+/// A and C as column slices of wider tensors (a fused q/k/v product and its gradient): A read
+/// with a row stride and start offset, C written into its columns only, the columns around
+/// them untouched. Both layouts of A, f16 and f32 C, with and without accumulation, including
+/// an M ≤ 64 product that would otherwise split over K.
+#[test]
+fn strided_a_and_c_views() {
+    let g = gpu();
+    for &(m, n, k, trans_a) in &[(37, 16, 24, false), (200, 40, 64, false), (24, 32, 700, true), (8, 48, 1024, false)] {
+        for out in [DType::F16, DType::F32] {
+            for accumulate in [false, true] {
+                for path in paths() {
+                    let s = seed(&format!("strided {m}x{n}x{k} ta{trans_a} {out:?} acc{accumulate} {path:?}"));
+                    // A's matrix sits at columns 8.. of a stored [rows, cols + 24] tensor.
+                    let (rows, cols) = if trans_a { (k, m) } else { (m, k) };
+                    let (lda, off_a) = (cols + 24, 8);
+                    let a = round_f16(&random(rows * lda, s));
+                    let b = round_f16(&random(n * k, s ^ 1));
+                    // C sits at columns 16.. of [m, n + 32].
+                    let (ldc, off_c) = (n + 32, 16);
+                    let c0: Vec<f32> = round_f16(&random(m * ldc, s ^ 2));
+                    let mut r: Vec<f64> = c0.iter().map(|&v| v as f64).collect();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let acc: f64 = (0..k)
+                                .map(|q| {
+                                    let av = if trans_a { a[off_a + q * lda + i] } else { a[off_a + i * lda + q] };
+                                    av as f64 * b[j * k + q] as f64
+                                })
+                                .sum();
+                            let o = off_c + i * ldc + j;
+                            r[o] = 0.5 * acc + if accumulate { r[o] } else { 0.0 };
+                        }
+                    }
+                    let ta = Tensor::from_f32(g, &[rows, lda], DType::F16, &a, "a").unwrap();
+                    let tb = Tensor::from_f32(g, &[n, k], DType::F16, &b, "b").unwrap();
+                    let tc = Tensor::from_f32(g, &[m, ldc], out, &c0, "c").unwrap();
+                    let mut mm = Matmul::new(m, n, k);
+                    (mm.trans_a, mm.trans_b, mm.alpha, mm.accumulate, mm.path) = (trans_a, true, 0.5, accumulate, Some(path));
+                    (mm.lda, mm.off_a, mm.ldc, mm.off_c) = (Some(lda), off_a, Some(ldc), off_c);
+                    let mut rec = Recorder::new(g);
+                    mm.run(g, &mut rec, &ta, &tb, None, &tc).unwrap();
+                    rec.finish().unwrap();
+                    let got = tc.to_f32(g).unwrap();
+                    // The columns outside the slice must be exactly what was there.
+                    for i in 0..m {
+                        for j in (0..off_c).chain(off_c + n..ldc) {
+                            assert_eq!(got[i * ldc + j], c0[i * ldc + j], "{m}x{n}x{k} {path}: column {j} of row {i} outside C was written");
+                        }
+                    }
+                    let e = rel_l2(&got, &r);
+                    println!("strided {m}x{n}x{k} trans_a {trans_a} {out:?} accumulate {accumulate} {path:?}: rel L2 {e:.2e}");
+                    assert!(e < bound(out), "strided {m}x{n}x{k} {path}: rel L2 {e:.3e} over {}", bound(out));
+                }
+            }
+        }
+    }
+}

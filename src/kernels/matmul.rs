@@ -207,6 +207,16 @@ pub struct Matmul {
     /// (default: chosen by [`Matmul::split`] when there are too few tiles to fill the GPU, as
     /// at the UNet's 16x16 and 8x8 levels).
     pub split_k: Option<usize>,
+    /// A's row stride in elements (default: its width, K or M when trans_a) and the element
+    /// where A starts: A may be a column slice of a wider tensor (a fused q/k/v product's
+    /// gradient). Multiples of 8 keep the vector loads.
+    pub lda: Option<usize>,
+    pub off_a: usize,
+    /// C's row stride and start element (default N and 0): C may be a column slice of a wider
+    /// tensor (one projection's columns of a fused product). With f16 C both must be even, and
+    /// so must N. A strided C never splits over K.
+    pub ldc: Option<usize>,
+    pub off_c: usize,
 }
 
 impl Matmul {
@@ -226,7 +236,21 @@ impl Matmul {
             tile: None,
             conv: None,
             split_k: None,
+            lda: None,
+            off_a: 0,
+            ldc: None,
+            off_c: 0,
         }
+    }
+
+    /// A's row stride (the given one, else its width).
+    fn lda(&self) -> usize {
+        self.lda.unwrap_or(if self.trans_a { self.m } else { self.k })
+    }
+
+    /// Whether C is a strided view (then no split over K).
+    fn strided_c(&self) -> bool {
+        self.ldc.is_some_and(|l| l != self.n) || self.off_c != 0
     }
 
     /// How many K slices a product runs as: 1 unless it has less than about one wave of tiles
@@ -239,7 +263,7 @@ impl Matmul {
     /// 24.0 -> 39.5 TFLOP/s, 8x8x1280 x16 7.0 -> 27.0; 32x32x640 (160 tiles) is slower split
     /// (50.9 -> 46.7). Batched products never split (the slices are the batch entries).
     pub fn split(&self, gpu: &Gpu) -> usize {
-        if self.n % 8 != 0 || (self.m * self.n) % 8 != 0 || self.batch != 1 {
+        if self.n % 8 != 0 || (self.m * self.n) % 8 != 0 || self.batch != 1 || self.strided_c() {
             return 1;
         }
         if let Some(s) = self.split_k {
@@ -304,11 +328,8 @@ impl Matmul {
             )));
         }
         let k_slice = self.k / slices;
-        let (lda, ldb) = (
-            if self.trans_a { self.m } else { self.k },
-            if self.trans_b { self.k } else { self.n },
-        );
-        let vec_ok = lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0;
+        let (lda, ldb) = (self.lda(), if self.trans_b { self.k } else { self.n });
+        let vec_ok = lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0 && self.off_a % 8 == 0;
         let mut flags = if vec_ok { FLAG_VEC } else { 0 };
         let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0, transposed: false });
         if self.conv.is_some() && g.cin % 8 == 0 {
@@ -328,7 +349,7 @@ impl Matmul {
             s => (
                 k_slice,
                 s,
-                if self.trans_a { k_slice * self.m } else { k_slice },
+                if self.trans_a { k_slice * lda } else { k_slice },
                 if self.trans_b { k_slice } else { k_slice * self.n },
             ),
         };
@@ -345,6 +366,8 @@ impl Matmul {
             stride_b: stride_b as u32,
             stride_c: (self.m * ldc) as u32,
             alpha: self.alpha,
+            off_a: self.off_a as u32,
+            off_c: self.off_c as u32,
             ih: g.ih as u32,
             iw: g.iw as u32,
             cin: g.cin as u32,
@@ -372,7 +395,8 @@ impl Matmul {
         // The transposed gather is its own variant; forward keys stay as they were.
         let key = if g.transposed { key.with("CONV_T", 1) } else { key };
         let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
-        let bytes = (a.numel() * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
+        let a_elems = if self.lda.is_some() || self.off_a != 0 { self.batch * self.m * self.k } else { a.numel() };
+        let bytes = (a_elems * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
         gpu.dispatch(&key, &params, &[a, b, bias.unwrap_or(a), c], groups, self.flops(), bytes)
     }
 
@@ -394,8 +418,18 @@ impl Matmul {
                 }
                 g.images * g.ih * g.iw * g.cin
             }
-            None => (self.batch - 1) * self.stride_a + self.m * self.k,
+            None => {
+                let lda = self.lda();
+                let (rows, cols) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
+                if lda < cols {
+                    return Err(Error::shape(op, format!("A's row stride {lda} is below its width {cols}")));
+                }
+                self.off_a + (self.batch - 1) * self.stride_a + (rows - 1) * lda + cols
+            }
         };
+        if self.conv.is_some() && (self.lda.is_some() || self.off_a != 0) {
+            return Err(Error::shape(op, "a convolution's gathered A takes no row stride or offset"));
+        }
         let need_b = (self.batch - 1) * self.stride_b + self.k * self.n;
         if a.numel() < need_a {
             return Err(Error::shape(op, format!("A {:?} holds {} values, needs {need_a}", a.shape, a.numel())));
@@ -408,11 +442,14 @@ impl Matmul {
                 return Err(Error::shape(op, format!("bias {:?} shorter than N={}", t.shape, self.n)));
             }
         }
-        if ldc < self.n || c.numel() < self.batch * self.m * ldc {
-            return Err(Error::shape(op, format!("C {:?} too small for {}x{}x{} (ldc {ldc})", c.shape, self.batch, self.m, self.n)));
+        if ldc < self.n || c.numel() < self.off_c + self.batch * self.m * ldc - (ldc - self.n) {
+            return Err(Error::shape(op, format!("C {:?} too small for {}x{}x{} (ldc {ldc}, offset {})", c.shape, self.batch, self.m, self.n, self.off_c)));
         }
         if c.dtype == DType::F16 && ldc % 2 == 1 {
             return Err(Error::shape(op, "f16 C needs an even row stride (use Matmul::run for odd N)"));
+        }
+        if c.dtype == DType::F16 && self.strided_c() && (self.off_c % 2 == 1 || self.n % 2 == 1) {
+            return Err(Error::shape(op, "a strided f16 C needs an even offset and an even N (pairs are written whole)"));
         }
         let max = u32::MAX as usize;
         if [need_a, need_b, c.numel()].iter().any(|&x| x > max) {
@@ -446,8 +483,8 @@ impl Matmul {
             let parts = Tensor::empty(gpu, &shape, DType::F32, "split-K partials")?;
             return self.run_split(gpu, rec, a, b, bias, c, &parts);
         }
-        if c.dtype == DType::F32 || self.n % 2 == 0 {
-            return rec.run(&self.prepare(gpu, a, b, bias, c, self.n)?);
+        if c.dtype == DType::F32 || self.n % 2 == 0 || self.strided_c() {
+            return rec.run(&self.prepare(gpu, a, b, bias, c, self.ldc.unwrap_or(self.n))?);
         }
         let ld = self.n + 1;
         let rows = self.batch * self.m;
