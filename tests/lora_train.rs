@@ -21,6 +21,7 @@
 mod common;
 
 use atelier::gpu::{DType, PlanBuilder, Recorder, Tensor};
+use atelier::kernels::attention::Operand;
 use atelier::kernels::lora::{self as lk, dropout_keep, dropout_threshold};
 use atelier::model::lora::{init_values, layout, AdamW, LoraLayer, LoraParams, LoraSpec};
 use common::*;
@@ -125,18 +126,38 @@ fn check_layer(specs: &[LoraSpec], li: usize, m: usize, dropout_seed: u64) -> [f
     lp.grads.write_f32(g, &g0).unwrap();
     lp.set_step(g, &AdamW::default(), 1, dropout_seed);
 
+    // With an even width, y and dy are columns 2 .. 2 + n of [m, n + 6] tensors (one
+    // projection of a fused q/k/v product), the columns around them random and untouched.
+    let (off, ld) = if n % 2 == 0 { (2, n + 6) } else { (0, n) };
+    let widen = |v: &[f32], fill: u64| -> Vec<f32> {
+        let mut w = round_f16(&random(m * ld, fill));
+        for i in 0..m {
+            w[i * ld + off..i * ld + off + n].copy_from_slice(&v[i * n..(i + 1) * n]);
+        }
+        w
+    };
+    let narrow = |w: &[f32]| -> Vec<f32> { (0..m).flat_map(|i| w[i * ld + off..i * ld + off + n].to_vec()).collect() };
+    let (y0w, dyw) = (widen(&y0, seed ^ 7), widen(&dy, seed ^ 8));
+    // Parameter gradients are scaled by grad_scale (1 / the loss scale).
+    let grad_scale = 0.5;
     let tx = Tensor::from_f32(g, &[m, k], DType::F16, &x, "x").unwrap();
-    let ty = Tensor::from_f32(g, &[m, n], DType::F16, &y0, "y").unwrap();
-    let tdy = Tensor::from_f32(g, &[m, n], DType::F16, &dy, "dy").unwrap();
+    let ty = Tensor::from_f32(g, &[m, ld], DType::F16, &y0w, "y").unwrap();
+    let tdy = Tensor::from_f32(g, &[m, ld], DType::F16, &dyw, "dy").unwrap();
     let tdx = Tensor::from_f32(g, &[m, k], DType::F16, &dx0, "dx").unwrap();
     let mut pb = PlanBuilder::new(g);
-    let saved = layer.forward(&mut pb, &tx, &ty).unwrap();
+    let saved = layer.forward(&mut pb, &tx, Operand::slice(&ty, off, ld)).unwrap();
     saved.h.fill_words(g, POISON);
     if s.dropout > 0.0 {
         saved.xd.fill_words(g, POISON);
     }
-    layer.backward(&mut pb, saved, &tdy, Some(&tdx)).unwrap();
+    layer.backward(&mut pb, saved, Operand::slice(&tdy, off, ld), Some(&tdx), grad_scale).unwrap();
     pb.finish().run(g).unwrap();
+    let yw = ty.to_f32(g).unwrap();
+    for i in 0..m {
+        for j in (0..off).chain(off + n..ld) {
+            assert_eq!(yw[i * ld + j], y0w[i * ld + j], "y column {j} of row {i}, outside the slice, was written");
+        }
+    }
 
     let thr = dropout_threshold(s.dropout);
     let keep: Vec<f64> = (0..m * k)
@@ -144,11 +165,12 @@ fn check_layer(specs: &[LoraSpec], li: usize, m: usize, dropout_seed: u64) -> [f
         .collect();
     let rf = reference(&f64s(&x), &f64s(&a16), &f64s(&b16), &f64s(&dy), &keep, m, k, n, r, layer.scale as f64);
     let add = |base: &[f32], d: &[f64]| -> Vec<f64> { base.iter().zip(d).map(|(&b, &d)| b as f64 + d).collect() };
+    let half = |d: &[f64]| -> Vec<f64> { d.iter().map(|v| v * grad_scale as f64).collect() };
     let grads = lp.grads.to_f32(g).unwrap();
     let outs = [
-        (ty.to_f32(g).unwrap(), add(&y0, &rf.y), "y"),
-        (grads[layer.off_a..layer.off_a + r * k].to_vec(), add(&ga, &rf.da), "dA"),
-        (grads[layer.off_b..layer.off_b + n * r].to_vec(), add(&gb, &rf.db), "dB"),
+        (narrow(&yw), add(&y0, &rf.y), "y"),
+        (grads[layer.off_a..layer.off_a + r * k].to_vec(), add(&ga, &half(&rf.da)), "dA"),
+        (grads[layer.off_b..layer.off_b + n * r].to_vec(), add(&gb, &half(&rf.db)), "dB"),
         (tdx.to_f32(g).unwrap(), add(&dx0, &rf.dx), "dx"),
     ];
     // Nothing outside the layer's gradient slots was written.
@@ -278,9 +300,9 @@ fn forward_and_backward_use_the_same_mask() {
         let tdy = Tensor::from_f32(g, &[m, n], DType::F16, &round_f16(&random(m * n, s ^ 4)), "dy").unwrap();
         let tdx = Tensor::from_f32(g, &[m, k], DType::F16, &vec![0.0; m * k], "dx").unwrap();
         let mut pb = PlanBuilder::new(g);
-        let saved = layer.forward(&mut pb, &tx, &ty).unwrap();
+        let saved = layer.forward(&mut pb, &tx, Operand::dense(&ty, n)).unwrap();
         let xd = saved.xd.clone();
-        layer.backward(&mut pb, saved, &tdy, Some(&tdx)).unwrap();
+        layer.backward(&mut pb, saved, Operand::dense(&tdy, n), Some(&tdx), 1.0).unwrap();
         pb.finish().run(g).unwrap();
         let (xd, dx) = (xd.to_f32(g).unwrap(), tdx.to_f32(g).unwrap());
         let dropped: Vec<bool> = xd.iter().map(|&v| v == 0.0).collect();
@@ -487,6 +509,6 @@ fn bad_inputs_are_errors() {
     let x = Tensor::empty(g, &[3, 9], DType::F16, "x").unwrap();
     let y = Tensor::empty(g, &[3, 6], DType::F16, "y").unwrap();
     let mut pb = PlanBuilder::new(g);
-    let err = lp.layers[0].forward(&mut pb, &x, &y).err().expect("a width mismatch is an error");
+    let err = lp.layers[0].forward(&mut pb, &x, Operand::dense(&y, 6)).err().expect("a width mismatch is an error");
     assert!(err.to_string().contains("lora forward"), "{err}");
 }

@@ -37,16 +37,17 @@
 //! **In a training step** (the UNet's LoRA backward mirrors its forward):
 //! ```text
 //!   once:       lp = LoraParams::new(gpu, &specs, seed); opt = lp.optimizer_step(gpu)
-//!   forward:    frozen.forward(pb, x, y); saved[i] = lp.layers[i].forward(pb, x, y)
+//!   forward:    frozen.forward(pb, x, y); saved[i] = lp.layers[i].forward(pb, x, Operand::dense(y, n))
 //!               (x stays alive until the backward when the layer has no dropout: xd is x)
 //!   backward:   dx = dy·W (the frozen layer's input gradient, `=`), then
-//!               lp.layers[i].backward(pb, saved[i], dy, Some(dx)) (dx +=, dA/dB +=)
+//!               lp.layers[i].backward(pb, saved[i], dy, Some(dx), 1/loss scale) (dx +=, dA/dB +=)
 //!   each step:  lp.set_step(gpu, &adamw, t, seed_t); replay the plans (several micro-batches
 //!               accumulate; give each its own seed through set_step); record `opt`.
 //! ```
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, PlanBuilder, Tensor};
+use crate::kernels::attention::Operand;
 use crate::kernels::elementwise;
 use crate::kernels::lora as k;
 use crate::kernels::matmul::Matmul;
@@ -310,13 +311,12 @@ impl LoraLayer {
     }
 
     /// Records the adapter's forward, adding scale·B·A·dropout(x) into `y` (the frozen
-    /// layer's output [M, n]); x [M, k]. Returns what the backward needs.
-    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, y: &Tensor) -> Result<LoraSaved> {
+    /// layer's output [M, n], possibly its columns of a fused product); x [M, k]. Returns what
+    /// the backward needs.
+    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, y: Operand) -> Result<LoraSaved> {
         let s = &self.spec;
         let rows = self.rows("lora forward", x, s.k)?;
-        if self.rows("lora forward", y, s.n)? != rows {
-            return Err(Error::shape("lora forward", format!("{}: x {:?} and y {:?} differ in rows", s.name, x.shape, y.shape)));
-        }
+        self.check_cols("lora forward", &y, rows)?;
         let (xd, xd_owned) = if s.dropout > 0.0 {
             let xd = pb.f16(&[rows, s.k], "lora dropout(x)")?;
             pb.run(k::dropout(pb.gpu, x, &xd, &self.hyper, self.salt, s.dropout, false)?)?;
@@ -332,33 +332,55 @@ impl LoraLayer {
         mm.trans_b = true;
         mm.alpha = self.scale;
         mm.accumulate = true;
-        run_mm(pb, &mm, &h, &self.b16, y)?;
+        (mm.ldc, mm.off_c) = (Some(y.ld), y.offset);
+        run_mm(pb, &mm, &h, &self.b16, y.tensor)?;
         Ok(LoraSaved { xd, h, xd_owned })
     }
 
-    /// Records the adapter's backward from `dy` [M, n]: dA and dB accumulate into the flat
-    /// gradient buffer; with `dx` [M, k], the adapter's input gradient is added into it.
+    /// `t` as [rows, n] columns of an f16 tensor: offset and stride even, in bounds.
+    fn check_cols(&self, op: &str, t: &Operand, rows: usize) -> Result<()> {
+        let n = self.spec.n;
+        let end = t.offset + (rows - 1) * t.ld + n;
+        let strided = t.offset != 0 || t.ld != n;
+        let odd = t.offset % 2 == 1 || t.ld % 2 == 1 || n % 2 == 1;
+        if t.tensor.dtype != DType::F16 || t.ld < n || (strided && odd) || end > t.tensor.numel() {
+            return Err(Error::shape(
+                op,
+                format!("{}: {:?} {} (offset {}, row stride {}) must hold {rows} f16 rows of {n} (a column slice needs even offset, stride and width)", self.spec.name, t.tensor.shape, t.tensor.dtype, t.offset, t.ld),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records the adapter's backward from `dy` [M, n] (possibly columns of a wider tensor):
+    /// dA and dB accumulate into the flat gradient buffer, multiplied by `grad_scale` (1 / the
+    /// loss scale of f16 activation gradients, so the f32 parameter gradients are the true
+    /// ones); with `dx` [M, k], the adapter's input gradient (at dy's scale) is added into it.
     /// Gives the saved tensors back to the plan's pool.
-    pub fn backward(&self, pb: &mut PlanBuilder, saved: LoraSaved, dy: &Tensor, dx: Option<&Tensor>) -> Result<()> {
+    pub fn backward(&self, pb: &mut PlanBuilder, saved: LoraSaved, dy: Operand, dx: Option<&Tensor>, grad_scale: f32) -> Result<()> {
         let s = &self.spec;
-        let rows = self.rows("lora backward", dy, s.n)?;
-        if saved.h.numel() != rows * s.rank || dx.map(|t| self.rows("lora backward", t, s.k)).transpose()?.is_some_and(|r| r != rows) {
-            return Err(Error::shape("lora backward", format!("{}: dy {:?} does not match the forward's {} rows", s.name, dy.shape, saved.h.numel() / s.rank)));
+        let rows = saved.h.numel() / s.rank;
+        self.check_cols("lora backward", &dy, rows)?;
+        if dx.map(|t| self.rows("lora backward", t, s.k)).transpose()?.is_some_and(|r| r != rows) {
+            return Err(Error::shape("lora backward", format!("{}: dx {:?} does not match the forward's {rows} rows", s.name, dx.map(|t| t.shape.clone()))));
         }
         // dB [n, r] += scale · dyᵀ·h: A = dy stored [M, n] = [K, M'], B = h [M, r] = [K, N].
         let mut mm = Matmul::new(s.n, s.rank, rows);
         mm.trans_a = true;
-        mm.alpha = self.scale;
+        mm.alpha = self.scale * grad_scale;
         mm.accumulate = true;
-        run_mm(pb, &mm, dy, &saved.h, &self.db)?;
+        (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
+        run_mm(pb, &mm, dy.tensor, &saved.h, &self.db)?;
         // dh [M, r] = scale · dy·B, B [n, r] = [K, N].
         let dh = pb.f16(&[rows, s.rank], "lora dh")?;
         let mut mm = Matmul::new(rows, s.rank, s.n);
         mm.alpha = self.scale;
-        run_mm(pb, &mm, dy, &self.b16, &dh)?;
+        (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
+        run_mm(pb, &mm, dy.tensor, &self.b16, &dh)?;
         // dA [r, k] += dhᵀ·xd.
         let mut mm = Matmul::new(s.rank, s.k, rows);
         mm.trans_a = true;
+        mm.alpha = grad_scale;
         mm.accumulate = true;
         run_mm(pb, &mm, &dh, &saved.xd, &self.da)?;
         if let Some(dx) = dx {
