@@ -8,7 +8,9 @@
 // a multiple of 8 (any size); stats f32 [rows, 2] = (mean, rstd). gamma, beta [C] f16.
 // x, gamma and beta are f16; dy is f16, or f32 with DY_F32; dx is f16, or f32 with DX_F32.
 // Every tensor is read and written as vec4<u32> words (8 halves through unpack2x16float, so
-// no shader-f16 is needed; or 4 f32 through bitcast). dx is overwritten (an activation grad).
+// no shader-f16 is needed; or 4 f32 through bitcast). dx is overwritten (an activation grad),
+// or added into with ACCUMULATE (gnb_apply, ln_backward: the old dx, f16 or f32 per DX_F32,
+// is read and the gradient added in f32 before the store; the residual stream's gradient).
 // gamma and beta are frozen in LoRA training: no dgamma / dbeta here.
 //
 // Math (N elements per group or row; n = (x - mean)·rstd):
@@ -43,6 +45,7 @@ struct Params {
 
 override DY_F32: bool = false;
 override DX_F32: bool = false;
+override ACCUMULATE: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 // Bindings per entry point (each uses 1..k):
@@ -76,13 +79,24 @@ fn load_dy(u: u32) -> Oct {
     return unpack8(b[u]);
 }
 
-// dx elements 8u .. 8u+8.
+// dx elements 8u .. 8u+8 as they are (ACCUMULATE reads them before the store).
+fn load_dx(u: u32) -> Oct {
+    if (DX_F32) { return Oct(bitcast<vec4<f32>>(dst[2u * u]), bitcast<vec4<f32>>(dst[2u * u + 1u])); }
+    return unpack8(dst[u]);
+}
+
+// dx elements 8u .. 8u+8 = f, or += f with ACCUMULATE (added in f32, stored once).
 fn store_dx(u: u32, f: Oct) {
+    var v = f;
+    if (ACCUMULATE) {
+        let old = load_dx(u);
+        v = Oct(old.lo + f.lo, old.hi + f.hi);
+    }
     if (DX_F32) {
-        dst[2u * u] = bitcast<vec4<u32>>(f.lo);
-        dst[2u * u + 1u] = bitcast<vec4<u32>>(f.hi);
+        dst[2u * u] = bitcast<vec4<u32>>(v.lo);
+        dst[2u * u + 1u] = bitcast<vec4<u32>>(v.hi);
     } else {
-        dst[u] = pack8(f);
+        dst[u] = pack8(v);
     }
 }
 

@@ -7,6 +7,8 @@
 //! backward on fresh seeded random inputs with NaN-poisoned outputs, at tiny, odd and real
 //! SD-1.5 shapes, with dy and dx each f16 or f32. (C not a multiple of 8 is refused by the
 //! forward, so the odd shapes are C = 24, 40, ... and groups straddling 8-channel words.)
+//! With `accumulate`, dx is pre-filled with random values instead of poison and must come
+//! out as old + gradient.
 
 mod common;
 
@@ -242,9 +244,10 @@ fn check_stats(what: &str, got: &[(f32, f32)], reference: &[(f64, f64)]) {
     assert!(worst < 1e-4, "{what}: saved mean off by {worst:.3e} standard deviations");
 }
 
-fn run_group_norm(s: Gn, dy_t: DType, dx_t: DType, offset: f32) {
+/// With `acc`, dx starts as random values (rounded to its dtype) and must end as old + dx.
+fn run_group_norm(s: Gn, dy_t: DType, dx_t: DType, offset: f32, acc: bool) {
     let g = gpu();
-    let what = format!("group norm backward {s:?} dy {dy_t} dx {dx_t} offset {offset}");
+    let what = format!("group norm backward {s:?} dy {dy_t} dx {dx_t} offset {offset}{}", if acc { " accumulate" } else { "" });
     let sd = seed(&what);
     let shape = [s.batch, s.rows, s.c];
     let eps = 1e-5;
@@ -255,7 +258,8 @@ fn run_group_norm(s: Gn, dy_t: DType, dx_t: DType, offset: f32) {
     let (tx, tg, tb) = (upload(&x, &shape, DType::F16), upload(&gamma, &[s.c], DType::F16), upload(&beta, &[s.c], DType::F16));
     let tdy = upload(&dy, &shape, dy_t);
     let ty = poisoned(&shape, DType::F16);
-    let tdx = poisoned(&shape, dx_t);
+    let old = input(s.n(), 0.0, 1.0, sd ^ 4, dx_t);
+    let tdx = if acc { upload(&old, &shape, dx_t) } else { poisoned(&shape, dx_t) };
     let gn = GroupNorm::new(g, s.batch, s.rows, s.c, s.groups, eps, s.silu).unwrap();
     let stats = gn.new_stats(g, "saved stats").unwrap();
     stats.fill_words(g, POISON);
@@ -264,7 +268,7 @@ fn run_group_norm(s: Gn, dy_t: DType, dx_t: DType, offset: f32) {
     for d in gn.prepare_saving(g, &tx, &tg, &tb, &ty, &stats).unwrap() {
         rec.run(&d).unwrap();
     }
-    for d in bw.prepare(g, &tx, &tg, &tb, &stats, &tdy, &tdx).unwrap() {
+    for d in bw.prepare(g, &tx, &tg, &tb, &stats, &tdy, &tdx, acc).unwrap() {
         rec.run(&d).unwrap();
     }
     rec.finish().unwrap();
@@ -275,7 +279,10 @@ fn run_group_norm(s: Gn, dy_t: DType, dx_t: DType, offset: f32) {
     let st = stats.to_f32(g).unwrap();
     let st: Vec<(f32, f32)> = st.chunks(4).map(|w| (w[0], w[1])).collect();
     check_stats(&what, &st, &gn_stats(s, &x64, eps as f64));
-    let r = gn_backward(s, &x64, eps as f64, &g64, &b64, &f64s(&dy));
+    let mut r = gn_backward(s, &x64, eps as f64, &g64, &b64, &f64s(&dy));
+    if acc {
+        r.iter_mut().zip(&old).for_each(|(r, &o)| *r += o as f64);
+    }
     let e = rel_l2(&tdx.to_f32(g).unwrap(), &r);
     eprintln!("{what}: dx rel L2 {e:.2e}");
     assert!(e < bound(dx_t), "{what}: dx rel L2 {e:.3e} over {:.0e}", bound(dx_t));
@@ -296,27 +303,28 @@ fn group_norm_backward_tiny_and_odd_shapes() {
     ];
     for s in shapes {
         for (dy, dx) in DTYPES {
-            run_group_norm(s, dy, dx, 0.0);
+            run_group_norm(s, dy, dx, 0.0, false);
         }
     }
     // A mean far from 0 (x - mean must be formed before scaling).
-    run_group_norm(Gn { batch: 1, rows: 64, c: 128, groups: 32, silu: true }, DType::F16, DType::F32, 50.0);
+    run_group_norm(Gn { batch: 1, rows: 64, c: 128, groups: 32, silu: true }, DType::F16, DType::F32, 50.0, false);
 }
 
 #[test]
 fn group_norm_backward_sd_shapes() {
     // UNet at 256x256 latents 32x32, C 640 (up block): 20480 values per group, 64 blocks.
     for (dy, dx) in [(DType::F16, DType::F16), (DType::F32, DType::F32)] {
-        run_group_norm(Gn { batch: 2, rows: 32 * 32, c: 640, groups: 32, silu: true }, dy, dx, 0.0);
+        run_group_norm(Gn { batch: 2, rows: 32 * 32, c: 640, groups: 32, silu: true }, dy, dx, 0.0, false);
     }
-    run_group_norm(Gn { batch: 2, rows: 32 * 32, c: 640, groups: 32, silu: false }, DType::F16, DType::F32, 0.0);
+    run_group_norm(Gn { batch: 2, rows: 32 * 32, c: 640, groups: 32, silu: false }, DType::F16, DType::F32, 0.0, false);
     // Widest concat: 320 words per row, more than the 256 invocations.
-    run_group_norm(Gn { batch: 1, rows: 8 * 8, c: 2560, groups: 32, silu: true }, DType::F32, DType::F16, 0.0);
+    run_group_norm(Gn { batch: 1, rows: 8 * 8, c: 2560, groups: 32, silu: true }, DType::F32, DType::F16, 0.0, false);
 }
 
-fn run_layer_norm(rows: usize, c: usize, dy_t: DType, dx_t: DType, offset: f32) {
+/// With `acc`, dx starts as random values (rounded to its dtype) and must end as old + dx.
+fn run_layer_norm(rows: usize, c: usize, dy_t: DType, dx_t: DType, offset: f32, acc: bool) {
     let g = gpu();
-    let what = format!("layer norm backward {rows}x{c} dy {dy_t} dx {dx_t} offset {offset}");
+    let what = format!("layer norm backward {rows}x{c} dy {dy_t} dx {dx_t} offset {offset}{}", if acc { " accumulate" } else { "" });
     let sd = seed(&what);
     let eps = 1e-5;
     let x = input(rows * c, offset, 2.0, sd, DType::F16);
@@ -327,10 +335,11 @@ fn run_layer_norm(rows: usize, c: usize, dy_t: DType, dx_t: DType, offset: f32) 
     let tdy = upload(&dy, &[rows, c], dy_t);
     let ty = poisoned(&[rows, c], DType::F16);
     let stats = poisoned(&[rows, 2], DType::F32);
-    let tdx = poisoned(&[rows, c], dx_t);
+    let old = input(rows * c, 0.0, 1.0, sd ^ 4, dx_t);
+    let tdx = if acc { upload(&old, &[rows, c], dx_t) } else { poisoned(&[rows, c], dx_t) };
     let mut rec = Recorder::new(g);
     rec.run(&layer_norm_saving(g, &tx, &tg, &tb, &ty, &stats, eps).unwrap()).unwrap();
-    rec.run(&layer_norm_backward(g, &tx, &tg, &stats, &tdy, &tdx).unwrap()).unwrap();
+    rec.run(&layer_norm_backward(g, &tx, &tg, &stats, &tdy, &tdx, acc).unwrap()).unwrap();
     rec.finish().unwrap();
 
     let (x64, g64, b64) = (f64s(&x), f64s(&gamma), f64s(&beta));
@@ -339,7 +348,11 @@ fn run_layer_norm(rows: usize, c: usize, dy_t: DType, dx_t: DType, offset: f32) 
     let st = stats.to_f32(g).unwrap();
     let st: Vec<(f32, f32)> = st.chunks(2).map(|w| (w[0], w[1])).collect();
     check_stats(&what, &st, &ln_stats(&x64, c, eps as f64));
-    let e = rel_l2(&tdx.to_f32(g).unwrap(), &ln_backward(&x64, c, eps as f64, &g64, &f64s(&dy)));
+    let mut r = ln_backward(&x64, c, eps as f64, &g64, &f64s(&dy));
+    if acc {
+        r.iter_mut().zip(&old).for_each(|(r, &o)| *r += o as f64);
+    }
+    let e = rel_l2(&tdx.to_f32(g).unwrap(), &r);
     eprintln!("{what}: dx rel L2 {e:.2e}");
     assert!(e < bound(dx_t), "{what}: dx rel L2 {e:.3e} over {:.0e}", bound(dx_t));
 }
@@ -350,14 +363,39 @@ fn layer_norm_backward_shapes() {
     // than 64 words per row, CLIP's 77x768.
     for (rows, c) in [(1, 8), (5, 24), (3, 1032), (77, 768)] {
         for (dy, dx) in DTYPES {
-            run_layer_norm(rows, c, dy, dx, 0.0);
+            run_layer_norm(rows, c, dy, dx, 0.0, false);
         }
     }
-    run_layer_norm(64, 512, DType::F16, DType::F32, 100.0);
+    run_layer_norm(64, 512, DType::F16, DType::F32, 100.0, false);
     // UNet transformer at 64x64 latents.
     for (dy, dx) in [(DType::F16, DType::F16), (DType::F32, DType::F32)] {
-        run_layer_norm(4096, 320, dy, dx, 0.0);
+        run_layer_norm(4096, 320, dy, dx, 0.0, false);
     }
+}
+
+#[test]
+fn backward_accumulates_into_dx() {
+    // dx += gradient over random old values, for both dx dtypes (and both dy dtypes): the
+    // same bounds as overwriting (the sum is rounded to dx's dtype once; old values of the
+    // gradient's size, so a dropped old value or a dropped gradient is off by ~100%).
+    for s in [
+        Gn { batch: 1, rows: 1, c: 8, groups: 2, silu: true },
+        Gn { batch: 2, rows: 33, c: 40, groups: 4, silu: true },
+        Gn { batch: 2, rows: 300, c: 16, groups: 8, silu: false },
+    ] {
+        for (dy, dx) in DTYPES {
+            run_group_norm(s, dy, dx, 0.0, true);
+        }
+    }
+    run_group_norm(Gn { batch: 2, rows: 16 * 16, c: 640, groups: 32, silu: true }, DType::F16, DType::F16, 0.0, true);
+    run_group_norm(Gn { batch: 2, rows: 16 * 16, c: 640, groups: 32, silu: true }, DType::F32, DType::F32, 0.0, true);
+    for (rows, c) in [(1, 8), (5, 24), (3, 1032)] {
+        for (dy, dx) in DTYPES {
+            run_layer_norm(rows, c, dy, dx, 0.0, true);
+        }
+    }
+    run_layer_norm(1024, 320, DType::F16, DType::F16, 0.0, true);
+    run_layer_norm(1024, 320, DType::F32, DType::F32, 0.0, true);
 }
 
 #[test]
@@ -370,14 +408,14 @@ fn backward_refuses_bad_inputs() {
     let gn = GroupNorm::new(g, 1, 4, 64, 32, 1e-5, true).unwrap();
     let stats = gn.new_stats(g, "stats").unwrap();
     let bw = GroupNormBackward::new(g, 1, 4, 64, 32, true).unwrap();
-    assert!(bw.prepare(g, &x, &v, &v, &stats, &dy, &dx).is_ok());
-    assert!(bw.prepare(g, &x, &v, &v, &stats, &dy, &dy).is_err(), "dx is dy");
+    assert!(bw.prepare(g, &x, &v, &v, &stats, &dy, &dx, false).is_ok());
+    assert!(bw.prepare(g, &x, &v, &v, &stats, &dy, &dy, false).is_err(), "dx is dy");
     let short = Tensor::empty(g, &[16, 4], DType::F32, "short stats").unwrap();
-    assert!(bw.prepare(g, &x, &v, &v, &short, &dy, &dx).is_err(), "stats for 16 groups");
+    assert!(bw.prepare(g, &x, &v, &v, &short, &dy, &dx, false).is_err(), "stats for 16 groups");
     let f16_stats = Tensor::empty(g, &[32, 4], DType::F16, "f16 stats").unwrap();
-    assert!(bw.prepare(g, &x, &v, &v, &f16_stats, &dy, &dx).is_err(), "f16 stats");
+    assert!(bw.prepare(g, &x, &v, &v, &f16_stats, &dy, &dx, false).is_err(), "f16 stats");
     let x32 = upload(&[0.0; 4 * 64], &[4, 64], DType::F32);
-    assert!(bw.prepare(g, &x32, &v, &v, &stats, &dy, &dx).is_err(), "f32 x");
+    assert!(bw.prepare(g, &x32, &v, &v, &stats, &dy, &dx, false).is_err(), "f32 x");
     for (c, groups) in [(12, 4), (64, 3), (2568, 8), (64, 0)] {
         assert!(GroupNormBackward::new(g, 1, 4, c, groups, false).is_err(), "C {c} groups {groups}");
     }
@@ -385,11 +423,11 @@ fn backward_refuses_bad_inputs() {
     assert!(gn.prepare_saving(g, &x, &v, &v, &y, &short).is_err(), "forward stats too short");
 
     let ls = Tensor::empty(g, &[4, 2], DType::F32, "ln stats").unwrap();
-    assert!(layer_norm_backward(g, &x, &v, &ls, &dy, &dx).is_ok());
-    assert!(layer_norm_backward(g, &x, &v, &ls, &dy, &x).is_err(), "dx is x");
+    assert!(layer_norm_backward(g, &x, &v, &ls, &dy, &dx, false).is_ok());
+    assert!(layer_norm_backward(g, &x, &v, &ls, &dy, &x, false).is_err(), "dx is x");
     let ls3 = Tensor::empty(g, &[3, 2], DType::F32, "ln stats").unwrap();
-    assert!(layer_norm_backward(g, &x, &v, &ls3, &dy, &dx).is_err(), "stats for 3 rows");
+    assert!(layer_norm_backward(g, &x, &v, &ls3, &dy, &dx, false).is_err(), "stats for 3 rows");
     assert!(layer_norm_saving(g, &x, &v, &v, &y, &ls3, 1e-5).is_err(), "forward stats for 3 rows");
     let v32 = upload(&[1.0; 32], &[32], DType::F16);
-    assert!(layer_norm_backward(g, &x, &v32, &ls, &dy, &dx).is_err(), "gamma shorter than a row");
+    assert!(layer_norm_backward(g, &x, &v32, &ls, &dy, &dx, false).is_err(), "gamma shorter than a row");
 }

@@ -67,7 +67,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     keys.push(attention::key());
     keys.extend(attention::coop_variants());
     keys.extend(attention_backward::variants());
-    for entry in ["upsample2x", "concat", "geglu", "timestep", "embed"] {
+    for entry in tensor_ops::ENTRIES {
         keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }
     keys.extend(lora::variants());

@@ -5,10 +5,13 @@
 //!
 //! dtypes: x, gamma, beta f16; dy f16 or f32, dx f16 or f32 (each picked from the tensor's
 //! dtype: override constants DY_F32 / DX_F32); statistics f32; arithmetic f32. dx is
-//! overwritten (activation grads overwrite). gamma and beta are frozen in SD LoRA training,
-//! so there is no dgamma / dbeta.
+//! overwritten (activation grads overwrite), or added into with `accumulate` (override
+//! ACCUMULATE: the residual stream's gradient already holds the pass-through part; the old
+//! dx is read and the gradient added in f32 before the store). gamma and beta are frozen in
+//! SD LoRA training, so there is no dgamma / dbeta.
 //!
-//! Bytes: group norm reads x and dy twice and writes dx once; layer norm the same.
+//! Bytes: group norm reads x and dy twice and writes dx once (and reads it once when
+//! accumulating); layer norm the same.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -31,10 +34,11 @@ pub struct NormBackwardParams {
     pub _pad: u32,
 }
 
-fn key(entry: &'static str, dy_f32: bool, dx_f32: Option<bool>) -> PipelineKey {
+/// `dx`: (DX_F32, ACCUMULATE) for the entries that write dx.
+fn key(entry: &'static str, dy_f32: bool, dx: Option<(bool, bool)>) -> PipelineKey {
     let k = PipelineKey::new(Shader::NormBackward, entry).with("DY_F32", dy_f32 as i64);
-    match dx_f32 {
-        Some(o) => k.with("DX_F32", o as i64),
+    match dx {
+        Some((o, acc)) => k.with("DX_F32", o as i64).with("ACCUMULATE", acc as i64),
         None => k,
     }
 }
@@ -45,8 +49,10 @@ pub fn variants() -> Vec<PipelineKey> {
     for i in [false, true] {
         keys.push(key("gnb_reduce", i, None));
         for o in [false, true] {
-            keys.push(key("gnb_apply", i, Some(o)));
-            keys.push(key("ln_backward", i, Some(o)));
+            for acc in [false, true] {
+                keys.push(key("gnb_apply", i, Some((o, acc))));
+                keys.push(key("ln_backward", i, Some((o, acc))));
+            }
         }
     }
     keys
@@ -115,7 +121,8 @@ impl GroupNormBackward {
     /// The three launches of dx = d(GroupNorm(x)·gamma + beta, then SiLU if `silu`)/dx · dy:
     /// x [batch, rows, C] f16 (the forward's input); gamma, beta [C] f16; stats f32
     /// [batch·groups, 4] as `GroupNorm::prepare_saving` left them; dy and dx [batch, rows, C],
-    /// each f16 or f32; dx is overwritten and must not share memory with any input.
+    /// each f16 or f32; dx is overwritten, or added into with `accumulate` (dx += the
+    /// gradient), and must not share memory with any input.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
@@ -126,6 +133,7 @@ impl GroupNormBackward {
         stats: &Tensor,
         dy: &Tensor,
         dx: &Tensor,
+        accumulate: bool,
     ) -> Result<[Dispatch; 3]> {
         let op = "group norm backward";
         check_dtypes(op, &[x, gamma, beta], stats)?;
@@ -167,12 +175,12 @@ impl GroupNormBackward {
             (self.partials.numel() * 4) as f64,
         )?;
         let apply = gpu.dispatch(
-            &key("gnb_apply", dy_f32, Some(dx_f32)),
+            &key("gnb_apply", dy_f32, Some((dx_f32, accumulate))),
             &p,
             &[dx, x, dy, gamma, &self.coef, beta],
             grid(n / 8),
             0.0,
-            read + (n * dx.dtype.size()) as f64,
+            read + (n * dx.dtype.size() * (1 + accumulate as usize)) as f64,
         )?;
         Ok([reduce, fin, apply])
     }
@@ -181,8 +189,17 @@ impl GroupNormBackward {
 /// One launch: dx = d(LayerNorm(x)·gamma + beta)/dx · dy over the last dimension. x [.., C]
 /// f16 (the forward's input), C a multiple of 8; gamma [C] f16; stats f32 [rows, 2] as
 /// `layer_norm_saving` left them (rows = x.numel() / C); dy, dx shaped as x, each f16 or f32;
-/// dx is overwritten and must not share memory with any input. (beta does not enter dX.)
-pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor, dy: &Tensor, dx: &Tensor) -> Result<Dispatch> {
+/// dx is overwritten, or added into with `accumulate` (dx += the gradient), and must not
+/// share memory with any input. (beta does not enter dX.)
+pub fn layer_norm_backward(
+    gpu: &Gpu,
+    x: &Tensor,
+    gamma: &Tensor,
+    stats: &Tensor,
+    dy: &Tensor,
+    dx: &Tensor,
+    accumulate: bool,
+) -> Result<Dispatch> {
     let op = "layer norm backward";
     check_dtypes(op, &[x, gamma], stats)?;
     let c = gamma.numel();
@@ -203,9 +220,9 @@ pub fn layer_norm_backward(gpu: &Gpu, x: &Tensor, gamma: &Tensor, stats: &Tensor
     let rows = n / c;
     let p = NormBackwardParams { rows: rows as u32, c: c as u32, ..Default::default() };
     let groups = [rows.min(65535) as u32, rows.div_ceil(65535) as u32, 1];
-    let bytes = (n * (2 + dy.dtype.size() + dx.dtype.size()) + rows * 8) as f64;
+    let bytes = (n * (2 + dy.dtype.size() + dx.dtype.size() * (1 + accumulate as usize)) + rows * 8) as f64;
     gpu.dispatch(
-        &key("ln_backward", dy.dtype == DType::F32, Some(dx.dtype == DType::F32)),
+        &key("ln_backward", dy.dtype == DType::F32, Some((dx.dtype == DType::F32, accumulate))),
         &p,
         &[dx, x, dy, gamma, stats],
         groups,
