@@ -24,6 +24,8 @@ pub struct PlanBuilder<'g> {
     /// Every buffer the pool created.
     created: u64,
     buffers: usize,
+    /// The most bytes in use at once (handed out and not yet freed).
+    peak: u64,
 }
 
 /// A built plan: the launches of one pass, replayed by [`Plan::record`].
@@ -33,11 +35,13 @@ pub struct Plan {
     pub activation_bytes: u64,
     /// Number of activation buffers.
     pub buffers: usize,
+    /// The most activation bytes in use at one point of the pass.
+    pub peak_bytes: u64,
 }
 
 impl<'g> PlanBuilder<'g> {
     pub fn new(gpu: &'g Gpu) -> Self {
-        PlanBuilder { gpu, rec: Recorder::capture(gpu), free: Vec::new(), created: 0, buffers: 0 }
+        PlanBuilder { gpu, rec: Recorder::capture(gpu), free: Vec::new(), created: 0, buffers: 0, peak: 0 }
     }
 
     /// An activation tensor: a free pool buffer of at least its size (and at most twice it,
@@ -51,13 +55,21 @@ impl<'g> PlanBuilder<'g> {
                 .min_by_key(|&i| self.free[i].0);
             if let Some(i) = best {
                 let (_, buffer) = self.free.swap_remove(i);
+                self.peak = self.peak.max(self.live_bytes());
                 return Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), dtype });
             }
         }
         let t = Tensor::empty(self.gpu, shape, dtype, what)?;
         self.created += t.buffer.size();
         self.buffers += 1;
+        self.peak = self.peak.max(self.live_bytes());
         Ok(t)
+    }
+
+    /// Bytes of pool buffers in use now (handed out and not freed): during a training plan's
+    /// build, at the end of the forward, the activations saved for the backward.
+    pub fn live_bytes(&self) -> u64 {
+        self.created - self.free.iter().map(|(s, _)| s).sum::<u64>()
     }
 
     /// An f16 activation tensor.
@@ -90,7 +102,7 @@ impl<'g> PlanBuilder<'g> {
 
     /// Ends the build.
     pub fn finish(self) -> Plan {
-        Plan { dispatches: self.rec.into_dispatches(), activation_bytes: self.created, buffers: self.buffers }
+        Plan { dispatches: self.rec.into_dispatches(), activation_bytes: self.created, buffers: self.buffers, peak_bytes: self.peak }
     }
 }
 

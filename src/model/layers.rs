@@ -2,13 +2,15 @@
 //! linear (optionally several projections fused into one product), 2-D convolution (weights
 //! reordered to [cout, ks, ks, cin] at load, 1x1 convolutions run as linears over NHWC
 //! pixels), group norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images
-//! or token-major rows.
+//! or token-major rows. For training, each layer also records its input gradient through the
+//! frozen weights (`backward_input`, `*_backward`) and the norms save their statistics.
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use crate::kernels::matmul::Matmul;
 use crate::kernels::norm::{self, GroupNorm};
+use crate::kernels::norm_backward::{self, GroupNormBackward};
 use crate::model::weights::Prefix;
 
 /// y = x·Wᵀ + b with W [n, k].
@@ -71,6 +73,25 @@ impl Linear {
         let y = pb.f16(&[rows, self.n], what)?;
         self.forward(pb, x, &y, false)?;
         Ok(y)
+    }
+
+    /// Records the input gradient through the frozen weight: dx [rows, k] (=, or += with
+    /// `accumulate`) = dy [rows, n]·W.
+    pub fn backward_input(&self, pb: &mut PlanBuilder, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
+        let rows = dy.numel() / self.n;
+        if dy.numel() != rows * self.n || dx.numel() != rows * self.k {
+            return Err(Error::shape("linear backward", format!("dy {:?}, dx {:?} for W [{}, {}]", dy.shape, dx.shape, self.n, self.k)));
+        }
+        let mut mm = Matmul::new(rows, self.k, self.n);
+        mm.accumulate = accumulate;
+        run_pooled(pb, &mm, dy, &self.w, None, dx)
+    }
+
+    /// A new tensor [rows, k] = dy·W.
+    pub fn backward_new(&self, pb: &mut PlanBuilder, dy: &Tensor, what: &str) -> Result<Tensor> {
+        let dx = pb.f16(&[dy.numel() / self.n, self.k], what)?;
+        self.backward_input(pb, dy, &dx, false)?;
+        Ok(dx)
     }
 }
 
@@ -140,6 +161,32 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// Records the input gradient through the frozen weight: dx [batch, h, w, cin] (=) from
+    /// dy [batch, oh, ow, cout]. The flipped, channel-transposed weight the product reads
+    /// (`conv::conv_weight_for_dx`) is built on the GPU into a pool scratch just before, so
+    /// no second copy of every weight is kept (1 GiB for SD-1.5's UNet).
+    pub fn backward_input(&self, pb: &mut PlanBuilder, dy: &Tensor, (batch, h, w): (usize, usize, usize), dx: &Tensor) -> Result<()> {
+        if self.pad_end_only {
+            return Err(Error::shape("conv2d backward", "end-only padding (the VAE encoder's downsamplers) has no input gradient here"));
+        }
+        let conv = self.shape(batch, h, w);
+        let (oh, ow) = conv.out_hw();
+        if dy.numel() != batch * oh * ow * self.cout || dx.numel() != batch * h * w * self.cin {
+            return Err(Error::shape("conv2d backward", format!("dy {:?}, dx {:?} for {batch}x{h}x{w}, {} -> {}", dy.shape, dx.shape, self.cin, self.cout)));
+        }
+        let mm = conv.backward_input()?;
+        if conv.dx_uses_forward_weight() {
+            return run_pooled(pb, &mm, dy, &self.w, None, dx);
+        }
+        let w_dx = pb.f16(&conv.dx_weight_shape(), "conv dX weight")?;
+        pb.run(crate::kernels::tensor_ops::conv_weight_dx(pb.gpu, &self.w, &w_dx, self.cout, self.cin, self.ks)?)?;
+        run_pooled(pb, &mm, dy, &w_dx, None, dx)?;
+        pb.free(w_dx);
+        Ok(())
+    }
+}
+
 /// Records a product, its split-K partials (when it splits) taken from the plan's pool.
 fn run_pooled(pb: &mut PlanBuilder, mm: &Matmul, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
     if let Some(shape) = mm.partials_shape(pb.gpu) {
@@ -171,6 +218,43 @@ impl Norm {
         let y = pb.f16(&x.shape, what)?;
         pb.run_all(gn.prepare(pb.gpu, x, &self.gamma, &self.beta, &y)?)?;
         Ok(y)
+    }
+
+    /// As [`Norm::group`], also returning the f32 statistics the backward needs (a pool
+    /// tensor [batch·groups, 4]) when `save`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_saving(&self, pb: &mut PlanBuilder, x: &Tensor, batch: usize, groups: usize, silu: bool, save: bool, what: &str) -> Result<(Tensor, Option<Tensor>)> {
+        if !save {
+            return Ok((self.group(pb, x, batch, groups, silu, what)?, None));
+        }
+        let rows = x.numel() / (batch * self.c).max(1);
+        let gn = GroupNorm::new(pb.gpu, batch, rows, self.c, groups, self.eps, silu)?;
+        let y = pb.f16(&x.shape, what)?;
+        let stats = pb.tensor(&[batch * groups, 4], DType::F32, "group norm stats (saved)")?;
+        pb.run_all(gn.prepare_saving(pb.gpu, x, &self.gamma, &self.beta, &y, &stats)?)?;
+        Ok((y, Some(stats)))
+    }
+
+    /// Records dx (=, or += with `accumulate`) = the input gradient of [`Norm::group`] (with
+    /// its SiLU when `silu`) for dy, from the forward's input x and saved statistics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_backward(&self, pb: &mut PlanBuilder, x: &Tensor, stats: &Tensor, dy: &Tensor, dx: &Tensor, batch: usize, groups: usize, silu: bool, accumulate: bool) -> Result<()> {
+        let rows = x.numel() / (batch * self.c).max(1);
+        let gnb = GroupNormBackward::new(pb.gpu, batch, rows, self.c, groups, silu)?;
+        pb.run_all(gnb.prepare(pb.gpu, x, &self.gamma, &self.beta, stats, dy, dx, accumulate)?)
+    }
+
+    /// As [`Norm::layer`], also returning the row statistics (a pool tensor [rows, 2] f32).
+    pub fn layer_saving(&self, pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<(Tensor, Tensor)> {
+        let y = pb.f16(&x.shape, what)?;
+        let stats = pb.tensor(&[x.numel() / self.c, 2], DType::F32, "layer norm stats (saved)")?;
+        pb.run(norm::layer_norm_saving(pb.gpu, x, &self.gamma, &self.beta, &y, &stats, self.eps)?)?;
+        Ok((y, stats))
+    }
+
+    /// Records dx (=, or += with `accumulate`) = the input gradient of [`Norm::layer`] for dy.
+    pub fn layer_backward(&self, pb: &mut PlanBuilder, x: &Tensor, stats: &Tensor, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
+        pb.run(norm_backward::layer_norm_backward(pb.gpu, x, &self.gamma, stats, dy, dx, accumulate)?)
     }
 
     /// A new tensor: LayerNorm(x) over the last dimension.

@@ -290,6 +290,27 @@ impl LoraParams {
     }
 }
 
+/// The trainable adapters of a model by target module name (their [`LoraSpec::name`]), as a
+/// training forward looks them up, with the factor its backward applies to parameter
+/// gradients (1 / the loss scale).
+pub struct Adapters<'a> {
+    pub params: &'a LoraParams,
+    pub grad_scale: f32,
+    index: std::collections::HashMap<&'a str, usize>,
+}
+
+impl<'a> Adapters<'a> {
+    pub fn new(params: &'a LoraParams, grad_scale: f32) -> Self {
+        let index = params.layers.iter().enumerate().map(|(i, l)| (l.spec.name.as_str(), i)).collect();
+        Adapters { params, grad_scale, index }
+    }
+
+    /// The adapter on module `name`, if it has one.
+    pub fn get(&self, name: &str) -> Option<&'a LoraLayer> {
+        self.index.get(name).map(|&i| &self.params.layers[i])
+    }
+}
+
 /// Records a product into `c` with no bias, its split-K partials from the plan's pool.
 fn run_mm(pb: &mut PlanBuilder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
     if let Some(shape) = mm.partials_shape(pb.gpu) {

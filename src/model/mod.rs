@@ -9,5 +9,7 @@ pub mod lora_file;
 mod lora_keys;
 pub mod unet;
 pub mod unet_blocks;
+pub mod unet_train;
+pub mod unet_transformer;
 pub mod vae;
 pub mod weights;

@@ -11,30 +11,31 @@ use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::tensor_ops;
 use crate::model::layers::{Conv, Linear, Norm, Taps};
-use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, Transformer2D, Upsample2D};
+use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, Upsample2D};
+use crate::model::unet_transformer::Transformer2D;
 use crate::model::weights::Weights;
 
 /// One level of the down or up path: resnets, each followed by a transformer when the block
 /// has attention, then the resampler.
-struct Level {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<Transformer2D>,
-    down: Option<Downsample2D>,
-    up: Option<Upsample2D>,
+pub(crate) struct Level {
+    pub(crate) resnets: Vec<ResnetBlock2D>,
+    pub(crate) attentions: Vec<Transformer2D>,
+    pub(crate) down: Option<Downsample2D>,
+    pub(crate) up: Option<Upsample2D>,
 }
 
 /// The UNet's weights on the GPU.
 pub struct UNet2DConditionModel {
     pub cfg: UNetConfig,
-    linear_1: Linear,
-    linear_2: Linear,
-    conv_in: Conv,
-    down: Vec<Level>,
-    mid_resnets: [ResnetBlock2D; 2],
-    mid_attention: Transformer2D,
-    up: Vec<Level>,
-    conv_norm_out: Norm,
-    conv_out: Conv,
+    pub(crate) linear_1: Linear,
+    pub(crate) linear_2: Linear,
+    pub(crate) conv_in: Conv,
+    pub(crate) down: Vec<Level>,
+    pub(crate) mid_resnets: [ResnetBlock2D; 2],
+    pub(crate) mid_attention: Transformer2D,
+    pub(crate) up: Vec<Level>,
+    pub(crate) conv_norm_out: Norm,
+    pub(crate) conv_out: Conv,
 }
 
 /// A built UNet pass for one batch size and latent size.
@@ -143,21 +144,7 @@ impl UNet2DConditionModel {
         let context = Tensor::empty(gpu, &[batch, tokens, cfg.cross_attention_dim], DType::F16, "unet context")?;
         let ctx = (&context, tokens);
 
-        // Time embedding: SiLU(linear_2(SiLU(linear_1(sinusoid(t))))) feeds every resnet.
-        let tp = pb.f16(&[batch, cfg.time_proj_dim()], "time_proj")?;
-        pb.run(tensor_ops::timestep_embedding(gpu, &timestep, &tp, cfg.time_proj_dim(), cfg.freq_shift)?)?;
-        taps.tap(&mut pb, "time_proj", &tp)?;
-        let t1 = self.linear_1.apply(&mut pb, &tp, "time linear_1")?;
-        pb.free(tp);
-        let t1a = pb.f16(&t1.shape, "time silu")?;
-        pb.run(elementwise::unary(gpu, Unary::Silu, &t1, &t1a)?)?;
-        pb.free(t1);
-        let temb = self.linear_2.apply(&mut pb, &t1a, "time_embedding")?;
-        pb.free(t1a);
-        taps.tap(&mut pb, "time_embedding", &temb)?;
-        let temb_act = pb.f16(&temb.shape, "time embedding silu")?;
-        pb.run(elementwise::unary(gpu, Unary::Silu, &temb, &temb_act)?)?;
-        pb.free(temb);
+        let temb_act = self.time_embedding(&mut pb, &timestep, batch, &mut taps)?;
         let temb = Some(&temb_act);
 
         // Down path: every block output stays alive as a skip until the up path takes it.
@@ -225,6 +212,30 @@ impl UNet2DConditionModel {
         pb.free(n);
         pb.free(temb_act);
         Ok(UNetPlan { batch, height, width, sample, timestep, context, out, plan: pb.finish(), taps })
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Records the time embedding: SiLU(linear_2(SiLU(linear_1(sinusoid(t))))) [batch, t_dim],
+    /// which feeds every resnet (a new pool tensor; the caller frees it).
+    pub(crate) fn time_embedding(&self, pb: &mut PlanBuilder, timestep: &Tensor, batch: usize, taps: &mut Taps) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let gpu = pb.gpu;
+        let tp = pb.f16(&[batch, cfg.time_proj_dim()], "time_proj")?;
+        pb.run(tensor_ops::timestep_embedding(gpu, timestep, &tp, cfg.time_proj_dim(), cfg.freq_shift)?)?;
+        taps.tap(pb, "time_proj", &tp)?;
+        let t1 = self.linear_1.apply(pb, &tp, "time linear_1")?;
+        pb.free(tp);
+        let t1a = pb.f16(&t1.shape, "time silu")?;
+        pb.run(elementwise::unary(gpu, Unary::Silu, &t1, &t1a)?)?;
+        pb.free(t1);
+        let temb = self.linear_2.apply(pb, &t1a, "time_embedding")?;
+        pb.free(t1a);
+        taps.tap(pb, "time_embedding", &temb)?;
+        let temb_act = pb.f16(&temb.shape, "time embedding silu")?;
+        pb.run(elementwise::unary(gpu, Unary::Silu, &temb, &temb_act)?)?;
+        pb.free(temb);
+        Ok(temb_act)
     }
 }
 

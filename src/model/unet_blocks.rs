@@ -1,17 +1,23 @@
-//! The UNet's building blocks, named after diffusers' modules: `ResnetBlock2D` (also the
-//! VAE's, without the time embedding), `Transformer2DModel` with its `BasicTransformerBlock`s
-//! (self-attention, cross-attention over the text context, GEGLU feed-forward), and the
-//! `Downsample2D` / `Upsample2D` resamplers. Images are NHWC f16 [batch, h, w, c].
+//! The UNet's convolutional building blocks, named after diffusers' modules: `ResnetBlock2D`
+//! (also the VAE's, without the time embedding) and the `Downsample2D` / `Upsample2D`
+//! resamplers (the transformer blocks are in `unet_transformer.rs`). Images are NHWC f16
+//! [batch, h, w, c].
 //!
 //! Buffer ownership inside a plan: a block's `forward` never frees its input (the caller
-//! knows whether it is still needed, e.g. as a skip) and frees every temporary it makes;
-//! `Transformer2D::forward` adds its result to its input in place.
+//! knows whether it is still needed, e.g. as a skip) and frees every temporary it makes.
+//!
+//! Training (`forward_train` / `backward`): the forward keeps what the backward needs in a
+//! `*Saved` value, which takes ownership of the block's input when the backward reads it
+//! (group norm backward needs x); the backward gives every saved tensor back to the pool.
+//! Activation gradients are f16 (scaled by the loss scale) and overwrite (`=`), except where
+//! a stream passes through: a resnet's identity shortcut adds the norm's input gradient into
+//! the output gradient it was given. No weight gradient is computed here: these layers are
+//! frozen in LoRA training.
 
 use crate::error::Result;
 use crate::gpu::{PlanBuilder, Tensor};
-use crate::kernels::attention::{Attention, Operand};
 use crate::kernels::elementwise::{self, Binary, Unary};
-use crate::kernels::tensor_ops;
+use crate::kernels::{grad_ops, tensor_ops};
 use crate::model::layers::{Conv, Linear, Norm};
 use crate::model::weights::Prefix;
 
@@ -30,6 +36,25 @@ pub struct ResnetBlock2D {
     norm2: Norm,
     conv2: Conv,
     conv_shortcut: Option<Linear>,
+}
+
+/// What a resnet's backward reads: its input x (owned), conv1's output after the time
+/// embedding is added (norm2's input), and both norms' statistics.
+pub struct ResnetSaved {
+    x: Tensor,
+    hw: Hw,
+    c1: Tensor,
+    stats1: Tensor,
+    stats2: Tensor,
+}
+
+impl ResnetSaved {
+    /// Gives the saved tensors back to the pool unused (a block whose backward is not needed).
+    pub fn release(self, pb: &mut PlanBuilder) {
+        for t in [self.x, self.c1, self.stats1, self.stats2] {
+            pb.free(t);
+        }
+    }
 }
 
 impl ResnetBlock2D {
@@ -51,8 +76,21 @@ impl ResnetBlock2D {
     /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb_act` is SiLU(time
     /// embedding) [batch, t] when the block has a time projection.
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        Ok(self.run(pb, x, hw, temb_act, false)?.0)
+    }
+
+    /// The training forward: as [`ResnetBlock2D::forward`], keeping x (moved in) and what the
+    /// backward reads.
+    pub fn forward_train(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb_act: Option<&Tensor>) -> Result<(Tensor, ResnetSaved)> {
+        let (out, kept) = self.run(pb, &x, hw, temb_act, true)?;
+        let (c1, stats1, stats2) = kept.expect("saving run keeps its tensors");
+        Ok((out, ResnetSaved { x, hw, c1, stats1, stats2 }))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb_act: Option<&Tensor>, save: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
         let (b, h, w) = hw;
-        let n1 = self.norm1.group(pb, x, b, self.groups, true, "resnet norm1")?;
+        let (n1, stats1) = self.norm1.group_saving(pb, x, b, self.groups, true, save, "resnet norm1")?;
         let mut c1 = self.conv1.apply(pb, &n1, hw, "resnet conv1")?;
         pb.free(n1);
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
@@ -62,8 +100,7 @@ impl ResnetBlock2D {
             pb.free(tp);
             pb.free(std::mem::replace(&mut c1, sum));
         }
-        let n2 = self.norm2.group(pb, &c1, b, self.groups, true, "resnet norm2")?;
-        pb.free(c1);
+        let (n2, stats2) = self.norm2.group_saving(pb, &c1, b, self.groups, true, save, "resnet norm2")?;
         let out = pb.f16(&[b, h, w, self.cout], "resnet out")?;
         match &self.conv_shortcut {
             Some(s) => s.forward(pb, x, &out, false)?,
@@ -71,150 +108,51 @@ impl ResnetBlock2D {
         }
         self.conv2.forward(pb, &n2, hw, &out, true)?;
         pb.free(n2);
-        Ok(out)
-    }
-}
-
-/// diffusers' `Attention` in a transformer block: self-attention (q, k, v fused into one
-/// product) or cross-attention (q from the image, k and v fused from the context); no biases
-/// on q, k, v; `to_out.0` with bias, added to the residual stream.
-struct CrossAttention {
-    heads: usize,
-    c: usize,
-    /// Self: [3c, c]; cross: q [c, c].
-    q_or_qkv: Linear,
-    /// Cross: [2c, context width].
-    kv: Option<Linear>,
-    to_out: Linear,
-}
-
-impl CrossAttention {
-    fn load(p: &Prefix, c: usize, heads: usize, context: Option<usize>) -> Result<Self> {
-        let (q_or_qkv, kv) = match context {
-            None => (Linear::load_fused(p, &["to_q", "to_k", "to_v"], &[c, c, c], c, false)?, None),
-            Some(ctx) => (Linear::load(&p.at("to_q"), c, c, false)?, Some(Linear::load_fused(p, &["to_k", "to_v"], &[c, c], ctx, false)?)),
-        };
-        Ok(CrossAttention { heads, c, q_or_qkv, kv, to_out: Linear::load(&p.at("to_out.0"), c, c, true)? })
-    }
-
-    /// residual += to_out(attention(x)) with x [batch, l, c] (normed) and, for
-    /// cross-attention, the context [batch, lk, ctx].
-    fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, batch: usize, context: Option<(&Tensor, usize)>, residual: &Tensor) -> Result<()> {
-        let c = self.c;
-        let l = x.numel() / (batch * c);
-        let o = pb.f16(&[batch * l, c], "attention out")?;
-        match (&self.kv, context) {
-            (Some(kv), Some((ctx, lk))) => {
-                let q = self.q_or_qkv.apply(pb, x, "attention q")?;
-                let kvt = kv.apply(pb, ctx, "attention kv")?;
-                let attn = Attention::new(batch, self.heads, l, lk, c / self.heads, false);
-                let (k, v) = (Operand::slice(&kvt, 0, 2 * c), Operand::slice(&kvt, c, 2 * c));
-                pb.run(attn.prepare(pb.gpu, Operand::dense(&q, c), k, v, Operand::dense(&o, c))?)?;
-                pb.free(q);
-                pb.free(kvt);
-            }
+        match (stats1, stats2) {
+            (Some(s1), Some(s2)) => Ok((out, Some((c1, s1, s2)))),
             _ => {
-                let qkv = self.q_or_qkv.apply(pb, x, "attention qkv")?;
-                let attn = Attention::new(batch, self.heads, l, l, c / self.heads, false);
-                let (q, k, v) = (Operand::slice(&qkv, 0, 3 * c), Operand::slice(&qkv, c, 3 * c), Operand::slice(&qkv, 2 * c, 3 * c));
-                pb.run(attn.prepare(pb.gpu, q, k, v, Operand::dense(&o, c))?)?;
-                pb.free(qkv);
+                pb.free(c1);
+                Ok((out, None))
             }
         }
-        self.to_out.forward(pb, &o, residual, true)?;
-        pb.free(o);
-        Ok(())
-    }
-}
-
-/// `BasicTransformerBlock`: pre-LayerNorm self-attention, cross-attention and GEGLU
-/// feed-forward, each added to the stream.
-struct BasicTransformerBlock {
-    norm1: Norm,
-    attn1: CrossAttention,
-    norm2: Norm,
-    attn2: CrossAttention,
-    norm3: Norm,
-    ff_proj: Linear,
-    ff_out: Linear,
-    ff_inner: usize,
-}
-
-impl BasicTransformerBlock {
-    fn load(p: &Prefix, c: usize, heads: usize, context: usize) -> Result<Self> {
-        let inner = 4 * c;
-        Ok(BasicTransformerBlock {
-            norm1: Norm::load(&p.at("norm1"), c, 1e-5)?,
-            attn1: CrossAttention::load(&p.at("attn1"), c, heads, None)?,
-            norm2: Norm::load(&p.at("norm2"), c, 1e-5)?,
-            attn2: CrossAttention::load(&p.at("attn2"), c, heads, Some(context))?,
-            norm3: Norm::load(&p.at("norm3"), c, 1e-5)?,
-            ff_proj: Linear::load(&p.at("ff.net.0.proj"), 2 * inner, c, true)?,
-            ff_out: Linear::load(&p.at("ff.net.2"), c, inner, true)?,
-            ff_inner: inner,
-        })
     }
 
-    /// Updates the stream x [batch·l, c] in place.
-    fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, batch: usize, context: (&Tensor, usize)) -> Result<()> {
-        let a = self.norm1.layer(pb, x, "transformer norm1")?;
-        self.attn1.forward(pb, &a, batch, None, x)?;
-        pb.free(a);
-        let a = self.norm2.layer(pb, x, "transformer norm2")?;
-        self.attn2.forward(pb, &a, batch, Some(context), x)?;
-        pb.free(a);
-        let a = self.norm3.layer(pb, x, "transformer norm3")?;
-        let hidden = self.ff_proj.apply(pb, &a, "geglu in")?;
-        pb.free(a);
-        let rows = hidden.numel() / (2 * self.ff_inner);
-        let g = pb.f16(&[rows, self.ff_inner], "geglu out")?;
-        pb.run(tensor_ops::geglu(pb.gpu, &hidden, &g, rows, self.ff_inner)?)?;
-        pb.free(hidden);
-        self.ff_out.forward(pb, &g, x, true)?;
-        pb.free(g);
-        Ok(())
-    }
-}
-
-/// `Transformer2DModel`: GroupNorm, `proj_in`, transformer blocks over the pixels as tokens,
-/// `proj_out`, added to the input.
-pub struct Transformer2D {
-    c: usize,
-    groups: usize,
-    norm: Norm,
-    proj_in: Linear,
-    blocks: Vec<BasicTransformerBlock>,
-    proj_out: Linear,
-}
-
-impl Transformer2D {
-    /// `linear_projection`: proj_in/out are linears (else 1x1 convolutions, SD-1.5's).
-    pub fn load(p: &Prefix, c: usize, heads: usize, context: usize, layers: usize, groups: usize, linear_projection: bool) -> Result<Self> {
-        let proj = |name: &str| {
-            if linear_projection { Linear::load(&p.at(name), c, c, true) } else { Linear::load_1x1(&p.at(name), c, c) }
-        };
-        Ok(Transformer2D {
-            c,
-            groups,
-            norm: Norm::load(&p.at("norm"), c, 1e-6)?,
-            proj_in: proj("proj_in")?,
-            blocks: (0..layers).map(|i| BasicTransformerBlock::load(&p.at("transformer_blocks").at(i), c, heads, context)).collect::<Result<_>>()?,
-            proj_out: proj("proj_out")?,
-        })
-    }
-
-    /// x [batch, h, w, c] += the transformer's output; `context` is [batch, lk, width].
-    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, batch: usize, context: (&Tensor, usize)) -> Result<()> {
-        let n = self.norm.group(pb, x, batch, self.groups, false, "transformer norm")?;
-        let s = pb.f16(&[x.numel() / self.c, self.c], "transformer stream")?;
-        self.proj_in.forward(pb, &n, &s, false)?;
-        pb.free(n);
-        for b in &self.blocks {
-            b.forward(pb, &s, batch, context)?;
+    /// The backward from dout (the output's gradient, moved in): returns dx, the input's
+    /// gradient. Without `need_dx` (nothing before the block trains) it only releases the
+    /// saved tensors: nothing inside a resnet trains.
+    pub fn backward(&self, pb: &mut PlanBuilder, saved: ResnetSaved, dout: Tensor, need_dx: bool) -> Result<Option<Tensor>> {
+        let ResnetSaved { x, hw, c1, stats1, stats2 } = saved;
+        let b = hw.0;
+        if !need_dx {
+            for t in [x, c1, stats1, stats2, dout] {
+                pb.free(t);
+            }
+            return Ok(None);
         }
-        self.proj_out.forward(pb, &s, x, true)?;
-        pb.free(s);
-        Ok(())
+        // out = shortcut(x) + conv2(n2), n2 = SiLU(GroupNorm2(c1)).
+        let dn2 = pb.f16(&c1.shape, "resnet dn2")?;
+        self.conv2.backward_input(pb, &dout, hw, &dn2)?;
+        let dc1 = pb.f16(&c1.shape, "resnet dc1")?;
+        self.norm2.group_backward(pb, &c1, &stats2, &dn2, &dc1, b, self.groups, true, false)?;
+        pb.free(dn2);
+        // c1 = conv1(n1) + time_emb_proj(..): the time embedding gets no gradient (nothing
+        // before it trains).
+        let dn1 = pb.f16(&x.shape, "resnet dn1")?;
+        self.conv1.backward_input(pb, &dc1, hw, &dn1)?;
+        pb.free(dc1);
+        let dx = match &self.conv_shortcut {
+            Some(s) => {
+                let dx = s.backward_new(pb, &dout, "resnet dx")?;
+                pb.free(dout);
+                dx
+            }
+            None => dout,
+        };
+        self.norm1.group_backward(pb, &x, &stats1, &dn1, &dx, b, self.groups, true, true)?;
+        for t in [dn1, x, c1, stats1, stats2] {
+            pb.free(t);
+        }
+        Ok(Some(dx))
     }
 }
 
@@ -226,6 +164,14 @@ pub struct Downsample2D {
 impl Downsample2D {
     pub fn load(p: &Prefix, c: usize) -> Result<Self> {
         Ok(Downsample2D { conv: Conv::load(&p.at("conv"), c, c, 3, 2)? })
+    }
+
+    /// dx [batch, h, w, c] from dout [batch, oh, ow, c] (moved in, freed).
+    pub fn backward(&self, pb: &mut PlanBuilder, dout: Tensor, hw: Hw) -> Result<Tensor> {
+        let dx = pb.f16(&[hw.0, hw.1, hw.2, self.conv.cin], "downsample dx")?;
+        self.conv.backward_input(pb, &dout, hw, &dx)?;
+        pb.free(dout);
+        Ok(dx)
     }
 }
 
@@ -240,7 +186,8 @@ impl Upsample2D {
         Ok(Upsample2D { conv: Conv::load(&p.at("conv"), c, c, 3, 1)? })
     }
 
-    /// A new tensor [batch, oh, ow, c] from x [batch, h, w, c].
+    /// A new tensor [batch, oh, ow, c] from x [batch, h, w, c]. The backward needs nothing
+    /// saved (the convolution is frozen, the upsampling linear).
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (b, h, w): Hw, (oh, ow): (usize, usize)) -> Result<Tensor> {
         let c = self.conv.cin;
         let up = pb.f16(&[b, oh, ow, c], "upsampled")?;
@@ -248,5 +195,17 @@ impl Upsample2D {
         let y = self.conv.apply(pb, &up, (b, oh, ow), "upsample conv")?;
         pb.free(up);
         Ok(y)
+    }
+
+    /// dx [batch, h, w, c] from dout [batch, oh, ow, c] (moved in, freed).
+    pub fn backward(&self, pb: &mut PlanBuilder, dout: Tensor, (b, h, w): Hw, (oh, ow): (usize, usize)) -> Result<Tensor> {
+        let c = self.conv.cin;
+        let dup = pb.f16(&[b, oh, ow, c], "upsample dconv")?;
+        self.conv.backward_input(pb, &dout, (b, oh, ow), &dup)?;
+        pb.free(dout);
+        let dx = pb.f16(&[b, h, w, c], "upsample dx")?;
+        pb.run(grad_ops::upsample_nearest_backward(pb.gpu, &dup, &dx, b, (h, w), (oh, ow), c)?)?;
+        pb.free(dup);
+        Ok(dx)
     }
 }

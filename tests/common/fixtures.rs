@@ -47,6 +47,14 @@ impl Reference {
         (t.shape().to_vec(), v)
     }
 
+    /// The file's metadata entry `key`, parsed as JSON.
+    #[allow(dead_code)] // used by the training tests only
+    pub fn notes(&self, key: &str) -> serde_json::Value {
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).unwrap();
+        let text = meta.metadata().as_ref().and_then(|m| m.get(key)).unwrap_or_else(|| panic!("{}: no metadata {key}", self.rel));
+        serde_json::from_str(text).unwrap()
+    }
+
     /// The names starting with `prefix`.
     pub fn names(&self, prefix: &str) -> Vec<String> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
