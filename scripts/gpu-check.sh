@@ -3,12 +3,13 @@
 # the device's default path (cooperative matrices there), the matmul and attention tests again
 # forced onto the scalar path, the kernel benchmark, and the full-size model check against
 # PyTorch (scripts/gpu-check-models.py), prompt-to-image against diffusers' pipeline
-# (scripts/gpu-check-sample.py); prints a short table last.
+# (scripts/gpu-check-sample.py), a LoRA training step against diffusers + peft
+# (scripts/gpu-check-train.py); prints a short table last.
 # Here: ../shared/tools/device-pack --wheels, then the device tool's run with carry
 # [".gl", ".device"] and the command `bash scripts/gpu-check.sh [PARTS] [bench filter]`, PARTS
-# a comma list of tests, bench, models, sample (default: all four).
+# a comma list of tests, bench, models, sample, train (default: all five).
 set -uo pipefail
-parts=${1:-tests,bench,models,sample}
+parts=${1:-tests,bench,models,sample,train}
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 export ATELIER_BIN=$PWD/.device/bin/atelier
@@ -34,6 +35,9 @@ if [[ $parts == *bench* ]]; then
 fi
 if [[ $parts == *models* ]]; then
   python3 scripts/gpu-check-models.py --atelier .device/bin/atelier --profile 2>&1 | tee "$out/models.txt" | grep -v "^$" | tail -n 200
+fi
+if [[ $parts == *train* ]]; then
+  python3 scripts/gpu-check-train.py --atelier .device/bin/atelier --profile 2>&1 | tee "$out/train.txt" | grep -v "^$" | tail -n 120
 fi
 if [[ $parts == *sample* ]]; then
   python3 scripts/gpu-check-sample.py --atelier .device/bin/atelier 2>&1 | tee "$out/sample.txt" | grep -v "^$" | tail -n 40

@@ -51,7 +51,7 @@ pub struct Timing {
 }
 
 /// Reads the inputs file into name -> (shape, f32 values).
-fn read_inputs(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub(crate) fn read_inputs(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::model(path, format!("not a safetensors file: {e}")))?;
     let mut out = HashMap::new();
@@ -91,7 +91,7 @@ fn time_plan(gpu: &Gpu, plan: &Plan, repeat: usize, profile: bool, name: &str) -
     Ok((times[times.len() / 2], times[0]))
 }
 
-fn take<'a>(inputs: &'a HashMap<String, (Vec<usize>, Vec<f32>)>, name: &str, want: &[usize]) -> Result<Option<&'a Vec<f32>>> {
+pub(crate) fn take<'a>(inputs: &'a HashMap<String, (Vec<usize>, Vec<f32>)>, name: &str, want: &[usize]) -> Result<Option<&'a Vec<f32>>> {
     match inputs.get(name) {
         None => Ok(None),
         Some((shape, v)) if shape == want => Ok(Some(v)),
@@ -200,7 +200,7 @@ pub fn run(gpu: &Gpu, sd: &StableDiffusion, o: &ModelBench) -> Result<Vec<Timing
 }
 
 /// Writes f32 tensors to a safetensors file, through a temporary name.
-fn write_outputs(path: &Path, outputs: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
+pub(crate) fn write_outputs(path: &Path, outputs: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView)> = outputs
         .iter()
         .map(|(n, s, v)| {

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_models;
+pub mod bench_train;
 pub mod config;
 pub mod error;
 pub mod gpu;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use atelier::bench_models::ModelBench;
+use atelier::model::unet_train::LoraTargets;
 use atelier::sample::SampleArgs;
 use atelier::schedulers::Sampler;
 
@@ -80,6 +81,23 @@ atelier sample --model sd15/ --prompt \"a lady\" --lora portraits.safetensors:0.
         /// Print a per-kernel profile of one run of each network (with --model).
         #[arg(long)]
         profile: bool,
+        /// With --model: time one LoRA training step of the UNet (forward, loss, backward,
+        /// AdamW) instead of the networks' inference. --inputs may then hold train.sample,
+        /// train.target, train.timestep, train.encoder_hidden_states and the adapters'
+        /// lora.<module>.lora_A/B; --output gets the first step's loss and gradients.
+        #[arg(long)]
+        train: bool,
+        /// LoRA rank (with --train).
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        /// LoRA alpha (with --train): the adapters' scale is alpha / rank.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f32,
+        /// Which modules get adapters (with --train): attention (to_q, to_k, to_v, to_out.0
+        /// of every attention) or transformer (also proj_in, proj_out and the feed-forward,
+        /// kohya's default).
+        #[arg(long, default_value = "attention")]
+        targets: String,
     },
 }
 
@@ -166,6 +184,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => info(&opts),
         Command::Sample(s) => sample(&opts, *s),
+        Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, targets, .. } => {
+            bench_train(&opts, &model, batch, width, height, repeat, inputs, output, profile, rank, alpha, &targets)
+        }
         Command::Bench { model: Some(model), batch, vae_batch, width, height, repeat, inputs, output, encode, profile, .. } => {
             let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
             bench_model(&opts, &model, &o)
@@ -253,6 +274,32 @@ fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench) -> atelier::Resu
     println!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
     atelier::bench_models::run(&gpu, &sd, o)?;
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_train(
+    opts: &GpuOptions,
+    model: &Path,
+    batch: usize,
+    width: usize,
+    height: usize,
+    repeat: usize,
+    inputs: Option<PathBuf>,
+    output: Option<PathBuf>,
+    profile: bool,
+    rank: usize,
+    alpha: f32,
+    targets: &str,
+) -> atelier::Result<()> {
+    let targets = match targets {
+        "attention" => LoraTargets::Attention,
+        "transformer" => LoraTargets::Transformer,
+        other => return Err(atelier::Error::Usage(format!("--targets {other}: use attention or transformer"))),
+    };
+    let gpu = Gpu::new(opts)?;
+    println!("{}", gpu.describe());
+    let o = atelier::bench_train::TrainBench { batch, height, width, rank, alpha, targets, repeat, inputs, output, profile };
+    atelier::bench_train::run(&gpu, model, &o)
 }
 
 fn sample(opts: &GpuOptions, s: SampleCli) -> atelier::Result<()> {

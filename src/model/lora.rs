@@ -252,6 +252,11 @@ impl LoraParams {
         Ok(lp)
     }
 
+    /// GPU bytes of the parameters, their gradients, AdamW's moments and the f16 copies.
+    pub fn bytes(&self) -> u64 {
+        [&self.params, &self.grads, &self.m, &self.v, &self.params16, &self.partials].iter().map(|t| t.bytes()).sum()
+    }
+
     /// Overwrites the flat f32 parameters (length `total`, gaps zero) and their f16 copies.
     pub fn write_params(&self, gpu: &Gpu, values: &[f32]) -> Result<()> {
         self.params.write_f32(gpu, values)?;

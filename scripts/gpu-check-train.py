@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""The LoRA training check on the lent GPU machine: SD-1.5's UNet with seeded random weights
+(drawn as scripts/gpu-check-models.py draws them, rounded to fp16), rank 4 alpha 16 peft
+adapters on every attention's to_q, to_k, to_v, to_out.0 (A, B = 0.1·N, rounded to fp16), one
+512x512 example at batch 1 (latents and text embeddings given). Side by side in one run:
+
+- PyTorch: diffusers + peft the way diffusers' train_text_to_image_lora.py trains (frozen
+  UNet in fp16, adapters in fp32, fp16 autocast, GradScaler, AdamW): step time (CUDA events,
+  median) and peak allocated memory; the fp32 gradients (TF32 off) as the reference and the
+  fp16 ones' error against them.
+- atelier: `atelier bench --model DIR --train` on the same weights and inputs: step time,
+  memory (tensors, and the whole process by nvidia-smi), gradients' error against the fp32
+  reference. Bounds as tests/unet_train.rs: each tensor within 4x PyTorch fp16's error on
+  it, all gradients concatenated within 1.5x.
+
+Run by scripts/gpu-check.sh (part `train`), or alone on that machine:
+    python3 scripts/gpu-check-train.py --atelier .device/bin/atelier --work /tmp/sd15-train
+"""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import threading
+import time
+
+import torch
+
+SEED = 1234
+SIZE = 512
+RANK, ALPHA = 4, 16
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def models_script():
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location("gpu_check_models", os.path.join(here, "gpu-check-models.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+def build_unet(gm, work):
+    from diffusers import UNet2DConditionModel
+    gen = torch.Generator().manual_seed(SEED)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280))
+    gm.reinit_(unet, gen)
+    os.makedirs(work, exist_ok=True)
+    unet.half().save_pretrained(os.path.join(work, "unet"), safe_serialization=True)
+    with open(os.path.join(work, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}, f)
+    return unet.float()
+
+
+def attach(unet, values=None):
+    """peft adapters; A, B = 0.1·N rounded to fp16 (or the given values)."""
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(SEED + 7)
+    out = {}
+    for name, m in unet.named_modules():
+        if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            if values is None:
+                va = (0.1 * torch.randn(a.shape, generator=gen)).half().float()
+                vb = (0.1 * torch.randn(b.shape, generator=gen)).half().float()
+            else:
+                va, vb = values[f"lora.{name}.lora_A"], values[f"lora.{name}.lora_B"]
+            a.data, b.data = va.to(a.device, a.dtype).clone(), vb.to(b.device, b.dtype).clone()
+            out[f"lora.{name}.lora_A"], out[f"lora.{name}.lora_B"] = va, vb
+    return out
+
+
+def lora_params(unet):
+    return [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def grad_name(n):
+    # base name: down_blocks.0....to_q.lora_A.default.weight -> grad.down_blocks.0....to_q.lora_A
+    return "grad." + n.replace(".default.weight", "")
+
+
+def example():
+    g = torch.Generator().manual_seed(SEED + 3)
+    lat = SIZE // 8
+    x0 = torch.randn(1, 4, lat, lat, generator=g)
+    noise = torch.randn(1, 4, lat, lat, generator=g)
+    ctx = torch.randn(1, 77, 768, generator=g)
+    t = 317
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float32) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return {"train.sample": x_t, "train.target": noise, "train.timestep": torch.tensor([float(t)]),
+            "train.encoder_hidden_states": ctx}
+
+
+def grads_fp32(unet, ex):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    unet = unet.cuda().float()
+    for _, p in lora_params(unet):
+        p.grad = None
+    pred = unet(ex["train.sample"].cuda(), ex["train.timestep"].cuda(), encoder_hidden_states=ex["train.encoder_hidden_states"].cuda()).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), ex["train.target"].cuda())
+    loss.backward()
+    return loss.item(), {grad_name(n): p.grad.detach().double().cpu() for n, p in lora_params(unet)}
+
+
+def torch_step_setup(unet):
+    """diffusers' LoRA script: frozen base in fp16, adapters fp32, autocast fp16, GradScaler."""
+    unet = unet.cuda()
+    for n, p in unet.named_parameters():
+        p.data = p.data.float() if "lora_" in n else p.data.half()
+    params = [p for _, p in lora_params(unet)]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda")
+    return unet, params, opt, scaler
+
+
+def torch_step(unet, params, opt, scaler, ex):
+    with torch.autocast("cuda", dtype=torch.float16):
+        pred = unet(ex["train.sample"], ex["train.timestep"], encoder_hidden_states=ex["train.encoder_hidden_states"]).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), ex["train.target"].float())
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def poll_memory(pid, stop, peak):
+    while not stop.is_set():
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True).stdout
+            for line in q.splitlines():
+                p, m = [s.strip() for s in line.split(",")]
+                if int(p) == pid:
+                    peak[0] = max(peak[0], int(m))
+        except Exception:
+            pass
+        time.sleep(0.05)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--atelier", default=".device/bin/atelier")
+    ap.add_argument("--work", default="/tmp/sd15-train")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    gm = models_script()
+    gm.install_diffusers()
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    t0 = time.time()
+    unet = build_unet(gm, a.work)
+    values = attach(unet)
+    ex = example()
+    print(f"model built and saved in {time.time() - t0:.1f} s")
+
+    # Reference gradients (fp32, TF32 off), then PyTorch's own fp16 step: its gradients (first
+    # step, unscaled) and its timing and peak memory.
+    ref_loss, ref = grads_fp32(unet, ex)
+    del unet
+    torch.cuda.empty_cache()
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(a.work, "unet"), torch_dtype=torch.float16)
+    attach(unet, values)
+    unet, params, opt, scaler = torch_step_setup(unet)
+    exc = {k: v.cuda() for k, v in ex.items()}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.float16):
+        pred = unet(exc["train.sample"], exc["train.timestep"], encoder_hidden_states=exc["train.encoder_hidden_states"]).sample
+    loss16 = torch.nn.functional.mse_loss(pred.float(), exc["train.target"])
+    # Scaled as atelier scales it (2^14 = the number of predicted values), so fp16's
+    # activation gradients are not flushed to zero; unscaled after.
+    scale = 2.0 ** 14
+    (loss16 * scale).backward()
+    g16 = {grad_name(n): p.grad.detach().double().cpu() / scale for n, p in lora_params(unet)}
+    opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        torch_step(unet, params, opt, scaler, exc)
+    ts = []
+    for _ in range(a.repeat):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        torch_step(unet, params, opt, scaler, exc)
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    torch_ms = sorted(ts)[len(ts) // 2]
+    torch_peak = torch.cuda.max_memory_allocated() / 2**30
+    del unet, params, opt, scaler, exc
+    torch.cuda.empty_cache()
+
+    # atelier on the same weights and inputs.
+    in_path, out_path = os.path.join(a.work, "train-inputs.safetensors"), os.path.join(a.work, "train-out.safetensors")
+    save_file({k: v.float().contiguous() for k, v in {**ex, **values}.items()}, in_path)
+    cmd = [a.atelier, "bench", "--model", a.work, "--train", "--batch", "1", "--width", str(SIZE), "--height", str(SIZE),
+           "--repeat", str(a.repeat), "--inputs", in_path, "--output", out_path] + (["--profile"] if a.profile else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stop, peak = threading.Event(), [0]
+    th = threading.Thread(target=poll_memory, args=(proc.pid, stop, peak))
+    th.start()
+    text = proc.communicate()[0]
+    stop.set()
+    th.join()
+    print(text)
+    if proc.returncode != 0:
+        raise SystemExit("atelier failed")
+    ours = load_file(out_path)
+    at_ms = float(text.split("training step")[1].split("median ")[1].split(" ms")[0])
+    held = float(text.split("= ")[-1].split(" GiB")[0]) if "GiB" in text else float("nan")
+
+    worst, ratios, fails = (0.0, ""), [], []
+    cat_ref, cat_ours, cat_16 = [], [], []
+    for k, r in ref.items():
+        o = ours[k].double()
+        e_ours, e16 = rel(o, r), rel(g16[k], r)
+        ratios.append(e_ours / e16)
+        if e_ours > 4 * e16:
+            fails.append(f"{k}: {e_ours:.3e} > 4 x {e16:.3e}")
+        if e_ours / e16 > worst[0]:
+            worst = (e_ours / e16, k)
+        cat_ref.append(r.flatten()), cat_ours.append(o.flatten()), cat_16.append(g16[k].flatten())
+    cat_ref, cat_ours, cat_16 = torch.cat(cat_ref), torch.cat(cat_ours), torch.cat(cat_16)
+    e_all, e16_all = rel(cat_ours, cat_ref), rel(cat_16, cat_ref)
+    ratios.sort()
+    loss_ours = ours["train.loss"].item()
+    print(f"\nloss: fp32 {ref_loss:.6f}, PyTorch fp16 {loss16.item():.6f}, atelier {loss_ours:.6f}")
+    print(f"gradients ({len(ref)} tensors): atelier / PyTorch-fp16 error ratio per tensor median {ratios[len(ratios) // 2]:.2f}, "
+          f"max {ratios[-1]:.2f} ({worst[1]})")
+    print(f"all gradients concatenated: atelier {e_all:.3e}, PyTorch fp16 {e16_all:.3e} (bound {1.5 * e16_all:.3e})")
+    ok = not fails and e_all <= 1.5 * e16_all
+    for f in fails[:10]:
+        print("  over bound:", f)
+    print(f"\n{'':<26} {'PyTorch':>10} {'atelier':>10}")
+    print(f"{'step ms (512x512, b1)':<26} {torch_ms:>10.1f} {at_ms:>10.1f}   speed-up {torch_ms / at_ms:.2f}x (target 2x)")
+    print(f"{'peak GPU memory GiB':<26} {torch_peak:>10.2f} {held:>10.2f}   (atelier: tensors; whole process {peak[0] / 1024:.2f} GiB by nvidia-smi)")
+    print(f"{'gradients within bound':<26} {'':>10} {'yes' if ok else 'NO':>10}")
+
+
+if __name__ == "__main__":
+    main()
