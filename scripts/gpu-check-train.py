@@ -207,7 +207,8 @@ def main():
     save_file({k: v.float().contiguous() for k, v in {**ex, **values}.items()}, in_path)
     cmd = [a.atelier, "bench", "--model", a.work, "--train", "--batch", "1", "--width", str(SIZE), "--height", str(SIZE),
            "--repeat", str(a.repeat), "--inputs", in_path, "--output", out_path] + (["--profile"] if a.profile else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ATELIER_PROFILE_SHAPES": "1"} if a.profile else None)
     stop, peak = threading.Event(), [0]
     th = threading.Thread(target=poll_memory, args=(proc.pid, stop, peak))
     th.start()
@@ -217,15 +218,25 @@ def main():
     print(text)
     if proc.returncode != 0:
         raise SystemExit("atelier failed")
+    # Again with the transformers recomputed at the backward (less memory).
+    rc = subprocess.run(cmd[:cmd.index("--inputs")] + ["--recompute"], capture_output=True, text=True)
+    print(rc.stdout[-1500:])
+    rc_ms = float(rc.stdout.split("training step")[1].split("median ")[1].split(" ms")[0]) if rc.returncode == 0 else float("nan")
+    rc_held = float(rc.stdout.split("= ")[-1].split(" GiB")[0]) if rc.returncode == 0 else float("nan")
     ours = load_file(out_path)
     at_ms = float(text.split("training step")[1].split("median ")[1].split(" ms")[0])
     held = float(text.split("= ")[-1].split(" GiB")[0]) if "GiB" in text else float("nan")
 
-    worst, ratios, fails = (0.0, ""), [], []
+    worst, ratios, fails, rows = (0.0, ""), [], [], []
     cat_ref, cat_ours, cat_16 = [], [], []
+    for name, t in [("reference", ref), ("PyTorch fp16", g16), ("atelier", {k: ours[k] for k in ref})]:
+        bad = [k for k, v in t.items() if not torch.isfinite(v).all()]
+        if bad:
+            print(f"{name}: {len(bad)} gradient tensors hold inf or NaN, e.g. {bad[:3]}")
     for k, r in ref.items():
         o = ours[k].double()
         e_ours, e16 = rel(o, r), rel(g16[k], r)
+        rows.append((e_ours / e16, k, r.norm().item(), g16[k].norm().item(), o.norm().item(), e16, e_ours))
         ratios.append(e_ours / e16)
         if e_ours > 4 * e16:
             fails.append(f"{k}: {e_ours:.3e} > 4 x {e16:.3e}")
@@ -235,6 +246,10 @@ def main():
     cat_ref, cat_ours, cat_16 = torch.cat(cat_ref), torch.cat(cat_ours), torch.cat(cat_16)
     e_all, e16_all = rel(cat_ours, cat_ref), rel(cat_16, cat_ref)
     ratios.sort()
+    rows.sort(reverse=True)
+    print(f"\n{'worst tensors':<72} {'|ref|':>9} {'|fp16|':>9} {'|ours|':>9} {'fp16 err':>9} {'our err':>9}")
+    for rr in rows[:8]:
+        print(f"{rr[1]:<72} {rr[2]:>9.2e} {rr[3]:>9.2e} {rr[4]:>9.2e} {rr[5]:>9.2e} {rr[6]:>9.2e}")
     loss_ours = ours["train.loss"].item()
     print(f"\nloss: fp32 {ref_loss:.6f}, PyTorch fp16 {loss16.item():.6f}, atelier {loss_ours:.6f}")
     print(f"gradients ({len(ref)} tensors): atelier / PyTorch-fp16 error ratio per tensor median {ratios[len(ratios) // 2]:.2f}, "
@@ -246,6 +261,7 @@ def main():
     print(f"\n{'':<26} {'PyTorch':>10} {'atelier':>10}")
     print(f"{'step ms (512x512, b1)':<26} {torch_ms:>10.1f} {at_ms:>10.1f}   speed-up {torch_ms / at_ms:.2f}x (target 2x)")
     print(f"{'peak GPU memory GiB':<26} {torch_peak:>10.2f} {held:>10.2f}   (atelier: tensors; whole process {peak[0] / 1024:.2f} GiB by nvidia-smi)")
+    print(f"{'with recompute: step ms':<26} {'':>10} {rc_ms:>10.1f}   memory {rc_held:.2f} GiB (tensors; target < 3 GiB)")
     print(f"{'gradients within bound':<26} {'':>10} {'yes' if ok else 'NO':>10}")
 
 

@@ -33,6 +33,8 @@ pub struct TrainBench {
     pub rank: usize,
     pub alpha: f32,
     pub targets: LoraTargets,
+    /// Recompute the transformers' forwards at the backward.
+    pub recompute: bool,
     /// Timed steps (after two warm-up steps).
     pub repeat: usize,
     pub inputs: Option<PathBuf>,
@@ -88,9 +90,10 @@ pub fn run(gpu: &Gpu, model: &Path, o: &TrainBench) -> Result<()> {
     println!("{} adapters, rank {}, alpha {} ({} with given values); {:.2} MiB of parameters + gradients + AdamW state", specs.len(), o.rank, o.alpha, given, mib(lora.bytes()));
 
     let t0 = Instant::now();
-    let plan = unet.train_plan(gpu, b, lh, lw, tokens, &lora, TrainOptions::default())?;
+    let plan = unet.train_plan(gpu, b, lh, lw, tokens, &lora, TrainOptions { recompute: o.recompute, ..Default::default() })?;
     println!(
-        "training plan: {} launches, {:.1} GFLOP; activations saved for the backward {:.1} MiB, pool {:.1} MiB (peak in use {:.1} MiB); loss scale {} ({:.2} s to build)",
+        "training plan{}: {} launches, {:.1} GFLOP; activations saved for the backward {:.1} MiB, pool {:.1} MiB (peak in use {:.1} MiB); loss scale {} ({:.2} s to build)",
+        if o.recompute { " (recomputing the transformers)" } else { "" },
         plan.plan.dispatches.len(),
         plan.plan.flops() / 1e9,
         mib(plan.saved_bytes),

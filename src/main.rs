@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use atelier::bench_models::ModelBench;
+use atelier::bench_train::TrainBench;
 use atelier::model::unet_train::LoraTargets;
 use atelier::sample::SampleArgs;
 use atelier::schedulers::Sampler;
@@ -98,6 +99,10 @@ atelier sample --model sd15/ --prompt \"a lady\" --lora portraits.safetensors:0.
         /// kohya's default).
         #[arg(long, default_value = "attention")]
         targets: String,
+        /// Recompute each transformer's forward at its backward instead of keeping its
+        /// activations (with --train): less memory, more time.
+        #[arg(long)]
+        recompute: bool,
     },
 }
 
@@ -184,8 +189,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => info(&opts),
         Command::Sample(s) => sample(&opts, *s),
-        Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, targets, .. } => {
-            bench_train(&opts, &model, batch, width, height, repeat, inputs, output, profile, rank, alpha, &targets)
+        Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, targets, recompute, .. } => {
+            let o = TrainBench { batch, height, width, rank, alpha, targets: LoraTargets::Attention, recompute, repeat, inputs, output, profile };
+            bench_train(&opts, &model, o, &targets)
         }
         Command::Bench { model: Some(model), batch, vae_batch, width, height, repeat, inputs, output, encode, profile, .. } => {
             let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
@@ -276,29 +282,14 @@ fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench) -> atelier::Resu
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench_train(
-    opts: &GpuOptions,
-    model: &Path,
-    batch: usize,
-    width: usize,
-    height: usize,
-    repeat: usize,
-    inputs: Option<PathBuf>,
-    output: Option<PathBuf>,
-    profile: bool,
-    rank: usize,
-    alpha: f32,
-    targets: &str,
-) -> atelier::Result<()> {
-    let targets = match targets {
+fn bench_train(opts: &GpuOptions, model: &Path, mut o: TrainBench, targets: &str) -> atelier::Result<()> {
+    o.targets = match targets {
         "attention" => LoraTargets::Attention,
         "transformer" => LoraTargets::Transformer,
         other => return Err(atelier::Error::Usage(format!("--targets {other}: use attention or transformer"))),
     };
     let gpu = Gpu::new(opts)?;
     println!("{}", gpu.describe());
-    let o = atelier::bench_train::TrainBench { batch, height, width, rank, alpha, targets, repeat, inputs, output, profile };
     atelier::bench_train::run(&gpu, model, &o)
 }
 

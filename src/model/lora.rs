@@ -99,6 +99,16 @@ pub struct LoraSaved {
     xd_owned: bool,
 }
 
+impl LoraSaved {
+    /// Gives the tensors the adapter made back to the pool unused (its input stays).
+    pub fn release(self, pb: &mut PlanBuilder) {
+        pb.free(self.h);
+        if self.xd_owned {
+            pb.free(self.xd);
+        }
+    }
+}
+
 /// torch.optim.AdamW's hyper-parameters plus the global gradient-norm clip.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {

@@ -12,8 +12,9 @@
 //! Memory: [`UNetTrainPlan::saved_bytes`] are the activations alive between the forward and
 //! the backward (the memory plan's saved set: per resnet its input, conv1's output and norm
 //! statistics; per transformer block the three stream states, q/k/v, the attention output, the
-//! GEGLU input and what the adapters read), [`UNetTrainPlan::peak_bytes`] the most pool
-//! memory in use at once.
+//! GEGLU input and what the adapters read), the plan's `peak_bytes` the most pool memory in
+//! use at once. With [`TrainOptions::recompute`] a transformer keeps only its input and
+//! records its forward again just before its backward.
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::error::{Error, Result};
@@ -24,7 +25,7 @@ use crate::model::layers::Taps;
 use crate::model::lora::{Adapters, LoraParams, LoraSpec};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet_blocks::{Hw, ResnetSaved};
-use crate::model::unet_transformer::TransformerSaved;
+use crate::model::unet_transformer::{Transformer2D, TransformerSaved};
 
 /// Which modules of the UNet get adapters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +94,10 @@ pub struct TrainOptions {
     /// above the number of predicted values (the MSE's gradient is then about 2·(pred -
     /// target), order 1).
     pub loss_scale: Option<f32>,
+    /// Keep only each transformer's input from the forward and record its forward again just
+    /// before its backward (attention, GEGLU, norm outputs: most of the saved activations),
+    /// trading about one more transformer forward per step for memory.
+    pub recompute: bool,
 }
 
 /// A built training step for one batch size and latent size.
@@ -119,10 +124,31 @@ pub struct UNetTrainPlan {
     pub saved_bytes: u64,
 }
 
+/// A transformer's state between the forward and the backward: all it saved, or only its
+/// input when it is recomputed.
+enum Held {
+    Kept(TransformerSaved),
+    Input(Tensor),
+}
+
+impl Held {
+    fn new(pb: &mut PlanBuilder, saved: TransformerSaved, recompute: bool) -> Held {
+        if recompute { Held::Input(saved.into_input(pb)) } else { Held::Kept(saved) }
+    }
+
+    /// The saved state, recomputed when only the input was kept.
+    fn take(self, pb: &mut PlanBuilder, t: &Transformer2D, batch: usize, ctx: (&Tensor, usize), ad: &Adapters) -> Result<TransformerSaved> {
+        match self {
+            Held::Kept(s) => Ok(s),
+            Held::Input(x) => t.recompute(pb, x, batch, ctx, ad),
+        }
+    }
+}
+
 /// A down-path step's saved state, in forward order.
 enum DownSaved {
     Resnet(ResnetSaved),
-    Transformer(TransformerSaved),
+    Transformer(Held),
     /// The downsampler's input (kept as a skip, released at its backward) and its size.
     Down(Tensor, Hw),
 }
@@ -166,7 +192,7 @@ impl UNet2DConditionModel {
                 h = y;
                 if let Some(t) = level.attentions.get(j) {
                     let (y, ts) = t.forward_train(&mut pb, h, batch, ctx, &ad)?;
-                    saved.push(DownSaved::Transformer(ts));
+                    saved.push(DownSaved::Transformer(Held::new(&mut pb, ts, opts.recompute)));
                     h = y;
                 }
                 skips.push((h.clone(), hw));
@@ -183,6 +209,7 @@ impl UNet2DConditionModel {
         }
         let (m0, mid0) = self.mid_resnets[0].forward_train(&mut pb, h, hw, temb)?;
         let (m1, mid_t) = self.mid_attention.forward_train(&mut pb, m0, batch, ctx, &ad)?;
+        let mid_t = Held::new(&mut pb, mid_t, opts.recompute);
         let (mut h, mid1) = self.mid_resnets[1].forward_train(&mut pb, m1, hw, temb)?;
         // Up path: concat(stream, skip) -> resnet (-> transformer) (-> upsample). The skips stay
         // alive: each is also the saved input of a down-path block, released by its backward.
@@ -202,7 +229,7 @@ impl UNet2DConditionModel {
                     Some(t) => {
                         let (y, ts) = t.forward_train(&mut pb, h, batch, ctx, &ad)?;
                         h = y;
-                        Some(ts)
+                        Some(Held::new(&mut pb, ts, opts.recompute))
                     }
                     None => None,
                 };
@@ -248,7 +275,8 @@ impl UNet2DConditionModel {
                 dh = u.backward(&mut pb, dh, before, (after.1, after.2))?;
             }
             for (j, us) in saved.into_iter().enumerate().rev() {
-                if let (Some(ts), Some(t)) = (us.transformer, level.attentions.get(j)) {
+                if let (Some(held), Some(t)) = (us.transformer, level.attentions.get(j)) {
+                    let ts = held.take(&mut pb, t, batch, ctx, &ad)?;
                     dh = t.backward(&mut pb, ts, dh, batch, ctx, &ad, true)?.expect("asked for dx");
                 }
                 let dcat = level.resnets[j].backward(&mut pb, us.resnet, dh, true)?.expect("asked for dx");
@@ -263,6 +291,7 @@ impl UNet2DConditionModel {
         }
         // Mid block, reversed.
         dh = self.mid_resnets[1].backward(&mut pb, mid1, dh, true)?.expect("asked for dx");
+        let mid_t = mid_t.take(&mut pb, &self.mid_attention, batch, ctx, &ad)?;
         dh = self.mid_attention.backward(&mut pb, mid_t, dh, batch, ctx, &ad, true)?.expect("asked for dx");
         dh = self.mid_resnets[0].backward(&mut pb, mid0, dh, true)?.expect("asked for dx");
         // Down path, reversed: before each block that made a skip, that skip's gradient joins
@@ -280,11 +309,13 @@ impl UNet2DConditionModel {
                         dh = Some(level.down.as_ref().expect("a saved downsampler").backward(&mut pb, d, shape)?);
                         pb.free(x);
                     }
-                    DownSaved::Transformer(ts) => {
+                    DownSaved::Transformer(held) => {
                         let d = dh.take().expect("the down path's gradient flows up to here");
                         add_skip(&mut pb, &d, dskips.pop())?;
                         let need_dx = !(i == 0 && j == 1);
-                        dh = level.attentions[j - 1].backward(&mut pb, ts, d, batch, ctx, &ad, need_dx)?;
+                        let t = &level.attentions[j - 1];
+                        let ts = held.take(&mut pb, t, batch, ctx, &ad)?;
+                        dh = t.backward(&mut pb, ts, d, batch, ctx, &ad, need_dx)?;
                     }
                     DownSaved::Resnet(rs) => {
                         j -= 1;
@@ -314,7 +345,7 @@ impl UNet2DConditionModel {
 /// An up-path resnet's saved state, its transformer's, and the concat it read.
 struct UpSaved {
     resnet: ResnetSaved,
-    transformer: Option<TransformerSaved>,
+    transformer: Option<Held>,
     hw: Hw,
     c1: usize,
     c2: usize,

@@ -49,6 +49,12 @@ struct Applied {
     saved: LoraSaved,
 }
 
+impl Applied {
+    fn release(self, pb: &mut PlanBuilder) {
+        self.saved.release(pb);
+    }
+}
+
 /// Runs the adapter on `name` (if any) from `x` into columns `offset..` of `y` [rows, ld].
 fn adapt(pb: &mut PlanBuilder, ad: &Adapters, name: String, x: &Tensor, y: &Tensor, offset: usize, ld: usize, out: &mut Vec<Applied>) -> Result<()> {
     if let Some(l) = ad.get(&name) {
@@ -90,6 +96,17 @@ struct AttentionSaved {
     /// Adapters on q, k, v (input: the normed stream or the context) and on to_out.
     qkv_lora: Vec<Applied>,
     out_lora: Vec<Applied>,
+}
+
+impl AttentionSaved {
+    fn release(self, pb: &mut PlanBuilder) {
+        for a in self.qkv_lora.into_iter().chain(self.out_lora) {
+            a.release(pb);
+        }
+        for t in [Some(self.q_or_qkv), self.kv, Some(self.o)].into_iter().flatten() {
+            pb.free(t);
+        }
+    }
 }
 
 impl CrossAttention {
@@ -277,6 +294,32 @@ struct BlockSaved {
     ff_out_lora: Vec<Applied>,
 }
 
+impl NormSaved {
+    fn release(self, pb: &mut PlanBuilder) {
+        for t in [Some(self.x), Some(self.stats), self.y].into_iter().flatten() {
+            pb.free(t);
+        }
+    }
+}
+
+impl BlockSaved {
+    /// Gives everything back to the pool, the block's input stream included.
+    fn release(self, pb: &mut PlanBuilder) {
+        for a in self.ff_in_lora.into_iter().chain(self.ff_out_lora) {
+            a.release(pb);
+        }
+        self.attn1.release(pb);
+        self.attn2.release(pb);
+        for n in [self.n1, self.n2, self.n3] {
+            n.release(pb);
+        }
+        pb.free(self.hidden);
+        if let Some(g) = self.g {
+            pb.free(g);
+        }
+    }
+}
+
 impl BasicTransformerBlock {
     fn load(p: &Prefix, c: usize, heads: usize, context: usize) -> Result<Self> {
         let inner = 4 * c;
@@ -428,6 +471,23 @@ pub struct TransformerSaved {
     blocks: Vec<BlockSaved>,
 }
 
+impl TransformerSaved {
+    /// Keeps only the input, giving everything else back to the pool: for recomputing the
+    /// forward at the backward ([`Transformer2D::recompute`]).
+    pub fn into_input(self, pb: &mut PlanBuilder) -> Tensor {
+        for a in self.in_lora.into_iter().chain(self.out_lora) {
+            a.release(pb);
+        }
+        for b in self.blocks {
+            b.release(pb);
+        }
+        for t in [Some(self.stats), self.normed, self.last].into_iter().flatten() {
+            pb.free(t);
+        }
+        self.x
+    }
+}
+
 impl Transformer2D {
     /// `linear_projection`: proj_in/out are linears (else 1x1 convolutions, SD-1.5's).
     pub fn load(p: &Prefix, c: usize, heads: usize, context: usize, layers: usize, groups: usize, linear_projection: bool) -> Result<Self> {
@@ -492,6 +552,16 @@ impl Transformer2D {
             Some(s)
         };
         Ok((out, TransformerSaved { x, stats, normed, last, in_lora, out_lora, blocks }))
+    }
+
+    /// Records the training forward again from its saved input x (moved in), for a backward
+    /// that follows at once: the memory of one transformer's saved state instead of all of
+    /// them. Same launches on the same input, so the same values (dropout masks included:
+    /// they are regenerated from the step seed).
+    pub fn recompute(&self, pb: &mut PlanBuilder, x: Tensor, batch: usize, context: (&Tensor, usize), ad: &Adapters) -> Result<TransformerSaved> {
+        let (out, saved) = self.forward_train(pb, x, batch, context, ad)?;
+        pb.free(out);
+        Ok(saved)
     }
 
     /// The backward from dout (moved in): returns dx when `need_dx` (else only the adapters'
