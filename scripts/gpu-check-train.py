@@ -178,14 +178,20 @@ def main():
     exc = {k: v.cuda() for k, v in ex.items()}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", dtype=torch.float16):
-        pred = unet(exc["train.sample"], exc["train.timestep"], encoder_hidden_states=exc["train.encoder_hidden_states"]).sample
-    loss16 = torch.nn.functional.mse_loss(pred.float(), exc["train.target"])
-    # Scaled as atelier scales it (2^14 = the number of predicted values), so fp16's
-    # activation gradients are not flushed to zero; unscaled after.
+    # Scaled as atelier scales it (from 2^14, the number of predicted values, halved while a
+    # gradient overflows fp16, as GradScaler backs off), then unscaled.
     scale = 2.0 ** 14
-    (loss16 * scale).backward()
-    g16 = {grad_name(n): p.grad.detach().double().cpu() / scale for n, p in lora_params(unet)}
+    while True:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            pred = unet(exc["train.sample"], exc["train.timestep"], encoder_hidden_states=exc["train.encoder_hidden_states"]).sample
+        loss16 = torch.nn.functional.mse_loss(pred.float(), exc["train.target"])
+        (loss16 * scale).backward()
+        g16 = {grad_name(n): p.grad.detach().double().cpu() / scale for n, p in lora_params(unet)}
+        if all(torch.isfinite(v).all() for v in g16.values()) or scale <= 1:
+            break
+        scale /= 2
+    print(f"PyTorch fp16 gradients at loss scale {scale:g}")
     opt.zero_grad(set_to_none=True)
     for _ in range(3):
         torch_step(unet, params, opt, scaler, exc)

@@ -26,13 +26,16 @@
 //               + t, j = 0..3, then a tree over the workgroup) into partial w.
 //   norm_final  one workgroup of 256: sums the partials in a fixed order (strided per
 //               invocation, then a tree) and writes stats = (norm, clip coefficient, sum of
-//               squares, 0), coefficient = min(max_norm / (norm + 1e-6), 1) as
+//               squares, skipped), coefficient = min(max_norm / (norm + 1e-6), 1) as
 //               torch.nn.utils.clip_grad_norm_, 1 without clipping. Both passes always add the
 //               same numbers in the same order: the norm is bit-reproducible on a device.
+//               skipped = 1 when the sum is not finite (an f16 gradient overflowed: the step
+//               is skipped, as torch's GradScaler skips it, and the caller lowers the loss
+//               scale), else 0. Tested on the bit pattern: fast-math drivers may fold isnan.
 //   adamw       one invocation per 4 flat elements: g = grad·coef; p *= decay; m += (g - m)·
 //               (1 - beta1); v = v·beta2 + (1 - beta2)·g²; p -= step_size·m / (sqrt(v) /
 //               sqrt(1 - beta2^t) + eps) (torch.optim.AdamW, non-amsgrad); then writes the f16
-//               copy of p and zeroes the gradient.
+//               copy of p and zeroes the gradient. A skipped step only zeroes the gradient.
 // Saves nothing for backward (dropout's mask is regenerated).
 
 struct Params {
@@ -169,7 +172,8 @@ fn norm_final(@builtin(local_invocation_index) t: u32) {
         if (max_norm > 0.0) {
             coef = min(max_norm / (norm + 1e-6), 1.0);
         }
-        dst[0] = bitcast<vec4<u32>>(vec4<f32>(norm, coef, total, 0.0));
+        let finite = (bitcast<u32>(total) & 0x7f800000u) != 0x7f800000u;
+        dst[0] = bitcast<vec4<u32>>(vec4<f32>(norm, select(0.0, coef, finite), total, select(1.0, 0.0, finite)));
     }
 }
 
@@ -178,6 +182,10 @@ fn adamw(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
          @builtin(local_invocation_index) lid: u32) {
     let u = unit_index(wg, nwg, lid);
     if (u * 4u >= p.numel) { return; }
+    if (bitcast<f32>(src[0].w) != 0.0) {
+        grads[u] = vec4<u32>(0u);
+        return;
+    }
     let coef = bitcast<f32>(src[0].y);
     let decay = bitcast<f32>(hyper[2]);
     let omb1 = bitcast<f32>(hyper[3]);

@@ -89,38 +89,49 @@ pub fn run(gpu: &Gpu, model: &Path, o: &TrainBench) -> Result<()> {
     lora.write_params(gpu, &flat)?;
     println!("{} adapters, rank {}, alpha {} ({} with given values); {:.2} MiB of parameters + gradients + AdamW state", specs.len(), o.rank, o.alpha, given, mib(lora.bytes()));
 
-    let t0 = Instant::now();
-    let plan = unet.train_plan(gpu, b, lh, lw, tokens, &lora, TrainOptions { recompute: o.recompute, ..Default::default() })?;
-    println!(
-        "training plan{}: {} launches, {:.1} GFLOP; activations saved for the backward {:.1} MiB, pool {:.1} MiB (peak in use {:.1} MiB); loss scale {} ({:.2} s to build)",
-        if o.recompute { " (recomputing the transformers)" } else { "" },
-        plan.plan.dispatches.len(),
-        plan.plan.flops() / 1e9,
-        mib(plan.saved_bytes),
-        mib(plan.plan.activation_bytes),
-        mib(plan.plan.peak_bytes),
-        plan.loss_scale,
-        t0.elapsed().as_secs_f64()
-    );
-
     let mut rng = Rng::new(0);
     let nchw = [b, lat_c, lh, lw];
     let sample = take(&inputs, "train.sample", &nchw)?.map(|v| nchw_to_nhwc(v, &nchw)).unwrap_or_else(|| rng.normals(b * lat_c * lh * lw));
     let target = take(&inputs, "train.target", &nchw)?.map(|v| nchw_to_nhwc(v, &nchw)).unwrap_or_else(|| rng.normals(b * lat_c * lh * lw));
     let t = take(&inputs, "train.timestep", &[b])?.cloned().unwrap_or(vec![500.0; b]);
     let ctx = take(&inputs, "train.encoder_hidden_states", &[b, tokens, ctx_dim])?.cloned().unwrap_or_else(|| rng.normals(b * tokens * ctx_dim));
-    plan.sample.write_f32(gpu, &sample)?;
-    plan.target.write_f32(gpu, &target)?;
-    plan.timestep.write_f32(gpu, &t)?;
-    plan.context.write_f32(gpu, &ctx)?;
 
-    // The first step's loss and gradients, before any update.
-    lora.zero_grads(gpu);
-    plan.plan.run(gpu)?;
+    // The first step's loss and gradients, before any update. When an f16 activation gradient
+    // overflows, the loss scale is halved and the plan rebuilt, as torch's GradScaler backs off.
+    let mut loss_scale = None;
+    let (plan, grads) = loop {
+        let t0 = Instant::now();
+        let plan = unet.train_plan(gpu, b, lh, lw, tokens, &lora, TrainOptions { recompute: o.recompute, loss_scale })?;
+        println!(
+            "training plan{}: {} launches, {:.1} GFLOP; activations saved for the backward {:.1} MiB, pool {:.1} MiB (peak in use {:.1} MiB); loss scale {} ({:.2} s to build)",
+            if o.recompute { " (recomputing the transformers)" } else { "" },
+            plan.plan.dispatches.len(),
+            plan.plan.flops() / 1e9,
+            mib(plan.saved_bytes),
+            mib(plan.plan.activation_bytes),
+            mib(plan.plan.peak_bytes),
+            plan.loss_scale,
+            t0.elapsed().as_secs_f64()
+        );
+        plan.sample.write_f32(gpu, &sample)?;
+        plan.target.write_f32(gpu, &target)?;
+        plan.timestep.write_f32(gpu, &t)?;
+        plan.context.write_f32(gpu, &ctx)?;
+        lora.zero_grads(gpu);
+        plan.plan.run(gpu)?;
+        let grads = lora.grads.to_f32(gpu)?;
+        if grads.iter().all(|g| g.is_finite()) {
+            break (plan, grads);
+        }
+        if plan.loss_scale <= 1.0 {
+            return Err(Error::Usage("the gradients overflow f16 even at loss scale 1: the model's activations are out of range".into()));
+        }
+        println!("gradients overflowed f16 at loss scale {}: halving it", plan.loss_scale);
+        loss_scale = Some(plan.loss_scale / 2.0);
+    };
     let loss = plan.loss.to_f32(gpu)?[0];
     println!("first step: loss {loss:.6}");
     if let Some(path) = &o.output {
-        let grads = lora.grads.to_f32(gpu)?;
         let mut out = vec![
             ("train.loss".to_string(), vec![1], vec![loss]),
             ("train.pred".to_string(), nchw.to_vec(), nhwc_to_nchw(&plan.pred.to_f32(gpu)?, &nchw)),

@@ -512,3 +512,43 @@ fn bad_inputs_are_errors() {
     let err = lp.layers[0].forward(&mut pb, &x, Operand::dense(&y, 6)).err().expect("a width mismatch is an error");
     assert!(err.to_string().contains("lora forward"), "{err}");
 }
+
+/// A non-finite gradient (an overflowed f16 activation gradient) skips the step: parameters,
+/// moments and f16 copies unchanged, gradients zeroed, the skip reported; the next finite
+/// step runs normally.
+#[test]
+fn non_finite_gradients_skip_the_step() {
+    let g = gpu();
+    let specs = vec![spec("a", 16, 8, 2, 4.0, 0.0)];
+    let lp = LoraParams::new(g, &specs, 5).unwrap();
+    let opt = AdamW { lr: 1e-2, max_grad_norm: Some(1.0), ..AdamW::default() };
+    let steps = lp.optimizer_step(g).unwrap();
+    let run = |grads: &[f32], t: u64| {
+        lp.grads.write_f32(g, grads).unwrap();
+        lp.set_step(g, &opt, t, 0);
+        let mut rec = Recorder::new(g);
+        for d in &steps {
+            rec.run(d).unwrap();
+        }
+        rec.finish().unwrap();
+    };
+    let layer = &lp.layers[0];
+    for bad in [f32::INFINITY, f32::NAN] {
+        let (p0, m0, h0) = (lp.params.to_f32(g).unwrap(), lp.m.to_f32(g).unwrap(), lp.params16.to_f32(g).unwrap());
+        let mut grads = vec![0f32; lp.total];
+        grads[layer.off_a..layer.off_a + 32].iter_mut().for_each(|x| *x = 0.5);
+        grads[layer.off_a + 3] = bad;
+        run(&grads, 1);
+        assert!(lp.step_skipped(g).unwrap(), "a {bad} gradient must skip the step");
+        assert_eq!(lp.params.to_f32(g).unwrap(), p0, "parameters changed on a skipped step");
+        assert_eq!(lp.m.to_f32(g).unwrap(), m0, "moments changed on a skipped step");
+        assert_eq!(lp.params16.to_f32(g).unwrap(), h0, "f16 copies changed on a skipped step");
+        assert!(lp.grads.to_f32(g).unwrap().iter().all(|&x| x == 0.0), "gradients not zeroed after a skipped step");
+    }
+    let mut grads = vec![0f32; lp.total];
+    grads[layer.off_a..layer.off_a + 32].iter_mut().for_each(|x| *x = 0.5);
+    let p0 = lp.params.to_f32(g).unwrap();
+    run(&grads, 1);
+    assert!(!lp.step_skipped(g).unwrap());
+    assert_ne!(lp.params.to_f32(g).unwrap(), p0, "a finite step must update");
+}

@@ -303,6 +303,12 @@ impl LoraParams {
         let s = self.stats.to_f32(gpu)?;
         Ok((s[0], s[1]))
     }
+
+    /// Whether the last optimizer step was skipped because a gradient was not finite (an f16
+    /// activation gradient overflowed: lower the loss scale); waits for the GPU.
+    pub fn step_skipped(&self, gpu: &Gpu) -> Result<bool> {
+        Ok(self.stats.to_f32(gpu)?[3] != 0.0)
+    }
 }
 
 /// The trainable adapters of a model by target module name (their [`LoraSpec::name`]), as a
