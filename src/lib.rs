@@ -16,5 +16,6 @@ pub mod rng;
 pub mod sample;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
