@@ -14,9 +14,9 @@
 // overwritten (activation grads). stats f32 [batch·heads·lq] of vec2 (lse2, D):
 // lse2 = log2 Σ_j exp2(s_ij) with s in log2 units (q·k·scale·log2 e), D_i = Σ_c dO_ic·O_ic.
 //
-// Three launches, 256 invocations each; the launcher picks the tiles (bq, bk) so that the
-// invocations owning an output octet fit (rows·P <= 256), tiles of q/k/v fit 256 words and
-// the score block bq·bk <= 1024:
+// Three launches (four with split queries), 256 invocations each; the launcher picks the tiles
+// (bq, bk) so that the invocations owning an output octet fit (rows·P <= 256), tiles of q/k/v
+// fit 256 words and the score block bq·bk <= 1024:
 //   attnb_stats grid (ceil(lq / bq), batch·heads): recomputes the forward's softmax statistics
 //               (the forward saves none): Q tile in workgroup memory, K blocks streamed, scores
 //               spread over all invocations, invocation r < bq keeps row r's running max and
@@ -25,14 +25,24 @@
 //               per key block: K, V tiles; P = exp2(s - lse2), dP = dO·vᵀ, dS = P∘(dP - D)
 //               [bq, bk] over all invocations; invocation t < bq·P owns dq row t / P, octet
 //               t % P: dq += dS·k. Finally dq = acc·scale.
-//   attnb_dkv   grid (ceil(lk / bk), batch·heads): K, V tiles resident; per query block (from
-//               the first that sees the keys when causal): Q, dO tiles and stats; P and dS as
-//               above; invocation t < bk·P owns key row t / P, octet t % P: dv += Pᵀ·dO,
-//               dk += dSᵀ·q. Finally dk = acc·scale, dv = acc. Keys no query sees get zeros.
-// Bindings (each entry uses 1..n): 1 q, 2 k, 3 o (stats) or v (dq, dkv), 4 dout, 5 stats,
-// 6 dq (dq) or dk (dkv), 7 dv (dkv).
+//   attnb_dkv   grid (ceil(lk / bk), batch·heads, splits): K, V tiles resident; per query block
+//               (from the first that sees the keys when causal, qs): Q, dO tiles and stats; P
+//               and dS as above; invocation t < bk·P owns key row t / P, octet t % P:
+//               dv += Pᵀ·dO, dk += dSᵀ·q. Workgroup z takes the query blocks qs + z, qs + z +
+//               splits, ... With splits = 1: dk = acc·scale, dv = acc into the outputs. With
+//               splits > 1 (too few key blocks to fill the GPU, e.g. cross-attention over 77
+//               keys): the unscaled f32 partials into pdk, pdv [splits, batch, lk, heads·d]
+//               (dense), every element written (zeros where z saw no query). Keys no query
+//               sees get zeros.
+//   attnb_dkv_reduce  grid (ceil(batch·lk·heads·d / 8 / 256)), only with splits > 1:
+//               invocation i owns octet i of [batch, lk, heads·d]: sums the splits' partials
+//               in order z = 0, 1, ... (deterministic, no atomics), dk = sum·scale, dv = sum.
+// Bindings: 1 q, 2 k, 3 o (stats) or v (dq, dkv), 4 dout, 5 stats, 6 dq (dq) or dk (dkv with
+// splits = 1, reduce) or pdk (dkv with splits > 1), 7 dv or pdv likewise, 8 pdk and 9 pdv
+// (read by the reduce). stats uses 1..5, dq 1..6, dkv 1..7, the reduce 6..9.
 // Workgroup memory: 3 x 4 KiB (q, k, v tiles) + 8 KiB (dO tile, f32) + 2 x 4 KiB (P, dS)
-// + 512 B (row stats) = 28.5 KiB. No infinities (Metal's fast math): masked scores are NEG.
+// + 512 B (row stats) = 28.5 KiB (stats, dq, dkv); none (reduce). No infinities (Metal's fast
+// math): masked scores are NEG.
 // Saves nothing.
 
 struct Params {
@@ -61,7 +71,7 @@ struct Params {
     off_dk: u32,
     off_dv: u32,
     scale: f32,     // 1/sqrt(d) usually
-    _pad0: u32,
+    splits: u32,    // attnb_dkv, reduce: query splits (1: no partials, no reduce)
     _pad1: u32,
     _pad2: u32,
 }
@@ -77,6 +87,8 @@ override OUT_F32: bool = false;
 @group(0) @binding(5) var<storage, read_write> stats: array<vec2<f32>>;
 @group(0) @binding(6) var<storage, read_write> g0: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read_write> g1: array<vec4<u32>>;
+@group(0) @binding(8) var<storage, read> pdk: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> pdv: array<vec4<f32>>;
 
 const WG: u32 = 256u;
 const NEG: f32 = -1.0e30;
@@ -336,7 +348,8 @@ fn attnb_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     // Causal: queries before k0 see none of these keys.
     var qstart = 0u;
     if (p.causal != 0u) { qstart = (k0 / bq) * bq; }
-    for (var q0 = qstart; q0 < p.lq; q0 += bq) {
+    let splits = max(p.splits, 1u);
+    for (var q0 = qstart + wg.z * bq; q0 < p.lq; q0 += splits * bq) {
         let nq = min(bq, p.lq - q0);
         load_q_tile(b, h, q0, bq, t);
         load_do_tile(b, h, q0, bq, t);
@@ -359,7 +372,37 @@ fn attnb_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
 
     let kj = k0 + j;
     if (owner && kj < p.lk) {
-        store_g0(row_elem(p.off_dk, p.lddk, p.lk, b, h, kj) + 8u * c, Oct(dk.lo * p.scale, dk.hi * p.scale));
-        store_g1(row_elem(p.off_dv, p.lddv, p.lk, b, h, kj) + 8u * c, dv);
+        if (splits > 1u) {
+            // Partials, f32 [splits, batch, lk, heads·d], unscaled: 2 words per octet.
+            let w = (((wg.z * p.batch + b) * p.lk + kj) * p.heads * p.d + h * p.d + 8u * c) / 4u;
+            g0[w] = bitcast<vec4<u32>>(dk.lo);
+            g0[w + 1u] = bitcast<vec4<u32>>(dk.hi);
+            g1[w] = bitcast<vec4<u32>>(dv.lo);
+            g1[w + 1u] = bitcast<vec4<u32>>(dv.hi);
+        } else {
+            store_g0(row_elem(p.off_dk, p.lddk, p.lk, b, h, kj) + 8u * c, Oct(dk.lo * p.scale, dk.hi * p.scale));
+            store_g1(row_elem(p.off_dv, p.lddv, p.lk, b, h, kj) + 8u * c, dv);
+        }
     }
+}
+
+@compute @workgroup_size(256)
+fn attnb_dkv_reduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let hd8 = p.heads * p.d / 8u;
+    let n = p.batch * p.lk * hd8;   // octets per split
+    let i = wg.x * WG + t;
+    if (i >= n) { return; }
+    var dk = Oct(vec4<f32>(0.0), vec4<f32>(0.0));
+    var dv = Oct(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var z = 0u; z < p.splits; z++) {
+        let w = 2u * (z * n + i);
+        dk.lo += pdk[w];
+        dk.hi += pdk[w + 1u];
+        dv.lo += pdv[w];
+        dv.hi += pdv[w + 1u];
+    }
+    let row = i / hd8;   // b·lk + key
+    let col = 8u * (i % hd8);
+    store_g0(p.off_dk + row * p.lddk + col, Oct(dk.lo * p.scale, dk.hi * p.scale));
+    store_g1(p.off_dv + row * p.lddv + col, dv);
 }

@@ -5,13 +5,15 @@
 //! the tiles, d 8, 40, 80, heads 1, 2, 8), causal (CLIP 77x77, d 64), cross-attention over 77
 //! keys, head dim 160, large logits, f16 and f32 dO and gradients, fused-qkv column slices,
 //! o as the GPU forward wrote it, two real SD shapes (cross-attention 4096 queries x 77 keys x
-//! d 40 x 8 heads; self-attention 1024 x 1024 x d 80 x 2 heads) and refused shapes.
+//! d 40 x 8 heads; self-attention 1024 x 1024 x d 80 x 2 heads) and refused shapes; dk and dv
+//! with the query range split over workgroups (forced 1, 2, 3, not dividing the query blocks,
+//! more splits than query blocks; causal; f16 and f32 gradients) and the launcher's choice.
 
 mod common;
 
 use atelier::gpu::{DType, Tensor};
 use atelier::kernels::attention::{Attention, Operand};
-use atelier::kernels::attention_backward::{AttentionBackward, AttentionGrads};
+use atelier::kernels::attention_backward::{default_dkv_splits, AttentionBackward, AttentionGrads, MAX_DKV_SPLITS};
 use common::{gpu, random, rel_l2, round_f16, seed, POISON};
 
 /// Error bound (relative L2, each of dq, dk, dv). The inputs are the f16 values the GPU
@@ -146,8 +148,14 @@ fn run(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType) -> (f64, f64) {
 }
 
 fn run_bound(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64) -> (f64, f64) {
+    run_split(a, amp, dout_dt, grad_dt, bound, None)
+}
+
+/// As `run_bound`, with the query splits of dk/dv forced (`None`: the launcher's choice);
+/// the partials are poisoned too.
+fn run_split(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, splits: Option<usize>) -> (f64, f64) {
     let g = gpu();
-    let what = format!("attention backward {a:?} amp {amp} dO {dout_dt:?} grads {grad_dt:?}");
+    let what = format!("attention backward {a:?} amp {amp} dO {dout_dt:?} grads {grad_dt:?} splits {splits:?}");
     let s = seed(&what);
     let hd = a.heads * a.d;
     let (nq, nk) = (a.batch * a.lq * hd, a.batch * a.lk * hd);
@@ -164,8 +172,14 @@ fn run_bound(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64)
     let (tq, tk, tv, to) = (up(&q, a.lq, DType::F16), up(&k, a.lk, DType::F16), up(&v, a.lk, DType::F16), up(&o, a.lq, DType::F16));
     let tdo = up(&dout, a.lq, dout_dt);
     let (tdq, tdk, tdv) = (poisoned(&[a.batch, a.lq, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt));
-    let bw = AttentionBackward::new(g, a).unwrap();
+    let bw = AttentionBackward::with_dkv_splits(g, a, splits).unwrap();
+    if let Some(s) = splits {
+        assert_eq!(bw.dkv_splits, s);
+    }
     bw.stats.fill_words(g, POISON);
+    for t in bw.dkv_partials.iter().flatten() {
+        t.fill_words(g, POISON);
+    }
     let dense = |t| Operand::dense(t, hd);
     let grads = AttentionGrads {
         q: dense(&tq),
@@ -178,6 +192,9 @@ fn run_bound(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64)
         dv: dense(&tdv),
     };
     let ds = bw.prepare(g, &grads).unwrap();
+    // One dk/dv launch without splits; partials and their reduce with.
+    assert_eq!(ds.len(), if bw.dkv_splits > 1 { 4 } else { 3 }, "{what}: launches");
+    assert_eq!(ds[2].groups[2] as usize, bw.dkv_splits, "{what}: dkv grid");
     let t0 = std::time::Instant::now();
     for d in &ds {
         g.run_now(d).unwrap();
@@ -190,7 +207,7 @@ fn run_bound(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64)
         assert!(e < bound, "{what}: {name} rel L2 {e:.3e} over {bound:.0e}");
         worst = worst.max(e);
     }
-    eprintln!("{what}: {secs:.2} s on the GPU");
+    eprintln!("{what}: {secs:.2} s on the GPU ({} dk/dv splits)", bw.dkv_splits);
     (worst, secs)
 }
 
@@ -258,6 +275,72 @@ fn unet_self_attention_1024() {
 }
 
 #[test]
+fn split_queries() {
+    // dk, dv with the query blocks dealt over `splits` workgroups per key block, f32 partials
+    // summed by the reduce. UNet cross-attention shape (8 heads of 40 over 77 keys; 256
+    // queries = 13 blocks of 20, which neither 2 nor 3 divides), in both gradient dtypes.
+    let cross = Attention::new(1, 8, 256, 77, 40, false);
+    for (splits, grads) in [(1, DType::F16), (2, DType::F16), (3, DType::F32), (3, DType::F16), (13, DType::F32)] {
+        run_split(cross, 2.0, DType::F16, grads, BOUND, Some(splits));
+    }
+    // Causal (CLIP 77x77, d 64: 3 query blocks of 32; key block 1 sees 2 of them, so with 3
+    // splits one workgroup per key block sees none and must write zero partials).
+    let clip = Attention::new(1, 4, 77, 77, 64, true);
+    run_split(clip, 2.0, DType::F16, DType::F16, BOUND, Some(3));
+    run_split(clip, 2.0, DType::F32, DType::F32, BOUND, Some(2));
+    // More keys than queries, causal, batch 2: keys past lq get zeros through the reduce.
+    run_split(Attention::new(2, 2, 20, 50, 40, true), 1.0, DType::F32, DType::F32, BOUND, Some(2));
+    // More splits than query blocks (33 queries = 2 blocks of 20), d 80 and 160.
+    run_split(Attention::new(1, 2, 33, 70, 80, false), 2.0, DType::F16, DType::F16, BOUND, Some(5));
+    run_split(Attention::new(2, 1, 50, 30, 160, true), 1.0, DType::F16, DType::F32, BOUND, Some(MAX_DKV_SPLITS));
+    // Without splits, shapes the launcher would split.
+    run_split(Attention::new(1, 2, 70, 33, 80, false), 2.0, DType::F16, DType::F16, BOUND, Some(1));
+    run_split(Attention::new(2, 2, 37, 45, 40, false), 2.0, DType::F32, DType::F32, BOUND, Some(1));
+}
+
+#[test]
+fn split_choice() {
+    // The launcher splits the queries where there are too few key blocks to fill a big GPU
+    // (about 264 workgroups), not otherwise; the same code picks them on every device.
+    let g = gpu();
+    let cross = Attention::new(1, 8, 4096, 77, 40, false);
+    let s = default_dkv_splits(&cross);
+    assert!(s > 1, "4096x77 cross-attention: {s} splits");
+    let bw = AttentionBackward::new(g, cross).unwrap();
+    assert_eq!(bw.dkv_splits, s);
+    assert!(bw.dkv_partials.is_some());
+    for (a, splits) in [
+        (Attention::new(1, 8, 4096, 4096, 40, false), 1),
+        (Attention::new(1, 8, 1024, 1024, 80, false), 1),
+        (Attention::new(1, 8, 1024, 77, 80, false), 9),
+        (Attention::new(1, 8, 64, 77, 160, false), 5),
+        (Attention::new(1, 8, 1, 77, 40, false), 1), // one query block: nothing to split
+    ] {
+        assert_eq!(default_dkv_splits(&a), splits, "{a:?}");
+    }
+    // The 4096x77 launch: 4 dispatches, the dk/dv one with >= 264 workgroups.
+    let hd = 8 * 40;
+    let t = |l: usize, dt| Tensor::from_f32(g, &[1, l, hd], dt, &vec![0.0; l * hd], "x").unwrap();
+    let (q, kv) = (t(4096, DType::F16), t(77, DType::F16));
+    let (dq, dk, dv) = (t(4096, DType::F16), t(77, DType::F16), t(77, DType::F16));
+    let d = |x| Operand::dense(x, hd);
+    let grads = AttentionGrads { q: d(&q), k: d(&kv), v: d(&kv), o: d(&q), dout: d(&q), dq: d(&dq), dk: d(&dk), dv: d(&dv) };
+    let ds = bw.prepare(g, &grads).unwrap();
+    assert_eq!(ds.len(), 4);
+    assert_eq!(ds[2].groups[2] as usize, s);
+    assert!(ds[2].groups.iter().product::<u32>() >= 264, "{:?}", ds[2].groups);
+    assert!(ds[3].bytes > 0.0 && ds[2].flops > 0.0);
+    // Forced splits out of range, and a field changed behind the partials' back.
+    assert!(AttentionBackward::with_dkv_splits(g, cross, Some(0)).is_err());
+    assert!(AttentionBackward::with_dkv_splits(g, cross, Some(MAX_DKV_SPLITS + 1)).is_err());
+    let mut bad = AttentionBackward::new(g, cross).unwrap();
+    bad.dkv_splits = 1;
+    assert!(bad.prepare(g, &grads).is_err(), "splits 1 with partials allocated");
+    bad.dkv_splits = s + 1;
+    assert!(bad.prepare(g, &grads).is_err(), "splits not matching the partials");
+}
+
+#[test]
 fn fused_qkv_slices() {
     // q, k, v column slices of one [batch, l, 3·heads·d] tensor; the gradients go to the
     // matching slices of one dqkv tensor (wider by 8 poisoned columns each side), which must
@@ -279,32 +362,38 @@ fn fused_qkv_slices() {
     let tdo = Tensor::from_f32(g, &shape, DType::F16, &dout, "do").unwrap();
     let ldg = ld + 16;
     let tg = poisoned(&[a.batch, a.lq, ldg], DType::F16);
-    let bw = AttentionBackward::new(g, a).unwrap();
-    let grads = AttentionGrads {
-        q: Operand::slice(&t, 0, ld),
-        k: Operand::slice(&t, hd, ld),
-        v: Operand::slice(&t, 2 * hd, ld),
-        o: Operand::dense(&to, hd),
-        dout: Operand::dense(&tdo, hd),
-        dq: Operand::slice(&tg, 8, ldg),
-        dk: Operand::slice(&tg, 8 + hd, ldg),
-        dv: Operand::slice(&tg, 8 + 2 * hd, ldg),
-    };
-    for d in bw.prepare(g, &grads).unwrap() {
-        g.run_now(&d).unwrap();
-    }
-    let out = tg.to_f32(g).unwrap();
-    let mut got = [Vec::new(), Vec::new(), Vec::new()];
-    for row in out.chunks(ldg) {
-        assert!(row[..8].iter().chain(&row[8 + ld..]).all(|x| x.is_nan()), "wrote outside the gradient columns");
-        for (i, gi) in got.iter_mut().enumerate() {
-            gi.extend_from_slice(&row[8 + i * hd..8 + (i + 1) * hd]);
+    // The launcher splits this shape's queries (3 splits): the reduce writes the slices; then
+    // again without splits.
+    for splits in [None, Some(1)] {
+        tg.fill_words(g, POISON);
+        let bw = AttentionBackward::with_dkv_splits(g, a, splits).unwrap();
+        assert_eq!(bw.dkv_splits, splits.unwrap_or(3));
+        let grads = AttentionGrads {
+            q: Operand::slice(&t, 0, ld),
+            k: Operand::slice(&t, hd, ld),
+            v: Operand::slice(&t, 2 * hd, ld),
+            o: Operand::dense(&to, hd),
+            dout: Operand::dense(&tdo, hd),
+            dq: Operand::slice(&tg, 8, ldg),
+            dk: Operand::slice(&tg, 8 + hd, ldg),
+            dv: Operand::slice(&tg, 8 + 2 * hd, ldg),
+        };
+        for d in bw.prepare(g, &grads).unwrap() {
+            g.run_now(&d).unwrap();
         }
-    }
-    for (name, gi, r) in [("dq", &got[0], &rdq), ("dk", &got[1], &rdk), ("dv", &got[2], &rdv)] {
-        let e = rel_l2(gi, r);
-        eprintln!("fused qkv {name}: rel L2 {e:.3e}");
-        assert!(e < BOUND, "fused qkv {name}: rel L2 {e:.3e} over {BOUND:.0e}");
+        let out = tg.to_f32(g).unwrap();
+        let mut got = [Vec::new(), Vec::new(), Vec::new()];
+        for row in out.chunks(ldg) {
+            assert!(row[..8].iter().chain(&row[8 + ld..]).all(|x| x.is_nan()), "wrote outside the gradient columns");
+            for (i, gi) in got.iter_mut().enumerate() {
+                gi.extend_from_slice(&row[8 + i * hd..8 + (i + 1) * hd]);
+            }
+        }
+        for (name, gi, r) in [("dq", &got[0], &rdq), ("dk", &got[1], &rdk), ("dv", &got[2], &rdv)] {
+            let e = rel_l2(gi, r);
+            eprintln!("fused qkv {name} splits {splits:?}: rel L2 {e:.3e}");
+            assert!(e < BOUND, "fused qkv {name} splits {splits:?}: rel L2 {e:.3e} over {BOUND:.0e}");
+        }
     }
 }
 

@@ -98,7 +98,7 @@ fn uniform_structs_match_wgsl() {
     assert_eq!(wgsl_struct(Shader::Attention, "Params"), at);
     assert_eq!(wgsl_struct(Shader::AttentionCoop, "Params"), at);
     use atelier::kernels::attention_backward::AttentionBackwardParams;
-    let ab = rust_layout!(AttentionBackwardParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv, off_q, off_k, off_v, off_o, off_do, off_dq, off_dk, off_dv, scale, _pad0, _pad1, _pad2 });
+    let ab = rust_layout!(AttentionBackwardParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv, off_q, off_k, off_v, off_o, off_do, off_dq, off_dk, off_dv, scale, splits, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::AttentionBackward, "Params"), ab);
     use atelier::kernels::tensor_ops::TensorOpsParams;
     let to = rust_layout!(TensorOpsParams { words, c1, c2, h, w, shift, oh, ow });

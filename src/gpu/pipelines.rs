@@ -228,6 +228,21 @@ impl Gpu {
         flops: f64,
         bytes: f64,
     ) -> Result<Dispatch> {
+        let bound: Vec<(u32, &Tensor)> = tensors.iter().enumerate().map(|(i, &t)| (i as u32 + 1, t)).collect();
+        self.dispatch_at(key, params, &bound, groups, flops, bytes)
+    }
+
+    /// As [`Gpu::dispatch`], with each tensor's binding number given: for an entry point that
+    /// uses bindings other than 1..=n of its shader (binding 0 is still `params`).
+    pub fn dispatch_at<U: bytemuck::Pod>(
+        &self,
+        key: &PipelineKey,
+        params: &U,
+        tensors: &[(u32, &Tensor)],
+        groups: [u32; 3],
+        flops: f64,
+        bytes: f64,
+    ) -> Result<Dispatch> {
         let max = self.caps.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
             return Err(Error::TooLarge {
@@ -244,8 +259,8 @@ impl Gpu {
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ubuf.as_entire_binding() }];
-        for (i, t) in tensors.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: t.binding() });
+        for &(binding, t) in tensors {
+            entries.push(wgpu::BindGroupEntry { binding, resource: t.binding() });
         }
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,

@@ -14,15 +14,22 @@
 //! recomputes them (one q·kᵀ pass, about 1/8 of the backward's flops) into an f32 scratch
 //! tensor [batch·heads·lq, 2] owned by [`AttentionBackward`].
 //!
-//! Three launches (see the shader's header): `attnb_stats` (lse and D per query row),
-//! `attnb_dq` (per query block, over the key blocks) and `attnb_dkv` (per key block, over the
-//! query blocks); no float atomics. Flops per visible (query, key) pair and (batch, head):
-//! 2·d (stats), 6·d (dq: q·kᵀ, dO·vᵀ, dS·k), 8·d (dkv: q·kᵀ, dO·vᵀ, Pᵀ·dO, dSᵀ·q).
+//! Three or four launches (see the shader's header): `attnb_stats` (lse and D per query row),
+//! `attnb_dq` (per query block, over the key blocks), `attnb_dkv` (per key block, over the
+//! query blocks) and, when the query range is split, `attnb_dkv_reduce`; no float atomics.
+//! Flops per visible (query, key) pair and (batch, head): 2·d (stats), 6·d (dq: q·kᵀ, dO·vᵀ,
+//! dS·k), 8·d (dkv: q·kᵀ, dO·vᵀ, Pᵀ·dO, dSᵀ·q).
 //!
-//! Known limit: `attnb_dkv` runs one workgroup per key block and (batch, head), so
-//! cross-attention (77 keys) gets only 2·batch·heads workgroups, each over all 4096 queries;
-//! a big GPU wants the query range split over more workgroups with a reduction of the partial
-//! dk, dv (not done yet).
+//! Split queries: `attnb_dkv` has one workgroup per key block and (batch, head), which for
+//! cross-attention (77 keys) is only 2·batch·heads workgroups, each over all 4096 queries.
+//! When there are fewer than [`TARGET_WORKGROUPS`] (about 2 per SM on an H100), the query
+//! blocks are dealt round-robin over `splits` workgroups per key block (grid z), each writing
+//! f32 partial dk, dv into scratch [splits, batch, lk, heads·d] owned by
+//! [`AttentionBackward`]; `attnb_dkv_reduce` then sums them in a fixed order (deterministic)
+//! into dk, dv. `splits` = min(ceil(TARGET_WORKGROUPS / workgroups), query blocks,
+//! [`MAX_DKV_SPLITS`]), used only when at least 2 ([`default_dkv_splits`]); with splits = 1
+//! the launch is the plain one (no scratch, no reduce). The cost: the partials' writes and
+//! reads, 2·splits·batch·lk·heads·d·4 bytes each way (3.4 MB at 4096x77, d 40, 8 heads).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -59,7 +66,8 @@ pub struct AttentionBackwardParams {
     pub off_dk: u32,
     pub off_dv: u32,
     pub scale: f32,
-    pub _pad0: u32,
+    /// attnb_dkv and its reduce: query splits (1: no partials, no reduce).
+    pub splits: u32,
     pub _pad1: u32,
     pub _pad2: u32,
 }
@@ -77,9 +85,14 @@ pub fn key(entry: &'static str, dout_f32: bool, out_f32: Option<bool>) -> Pipeli
     }
 }
 
+/// The reduce of split `attnb_dkv` partials: takes the output's dtype only.
+pub fn reduce_key(out_f32: bool) -> PipelineKey {
+    PipelineKey::new(Shader::AttentionBackward, "attnb_dkv_reduce").with("OUT_F32", out_f32 as i64)
+}
+
 /// Every pipeline variant the launcher can ask for (for the shader tests).
 pub fn variants() -> Vec<PipelineKey> {
-    let mut keys = Vec::new();
+    let mut keys = vec![reduce_key(false), reduce_key(true)];
     for dout in [false, true] {
         keys.push(key("attnb_stats", dout, None));
         for out in [false, true] {
@@ -112,6 +125,35 @@ pub struct AttentionBackward {
     pub attn: Attention,
     /// f32 [batch·heads·lq, 2].
     pub stats: Tensor,
+    /// Query splits of `attnb_dkv` (1: one launch writes dk and dv). Set by the constructor
+    /// (with the partials below); `prepare` refuses a value that does not match them.
+    pub dkv_splits: usize,
+    /// With `dkv_splits` > 1: the f32 partial dk and dv, each [splits, batch, lk, heads·d].
+    pub dkv_partials: Option<[Tensor; 2]>,
+}
+
+/// Workgroups `attnb_dkv` should have at least (2 per SM on a 132-SM H100) before its query
+/// range is split.
+pub const TARGET_WORKGROUPS: usize = 264;
+
+/// The most query splits of `attnb_dkv` (chosen or forced).
+pub const MAX_DKV_SPLITS: usize = 32;
+
+/// The launcher's choice of query splits for `attnb_dkv`: enough workgroups for
+/// [`TARGET_WORKGROUPS`], at most one per query block and [`MAX_DKV_SPLITS`]; 1 (no split)
+/// unless that comes to at least 2.
+pub fn default_dkv_splits(attn: &Attention) -> usize {
+    if attn.d == 0 || attn.d / 8 == 0 || attn.lq == 0 {
+        return 1;
+    }
+    let (rows, inner) = tiles(attn.d);
+    let groups = (attn.lk.div_ceil(rows) * attn.batch * attn.heads).max(1);
+    let s = TARGET_WORKGROUPS.div_ceil(groups).min(attn.lq.div_ceil(inner)).min(MAX_DKV_SPLITS);
+    if s >= 2 {
+        s
+    } else {
+        1
+    }
 }
 
 /// Tiles of a launch: `rows` query rows (stats, dq) or keys (dkv) per workgroup, each owning
@@ -125,8 +167,16 @@ fn tiles(d: usize) -> (usize, usize) {
 }
 
 impl AttentionBackward {
-    /// Checks the shape and allocates the statistics.
+    /// Checks the shape and allocates the statistics (and the partials of split queries, with
+    /// the launcher's choice of splits, [`default_dkv_splits`]).
     pub fn new(gpu: &Gpu, attn: Attention) -> Result<Self> {
+        Self::with_dkv_splits(gpu, attn, None)
+    }
+
+    /// As [`AttentionBackward::new`], with the query splits of `attnb_dkv` forced (1 to
+    /// [`MAX_DKV_SPLITS`]; more than there are query blocks is allowed, the extra workgroups
+    /// contribute zeros) or, with `None`, chosen by [`default_dkv_splits`].
+    pub fn with_dkv_splits(gpu: &Gpu, attn: Attention, splits: Option<usize>) -> Result<Self> {
         let op = "attention backward";
         let Attention { batch, heads, lq, lk, d, scale, .. } = attn;
         if batch == 0 || heads == 0 || lq == 0 || lk == 0 || d == 0 {
@@ -145,7 +195,25 @@ impl AttentionBackward {
             )));
         }
         let stats = Tensor::empty(gpu, &[batch * heads * lq, 2], DType::F32, "attention backward stats")?;
-        Ok(AttentionBackward { attn, stats })
+        let splits = match splits {
+            Some(s) if s == 0 || s > MAX_DKV_SPLITS => {
+                return Err(Error::shape(op, format!("{s} query splits: must be 1 to {MAX_DKV_SPLITS}")));
+            }
+            Some(s) => s,
+            None => default_dkv_splits(&attn),
+        };
+        let dkv_partials = if splits > 1 {
+            let shape = [splits, batch, lk, heads * d];
+            let n = shape.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x));
+            if n.is_none_or(|n| n > u32::MAX as usize - 8) {
+                return Err(Error::shape(op, format!("partials {shape:?} of {splits} query splits: over 2^32 elements")));
+            }
+            let t = || Tensor::empty(gpu, &shape, DType::F32, "attention backward dk/dv partials");
+            Some([t()?, t()?])
+        } else {
+            None
+        };
+        Ok(AttentionBackward { attn, stats, dkv_splits: splits, dkv_partials })
     }
 
     fn check_operand(&self, name: &str, x: &Operand, rows: usize, f32_ok: bool) -> Result<()> {
@@ -179,10 +247,11 @@ impl AttentionBackward {
         }
     }
 
-    /// The three launches, to run in order: statistics, dq, then dk and dv. See the module doc
-    /// for the operands. Each gradient must be in a buffer holding none of the inputs (it is
-    /// bound writable); dk and dv must have the same dtype.
-    pub fn prepare(&self, gpu: &Gpu, g: &AttentionGrads) -> Result<[Dispatch; 3]> {
+    /// The launches, to run in order: statistics, dq, then dk and dv (one launch, or with
+    /// split queries two: partials, then their reduce). See the module doc for the operands.
+    /// Each gradient must be in a buffer holding none of the inputs (it is bound writable);
+    /// dk and dv must have the same dtype.
+    pub fn prepare(&self, gpu: &Gpu, g: &AttentionGrads) -> Result<Vec<Dispatch>> {
         let op = "attention backward";
         let a = &self.attn;
         let (lq, lk) = (a.lq, a.lk);
@@ -197,9 +266,26 @@ impl AttentionBackward {
         if g.dk.tensor.dtype != g.dv.tensor.dtype {
             return Err(Error::DType { op: op.into(), detail: "dk and dv must have the same dtype".into() });
         }
+        let splits = self.dkv_splits;
+        let partials = match (&self.dkv_partials, splits) {
+            (None, 1) => None,
+            (Some(pp), s) if s > 1 && s <= MAX_DKV_SPLITS && pp.iter().all(|t| t.numel() == s * a.batch * lk * a.heads * a.d) => Some(pp),
+            _ => {
+                return Err(Error::shape(
+                    op,
+                    format!("dkv_splits {splits} does not match the partials allocated (set it through with_dkv_splits)"),
+                ))
+            }
+        };
         let inputs = [("q", &g.q), ("k", &g.k), ("v", &g.v), ("o", &g.o), ("dout", &g.dout)];
+        let mut own = vec![("statistics", Operand::dense(&self.stats, 2))];
+        if let Some([pk, pv]) = partials {
+            own.push(("dk partials", Operand::dense(pk, 8)));
+            own.push(("dv partials", Operand::dense(pv, 8)));
+        }
+        let own: Vec<(&str, &Operand)> = own.iter().map(|(n, o)| (*n, o)).collect();
         for (gname, x) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
-            for (name, y) in inputs.iter().chain(&[("statistics", &Operand::dense(&self.stats, 2))]) {
+            for (name, y) in inputs.iter().chain(&own) {
                 if std::sync::Arc::ptr_eq(&x.tensor.buffer, &y.tensor.buffer) {
                     return Err(Error::shape(
                         op,
@@ -237,6 +323,7 @@ impl AttentionBackward {
             off_dk: g.dk.offset as u32,
             off_dv: g.dv.offset as u32,
             scale: a.scale,
+            splits: 1,
             ..Default::default()
         };
         let (rows, inner) = tiles(a.d);
@@ -265,16 +352,39 @@ impl AttentionBackward {
             fl(6.0),
             bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq + half(g.dq.tensor) * nq) + bh * nq * 8.0,
         )?;
-        let pk = AttentionBackwardParams { bq: inner as u32, bk: rows as u32, ..base };
-        let groups_k = [lk.div_ceil(rows) as u32, (a.batch * a.heads) as u32, 1];
+        let pk = AttentionBackwardParams { bq: inner as u32, bk: rows as u32, splits: splits as u32, ..base };
+        let groups_k = [lk.div_ceil(rows) as u32, (a.batch * a.heads) as u32, splits as u32];
+        let reads = bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq) + bh * nq * 8.0;
+        let Some([pdk, pdv]) = partials else {
+            let dkv = gpu.dispatch(
+                &key("attnb_dkv", do32, Some(dkv32)),
+                &pk,
+                &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dk.tensor, g.dv.tensor],
+                groups_k,
+                fl(8.0),
+                reads + bhd * 2.0 * half(g.dk.tensor) * nk,
+            )?;
+            return Ok(vec![stats, dq, dkv]);
+        };
+        // Split queries: f32 partials (written once each), then their sum read back once.
+        let part_bytes = 2.0 * splits as f64 * bhd * nk * 4.0;
         let dkv = gpu.dispatch(
             &key("attnb_dkv", do32, Some(dkv32)),
             &pk,
-            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dk.tensor, g.dv.tensor],
+            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, pdk, pdv],
             groups_k,
             fl(8.0),
-            bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq + 2.0 * half(g.dk.tensor) * nk) + bh * nq * 8.0,
+            reads + part_bytes,
         )?;
-        Ok([stats, dq, dkv])
+        let octets = a.batch * lk * a.heads * a.d / 8;
+        let reduce = gpu.dispatch_at(
+            &reduce_key(dkv32),
+            &pk,
+            &[(6, g.dk.tensor), (7, g.dv.tensor), (8, pdk), (9, pdv)],
+            [octets.div_ceil(256) as u32, 1, 1],
+            0.0,
+            part_bytes + bhd * 2.0 * half(g.dk.tensor) * nk,
+        )?;
+        Ok(vec![stats, dq, dkv, reduce])
     }
 }
