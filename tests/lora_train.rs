@@ -210,12 +210,24 @@ fn forward_backward_match_cpu_reference() {
 
 #[test]
 fn sd_shape_attention_projection() {
-    // to_q at the UNet's 64x64 level: 4096 tokens, 320 -> 320, rank 4, alpha 16; dA's
-    // product splits over K here.
+    // to_q at the UNet's 64x64 level: 4096 tokens, 320 -> 320, rank 4, alpha 16; dA and dB
+    // sum over row splits here (kernels::lora_skinny).
     let specs = vec![spec("to_q", 320, 320, 4, 16.0, 0.0)];
     check_layer(&specs, 0, 4096, 3);
     let specs = vec![spec("to_k", 768, 320, 8, 8.0, 0.1)];
     check_layer(&specs, 0, 77, 3);
+}
+
+#[test]
+fn rank_over_16_takes_the_general_matmul() {
+    // Ranks above kernels::lora_skinny::MAX_RANK keep the tiled matmul for every product;
+    // rank 16 is the largest on the skinny kernels.
+    let specs = vec![spec("r20", 40, 24, 20, 8.0, 0.0), spec("r16", 37, 30, 16, 16.0, 0.1)];
+    for li in 0..specs.len() {
+        for m in [5, 77] {
+            check_layer(&specs, li, m, 11);
+        }
+    }
 }
 
 #[test]

@@ -25,12 +25,13 @@ pub enum Shader {
     AttentionBackward,
     TensorOps,
     Lora,
+    LoraSkinny,
     GradOps,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 11] = [
+    pub const ALL: [Shader; 12] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -41,6 +42,7 @@ impl Shader {
         Shader::AttentionBackward,
         Shader::TensorOps,
         Shader::Lora,
+        Shader::LoraSkinny,
         Shader::GradOps,
     ];
 
@@ -57,6 +59,7 @@ impl Shader {
             Shader::AttentionBackward => "attention_backward",
             Shader::TensorOps => "tensor_ops",
             Shader::Lora => "lora",
+            Shader::LoraSkinny => "lora_skinny",
             Shader::GradOps => "grad_ops",
         }
     }
@@ -98,6 +101,7 @@ impl Shader {
             Shader::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
             Shader::Lora => include_str!("../../shaders/lora.wgsl"),
+            Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
         }
     }

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod grad_ops;
 pub mod lora;
+pub mod lora_skinny;
 pub mod matmul;
 pub mod norm;
 pub mod norm_backward;
@@ -71,6 +72,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
         keys.push(PipelineKey::new(Shader::TensorOps, entry));
     }
     keys.extend(lora::variants());
+    keys.extend(lora_skinny::variants());
     keys.extend(grad_ops::variants());
     keys
 }

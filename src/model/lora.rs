@@ -33,6 +33,10 @@
 //!   dx += dropout(dh·A)        f16 [M, k]  (same mask and 1/(1-p); dx holds the frozen
 //!                                           layer's dy·W already)
 //! Parameter gradients accumulate; [`LoraParams::optimizer_step`] zeroes them.
+//! At rank ≤ 16 (`kernels::lora_skinny::MAX_RANK`) the rank-wide products (h, dh, dA, dB) use
+//! the skinny kernels of `kernels::lora_skinny` (memory-bound, no K-step latency chain; dA and
+//! dB summed over row splits with a fixed-order reduce); y and dx, wide outputs with K = r,
+//! and every product of larger ranks use the general matmul.
 //!
 //! **In a training step** (the UNet's LoRA backward mirrors its forward):
 //! ```text
@@ -50,6 +54,7 @@ use crate::gpu::{DType, Dispatch, Gpu, PlanBuilder, Tensor};
 use crate::kernels::attention::Operand;
 use crate::kernels::elementwise;
 use crate::kernels::lora as k;
+use crate::kernels::lora_skinny as sk;
 use crate::kernels::matmul::Matmul;
 use crate::rng::Rng;
 
@@ -343,7 +348,27 @@ fn run_mm(pb: &mut PlanBuilder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor)
     mm.run(pb.gpu, &mut pb.rec, a, b, None, c)
 }
 
+/// Records a skinny weight gradient into `g` (a layer's dA or dB view), its partials from the
+/// plan's pool.
+fn run_wgrad(pb: &mut PlanBuilder, wg: &sk::WeightGrad, x: Operand, h: &Tensor, g: &Tensor) -> Result<()> {
+    match wg.partials_len() {
+        Some(len) => {
+            let parts = pb.tensor(&[len], DType::F32, "lora weight-gradient partials")?;
+            pb.run_all(wg.prepare(pb.gpu, x, h, g, 0, Some(&parts))?)?;
+            pb.free(parts);
+            Ok(())
+        }
+        None => pb.run_all(wg.prepare(pb.gpu, x, h, g, 0, None)?),
+    }
+}
+
 impl LoraLayer {
+    /// Whether the rank-wide products use the skinny kernels (`kernels::lora_skinny`); larger
+    /// ranks go through the general matmul.
+    fn skinny(&self) -> bool {
+        self.spec.rank <= sk::MAX_RANK
+    }
+
     fn rows(&self, op: &str, t: &Tensor, width: usize) -> Result<usize> {
         let rows = t.numel() / width;
         if t.dtype != DType::F16 || t.numel() != rows * width || rows == 0 {
@@ -367,9 +392,13 @@ impl LoraLayer {
             (x.clone(), false)
         };
         let h = pb.f16(&[rows, s.rank], "lora h")?;
-        let mut mm = Matmul::new(rows, s.rank, s.k);
-        mm.trans_b = true;
-        run_mm(pb, &mm, &xd, &self.a16, &h)?;
+        if self.skinny() {
+            pb.run(sk::narrow(pb.gpu, Operand::dense(&xd, s.k), &self.a16, true, &h, rows, s.k, s.rank, 1.0)?)?;
+        } else {
+            let mut mm = Matmul::new(rows, s.rank, s.k);
+            mm.trans_b = true;
+            run_mm(pb, &mm, &xd, &self.a16, &h)?;
+        }
         let mut mm = Matmul::new(rows, s.n, s.rank);
         mm.trans_b = true;
         mm.alpha = self.scale;
@@ -406,25 +435,34 @@ impl LoraLayer {
         if dx.map(|t| self.rows("lora backward", t, s.k)).transpose()?.is_some_and(|r| r != rows) {
             return Err(Error::shape("lora backward", format!("{}: dx {:?} does not match the forward's {rows} rows", s.name, dx.map(|t| t.shape.clone()))));
         }
-        // dB [n, r] += scale · dyᵀ·h: A = dy stored [M, n] = [K, M'], B = h [M, r] = [K, N].
-        let mut mm = Matmul::new(s.n, s.rank, rows);
-        mm.trans_a = true;
-        mm.alpha = self.scale * grad_scale;
-        mm.accumulate = true;
-        (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
-        run_mm(pb, &mm, dy.tensor, &saved.h, &self.db)?;
-        // dh [M, r] = scale · dy·B, B [n, r] = [K, N].
         let dh = pb.f16(&[rows, s.rank], "lora dh")?;
-        let mut mm = Matmul::new(rows, s.rank, s.n);
-        mm.alpha = self.scale;
-        (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
-        run_mm(pb, &mm, dy.tensor, &self.b16, &dh)?;
-        // dA [r, k] += dhᵀ·xd.
-        let mut mm = Matmul::new(s.rank, s.k, rows);
-        mm.trans_a = true;
-        mm.alpha = grad_scale;
-        mm.accumulate = true;
-        run_mm(pb, &mm, &dh, &saved.xd, &self.da)?;
+        if self.skinny() {
+            // dB [n, r] += scale · dyᵀ·h; dh [M, r] = scale · dy·B; dA [r, k] += dhᵀ·xd.
+            let db = sk::WeightGrad::new(rows, s.n, s.rank, self.scale * grad_scale, false);
+            run_wgrad(pb, &db, dy, &saved.h, &self.db)?;
+            pb.run(sk::narrow(pb.gpu, dy, &self.b16, false, &dh, rows, s.n, s.rank, self.scale)?)?;
+            let da = sk::WeightGrad::new(rows, s.k, s.rank, grad_scale, true);
+            run_wgrad(pb, &da, Operand::dense(&saved.xd, s.k), &dh, &self.da)?;
+        } else {
+            // dB [n, r] += scale · dyᵀ·h: A = dy stored [M, n] = [K, M'], B = h [M, r] = [K, N].
+            let mut mm = Matmul::new(s.n, s.rank, rows);
+            mm.trans_a = true;
+            mm.alpha = self.scale * grad_scale;
+            mm.accumulate = true;
+            (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
+            run_mm(pb, &mm, dy.tensor, &saved.h, &self.db)?;
+            // dh [M, r] = scale · dy·B, B [n, r] = [K, N].
+            let mut mm = Matmul::new(rows, s.rank, s.n);
+            mm.alpha = self.scale;
+            (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
+            run_mm(pb, &mm, dy.tensor, &self.b16, &dh)?;
+            // dA [r, k] += dhᵀ·xd.
+            let mut mm = Matmul::new(s.rank, s.k, rows);
+            mm.trans_a = true;
+            mm.alpha = grad_scale;
+            mm.accumulate = true;
+            run_mm(pb, &mm, &dh, &saved.xd, &self.da)?;
+        }
         if let Some(dx) = dx {
             // dx [M, k] += dropout(dh·A), A [r, k] = [K, N].
             let mut mm = Matmul::new(rows, s.k, s.rank);

@@ -1,0 +1,230 @@
+//! Launchers for `shaders/lora_skinny.wgsl`: the skinny products of a LoRA layer of rank
+//! r ≤ [`MAX_RANK`], which the tiled matmul runs latency-bound (one 32-wide K step after
+//! another for a 4-wide output, or a 64x128 tile for a rank-4 one):
+//! - [`narrow`]: C [M, r] f16 = alpha · A [M, K] · W, W stored [r, K] (A·Wᵀ) or [K, r] (A·W);
+//!   A may be a column slice (an [`Operand`]).
+//! - [`WeightGrad`]: G += alpha · Xᵀ·H summed over M rows, X [M, N] f16 (a slice), H [M, r]
+//!   f16, G f32 laid out [N, r] or [r, N] at an element offset of a flat f32 tensor. The rows
+//!   are split over workgroups writing f32 partials, then a fixed-order reduce adds into G:
+//!   deterministic, no float atomics.
+//!
+//! Flops: 2·M·K·r (narrow), 2·M·N·r (weight gradient; its reduce counts none). Bytes: every
+//! operand once, plus the partials written and read.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
+use crate::kernels::attention::Operand;
+
+/// The largest rank the skinny kernels take (4·RV with RV ≤ 4).
+pub const MAX_RANK: usize = 16;
+
+const W_T: u32 = 1;
+const VEC: u32 = 2;
+const PAIR: u32 = 4;
+const OUT_T: u32 = 8;
+const DIRECT: u32 = 16;
+
+/// Rows of a `narrow` workgroup; columns of a `wgrad` workgroup.
+const NARROW_ROWS: usize = 16;
+const WGRAD_COLS: usize = 128;
+
+/// Mirrors `struct Params` in lora_skinny.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct SkinnyParams {
+    pub rows: u32,
+    pub k: u32,
+    pub r: u32,
+    pub flags: u32,
+    pub lda: u32,
+    pub off_a: u32,
+    pub off_out: u32,
+    pub alpha: f32,
+    pub rows_per_split: u32,
+    pub splits: u32,
+    pub numel_out: u32,
+    pub _pad0: u32,
+}
+
+/// The pipeline key of an entry for rank `r` (`wreduce` has one variant).
+pub fn key(entry: &'static str, r: usize) -> PipelineKey {
+    let k = PipelineKey::new(Shader::LoraSkinny, entry);
+    if entry == "wreduce" { k } else { k.with("RV", r.div_ceil(4) as i64) }
+}
+
+/// Every variant, for the shader tests.
+pub fn variants() -> Vec<PipelineKey> {
+    let mut v = vec![key("wreduce", 1)];
+    for r in [4, 8, 12, 16] {
+        v.push(key("narrow", r));
+        v.push(key("wgrad", r));
+    }
+    v
+}
+
+/// A 1-D count of workgroups folded into a 2-D grid (the shaders index wg.y·nwg.x + wg.x).
+fn fold(groups: usize) -> [u32; 3] {
+    let g = groups.max(1) as u32;
+    if g <= 65535 { [g, 1, 1] } else { [65535, g.div_ceil(65535), 1] }
+}
+
+fn check_rank(op: &str, r: usize) -> Result<()> {
+    if r == 0 || r > MAX_RANK {
+        return Err(Error::shape(op, format!("rank {r} must be in 1..={MAX_RANK}")));
+    }
+    Ok(())
+}
+
+/// `a` as [rows, cols] f16 columns starting at its offset with row stride ld, in bounds.
+fn check_slice(op: &str, what: &str, a: &Operand, rows: usize, cols: usize) -> Result<()> {
+    if a.tensor.dtype != DType::F16 {
+        return Err(Error::DType { op: op.into(), detail: format!("{what} must be f16") });
+    }
+    if rows == 0 || cols == 0 || a.ld < cols || a.offset + (rows - 1) * a.ld + cols > a.tensor.numel() {
+        return Err(Error::shape(
+            op,
+            format!("{what} {:?} (offset {}, row stride {}) must hold {rows} rows of {cols}", a.tensor.shape, a.offset, a.ld),
+        ));
+    }
+    Ok(())
+}
+
+fn check_u32(op: &str, ts: &[&Tensor]) -> Result<()> {
+    if ts.iter().any(|t| t.numel() > u32::MAX as usize - 16) {
+        return Err(Error::shape(op, "tensor over 2^32 elements"));
+    }
+    Ok(())
+}
+
+/// C [m, r] (dense f16) = alpha · A [m, k] · W: with `w_rk` W is stored [r, k] (C = A·Wᵀ, the
+/// LoRA forward's h = xd·Aᵀ), else [k, r] (C = A·W, the backward's dh = dy·B). A may be
+/// columns of a wider f16 tensor; offsets and strides that are multiples of 8 take the
+/// vector loads.
+#[allow(clippy::too_many_arguments)]
+pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usize, k: usize, r: usize, alpha: f32) -> Result<Dispatch> {
+    let op = "lora narrow product";
+    check_rank(op, r)?;
+    check_slice(op, "A", &a, m, k)?;
+    if w.dtype != DType::F16 || c.dtype != DType::F16 {
+        return Err(Error::DType { op: op.into(), detail: "W and C must be f16".into() });
+    }
+    if w.numel() < r * k || c.numel() < m * r {
+        return Err(Error::shape(op, format!("W {:?} must hold {r}x{k}, C {:?} {m}x{r}", w.shape, c.shape)));
+    }
+    check_u32(op, &[a.tensor, c, w])?;
+    let mut flags = if w_rk { W_T } else { 0 };
+    if a.offset.is_multiple_of(8) && a.ld.is_multiple_of(8) {
+        flags |= VEC;
+    }
+    let params = SkinnyParams {
+        rows: m as u32,
+        k: k as u32,
+        r: r as u32,
+        flags,
+        lda: a.ld as u32,
+        off_a: a.offset as u32,
+        alpha,
+        ..Default::default()
+    };
+    let flops = 2.0 * (m * k * r) as f64;
+    let bytes = (2 * (m * k + r * k + m * r)) as f64;
+    gpu.dispatch(&key("narrow", r), &params, &[a.tensor, c, w], fold(m.div_ceil(NARROW_ROWS)), flops, bytes)
+}
+
+/// G += alpha · Σ_rows X[row, n]·H[row, j] (n < N, j < r): a LoRA parameter gradient (dB
+/// [n, r] += scale·dyᵀ·h, or with `transposed` dA [r, k] += dhᵀ·xd).
+#[derive(Clone, Copy, Debug)]
+pub struct WeightGrad {
+    pub rows: usize,
+    /// X's columns.
+    pub n: usize,
+    pub r: usize,
+    pub alpha: f32,
+    /// G laid out [r, N] (index j·N + n) instead of [N, r] (n·r + j).
+    pub transposed: bool,
+    /// Force the number of row splits (default: [`WeightGrad::splits`]' choice).
+    pub force_splits: Option<usize>,
+}
+
+impl WeightGrad {
+    pub fn new(rows: usize, n: usize, r: usize, alpha: f32, transposed: bool) -> Self {
+        WeightGrad { rows, n, r, alpha, transposed, force_splits: None }
+    }
+
+    /// Rows one split sums: enough splits for ~512 workgroups, but at least 32 rows (and
+    /// 16 per vec4 group of the rank) each, so the f32 partials (4·N·r bytes a split) stay
+    /// well below X's 2·N bytes a row.
+    pub fn rows_per_split(&self) -> usize {
+        if let Some(s) = self.force_splits {
+            return self.rows.div_ceil(s.clamp(1, self.rows.max(1)));
+        }
+        let blocks = self.n.div_ceil(WGRAD_COLS);
+        let target = 512usize.div_ceil(blocks);
+        self.rows.div_ceil(target).max(16 * self.r.div_ceil(4)).max(32)
+    }
+
+    /// Row splits (workgroups along y); one split adds into G directly, with no partials.
+    pub fn splits(&self) -> usize {
+        self.rows.div_ceil(self.rows_per_split()).max(1)
+    }
+
+    /// The f32 scratch the partials need (splits·N·r values), or None with one split.
+    pub fn partials_len(&self) -> Option<usize> {
+        let s = self.splits();
+        (s > 1).then_some(s * self.n * self.r)
+    }
+
+    /// The launches: X [rows, N] f16 (a slice), H [rows, r] f16 dense, G f32 with the output
+    /// at element `off_g`; `parts` (f32, at least [`WeightGrad::partials_len`]) when split.
+    pub fn prepare(&self, gpu: &Gpu, x: Operand, h: &Tensor, g: &Tensor, off_g: usize, parts: Option<&Tensor>) -> Result<Vec<Dispatch>> {
+        let op = "lora weight gradient";
+        let (rows, n, r) = (self.rows, self.n, self.r);
+        check_rank(op, r)?;
+        check_slice(op, "X", &x, rows, n)?;
+        if h.dtype != DType::F16 || g.dtype != DType::F32 {
+            return Err(Error::DType { op: op.into(), detail: "H must be f16 and G f32".into() });
+        }
+        if h.numel() < rows * r || off_g + n * r > g.numel() {
+            return Err(Error::shape(op, format!("H {:?} must hold {rows}x{r}, G {:?} {n}x{r} at {off_g}", h.shape, g.shape)));
+        }
+        check_u32(op, &[x.tensor, h, g])?;
+        let rps = self.rows_per_split();
+        let splits = self.splits();
+        let nr = n * r;
+        let mut flags = if self.transposed { OUT_T } else { 0 };
+        if x.offset.is_multiple_of(2) && x.ld.is_multiple_of(2) {
+            flags |= PAIR;
+        }
+        let mut params = SkinnyParams {
+            rows: rows as u32,
+            k: n as u32,
+            r: r as u32,
+            lda: x.ld as u32,
+            off_a: x.offset as u32,
+            off_out: off_g as u32,
+            alpha: self.alpha,
+            rows_per_split: rps as u32,
+            splits: splits as u32,
+            numel_out: nr as u32,
+            ..Default::default()
+        };
+        let grid = [n.div_ceil(WGRAD_COLS) as u32, splits as u32, 1];
+        let flops = 2.0 * (rows * n * r) as f64;
+        let read = 2 * (rows * n + rows * r);
+        if splits == 1 {
+            params.flags = flags | DIRECT;
+            return Ok(vec![gpu.dispatch(&key("wgrad", r), &params, &[x.tensor, g, h], grid, flops, (read + 8 * nr) as f64)?]);
+        }
+        let parts = parts.ok_or_else(|| Error::Usage(format!("{op}: {splits} row splits need a partials tensor")))?;
+        if parts.dtype != DType::F32 || parts.numel() < splits * nr {
+            return Err(Error::shape(op, format!("partials {:?} {} must hold {} f32 values", parts.shape, parts.dtype, splits * nr)));
+        }
+        check_u32(op, &[parts])?;
+        params.flags = flags;
+        let d1 = gpu.dispatch(&key("wgrad", r), &params, &[x.tensor, parts, h], grid, flops, (read + 4 * splits * nr) as f64)?;
+        let d2 = gpu.dispatch(&key("wreduce", r), &params, &[parts, g], fold(nr.div_ceil(256)), 0.0, (4 * splits * nr + 8 * nr) as f64)?;
+        Ok(vec![d1, d2])
+    }
+}
