@@ -35,6 +35,12 @@ atelier sample --model sd15/ --prompt-file prompts.txt --num-images 4 --seed 42 
 atelier sample --model sd15/ --prompt \"in the style of Gainsborough\" --init-image photo.jpg --strength 0.6\n  \
 atelier sample --model sd15/ --prompt \"a lady\" --lora portraits.safetensors:0.8")]
     Sample(Box<SampleCli>),
+    /// Train a LoRA on a folder of images (captions from .txt files beside them, --prompts or
+    /// --caption) and write it as a kohya (default) or diffusers file.
+    #[command(after_help = "Examples:\n  atelier train --model sd15/ --data portraits/ --output runs/portraits --steps 1000\n  \
+atelier train --model sd15/ --data portraits/ --prompts prompts.txt --rank 4 --alpha 16 --dropout 0.1 --save-every 50 --steps 2000 --output runs/p\n  \
+atelier train --model sd15/ --data portraits/ --output runs/p --steps 2000 --resume latest")]
+    Train(Box<TrainCli>),
     /// List the GPUs, their features and limits, and the kernel path atelier will use.
     Info,
     /// Run the kernel benchmarks (matmul, conv, attention at SD shapes, elementwise at 64 MiB),
@@ -104,6 +110,105 @@ atelier sample --model sd15/ --prompt \"a lady\" --lora portraits.safetensors:0.
         #[arg(long)]
         recompute: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainCli {
+    /// The SD-1.5 model to train on: a diffusers folder or a single-file checkpoint.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// The folder of training images (png, jpg, webp; searched recursively).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// The run's folder: checkpoints, log.csv, loss.png and the final LoRA.
+    #[arg(long, value_name = "DIR")]
+    output: PathBuf,
+    /// The LoRA file's name (kohya format), without extension.
+    #[arg(long, default_value = "lora")]
+    name: String,
+    /// Optimizer steps to train (or give --epochs).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Passes over the dataset (with its repeats), when --steps is not given.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per micro-batch.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Micro-batches whose gradients add up to one optimizer step.
+    #[arg(long, default_value_t = 1)]
+    gradient_accumulation: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// constant, constant_with_warmup, linear or cosine.
+    #[arg(long, default_value = "constant")]
+    lr_scheduler: String,
+    /// Warm-up steps of the learning-rate schedule.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Min-SNR loss weighting (5 is the paper's value); off when absent.
+    #[arg(long)]
+    min_snr_gamma: Option<f32>,
+    /// Noise offset (e.g. 0.05): brighter brights and darker darks.
+    #[arg(long, default_value_t = 0.0)]
+    noise_offset: f32,
+    /// Seed of every random choice (the run is reproducible from it).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 4)]
+    rank: usize,
+    /// LoRA alpha: the adapters' scale is alpha / rank (default: the rank, scale 1).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Dropout on the adapters' inputs.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f32,
+    /// attention (to_q, to_k, to_v, to_out.0: diffusers' choice) or transformer (also
+    /// proj_in, proj_out and the feed-forward: kohya's).
+    #[arg(long, default_value = "attention")]
+    targets: String,
+    /// Training resolution (the shorter side, cropped square).
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    /// Random crops instead of center crops (images are then encoded every time they are used).
+    #[arg(long)]
+    random_crop: bool,
+    /// Random horizontal flips.
+    #[arg(long)]
+    flip: bool,
+    /// Aspect-ratio buckets (kohya style) instead of square crops.
+    #[arg(long)]
+    buckets: bool,
+    /// Times each image is seen per epoch.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// One caption for every image without a .txt file.
+    #[arg(long)]
+    caption: Option<String>,
+    /// A file of prompts, one per line: a random one is drawn for each image each time.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
+    /// Write a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue a run: a checkpoint folder, or `latest` (the newest in --output).
+    #[arg(long, value_name = "DIR|latest")]
+    resume: Option<String>,
+    /// kohya (A1111, ComfyUI, stable-diffusion.cpp, diffusers) or diffusers
+    /// (pytorch_lora_weights.safetensors).
+    #[arg(long, default_value = "kohya")]
+    format: String,
+    /// Gradient-norm clipping (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// AdamW weight decay.
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// Recompute the transformers' forwards at the backward: less GPU memory, ~15% slower.
+    #[arg(long)]
+    recompute: bool,
 }
 
 #[derive(clap::Args)]
@@ -189,6 +294,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Info => info(&opts),
         Command::Sample(s) => sample(&opts, *s),
+        Command::Train(t) => train(&opts, *t),
         Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, targets, recompute, .. } => {
             let o = TrainBench { batch, height, width, rank, alpha, targets: LoraTargets::Attention, recompute, repeat, inputs, output, profile };
             bench_train(&opts, &model, o, &targets)
@@ -291,6 +397,56 @@ fn bench_train(opts: &GpuOptions, model: &Path, mut o: TrainBench, targets: &str
     let gpu = Gpu::new(opts)?;
     println!("{}", gpu.describe());
     atelier::bench_train::run(&gpu, model, &o)
+}
+
+fn train(opts: &GpuOptions, t: TrainCli) -> atelier::Result<()> {
+    use atelier::train::data::DatasetOptions;
+    let targets = match t.targets.as_str() {
+        "attention" => LoraTargets::Attention,
+        "transformer" => LoraTargets::Transformer,
+        other => return Err(atelier::Error::Usage(format!("--targets {other}: use attention or transformer"))),
+    };
+    let data = DatasetOptions {
+        resolution: t.resolution,
+        center_crop: !t.random_crop,
+        flip: false,
+        buckets: t.buckets,
+        repeats: t.repeats,
+        caption: t.caption,
+        prompts_file: t.prompts,
+        ..DatasetOptions::new(t.data)
+    };
+    let args = atelier::train::trainer::TrainArgs {
+        model: t.model,
+        data,
+        flip: t.flip,
+        output: t.output,
+        name: t.name,
+        steps: t.steps,
+        epochs: t.epochs,
+        batch_size: t.batch_size,
+        gradient_accumulation: t.gradient_accumulation,
+        lr: t.lr,
+        lr_scheduler: t.lr_scheduler.parse()?,
+        warmup_steps: t.warmup_steps,
+        min_snr_gamma: t.min_snr_gamma,
+        noise_offset: t.noise_offset,
+        seed: t.seed,
+        rank: t.rank,
+        alpha: t.alpha.unwrap_or(t.rank as f32),
+        dropout: t.dropout,
+        targets,
+        save_every: t.save_every,
+        resume: t.resume,
+        format: t.format.parse()?,
+        max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
+        weight_decay: t.weight_decay,
+        recompute: t.recompute,
+        progress: true,
+    };
+    let gpu = Gpu::new(opts)?;
+    eprintln!("{}", gpu.describe());
+    atelier::train::trainer::run(&gpu, &args)
 }
 
 fn sample(opts: &GpuOptions, s: SampleCli) -> atelier::Result<()> {

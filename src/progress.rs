@@ -12,6 +12,8 @@ pub struct Progress {
     start: Instant,
     last_draw: Option<Instant>,
     enabled: bool,
+    /// Shown after the rate (e.g. the smoothed loss).
+    note: String,
 }
 
 impl Progress {
@@ -22,7 +24,12 @@ impl Progress {
 
     /// As [`Progress::new`], shown or not as `enabled` says.
     pub fn with_output(label: &str, total: usize, enabled: bool) -> Progress {
-        Progress { label: label.to_string(), total, start: Instant::now(), last_draw: None, enabled }
+        Progress { label: label.to_string(), total, start: Instant::now(), last_draw: None, enabled, note: String::new() }
+    }
+
+    /// Sets the text shown after the rate (e.g. "loss 0.1234").
+    pub fn set_note(&mut self, note: &str) {
+        self.note = note.to_string();
     }
 
     /// Restarts the clock (after set-up work that should not count towards the rate).
@@ -75,7 +82,8 @@ impl Progress {
         } else {
             String::new()
         };
-        format!("{} {done}/{total} [{bar}] {rate}, {}{eta}", self.label, clock(secs))
+        let note = if self.note.is_empty() { String::new() } else { format!(", {}", self.note) };
+        format!("{} {done}/{total} [{bar}] {rate}{note}, {}{eta}", self.label, clock(secs))
     }
 }
 

@@ -260,3 +260,42 @@ fn recompute_gives_the_same_gradients_with_less_memory() {
     assert!(b.2 * 2 < a.2, "recompute should keep well under half the activations: {} vs {} bytes", b.2, a.2);
     assert!(b.3 < a.3, "recompute should lower the peak: {} vs {} bytes", b.3, a.3);
 }
+
+/// A per-sample loss weight (min-SNR's) scales that sample's share of the gradients: with
+/// weights (0.5, 0.25) at batch 2 the gradients equal those of two batch-1 runs, halved and
+/// quartered. Bound 2e-3: the weights are powers of two (exact in f16), but products at batch
+/// 1 and 2 take other tiles and K splits, so the f16 activations round differently (~1e-3).
+#[test]
+fn loss_weights_scale_each_sample() {
+    let g = gpu();
+    let m = model();
+    let r = Reference::open(FILE);
+    let (shape, x_t) = r.get("b2.x_t");
+    let (_, noise) = r.get("b2.noise");
+    let (_, t) = r.get("b2.t");
+    let (cshape, ctx) = r.get("b2.context");
+    let lp = adapters(&m, &r, "lora.");
+    let opts = TrainOptions { loss_weights: true, loss_scale: Some(1024.0), ..Default::default() };
+    let plan = m.train_plan(g, 2, shape[2], shape[3], cshape[1], &lp, opts).unwrap();
+    set_inputs(&plan, &x_t, &noise, &shape, &t, &ctx);
+    plan.weights.as_ref().unwrap().write_f32(g, &[0.5, 0.25]).unwrap();
+    lp.zero_grads(g);
+    plan.plan.run(g).unwrap();
+    let both = lp.grads.to_f32(g).unwrap();
+    // Each sample alone at batch 1 (the batch-2 loss is a mean over both: a factor 1/2).
+    let one = m.train_plan(g, 1, shape[2], shape[3], cshape[1], &lp, TrainOptions { loss_scale: Some(1024.0), ..Default::default() }).unwrap();
+    let (n, c) = (x_t.len() / 2, ctx.len() / 2);
+    let mut want = vec![0f64; both.len()];
+    for (b, w) in [(0, 0.5), (1, 0.25)] {
+        let s1 = [1, shape[1], shape[2], shape[3]];
+        set_inputs(&one, &x_t[b * n..(b + 1) * n], &noise[b * n..(b + 1) * n], &s1, &t[b..b + 1], &ctx[b * c..(b + 1) * c]);
+        lp.zero_grads(g);
+        one.plan.run(g).unwrap();
+        for (o, v) in want.iter_mut().zip(lp.grads.to_f32(g).unwrap()) {
+            *o += 0.5 * w * v as f64;
+        }
+    }
+    let e = rel_l2(&both, &want);
+    println!("weighted batch 2 vs two weighted batch-1 runs: relative L2 {e:.2e}");
+    assert!(e < 2e-3, "weighted gradients: relative L2 {e:.3e}");
+}

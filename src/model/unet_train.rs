@@ -98,6 +98,9 @@ pub struct TrainOptions {
     /// before its backward (attention, GEGLU, norm outputs: most of the saved activations),
     /// trading about one more transformer forward per step for memory.
     pub recompute: bool,
+    /// A per-sample loss weight input ([`UNetTrainPlan::weights`], e.g. min-SNR's): the
+    /// loss's gradient for sample b is multiplied by weights[b].
+    pub loss_weights: bool,
 }
 
 /// A built training step for one batch size and latent size.
@@ -115,8 +118,10 @@ pub struct UNetTrainPlan {
     pub target: Tensor,
     /// The prediction, [batch, h, w, out_channels] f16.
     pub pred: Tensor,
-    /// The MSE loss, f32 [1].
+    /// The MSE loss, f32 [1] (unweighted).
     pub loss: Tensor,
+    /// Per-sample loss weights in, [batch] f16, with [`TrainOptions::loss_weights`].
+    pub weights: Option<Tensor>,
     pub loss_scale: f32,
     /// Forward, loss and backward.
     pub plan: Plan,
@@ -256,6 +261,16 @@ impl UNet2DConditionModel {
         let partials = pb.tensor(&[grad_ops::mse_partials(numel)], DType::F32, "loss partials")?;
         pb.run_all(grad_ops::mse_loss(gpu, &pred, &target, &dpred, &partials, &loss, loss_scale)?)?;
         pb.free(partials);
+        let weights = if opts.loss_weights { Some(Tensor::empty(gpu, &[batch], DType::F16, "loss weights")?) } else { None };
+        let dpred = match &weights {
+            Some(w) => {
+                let weighted = pb.f16(&pred.shape, "weighted dpred")?;
+                pb.run(crate::kernels::elementwise::binary_grouped(gpu, crate::kernels::elementwise::Binary::Mul { alpha: 1.0 }, &dpred, w, &weighted, batch)?)?;
+                pb.free(dpred);
+                weighted
+            }
+            None => dpred,
+        };
 
         // ---- Backward ----
         let dn = pb.f16(&h.shape, "dconv_out")?;
@@ -338,7 +353,7 @@ impl UNet2DConditionModel {
         for t in dskips.into_iter().chain(dh) {
             pb.free(t);
         }
-        Ok(UNetTrainPlan { batch, height, width, sample, timestep, context, target, pred, loss, loss_scale, plan: pb.finish(), saved_bytes })
+        Ok(UNetTrainPlan { batch, height, width, sample, timestep, context, target, pred, loss, weights, loss_scale, plan: pb.finish(), saved_bytes })
     }
 }
 

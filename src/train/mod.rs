@@ -1,6 +1,12 @@
 //! `atelier train`: LoRA training from a folder of images to a LoRA file other tools load.
 //! `data` finds the images and their captions and prepares them (resize, crop, flip);
-//! `export` writes the adapters as kohya or diffusers LoRA files.
+//! `export` writes the adapters as kohya or diffusers LoRA files; `trainer` is the loop,
+//! `schedule` its learning-rate schedules and seeds, `checkpoint` its saved state, `plot` the
+//! loss curve.
 
+pub mod checkpoint;
 pub mod data;
 pub mod export;
+pub mod plot;
+pub mod schedule;
+pub mod trainer;

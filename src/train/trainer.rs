@@ -1,0 +1,463 @@
+//! The training loop of `atelier train`: caches (each image's latents encoded once by the VAE,
+//! each distinct caption's text embedding once by CLIP, so a step runs the UNet alone), then
+//! per step: noise, uniform timesteps, DDPM forward noising, the epsilon (or v) target, the
+//! UNet's training plan (forward, MSE loss, LoRA-only backward) over the micro-batches of the
+//! gradient accumulation, and AdamW at the scheduled learning rate.
+//!
+//! Reproducibility: every random choice of optimizer step k (which images, noise, timesteps,
+//! dropout masks, prompts drawn from a list) comes from seeds derived from (--seed, k) alone,
+//! the epoch orders from (--seed, epoch); a checkpoint therefore only holds the adapters,
+//! AdamW's moments, the step and the loss scale, and a resumed run makes the same LoRA as an
+//! uninterrupted one on the same GPU.
+//!
+//! f16 overflow: when a step's gradients are not finite the AdamW launch skips the update; the
+//! loop then halves the loss scale, rebuilds the plans and redoes the step with the same draws
+//! (PyTorch's GradScaler skips the step instead; redoing it loses no data).
+//!
+//! What a user watches: a progress bar (step, smoothed loss, it/s, ETA), `log.csv` (step,
+//! loss, smoothed loss, learning rate, gradient norm, loss scale, seconds), `loss.png` redrawn
+//! at every checkpoint, checkpoints every --save-every steps and the final LoRA file. Ctrl-C
+//! finishes the step in flight, writes a checkpoint and stops.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{PredictionType, SchedulerConfig};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder};
+use crate::model::lora::{AdamW, LoraParams};
+use crate::model::sd15::StableDiffusion;
+use crate::model::unet_train::{LoraTargets, TrainOptions, UNetTrainPlan};
+use crate::progress::Progress;
+use crate::rng::Rng;
+use crate::schedulers::schedule::alphas_cumprod;
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::data::{Dataset, DatasetOptions};
+use crate::train::export::{self, LoraFileFormat};
+use crate::train::plot;
+use crate::train::schedule::{stream_seed, LrSchedule};
+
+/// Seed streams (see [`stream_seed`]).
+const S_NOISE: u64 = 1;
+const S_DROPOUT: u64 = 2;
+const S_PROMPT: u64 = 3;
+const S_VAE: u64 = 4;
+
+/// Everything `atelier train` is told.
+#[derive(Clone, Debug)]
+pub struct TrainArgs {
+    pub model: PathBuf,
+    pub data: DatasetOptions,
+    /// Random horizontal flips (both orientations' latents are cached).
+    pub flip: bool,
+    pub output: PathBuf,
+    /// The LoRA's file name (without extension).
+    pub name: String,
+    pub steps: Option<usize>,
+    pub epochs: Option<usize>,
+    pub batch_size: usize,
+    pub gradient_accumulation: usize,
+    pub lr: f64,
+    pub lr_scheduler: LrSchedule,
+    pub warmup_steps: usize,
+    pub min_snr_gamma: Option<f32>,
+    pub noise_offset: f32,
+    pub seed: u64,
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub targets: LoraTargets,
+    pub save_every: usize,
+    pub resume: Option<String>,
+    pub format: LoraFileFormat,
+    pub max_grad_norm: Option<f64>,
+    pub weight_decay: f64,
+    pub recompute: bool,
+    /// Show the progress bar (when standard error is a terminal).
+    pub progress: bool,
+}
+
+/// The settings a checkpoint must share with the run resuming it.
+fn identity(a: &TrainArgs) -> serde_json::Value {
+    serde_json::json!({
+        "model": a.model.display().to_string(),
+        "data": a.data.dir.display().to_string(),
+        "resolution": a.data.resolution,
+        "batch_size": a.batch_size,
+        "gradient_accumulation": a.gradient_accumulation,
+        "seed": a.seed,
+        "rank": a.rank,
+        "alpha": a.alpha,
+        "dropout": a.dropout,
+        "targets": format!("{:?}", a.targets),
+        "lr": a.lr,
+        "lr_scheduler": a.lr_scheduler.name(),
+        "warmup_steps": a.warmup_steps,
+    })
+}
+
+/// One micro-batch's inputs, NHWC f32.
+struct Inputs {
+    sample: Vec<f32>,
+    target: Vec<f32>,
+    timesteps: Vec<f32>,
+    context: Vec<f32>,
+    /// Min-SNR loss weights, one per image.
+    weights: Vec<f32>,
+}
+
+/// The loop's caches: latents per (image, flipped), text embeddings per caption.
+struct Caches {
+    latents: LatentCache,
+    embeddings: HashMap<String, Vec<f32>>,
+}
+
+/// Runs `atelier train`.
+pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
+    check_args(a)?;
+    std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
+    crate::images::check_writable_dir(&a.output)?;
+    let run_file = a.output.join("run.json");
+    let ident = identity(a);
+    match (std::fs::read_to_string(&run_file), &a.resume) {
+        (Ok(text), _) if serde_json::from_str::<serde_json::Value>(&text).ok().as_ref() != Some(&ident) => {
+            return Err(Error::Usage(format!(
+                "{} already holds a different training run (its run.json differs from these settings): choose another --output, or resume it with its own settings",
+                a.output.display()
+            )));
+        }
+        (Ok(_), None) if !checkpoint::list(&a.output).is_empty() => {
+            return Err(Error::Usage(format!(
+                "{} already holds checkpoints of this run: continue it with --resume latest, or choose another --output",
+                a.output.display()
+            )));
+        }
+        _ => crate::images::write_atomic(&run_file, serde_json::to_string_pretty(&ident).expect("json").as_bytes())?,
+    }
+
+    let data = Dataset::scan(&a.data)?;
+    eprintln!("{}", data.summary());
+    if !a.data.center_crop {
+        return Err(Error::Usage("--random-crop is not supported yet: latents are cached from center crops (use the default center crop)".into()));
+    }
+    let t0 = Instant::now();
+    let sd = StableDiffusion::load(gpu, &a.model, &Default::default(), None)?;
+    eprintln!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
+    let sched = match a.model.is_dir() {
+        true => SchedulerConfig::from_model_dir(&a.model)?,
+        false => SchedulerConfig::v1_5(),
+    };
+    let acp: Vec<f64> = alphas_cumprod(&sched).iter().map(|&v| v as f64).collect();
+    let specs = sd.unet.cfg.lora_specs(a.targets, a.rank, a.alpha, a.dropout);
+    let lora = LoraParams::new(gpu, &specs, a.seed)?;
+
+    let per_epoch = data.epoch_order(0, a.seed, a.batch_size).len().div_ceil(a.gradient_accumulation).max(1);
+    let total = match (a.steps, a.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => e * per_epoch,
+        (None, None) => unreachable!("checked"),
+    };
+    let mut step = 0;
+    let mut loss_scale = None;
+    if let Some(r) = &a.resume {
+        let dir = checkpoint::resolve(&a.output, r)?;
+        let st = checkpoint::load(gpu, &dir, &lora)?;
+        if st.identity != ident {
+            return Err(Error::Usage(format!("{} was made with other settings than these; resume with the run's own settings", dir.display())));
+        }
+        step = st.step;
+        loss_scale = Some(st.loss_scale);
+        truncate_log(&a.output.join("log.csv"), step)?;
+        eprintln!("resuming from {} at step {step}", dir.display());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be installed in one process (tests run several trainings):
+        // then Ctrl-C keeps its default behaviour.
+        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+    }
+
+    let mut caches = Caches { latents: HashMap::new(), embeddings: HashMap::new() };
+    let mut plans: HashMap<(usize, usize), UNetTrainPlan> = HashMap::new();
+    let optimizer = lora.optimizer_step(gpu)?;
+    let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
+    let mut history = read_log(&a.output.join("log.csv"));
+    let mut smooth = history.last().map(|h| h.1).unwrap_or(f64::NAN);
+    let mut bar = Progress::with_output("training", total, a.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    eprintln!(
+        "training {} adapters (rank {}, alpha {}) for {total} steps of {} image(s) x {} accumulation; {} images, {per_epoch} steps per epoch",
+        specs.len(),
+        a.rank,
+        a.alpha,
+        a.batch_size,
+        a.gradient_accumulation,
+        data.len()
+    );
+    let t_start = Instant::now();
+    while step < total {
+        let lr = a.lr_scheduler.lr_at(a.lr, step, total, a.warmup_steps);
+        let opt = AdamW { lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, ..AdamW::default() };
+        // Redo the step at a lower loss scale while its gradients overflow f16.
+        let (loss, norm) = loop {
+            let mut losses = Vec::new();
+            for micro in 0..a.gradient_accumulation {
+                let k = (step * a.gradient_accumulation + micro) as u64;
+                let (inputs, (h, w)) = prepare(gpu, &sd, &data, a, &acp, &mut caches, k, sched.prediction_type)?;
+                let plan = match plans.entry((h, w)) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let opts = TrainOptions { recompute: a.recompute, loss_scale, loss_weights: a.min_snr_gamma.is_some() };
+                        e.insert(sd.unet.train_plan(gpu, a.batch_size, h / 8, w / 8, crate::tokenizer::MAX_LEN, &lora, opts)?)
+                    }
+                };
+                plan.sample.write_f32(gpu, &inputs.sample)?;
+                plan.target.write_f32(gpu, &inputs.target)?;
+                plan.timestep.write_f32(gpu, &inputs.timesteps)?;
+                plan.context.write_f32(gpu, &inputs.context)?;
+                if let Some(w) = &plan.weights {
+                    w.write_f32(gpu, &inputs.weights)?;
+                }
+                lora.set_step(gpu, &opt, step as u64 + 1, stream_seed(a.seed, S_DROPOUT, k));
+                let mut rec = Recorder::new(gpu);
+                plan.plan.record(&mut rec)?;
+                if micro + 1 == a.gradient_accumulation {
+                    for d in &optimizer {
+                        rec.run(d)?;
+                    }
+                }
+                rec.finish()?;
+                losses.push(plan.loss.to_f32(gpu)?[0] as f64);
+            }
+            if !lora.step_skipped(gpu)? {
+                let (norm, _) = lora.grad_norm(gpu)?;
+                break (losses.iter().sum::<f64>() / losses.len() as f64, norm);
+            }
+            let scale = plans.values().next().map(|p| p.loss_scale).unwrap_or(1.0);
+            if scale <= 1.0 {
+                return Err(Error::Usage(format!("step {}: the gradients overflow f16 even at loss scale 1 (the loss diverged; lower --lr)", step + 1)));
+            }
+            eprintln!("\nstep {}: gradients overflowed f16 at loss scale {scale}; redoing it at {}", step + 1, scale / 2.0);
+            loss_scale = Some(scale / 2.0);
+            plans.clear();
+        };
+        step += 1;
+        smooth = if smooth.is_nan() { loss } else { 0.95 * smooth + 0.05 * loss };
+        let scale = plans.values().next().map(|p| p.loss_scale).unwrap_or(0.0);
+        writeln!(log, "{step},{loss:.6},{smooth:.6},{lr:.3e},{norm:.5},{scale},{:.2}", t_start.elapsed().as_secs_f64())
+            .map_err(|e| Error::Io { path: a.output.join("log.csv"), source: e })?;
+        history.push((step, smooth, loss));
+        bar.set_note(&format!("loss {smooth:.4}"));
+        bar.update(step, total);
+        let interrupted = stop.load(Ordering::SeqCst);
+        if (a.save_every > 0 && step % a.save_every == 0) || step == total || interrupted {
+            let _ = log.flush();
+            let state = TrainState { version: 1, step, loss_scale: scale, identity: ident.clone(), layers: layers(&lora), total: lora.total };
+            let flat = lora.params.to_f32(gpu)?;
+            let dir = checkpoint::save(gpu, &a.output, &lora, &state, |d| write_lora(&sd, a, &lora, &flat, step, &data, d))?;
+            plot::write_loss_curve(&a.output.join("loss.png"), &history)?;
+            if step == total {
+                write_lora(&sd, a, &lora, &flat, step, &data, &a.output)?;
+            }
+            bar.finish();
+            eprintln!("step {step}: loss {smooth:.4}; checkpoint {}", dir.display());
+        }
+        if interrupted && step < total {
+            bar.finish();
+            return Err(Error::Usage(format!(
+                "interrupted at step {step}: checkpoint written; continue with --resume latest --output {}",
+                a.output.display()
+            )));
+        }
+    }
+    bar.finish();
+    eprintln!(
+        "done: {total} steps in {}; LoRA written to {}",
+        crate::progress::clock(t_start.elapsed().as_secs_f64()),
+        a.output.join(file_name(a)).display()
+    );
+    Ok(())
+}
+
+fn check_args(a: &TrainArgs) -> Result<()> {
+    let bad = |m: String| Err(Error::Usage(m));
+    if a.steps.is_none() && a.epochs.is_none() {
+        return bad("give --steps or --epochs".into());
+    }
+    if a.steps == Some(0) || a.epochs == Some(0) || a.batch_size == 0 || a.gradient_accumulation == 0 || a.rank == 0 {
+        return bad("--steps, --epochs, --batch-size, --gradient-accumulation and --rank must be at least 1".into());
+    }
+    if !(a.lr > 0.0 && a.lr.is_finite()) || !(a.alpha > 0.0) || !(0.0..1.0).contains(&a.dropout) || a.noise_offset < 0.0 {
+        return bad(format!("--lr {} and --alpha {} must be positive, --dropout {} in [0, 1), --noise-offset {} not negative", a.lr, a.alpha, a.dropout, a.noise_offset));
+    }
+    if a.min_snr_gamma.is_some_and(|g| !(g > 0.0)) {
+        return bad("--min-snr-gamma must be positive".into());
+    }
+    Ok(())
+}
+
+fn layers(lora: &LoraParams) -> Vec<(String, usize, usize)> {
+    lora.layers.iter().map(|l| (l.spec.name.clone(), l.off_a, l.off_b)).collect()
+}
+
+/// The final LoRA's file name.
+fn file_name(a: &TrainArgs) -> String {
+    match a.format {
+        LoraFileFormat::Kohya => format!("{}.safetensors", a.name),
+        LoraFileFormat::Diffusers => "pytorch_lora_weights.safetensors".into(),
+    }
+}
+
+/// Writes the LoRA file into `dir`, with kohya's training metadata.
+fn write_lora(sd: &StableDiffusion, a: &TrainArgs, lora: &LoraParams, flat: &[f32], step: usize, data: &Dataset, dir: &Path) -> Result<()> {
+    let adapters = export::adapters(lora, flat, &sd.unet.cfg)?;
+    let meta = std::collections::BTreeMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        ("ss_network_dim".to_string(), a.rank.to_string()),
+        ("ss_network_alpha".to_string(), a.alpha.to_string()),
+        ("ss_network_dropout".to_string(), a.dropout.to_string()),
+        ("ss_base_model_version".to_string(), "sd_v1".to_string()),
+        ("ss_sd_model_name".to_string(), a.model.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()),
+        ("ss_resolution".to_string(), format!("({}, {})", a.data.resolution, a.data.resolution)),
+        ("ss_steps".to_string(), step.to_string()),
+        ("ss_max_train_steps".to_string(), a.steps.map(|s| s.to_string()).unwrap_or_default()),
+        ("ss_learning_rate".to_string(), a.lr.to_string()),
+        ("ss_unet_lr".to_string(), a.lr.to_string()),
+        ("ss_lr_scheduler".to_string(), a.lr_scheduler.name().to_string()),
+        ("ss_lr_warmup_steps".to_string(), a.warmup_steps.to_string()),
+        ("ss_batch_size_per_device".to_string(), a.batch_size.to_string()),
+        ("ss_gradient_accumulation_steps".to_string(), a.gradient_accumulation.to_string()),
+        ("ss_seed".to_string(), a.seed.to_string()),
+        ("ss_noise_offset".to_string(), a.noise_offset.to_string()),
+        ("ss_min_snr_gamma".to_string(), a.min_snr_gamma.map(|g| g.to_string()).unwrap_or_default()),
+        ("ss_num_train_images".to_string(), data.len().to_string()),
+        ("ss_network_args".to_string(), serde_json::json!({ "targets": format!("{:?}", a.targets) }).to_string()),
+        ("ss_training_comment".to_string(), "trained by atelier".to_string()),
+    ]);
+    export::write_lora(&dir.join(file_name(a)), &adapters, a.format, &meta)
+}
+
+/// Builds micro-batch k's inputs: its images' cached latents, noise, timesteps, the noised
+/// latents and the target, and the captions' cached embeddings. Returns them and the images'
+/// size in pixels.
+#[allow(clippy::too_many_arguments)]
+fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: &[f64], caches: &mut Caches, k: u64, pred: PredictionType) -> Result<(Inputs, (usize, usize))> {
+    let per_epoch = data.epoch_order(0, a.seed, a.batch_size).len();
+    let (epoch, pos) = ((k as usize) / per_epoch, (k as usize) % per_epoch);
+    let batch = data.epoch_order(epoch, a.seed, a.batch_size)[pos].clone();
+    let mut rng = Rng::new(stream_seed(a.seed, S_NOISE, k));
+    let mut prompt_rng = Rng::new(stream_seed(a.seed, S_PROMPT, k));
+    let mut inputs = Inputs { sample: Vec::new(), target: Vec::new(), timesteps: Vec::new(), context: Vec::new(), weights: Vec::new() };
+    let mut size = None;
+    for (slot, &index) in batch.iter().enumerate() {
+        let flip = a.flip && rng.uniform() < 0.5;
+        let (x0, h, w) = latents(gpu, sd, data, &mut caches.latents, index, flip, stream_seed(a.seed, S_VAE, index as u64))?;
+        size.get_or_insert((h, w));
+        let caption = data.caption(index, &mut prompt_rng)?;
+        let emb = match caches.embeddings.get(&caption) {
+            Some(e) => e,
+            None => {
+                let clip = sd.clip.plan(gpu, 1, 0, false)?;
+                clip.run(gpu, &sd.tokenizer.encode(&caption)?)?;
+                caches.embeddings.entry(caption.clone()).or_insert(clip.out.to_f32(gpu)?)
+            }
+        };
+        inputs.context.extend_from_slice(emb);
+        let c = sd.config.unet.in_channels;
+        let mut noise = rng.normals(x0.len());
+        if a.noise_offset > 0.0 {
+            // Per image and channel, as diffusers' --noise_offset.
+            let off: Vec<f32> = rng.normals(c).iter().map(|v| v * a.noise_offset).collect();
+            noise.iter_mut().enumerate().for_each(|(i, n)| *n += off[i % c]);
+        }
+        let t = ((rng.uniform() * acp.len() as f64) as usize).min(acp.len() - 1);
+        let (sa, sb) = (acp[t].sqrt(), (1.0 - acp[t]).sqrt());
+        inputs.sample.extend(x0.iter().zip(&noise).map(|(&x, &n)| (sa * x as f64 + sb * n as f64) as f32));
+        match pred {
+            PredictionType::VPrediction => inputs.target.extend(x0.iter().zip(&noise).map(|(&x, &n)| (sa * n as f64 - sb * x as f64) as f32)),
+            _ => inputs.target.extend_from_slice(&noise),
+        }
+        inputs.timesteps.push(t as f32);
+        // Min-SNR-gamma (Hang et al. 2023) as diffusers' scripts weight it: min(snr, gamma) /
+        // snr for epsilon targets, / (snr + 1) for v.
+        let snr = acp[t] / (1.0 - acp[t]);
+        let gamma = a.min_snr_gamma.unwrap_or(f32::INFINITY) as f64;
+        inputs.weights.push(match pred {
+            PredictionType::VPrediction => (snr.min(gamma) / (snr + 1.0)) as f32,
+            _ => (snr.min(gamma) / snr) as f32,
+        });
+        let _ = slot;
+    }
+    Ok((inputs, size.expect("a batch has an image")))
+}
+
+/// An image's latents (NHWC [h/8, w/8, 4], the VAE's sample times the scaling factor, as
+/// diffusers' training scripts take them), encoded once and cached; returns (latents, h, w).
+type LatentCache = HashMap<(usize, bool), (Vec<f32>, usize, usize)>;
+
+fn latents<'c>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, cache: &'c mut LatentCache, index: usize, flip: bool, seed: u64) -> Result<(&'c [f32], usize, usize)> {
+    if !cache.contains_key(&(index, flip)) {
+        // Center crop and no flip in the dataset (the loop flips), so no random draw here.
+        let ex = data.load(index, &mut Rng::new(0))?;
+        let (w, h) = (ex.width, ex.height);
+        let pixels = if flip { flip_nhwc(&ex.pixels, h, w, 3) } else { ex.pixels };
+        let enc = sd.vae.encode_plan(gpu, 1, h, w, false)?;
+        enc.run(gpu, &pixels, seed)?;
+        let sf = sd.config.vae.scaling_factor;
+        let z: Vec<f32> = enc.sample.to_f32(gpu)?.iter().map(|v| v * sf).collect();
+        cache.insert((index, flip), (z, h, w));
+    }
+    let (z, h, w) = &cache[&(index, flip)];
+    Ok((z, *h, *w))
+}
+
+/// A horizontally mirrored NHWC image.
+fn flip_nhwc(x: &[f32], h: usize, w: usize, c: usize) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for r in 0..h {
+        for col in 0..w {
+            let (s, d) = ((r * w + col) * c, (r * w + (w - 1 - col)) * c);
+            y[d..d + c].copy_from_slice(&x[s..s + c]);
+        }
+    }
+    y
+}
+
+fn open_log(path: &Path, fresh: bool) -> Result<std::fs::File> {
+    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    if fresh || !path.exists() {
+        let mut f = std::fs::File::create(path).map_err(io)?;
+        writeln!(f, "step,loss,smoothed_loss,lr,grad_norm,loss_scale,seconds").map_err(io)?;
+        return Ok(f);
+    }
+    std::fs::OpenOptions::new().append(true).open(path).map_err(io)
+}
+
+/// (step, smoothed loss, loss) rows of the log.
+fn read_log(path: &Path) -> Vec<(usize, f64, f64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some((f.first()?.parse().ok()?, f.get(2)?.parse().ok()?, f.get(1)?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Drops the log's rows after `step` (a resumed run writes them again).
+fn truncate_log(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let keep: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, l)| *i == 0 || l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= step))
+        .map(|(_, l)| l)
+        .collect();
+    crate::images::write_atomic(path, (keep.join("\n") + "\n").as_bytes())
+}
