@@ -1,5 +1,6 @@
 //! The training loop of `atelier train`: caches (each image's latents encoded once by the VAE,
-//! each distinct caption's text embedding once by CLIP, so a step runs the UNet alone), then
+//! each distinct caption's text embedding once by CLIP, so a step runs the UNet alone; with
+//! `--random-crop` an image is encoded at each use instead), then
 //! per step: noise, uniform timesteps, DDPM forward noising, the epsilon (or v) target, the
 //! UNet's training plan (forward, MSE loss, LoRA-only backward) over the micro-batches of the
 //! gradient accumulation, and AdamW at the scheduled learning rate.
@@ -46,6 +47,7 @@ const S_NOISE: u64 = 1;
 const S_DROPOUT: u64 = 2;
 const S_PROMPT: u64 = 3;
 const S_VAE: u64 = 4;
+const S_CROP: u64 = 5;
 
 /// Everything `atelier train` is told.
 #[derive(Clone, Debug)]
@@ -141,9 +143,6 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
 
     let data = Dataset::scan(&a.data)?;
     eprintln!("{}", data.summary());
-    if !a.data.center_crop {
-        return Err(Error::Usage("--random-crop is not supported yet: latents are cached from center crops (use the default center crop)".into()));
-    }
     let t0 = Instant::now();
     let sd = StableDiffusion::load(gpu, &a.model, &Default::default(), None)?;
     eprintln!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
@@ -356,7 +355,10 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
     let mut size = None;
     for (slot, &index) in batch.iter().enumerate() {
         let flip = a.flip && rng.uniform() < 0.5;
-        let (x0, h, w) = latents(gpu, sd, data, &mut caches.latents, index, flip, stream_seed(a.seed, S_VAE, index as u64))?;
+        // Random crops change every time: those images are encoded at each use, not cached.
+        let crop_seed = (!a.data.center_crop).then(|| stream_seed(a.seed, S_CROP, k * 1024 + slot as u64));
+        let vae_seed = stream_seed(a.seed, S_VAE, index as u64);
+        let (x0, h, w) = latents(gpu, sd, data, &mut caches.latents, index, flip, vae_seed, crop_seed)?;
         size.get_or_insert((h, w));
         let caption = data.caption(index, &mut prompt_rng)?;
         let emb = match caches.embeddings.get(&caption) {
@@ -391,7 +393,6 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
             PredictionType::VPrediction => (snr.min(gamma) / (snr + 1.0)) as f32,
             _ => (snr.min(gamma) / snr) as f32,
         });
-        let _ = slot;
     }
     Ok((inputs, size.expect("a batch has an image")))
 }
@@ -400,10 +401,13 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
 /// diffusers' training scripts take them), encoded once and cached; returns (latents, h, w).
 type LatentCache = HashMap<(usize, bool), (Vec<f32>, usize, usize)>;
 
-fn latents<'c>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, cache: &'c mut LatentCache, index: usize, flip: bool, seed: u64) -> Result<(&'c [f32], usize, usize)> {
-    if !cache.contains_key(&(index, flip)) {
-        // Center crop and no flip in the dataset (the loop flips), so no random draw here.
-        let ex = data.load(index, &mut Rng::new(0))?;
+/// With `crop_seed` (random crops) the image is cropped from that seed and encoded afresh,
+/// replacing the cached entry.
+#[allow(clippy::too_many_arguments)]
+fn latents<'c>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, cache: &'c mut LatentCache, index: usize, flip: bool, seed: u64, crop_seed: Option<u64>) -> Result<(&'c [f32], usize, usize)> {
+    if crop_seed.is_some() || !cache.contains_key(&(index, flip)) {
+        // No flip in the dataset (the loop flips); a center crop draws nothing.
+        let ex = data.load(index, &mut Rng::new(crop_seed.unwrap_or(0)))?;
         let (w, h) = (ex.width, ex.height);
         let pixels = if flip { flip_nhwc(&ex.pixels, h, w, 3) } else { ex.pixels };
         let enc = sd.vae.encode_plan(gpu, 1, h, w, false)?;
