@@ -1,4 +1,5 @@
-//! Op tests for shaders/attention_backward.wgsl (scalar path): dq, dk, dv of
+//! Op tests for shaders/attention_backward.wgsl and attention_backward_coop.wgsl (every case
+//! on each path the device offers, `common::paths()`, checking the launches took it): dq, dk, dv of
 //! o = softmax(q·kᵀ·scale)·v against an f64 CPU reference that materialises the scores, on
 //! fresh seeded random q, k, v, dO with NaN-poisoned outputs: the reference itself against
 //! central finite differences of the CPU forward; tiny and odd shapes (sizes not multiples of
@@ -7,14 +8,17 @@
 //! o as the GPU forward wrote it, two real SD shapes (cross-attention 4096 queries x 77 keys x
 //! d 40 x 8 heads; self-attention 1024 x 1024 x d 80 x 2 heads) and refused shapes; dk and dv
 //! with the query range split over workgroups (forced 1, 2, 3, not dividing the query blocks,
-//! more splits than query blocks; causal; f16 and f32 gradients) and the launcher's choice.
+//! more splits than query blocks; causal; f16 and f32 gradients) and the launcher's choice;
+//! the cooperative-matrix tiles' workgroup memory and the path choice.
 
 mod common;
 
-use atelier::gpu::{DType, Tensor};
-use atelier::kernels::attention::{Attention, Operand};
-use atelier::kernels::attention_backward::{default_dkv_splits, AttentionBackward, AttentionGrads, MAX_DKV_SPLITS};
-use common::{gpu, random, rel_l2, round_f16, seed, POISON};
+use atelier::gpu::{DType, KernelPath, Tensor};
+use atelier::kernels::attention::{coop_dp, Attention, Operand, COOP_MAX_DP, COOP_SHARED_LIMIT};
+use atelier::kernels::attention_backward::{
+    default_dkv_splits, AttentionBackward, AttentionGrads, BwdTile, CoopEntry, MAX_DKV_SPLITS,
+};
+use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Error bound (relative L2, each of dq, dk, dv). The inputs are the f16 values the GPU
 /// sees, so what is left is: gradients stored as f16 (relative rounding 2^-11, ~2.2e-4 RMS:
@@ -154,6 +158,27 @@ fn run_bound(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64)
 /// As `run_bound`, with the query splits of dk/dv forced (`None`: the launcher's choice);
 /// the partials are poisoned too.
 fn run_split(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, splits: Option<usize>) -> (f64, f64) {
+    let mut worst: f64 = 0.0;
+    let mut secs = 0.0;
+    for path in paths() {
+        let (e, s) = run_path(Attention { path: Some(path), ..a }, amp, dout_dt, grad_dt, bound, splits);
+        worst = worst.max(e);
+        secs = s;
+    }
+    (worst, secs)
+}
+
+/// Asserts that the dq and dk/dv launches `ds` run on the path asked for by `a.path`: the
+/// cooperative-matrix kernels where that is Coop and the padded head dim fits, else scalar.
+fn check_path(a: &Attention, bw: &AttentionBackward, ds: &[atelier::gpu::Dispatch]) {
+    let want_coop = a.path == Some(KernelPath::Coop) && coop_dp(a.d) <= COOP_MAX_DP;
+    assert_eq!(bw.plan(gpu()).0 == KernelPath::Coop, want_coop, "{a:?}: plan");
+    for d in &ds[1..3] {
+        assert_eq!(d.label.starts_with("attention_backward_coop."), want_coop, "{a:?}: launch {}", d.label);
+    }
+}
+
+fn run_path(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, splits: Option<usize>) -> (f64, f64) {
     let g = gpu();
     let what = format!("attention backward {a:?} amp {amp} dO {dout_dt:?} grads {grad_dt:?} splits {splits:?}");
     let s = seed(&what);
@@ -192,6 +217,7 @@ fn run_split(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64,
         dv: dense(&tdv),
     };
     let ds = bw.prepare(g, &grads).unwrap();
+    check_path(&a, &bw, &ds);
     // One dk/dv launch without splits; partials and their reduce with.
     assert_eq!(ds.len(), if bw.dkv_splits > 1 { 4 } else { 3 }, "{what}: launches");
     assert_eq!(ds[2].groups[2] as usize, bw.dkv_splits, "{what}: dkv grid");
@@ -364,7 +390,8 @@ fn fused_qkv_slices() {
     let tg = poisoned(&[a.batch, a.lq, ldg], DType::F16);
     // The launcher splits this shape's queries (3 splits): the reduce writes the slices; then
     // again without splits.
-    for splits in [None, Some(1)] {
+    for (path, splits) in paths().into_iter().flat_map(|p| [(p, None), (p, Some(1))]) {
+        let a = Attention { path: Some(path), ..a };
         tg.fill_words(g, POISON);
         let bw = AttentionBackward::with_dkv_splits(g, a, splits).unwrap();
         assert_eq!(bw.dkv_splits, splits.unwrap_or(3));
@@ -378,8 +405,10 @@ fn fused_qkv_slices() {
             dk: Operand::slice(&tg, 8 + hd, ldg),
             dv: Operand::slice(&tg, 8 + 2 * hd, ldg),
         };
-        for d in bw.prepare(g, &grads).unwrap() {
-            g.run_now(&d).unwrap();
+        let ds = bw.prepare(g, &grads).unwrap();
+        check_path(&a, &bw, &ds);
+        for d in &ds {
+            g.run_now(d).unwrap();
         }
         let out = tg.to_f32(g).unwrap();
         let mut got = [Vec::new(), Vec::new(), Vec::new()];
@@ -391,8 +420,8 @@ fn fused_qkv_slices() {
         }
         for (name, gi, r) in [("dq", &got[0], &rdq), ("dk", &got[1], &rdk), ("dv", &got[2], &rdv)] {
             let e = rel_l2(gi, r);
-            eprintln!("fused qkv {name} splits {splits:?}: rel L2 {e:.3e}");
-            assert!(e < BOUND, "fused qkv {name} splits {splits:?}: rel L2 {e:.3e} over {BOUND:.0e}");
+            eprintln!("fused qkv {path} {name} splits {splits:?}: rel L2 {e:.3e}");
+            assert!(e < BOUND, "fused qkv {path} {name} splits {splits:?}: rel L2 {e:.3e} over {BOUND:.0e}");
         }
     }
 }
@@ -446,15 +475,60 @@ fn after_gpu_forward() {
         let dense = |t| Operand::dense(t, hd);
         g.run_now(&fwd.prepare(g, dense(&tq), dense(&tk), dense(&tv), dense(&to)).unwrap()).unwrap();
         let (tdq, tdk, tdv) = (poisoned(&[a.batch, a.lq, hd], DType::F32), poisoned(&[a.batch, a.lk, hd], DType::F32), poisoned(&[a.batch, a.lk, hd], DType::F32));
-        let bw = AttentionBackward::new(g, a).unwrap();
-        let grads = AttentionGrads { q: dense(&tq), k: dense(&tk), v: dense(&tv), o: dense(&to), dout: dense(&tdo), dq: dense(&tdq), dk: dense(&tdk), dv: dense(&tdv) };
-        for d in bw.prepare(g, &grads).unwrap() {
-            g.run_now(&d).unwrap();
-        }
-        for (name, t, r) in [("dq", &tdq, &rdq), ("dk", &tdk, &rdk), ("dv", &tdv, &rdv)] {
-            let e = rel_l2(&t.to_f32(g).unwrap(), r);
-            eprintln!("after the GPU forward {a:?}: {name} rel L2 {e:.3e}");
-            assert!(e < BOUND, "after the GPU forward {a:?}: {name} rel L2 {e:.3e} over {BOUND:.0e}");
+        for path in paths() {
+            let a = Attention { path: Some(path), ..a };
+            for t in [&tdq, &tdk, &tdv] {
+                t.fill_words(g, POISON);
+            }
+            let bw = AttentionBackward::new(g, a).unwrap();
+            let grads = AttentionGrads { q: dense(&tq), k: dense(&tk), v: dense(&tv), o: dense(&to), dout: dense(&tdo), dq: dense(&tdq), dk: dense(&tdk), dv: dense(&tdv) };
+            let ds = bw.prepare(g, &grads).unwrap();
+            check_path(&a, &bw, &ds);
+            for d in &ds {
+                g.run_now(d).unwrap();
+            }
+            for (name, t, r) in [("dq", &tdq, &rdq), ("dk", &tdk, &rdk), ("dv", &tdv, &rdv)] {
+                let e = rel_l2(&t.to_f32(g).unwrap(), r);
+                eprintln!("after the GPU forward {a:?}: {name} rel L2 {e:.3e}");
+                assert!(e < BOUND, "after the GPU forward {a:?}: {name} rel L2 {e:.3e} over {BOUND:.0e}");
+            }
         }
     }
+}
+
+#[test]
+fn coop_tiles() {
+    // The cooperative-matrix tiles: a tile of each entry fits wgpu's default 48 KiB at every
+    // padded head dim up to COOP_MAX_DP (so no d <= 160 falls back to the scalar kernels on a
+    // device with the default limit), the sums match the shader's header, and the launcher's
+    // choice at SD's head dims.
+    for dp in (16..=COOP_MAX_DP as u32).step_by(16) {
+        for entry in [CoopEntry::Dq, CoopEntry::Dkv] {
+            let t = BwdTile::auto(entry, dp, COOP_SHARED_LIMIT).unwrap_or_else(|| panic!("no {entry:?} tile at DP {dp}"));
+            assert!(t.shared_bytes(entry, dp) <= COOP_SHARED_LIMIT);
+        }
+    }
+    let t = |bq, bk, warps| BwdTile { bq, bk, warps };
+    assert_eq!(t(64, 32, 8).shared_bytes(CoopEntry::Dq, 48), 49152);
+    assert_eq!(t(64, 32, 8).shared_bytes(CoopEntry::Dkv, 48), 49152);
+    assert_eq!(t(16, 16, 4).shared_bytes(CoopEntry::Dkv, 160), 44544);
+    for (d, dq, dkv) in [
+        (40, t(64, 32, 8), t(64, 32, 8)),
+        (64, t(32, 32, 4), t(32, 32, 4)),
+        (80, t(32, 32, 4), t(32, 16, 4)),
+        (160, t(16, 32, 4), t(16, 16, 4)),
+    ] {
+        let dp = coop_dp(d) as u32;
+        assert_eq!(BwdTile::auto(CoopEntry::Dq, dp, COOP_SHARED_LIMIT), Some(dq), "dq at d {d}");
+        assert_eq!(BwdTile::auto(CoopEntry::Dkv, dp, COOP_SHARED_LIMIT), Some(dkv), "dkv at d {d}");
+    }
+    // A smaller device limit moves to smaller tiles, none at all below the smallest.
+    assert_eq!(BwdTile::auto(CoopEntry::Dq, 48, 32 * 1024), Some(t(32, 32, 4)));
+    assert_eq!(BwdTile::auto(CoopEntry::Dkv, 160, 16 * 1024), None);
+    // The scalar path is what a device without cooperative matrices (or asked for scalar) gets.
+    let g = gpu();
+    let scalar = Attention { path: Some(KernelPath::Scalar), ..Attention::new(1, 8, 64, 64, 40, false) };
+    assert_eq!(AttentionBackward::new(g, scalar).unwrap().plan(g), (KernelPath::Scalar, None));
+    let big = Attention { path: Some(KernelPath::Coop), ..Attention::new(1, 1, 16, 16, 512, false) };
+    assert_eq!(AttentionBackward::new(g, big).unwrap().plan(g).0, KernelPath::Scalar, "d 512 is scalar");
 }

@@ -100,6 +100,7 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::attention_backward::AttentionBackwardParams;
     let ab = rust_layout!(AttentionBackwardParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv, off_q, off_k, off_v, off_o, off_do, off_dq, off_dk, off_dv, scale, splits, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::AttentionBackward, "Params"), ab);
+    assert_eq!(wgsl_struct(Shader::AttentionBackwardCoop, "Params"), ab);
     use atelier::kernels::tensor_ops::TensorOpsParams;
     let to = rust_layout!(TensorOpsParams { words, c1, c2, h, w, shift, oh, ow });
     assert_eq!(wgsl_struct(Shader::TensorOps, "Params"), to);

@@ -23,6 +23,7 @@ pub enum Shader {
     Attention,
     AttentionCoop,
     AttentionBackward,
+    AttentionBackwardCoop,
     TensorOps,
     Lora,
     LoraSkinny,
@@ -31,7 +32,7 @@ pub enum Shader {
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 12] = [
+    pub const ALL: [Shader; 13] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -40,6 +41,7 @@ impl Shader {
         Shader::Attention,
         Shader::AttentionCoop,
         Shader::AttentionBackward,
+        Shader::AttentionBackwardCoop,
         Shader::TensorOps,
         Shader::Lora,
         Shader::LoraSkinny,
@@ -57,6 +59,7 @@ impl Shader {
             Shader::Attention => "attention",
             Shader::AttentionCoop => "attention_coop",
             Shader::AttentionBackward => "attention_backward",
+            Shader::AttentionBackwardCoop => "attention_backward_coop",
             Shader::TensorOps => "tensor_ops",
             Shader::Lora => "lora",
             Shader::LoraSkinny => "lora_skinny",
@@ -99,6 +102,7 @@ impl Shader {
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
             Shader::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
+            Shader::AttentionBackwardCoop => include_str!("../../shaders/attention_backward_coop.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
             Shader::Lora => include_str!("../../shaders/lora.wgsl"),
             Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
@@ -108,7 +112,7 @@ impl Shader {
 
     /// Whether the shader needs shader-f16 and cooperative matrices (the coop path).
     pub fn needs_coop(self) -> bool {
-        matches!(self, Shader::MatmulCoop | Shader::AttentionCoop)
+        matches!(self, Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionBackwardCoop)
     }
 }
 

@@ -1,7 +1,15 @@
-//! Launcher for `shaders/attention_backward.wgsl`: the gradients dq, dk, dv of
-//! o = softmax(q·kᵀ·scale [+ causal mask])·v (`kernels::attention`), FlashAttention-2 style,
-//! never materialising the score matrix. Scalar path only (f16 tensors read as packed words,
-//! no shader-f16); a cooperative-matrix version is to come.
+//! Launcher for `shaders/attention_backward.wgsl` and `shaders/attention_backward_coop.wgsl`:
+//! the gradients dq, dk, dv of o = softmax(q·kᵀ·scale [+ causal mask])·v
+//! (`kernels::attention`), FlashAttention-2 style, never materialising the score matrix.
+//! Two paths for the heavy launches (dq, and dk/dv): cooperative matrices (tensor cores,
+//! 16x16x16 f16 -> f32; `attnb_dq_coop`, `attnb_dkv_coop`) where the attention's `path` (else
+//! the device's) asks for them, the device offers them with subgroups of 32, the padded head
+//! dim (d rounded up to 16) is at most [`COOP_MAX_DP`] and a [`BwdTile`] of each entry fits
+//! the workgroup memory ([`AttentionBackward::plan`]); else the scalar kernels (f16 tensors
+//! read as packed words, no shader-f16), which also take d up to [`MAX_D`]. The statistics
+//! launch and the reduce of split partials are scalar on both paths (same uniform, bindings,
+//! stats and partials layout). Forcing the device path to scalar (`ATELIER_SCALAR`) or
+//! `attn.path = Some(KernelPath::Scalar)`, keeps everything scalar.
 //!
 //! Operands are token-major [`Operand`]s as in the forward: q, o, dout, dq [batch, lq,
 //! heads·d]; k, v, dk, dv [batch, lk, heads·d]; each may be a column slice of a wider tensor
@@ -14,9 +22,14 @@
 //! recomputes them (one q·kᵀ pass, about 1/8 of the backward's flops) into an f32 scratch
 //! tensor [batch·heads·lq, 2] owned by [`AttentionBackward`].
 //!
-//! Three or four launches (see the shader's header): `attnb_stats` (lse and D per query row),
-//! `attnb_dq` (per query block, over the key blocks), `attnb_dkv` (per key block, over the
-//! query blocks) and, when the query range is split, `attnb_dkv_reduce`; no float atomics.
+//! Three or four launches (see the shaders' headers): `attnb_stats` (lse and D per query row),
+//! `attnb_dq` or `attnb_dq_coop` (per query block, over the key blocks), `attnb_dkv` or
+//! `attnb_dkv_coop` (per key block, over the query blocks) and, when the query range is
+//! split, `attnb_dkv_reduce`; no float atomics. The cooperative-matrix tiles: dq (64, 32) for
+//! d 40, (32, 32) up to padded 96, (16, 32) up to 160; dkv (64, 32) for d 40, (32, 32) d 64,
+//! (32, 16) up to padded 128, (16, 16) up to 160 (each at most 48 KiB of workgroup memory,
+//! [`BwdTile::shared_bytes`]). The query splits of dk/dv are chosen from the scalar tiles on
+//! both paths ([`default_dkv_splits`]; any number is correct on either).
 //! Flops per visible (query, key) pair and (batch, head): 2·d (stats), 6·d (dq: q·kᵀ, dO·vᵀ,
 //! dS·k), 8·d (dkv: q·kᵀ, dO·vᵀ, Pᵀ·dO, dSᵀ·q).
 //!
@@ -33,9 +46,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::attention::{Attention, Operand, MAX_D};
+use super::attention::{coop_dp, Attention, Operand, COOP_MAX_DP, COOP_SHARED_LIMIT, MAX_D};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
+use crate::gpu::{DType, Dispatch, Gpu, KernelPath, PipelineKey, Shader, Tensor};
 
 /// Mirrors `struct Params` in attention_backward.wgsl.
 #[repr(C)]
@@ -98,6 +111,130 @@ pub fn variants() -> Vec<PipelineKey> {
         for out in [false, true] {
             keys.push(key("attnb_dq", dout, Some(out)));
             keys.push(key("attnb_dkv", dout, Some(out)));
+        }
+    }
+    keys.extend(coop_variants());
+    keys
+}
+
+/// Which of the two cooperative-matrix entries of attention_backward_coop.wgsl a tile is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopEntry {
+    /// `attnb_dq_coop`: Q, dO [bq, DP] resident, K, V [bk, DP] streamed, dQ [bq, DP] f32.
+    Dq,
+    /// `attnb_dkv_coop`: K, V [bk, DP] resident, Q, dO [bq, DP] streamed, dK, dV [bk, DP] f32.
+    Dkv,
+}
+
+impl CoopEntry {
+    pub fn name(self) -> &'static str {
+        match self {
+            CoopEntry::Dq => "attnb_dq_coop",
+            CoopEntry::Dkv => "attnb_dkv_coop",
+        }
+    }
+}
+
+/// Tile of the cooperative-matrix backward kernels: `bq` query rows and `bk` keys per block,
+/// `warps` subgroups of 32 invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BwdTile {
+    pub bq: u32,
+    pub bk: u32,
+    pub warps: u32,
+}
+
+const fn bwd_tile(bq: u32, bk: u32, warps: u32) -> BwdTile {
+    BwdTile { bq, bk, warps }
+}
+
+impl BwdTile {
+    /// The tiles the launcher tries for `attnb_dq_coop`, taking the first that fits: (64, 32)
+    /// up to DP 48 (d 40), (32, 32) up to DP 96, (16, 32) up to DP 160 (48 KiB).
+    pub const AUTO_DQ: [BwdTile; 3] = [bwd_tile(64, 32, 8), bwd_tile(32, 32, 4), bwd_tile(16, 32, 4)];
+    /// The same for `attnb_dkv_coop`: (64, 32) up to DP 48, (32, 32) DP 64, (32, 16) DP 128,
+    /// (16, 16) DP 160.
+    pub const AUTO_DKV: [BwdTile; 4] =
+        [bwd_tile(64, 32, 8), bwd_tile(32, 32, 4), bwd_tile(32, 16, 4), bwd_tile(16, 16, 4)];
+    /// Every tile the shader supports (each where it fits), for tests and benchmarks.
+    pub const ALL: [BwdTile; 6] = [
+        bwd_tile(64, 32, 8),
+        bwd_tile(32, 64, 8),
+        bwd_tile(32, 32, 4),
+        bwd_tile(32, 16, 4),
+        bwd_tile(16, 32, 4),
+        bwd_tile(16, 16, 4),
+    ];
+
+    /// Workgroup memory in bytes of `entry` at padded head dim `dp`; mirrors the arrays of
+    /// attention_backward_coop.wgsl: f16 tiles with rows of dp + 8 halves (Q, dO [bq]; K, V
+    /// [bk]), ss bq·(bk + 4) f32, sp bq·(bk + 8) f16, the accumulators with rows of dp + 4
+    /// f32 (dq: one [bq]; dkv: two [bk]).
+    pub fn shared_bytes(&self, entry: CoopEntry, dp: u32) -> u32 {
+        let tiles = 2 * (self.bq + self.bk) * (dp + 8) * 2;
+        let ss = self.bq * (self.bk + 4) * 4;
+        let sp = self.bq * (self.bk + 8) * 2;
+        let acc = match entry {
+            CoopEntry::Dq => self.bq * (dp + 4) * 4,
+            CoopEntry::Dkv => 2 * self.bk * (dp + 4) * 4,
+        };
+        tiles + ss + sp + acc
+    }
+
+    /// Whether the shader supports this tile for `entry` at padded head dim `dp` within
+    /// `limit` bytes of workgroup memory (never more than [`COOP_SHARED_LIMIT`], what the
+    /// tests validate): bq, bk in {16, 32, 64}, 4 or 8 subgroups, at most 8 score elements per
+    /// invocation (registers holding P), whole ones.
+    pub fn valid(&self, entry: CoopEntry, dp: u32, limit: u32) -> bool {
+        let wg = self.warps * 32;
+        [16, 32, 64].contains(&self.bq)
+            && [16, 32, 64].contains(&self.bk)
+            && [4, 8].contains(&self.warps)
+            && (self.bq * self.bk) % wg == 0
+            && self.bq * self.bk / wg <= 8
+            && dp % 16 == 0
+            && dp >= 16
+            && dp as usize <= COOP_MAX_DP
+            && self.shared_bytes(entry, dp) <= limit.min(COOP_SHARED_LIMIT)
+    }
+
+    /// The pipeline key of this tile for `entry` at padded head dim `dp`, dO f32 or f16,
+    /// outputs f32 or f16.
+    pub fn key(&self, entry: CoopEntry, dp: u32, dout_f32: bool, out_f32: bool) -> PipelineKey {
+        PipelineKey::new(Shader::AttentionBackwardCoop, entry.name())
+            .with("BQ", self.bq as i64)
+            .with("BK", self.bk as i64)
+            .with("WARPS", self.warps as i64)
+            .with("DP", dp as i64)
+            .with("DO_F32", dout_f32 as i64)
+            .with("OUT_F32", out_f32 as i64)
+    }
+
+    /// The launcher's tile for `entry` at padded head dim `dp` (None: none fits `limit`).
+    pub fn auto(entry: CoopEntry, dp: u32, limit: u32) -> Option<BwdTile> {
+        let list: &[BwdTile] = match entry {
+            CoopEntry::Dq => &Self::AUTO_DQ,
+            CoopEntry::Dkv => &Self::AUTO_DKV,
+        };
+        list.iter().copied().find(|t| t.valid(entry, dp, limit))
+    }
+}
+
+/// Every cooperative-matrix pipeline the launcher (or a test forcing a tile) can ask for:
+/// each tile valid at each padded head dim, both entries, f16/f32 dO and outputs.
+pub fn coop_variants() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for dp in (16..=COOP_MAX_DP as u32).step_by(16) {
+        for entry in [CoopEntry::Dq, CoopEntry::Dkv] {
+            for t in BwdTile::ALL {
+                if t.valid(entry, dp, COOP_SHARED_LIMIT) {
+                    for dout in [false, true] {
+                        for out in [false, true] {
+                            keys.push(t.key(entry, dp, dout, out));
+                        }
+                    }
+                }
+            }
         }
     }
     keys
@@ -247,6 +384,30 @@ impl AttentionBackward {
         }
     }
 
+    /// Which path the dq and dk/dv launches take on `gpu`, and the cooperative-matrix tiles
+    /// (dq, dkv) when it is [`KernelPath::Coop`]: cooperative matrices where asked for (by the
+    /// attention's `path`, else by the device's path) and offered (16x16x16 f16 -> f32 with
+    /// subgroups of 32, `Caps::coop_16x16_f16_f32`), when the padded head dim is at most
+    /// [`COOP_MAX_DP`] and a tile of each entry fits the device's workgroup memory; the scalar
+    /// kernels otherwise. The statistics and the reduce of split partials are scalar on both.
+    pub fn plan(&self, gpu: &Gpu) -> (KernelPath, Option<(BwdTile, BwdTile)>) {
+        let a = &self.attn;
+        let coop = match a.path {
+            Some(KernelPath::Coop) => gpu.caps.coop_16x16_f16_f32,
+            Some(KernelPath::Scalar) => false,
+            None => gpu.caps.path == KernelPath::Coop,
+        };
+        let dp = coop_dp(a.d);
+        if !coop || a.d == 0 || dp > COOP_MAX_DP {
+            return (KernelPath::Scalar, None);
+        }
+        let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
+        match (BwdTile::auto(CoopEntry::Dq, dp as u32, limit), BwdTile::auto(CoopEntry::Dkv, dp as u32, limit)) {
+            (Some(tq), Some(tk)) => (KernelPath::Coop, Some((tq, tk))),
+            _ => (KernelPath::Scalar, None),
+        }
+    }
+
     /// The launches, to run in order: statistics, dq, then dk and dv (one launch, or with
     /// split queries two: partials, then their reduce). See the module doc for the operands.
     /// Each gradient must be in a buffer holding none of the inputs (it is bound writable);
@@ -344,23 +505,43 @@ impl AttentionBackward {
             fl(2.0),
             bhd * (2.0 * nq + 2.0 * nk + 2.0 * nq + half(g.dout.tensor) * nq) + bh * nq * 8.0,
         )?;
+        // dq and dk/dv: scalar kernels (tiles in the uniform) or cooperative matrices (tiles
+        // in the pipeline's overrides; the uniform's bq, bk only informative).
+        let dp = coop_dp(a.d) as u32;
+        let coop = self.plan(gpu).1;
+        let (dq_key, pq, groups_dq) = match coop {
+            Some((t, _)) => (
+                t.key(CoopEntry::Dq, dp, do32, dq32),
+                AttentionBackwardParams { bq: t.bq, bk: t.bk, ..base },
+                [lq.div_ceil(t.bq as usize) as u32, (a.batch * a.heads) as u32, 1],
+            ),
+            None => (key("attnb_dq", do32, Some(dq32)), ps, groups_q),
+        };
         let dq = gpu.dispatch(
-            &key("attnb_dq", do32, Some(dq32)),
-            &ps,
+            &dq_key,
+            &pq,
             &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dq.tensor],
-            groups_q,
+            groups_dq,
             fl(6.0),
             bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq + half(g.dq.tensor) * nq) + bh * nq * 8.0,
         )?;
         let pk = AttentionBackwardParams { bq: inner as u32, bk: rows as u32, splits: splits as u32, ..base };
         let groups_k = [lk.div_ceil(rows) as u32, (a.batch * a.heads) as u32, splits as u32];
+        let (dkv_key, pkv, groups_kv) = match coop {
+            Some((_, t)) => (
+                t.key(CoopEntry::Dkv, dp, do32, dkv32),
+                AttentionBackwardParams { bq: t.bq, bk: t.bk, ..pk },
+                [lk.div_ceil(t.bk as usize) as u32, (a.batch * a.heads) as u32, splits as u32],
+            ),
+            None => (key("attnb_dkv", do32, Some(dkv32)), pk, groups_k),
+        };
         let reads = bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq) + bh * nq * 8.0;
         let Some([pdk, pdv]) = partials else {
             let dkv = gpu.dispatch(
-                &key("attnb_dkv", do32, Some(dkv32)),
-                &pk,
+                &dkv_key,
+                &pkv,
                 &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dk.tensor, g.dv.tensor],
-                groups_k,
+                groups_kv,
                 fl(8.0),
                 reads + bhd * 2.0 * half(g.dk.tensor) * nk,
             )?;
@@ -369,10 +550,10 @@ impl AttentionBackward {
         // Split queries: f32 partials (written once each), then their sum read back once.
         let part_bytes = 2.0 * splits as f64 * bhd * nk * 4.0;
         let dkv = gpu.dispatch(
-            &key("attnb_dkv", do32, Some(dkv32)),
-            &pk,
+            &dkv_key,
+            &pkv,
             &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, pdk, pdv],
-            groups_k,
+            groups_kv,
             fl(8.0),
             reads + part_bytes,
         )?;
