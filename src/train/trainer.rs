@@ -116,6 +116,9 @@ struct Inputs {
 struct Caches {
     latents: LatentCache,
     embeddings: HashMap<String, Vec<f32>>,
+    /// The encoder and text-encoder plans, built once (per image size for the encoder).
+    encoders: Encoders,
+    clip: Option<crate::model::clip::ClipPlan>,
 }
 
 /// Runs `atelier train`.
@@ -182,7 +185,7 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
 
-    let mut caches = Caches { latents: HashMap::new(), embeddings: HashMap::new() };
+    let mut caches = Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None };
     let mut plans: HashMap<(usize, usize), UNetTrainPlan> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
     let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
@@ -358,13 +361,16 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
         // Random crops change every time: those images are encoded at each use, not cached.
         let crop_seed = (!a.data.center_crop).then(|| stream_seed(a.seed, S_CROP, k * 1024 + slot as u64));
         let vae_seed = stream_seed(a.seed, S_VAE, index as u64);
-        let (x0, h, w) = latents(gpu, sd, data, &mut caches.latents, index, flip, vae_seed, crop_seed)?;
+        let (x0, h, w) = latents(gpu, sd, data, &mut caches.latents, &mut caches.encoders, index, flip, vae_seed, crop_seed)?;
         size.get_or_insert((h, w));
         let caption = data.caption(index, &mut prompt_rng)?;
         let emb = match caches.embeddings.get(&caption) {
             Some(e) => e,
             None => {
-                let clip = sd.clip.plan(gpu, 1, 0, false)?;
+                if caches.clip.is_none() {
+                    caches.clip = Some(sd.clip.plan(gpu, 1, 0, false)?);
+                }
+                let clip = caches.clip.as_ref().expect("built above");
                 clip.run(gpu, &sd.tokenizer.encode(&caption)?)?;
                 caches.embeddings.entry(caption.clone()).or_insert(clip.out.to_f32(gpu)?)
             }
@@ -400,17 +406,21 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
 /// An image's latents (NHWC [h/8, w/8, 4], the VAE's sample times the scaling factor, as
 /// diffusers' training scripts take them), encoded once and cached; returns (latents, h, w).
 type LatentCache = HashMap<(usize, bool), (Vec<f32>, usize, usize)>;
+type Encoders = HashMap<(usize, usize), crate::model::vae::EncodePlan>;
 
 /// With `crop_seed` (random crops) the image is cropped from that seed and encoded afresh,
 /// replacing the cached entry.
 #[allow(clippy::too_many_arguments)]
-fn latents<'c>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, cache: &'c mut LatentCache, index: usize, flip: bool, seed: u64, crop_seed: Option<u64>) -> Result<(&'c [f32], usize, usize)> {
+fn latents<'c>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, cache: &'c mut LatentCache, encoders: &mut Encoders, index: usize, flip: bool, seed: u64, crop_seed: Option<u64>) -> Result<(&'c [f32], usize, usize)> {
     if crop_seed.is_some() || !cache.contains_key(&(index, flip)) {
         // No flip in the dataset (the loop flips); a center crop draws nothing.
         let ex = data.load(index, &mut Rng::new(crop_seed.unwrap_or(0)))?;
         let (w, h) = (ex.width, ex.height);
         let pixels = if flip { flip_nhwc(&ex.pixels, h, w, 3) } else { ex.pixels };
-        let enc = sd.vae.encode_plan(gpu, 1, h, w, false)?;
+        let enc = match encoders.entry((h, w)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(sd.vae.encode_plan(gpu, 1, h, w, false)?),
+        };
         enc.run(gpu, &pixels, seed)?;
         let sf = sd.config.vae.scaling_factor;
         let z: Vec<f32> = enc.sample.to_f32(gpu)?.iter().map(|v| v * sf).collect();
