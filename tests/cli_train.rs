@@ -201,3 +201,51 @@ fn bad_datasets_are_clear_errors() {
     assert!(err.contains("broken.png"), "the corrupt file should be named: {err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Ctrl-C (SIGINT) mid-run: the step in flight finishes, a checkpoint is written, the exit
+/// names how to continue, and `--resume latest` finishes the run.
+#[test]
+fn interrupt_writes_a_checkpoint_and_resumes() {
+    let root = temp("sigint");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    dataset(&data);
+    let (d, out) = (data.display().to_string(), root.join("run").display().to_string());
+    let model = fixture("tiny-sd").display().to_string();
+    let mut args = train_args(&d, &out, &["--steps", "400", "--save-every", "0"]);
+    args[2] = &model;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_atelier")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let log = root.join("run").join("log.csv");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 3 {
+        assert!(t0.elapsed().as_secs() < 300, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an interrupted run must not exit as finished");
+    assert!(err.contains("interrupted at step") && err.contains("--resume latest"), "{err}");
+    let cks = std::fs::read_dir(root.join("run")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).count();
+    assert_eq!(cks, 1, "one checkpoint at the interruption");
+    assert!(!std::fs::read_dir(root.join("run")).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".partial")));
+    let mut resume = train_args(&d, &out, &["--steps", "400", "--save-every", "0", "--resume", "latest"]);
+    resume[2] = &model;
+    // --steps is not part of the run's identity: finish one step after the checkpoint.
+    let step: usize = std::fs::read_dir(root.join("run")).unwrap().flatten().find_map(|e| e.file_name().to_string_lossy().strip_prefix("checkpoint-").and_then(|s| s.parse().ok())).unwrap();
+    let next = (step + 1).to_string();
+    let idx = resume.iter().position(|a| *a == "400").unwrap();
+    resume[idx] = &next;
+    let err = run_ok_with(&resume);
+    assert!(err.contains("resuming from") && err.contains(&format!("at step {step}")), "{err}");
+    assert!(root.join("run").join("lora.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn run_ok_with(args: &[&str]) -> String {
+    let out = atelier(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "atelier {args:?} failed:\n{err}");
+    err
+}
