@@ -258,7 +258,7 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         bar.update(step, total);
         let interrupted = stop.load(Ordering::SeqCst);
         if (a.save_every > 0 && step % a.save_every == 0) || step == total || interrupted {
-            let _ = log.flush();
+            log.flush().map_err(|e| Error::Io { path: a.output.join("log.csv"), source: e })?;
             let state = TrainState { version: 1, step, loss_scale: scale, identity: ident.clone(), layers: layers(&lora), total: lora.total };
             let flat = lora.params.to_f32(gpu)?;
             let dir = checkpoint::save(gpu, &a.output, &lora, &state, |d| write_lora(&sd, a, &lora, &flat, step, &data, d))?;
