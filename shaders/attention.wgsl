@@ -21,7 +21,13 @@
 //      adds exp2(S - m_new)·v (the P invocations of a row do the same softmax arithmetic on
 //      the same scores, so they agree without talking).
 // Finally o = acc / l. No infinities are used (Metal's fast math): masked scores are NEG.
-// Workgroup memory: 8 + 16 + 4 KiB. Saves nothing for backward.
+// Workgroup memory: 8 + 16 + 4 KiB.
+// Saved for backward (override SAVE_LSE, for training; default false): per query row the
+// softmax statistic lse2 = m + log2(l) = log2 Σ_j exp2(s_ij) (s in log2 units, as above) into
+// lse f32 [batch·heads·lq] of vec2 (lse2, 0) at (b·heads + h)·lq + i: the layout and first
+// component of attention_backward.wgsl's stats, so its attnb_delta only has to add D. Written
+// by the row's invocation with octet 0. Without SAVE_LSE the binding is never touched (the
+// launcher binds o there: the layout still lists it).
 
 struct Params {
     batch: u32,
@@ -51,6 +57,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read_write> lse: array<vec2<f32>>;
+
+override SAVE_LSE: bool = false;
 
 const WG: u32 = 256u;
 const NEG: f32 = -1.0e30;
@@ -168,5 +177,9 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     if (owner && qi < p.lq) {
         let inv = select(0.0, 1.0 / l, l > 0.0);
         o[obase + qi * ldo + c] = pack8(Oct(acc.lo * inv, acc.hi * inv));
+        if (SAVE_LSE && c == 0u) {
+            // As attnb_stats: l >= 1 (key 0 is visible to every row).
+            lse[bh * p.lq + qi] = vec2<f32>(m + log2(max(l, 1.0e-30)), 0.0);
+        }
     }
 }

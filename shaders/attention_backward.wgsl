@@ -18,9 +18,13 @@
 // (bq, bk) so that the invocations owning an output octet fit (rows·P <= 256), tiles of q/k/v
 // fit 256 words and the score block bq·bk <= 1024:
 //   attnb_stats grid (ceil(lq / bq), batch·heads): recomputes the forward's softmax statistics
-//               (the forward saves none): Q tile in workgroup memory, K blocks streamed, scores
+//               (when the forward saved none): Q tile in workgroup memory, K blocks streamed, scores
 //               spread over all invocations, invocation r < bq keeps row r's running max and
 //               sum; then D_r from o and dout (global, once per row). Writes stats.
+//   attnb_delta grid (ceil(lq / 256), batch·heads), instead of attnb_stats when the forward
+//               saved lse2 (attention.wgsl's SAVE_LSE, into this stats tensor): invocation t
+//               owns query row 256·x + t and writes only D (stats[..].y), keeping lse2.
+//               Memory-bound: reads o and dout once.
 //   attnb_dq    grid (ceil(lq / bq), batch·heads): Q, dO tiles and the rows' stats resident;
 //               per key block: K, V tiles; P = exp2(s - lse2), dP = dO·vᵀ, dS = P∘(dP - D)
 //               [bq, bk] over all invocations; invocation t < bq·P owns dq row t / P, octet
@@ -39,7 +43,7 @@
 //               in order z = 0, 1, ... (deterministic, no atomics), dk = sum·scale, dv = sum.
 // Bindings: 1 q, 2 k, 3 o (stats) or v (dq, dkv), 4 dout, 5 stats, 6 dq (dq) or dk (dkv with
 // splits = 1, reduce) or pdk (dkv with splits > 1), 7 dv or pdv likewise, 8 pdk and 9 pdv
-// (read by the reduce). stats uses 1..5, dq 1..6, dkv 1..7, the reduce 6..9.
+// (read by the reduce). stats uses 1..5, delta 3..5, dq 1..6, dkv 1..7, the reduce 6..9.
 // Workgroup memory: 3 x 4 KiB (q, k, v tiles) + 8 KiB (dO tile, f32) + 2 x 4 KiB (P, dS)
 // + 512 B (row stats) = 28.5 KiB (stats, dq, dkv); none (reduce). No infinities (Metal's fast
 // math): masked scores are NEG.
@@ -288,6 +292,22 @@ fn attnb_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         // l >= 1 whenever a key is visible (always: lk >= 1, and key 0 is seen by every row).
         stats[wg.y * p.lq + qi] = vec2<f32>(m + log2(max(l, 1.0e-30)), dot(dsum, vec4<f32>(1.0)));
     }
+}
+
+@compute @workgroup_size(256)
+fn attnb_delta(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let P = p.d / 8u;
+    let b = wg.y / p.heads;
+    let h = wg.y % p.heads;
+    let qi = wg.x * WG + t;
+    if (qi >= p.lq) { return; }
+    let oe = row_elem(p.off_o, p.ldo, p.lq, b, h, qi);
+    let de = row_elem(p.off_do, p.lddo, p.lq, b, h, qi);
+    var dsum = vec4<f32>(0.0);
+    for (var c = 0u; c < P; c++) {
+        dsum += dot8(unpack8(ov[(oe + 8u * c) / 8u]), load_do(de + 8u * c));
+    }
+    stats[wg.y * p.lq + qi].y = dot(dsum, vec4<f32>(1.0));
 }
 
 @compute @workgroup_size(256)

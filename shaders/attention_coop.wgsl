@@ -59,7 +59,12 @@
 // halves, on ss and so in floats.
 // Registers: DP/16 <= 10 Q fragments; NLD <= 5 prefetch words of 8 halves for each of K
 // and V (BKV·DP/8 <= 5·32·WARPS).
-// Saves nothing for backward.
+// Saved for backward (override SAVE_LSE, for training; default false): as attention.wgsl,
+// lse2 = m + log2(l32) per query row into lse [batch·heads·lq] of vec2 (lse2, 0), written by
+// part j = 0 of the row. l32 is a second running sum, of the f32 probabilities before their
+// rounding to f16 (l sums the rounded ones, to normalise o like the tensor cores' product),
+// rescaled with l: so lse2 is log2 Σ exp2(s) to f32 rounding, as attnb_stats computes it.
+// Without SAVE_LSE neither l32 nor the binding is touched (the launcher binds o there).
 
 enable f16;
 enable wgpu_cooperative_matrix;
@@ -92,6 +97,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> k: array<mat2x4<f16>>;
 @group(0) @binding(3) var<storage, read> v: array<mat2x4<f16>>;
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read_write> lse: array<vec2<f32>>;
 
 const NEG: f32 = -1.0e30;
 const LOG2E: f32 = 1.4426950408889634;
@@ -101,6 +107,7 @@ override BQ: u32 = 32u;        // query rows per workgroup: 32 or 64
 override BKV: u32 = 32u;       // keys per block: 32 or 64
 override DP: u32 = 48u;        // head dim rounded up to 16: 16 ..= 160
 override WARPS: u32 = 4u;      // subgroups of 32 per workgroup: 4 or 8
+override SAVE_LSE: bool = false;   // write lse2 per query row (training)
 override WG: u32 = WARPS * 32u;
 
 override R: u32 = WG / BQ;               // invocations per softmax row: 2 or 4
@@ -229,6 +236,7 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let qi = q0 + r;
     var m = NEG;
     var l = 0.0;
+    var l32 = 0.0;   // SAVE_LSE: the sum of the unrounded probabilities
 
     // Causal: rows q0 .. q0+BQ-1 see no key past q0+BQ-1; row qi sees keys < vis.
     var kend = p.lk;
@@ -307,20 +315,28 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         if (mx > m + LAZY) {
             let alpha = exp2(m - mx);
             l *= alpha;
+            if (SAVE_LSE) { l32 *= alpha; }
             if (m > NEG) {   // so is still zero while m = NEG
                 for (var c = j; c < DP; c += R) { so[r * OLD + c] *= alpha; }
             }
             m = mx;
         }
         var sum = 0.0;
+        var sum32 = 0.0;
         for (var i = 0u; i < BKV / R; i++) {
             let c = score_col(i, j, half);
-            let ph = f16(select(0.0, exp2(ss[srow + c] * sl - m), c < lim));
+            let e = select(0.0, exp2(ss[srow + c] * sl - m), c < lim);
+            let ph = f16(e);
             sp[r * PLD + c] = ph;
             sum += f32(ph);
+            if (SAVE_LSE) { sum32 += e; }
         }
         for (var x = 1u; x < R; x <<= 1u) { sum += subgroupShuffleXor(sum, x); }
         l += sum;
+        if (SAVE_LSE) {
+            for (var x = 1u; x < R; x <<= 1u) { sum32 += subgroupShuffleXor(sum32, x); }
+            l32 += sum32;
+        }
         put(t, BKV, rv0);
         if (NLD > 1u) { put(t + WG, BKV, rv1); }
         if (NLD > 2u) { put(t + 2u * WG, BKV, rv2); }
@@ -355,6 +371,10 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 pack2x16float(vec2<f32>(so[at + 2u], so[at + 3u]) * inv),
                 pack2x16float(vec2<f32>(so[at + 4u], so[at + 5u]) * inv),
                 pack2x16float(vec2<f32>(so[at + 6u], so[at + 7u]) * inv));
+        }
+        if (SAVE_LSE && j == 0u) {
+            // As attnb_stats: l32 >= 1 (key 0 is visible to every row).
+            lse[bh * p.lq + qi] = vec2<f32>(m + log2(max(l32, 1.0e-30)), 0.0);
         }
     }
 }

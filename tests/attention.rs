@@ -290,3 +290,144 @@ fn refuses_bad_shapes() {
     assert!(ok.prepare(g, dense(&t32), dense(&t), dense(&t), dense(&o)).is_err(), "f32 q");
 }
 
+
+/// Reference lse2 = log2 Σ_j exp2(q_i·k_j·scale·log2 e) over the keys row i sees, in f64, per
+/// row (b·heads + h)·lq + i (the layout of the saved statistics).
+fn lse_ref(a: &Attention, q: (&[f32], usize, usize), k: (&[f32], usize, usize)) -> Vec<f64> {
+    let d = a.d;
+    let mut out = Vec::with_capacity(a.batch * a.heads * a.lq);
+    for b in 0..a.batch {
+        for h in 0..a.heads {
+            for i in 0..a.lq {
+                let qa = q.1 + (b * a.lq + i) * q.2 + h * d;
+                let nk = if a.causal { (i + 1).min(a.lk) } else { a.lk };
+                let s: Vec<f64> = (0..nk)
+                    .map(|j| {
+                        let ka = k.1 + (b * a.lk + j) * k.2 + h * d;
+                        (0..d).map(|c| q.0[qa + c] as f64 * k.0[ka + c] as f64).sum::<f64>() * a.scale as f64
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                out.push((mx + sum.ln()) * std::f64::consts::LOG2_E);
+            }
+        }
+    }
+    out
+}
+
+/// Saved lse: absolute error allowed per row, relative to max(1, |lse2|). lse2 is a sum of
+/// f32 scores over <= 512 dims and an f32 sum of exp2 over the keys, then a log2: f32
+/// rounding gives ~1e-6 relative; 2e-5 leaves room for approximate exp2/log2 on GPUs, and
+/// a wrong scale, mask, rescale or row is off by 1e-2 or more.
+const LSE_BOUND: f64 = 2e-5;
+
+/// Runs `a` (forced to `path`) once without and once with saving lse, on q, k, v slices of
+/// one fused [batch, l, 3·heads·d] tensor when `fused` (lq = lk), dense tensors otherwise:
+/// the saved lse against the reference, its second column zero, every row written, and o
+/// bitwise the same as without saving.
+fn check_saved_lse(mut a: Attention, amp: f32, path: KernelPath, fused: bool) {
+    let g = gpu();
+    a.path = Some(path);
+    let (used, tile) = a.plan(g);
+    let what = format!("saved lse {a:?} amp {amp} fused {fused} on {used} {tile:?}");
+    let s = seed(&what);
+    let hd = a.heads * a.d;
+    let (mut host, mut tensors) = (Vec::new(), Vec::new());
+    let ops: [(usize, usize, usize); 3] = if fused {
+        assert_eq!(a.lq, a.lk);
+        let ld = 3 * hd;
+        let x = input(a.batch * a.lq * ld, amp, s);
+        tensors.push(upload(&x, &[a.batch, a.lq, ld]));
+        host.push(x);
+        [(0, 0, ld), (0, hd, ld), (0, 2 * hd, ld)]
+    } else {
+        for (i, (l, sc)) in [(a.lq, amp), (a.lk, amp), (a.lk, 1.0)].into_iter().enumerate() {
+            let x = input(a.batch * l * hd, sc, s ^ i as u64);
+            tensors.push(upload(&x, &[a.batch, l, hd]));
+            host.push(x);
+        }
+        [(0, 0, hd), (1, 0, hd), (2, 0, hd)]
+    };
+    let op = |i: usize| Operand::slice(&tensors[ops[i].0], ops[i].1, ops[i].2);
+    let (o_plain, o_saving) = (poisoned(&[a.batch, a.lq, hd]), poisoned(&[a.batch, a.lq, hd]));
+    let rows = a.batch * a.heads * a.lq;
+    let stats = Tensor::empty(g, &[rows, 2], DType::F32, "lse").unwrap();
+    stats.fill_words(g, POISON);
+    let plain = a.prepare(g, op(0), op(1), op(2), Operand::dense(&o_plain, hd)).unwrap();
+    let saving = a.prepare_saving(g, op(0), op(1), op(2), Operand::dense(&o_saving, hd), &stats).unwrap();
+    assert!(!plain.label.contains("SAVE_LSE") && saving.label.contains("SAVE_LSE=1"), "{what}: {} / {}", plain.label, saving.label);
+    assert!(saving.bytes > plain.bytes && saving.flops == plain.flops);
+    g.run_now(&plain).unwrap();
+    g.run_now(&saving).unwrap();
+    let (po, so) = (o_plain.to_f32(g).unwrap(), o_saving.to_f32(g).unwrap());
+    assert!(po.iter().zip(&so).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: o differs when saving lse");
+    assert!(po.iter().all(|x| x.is_finite()), "{what}: o not written");
+    let got = stats.to_f32(g).unwrap();
+    let r = lse_ref(&a, (&host[ops[0].0], ops[0].1, ops[0].2), (&host[ops[1].0], ops[1].1, ops[1].2));
+    let mut worst: f64 = 0.0;
+    for (row, (pair, want)) in got.chunks(2).zip(&r).enumerate() {
+        assert_eq!(pair[1], 0.0, "{what}: row {row}: second column {}", pair[1]);
+        let e = (pair[0] as f64 - want).abs() / want.abs().max(1.0);
+        assert!(e <= LSE_BOUND, "{what}: row {row}: lse2 {} against {want} (error {e:.2e} over {LSE_BOUND:.0e})", pair[0]);
+        worst = worst.max(e);
+    }
+    eprintln!("{what}: {}: worst lse error {worst:.2e}", saving.label);
+}
+
+#[test]
+fn saved_lse() {
+    for path in paths() {
+        for (a, amp, fused) in [
+            (Attention::new(1, 4, 77, 77, 64, true), 2.0, false),     // CLIP causal
+            (Attention::new(1, 2, 20, 50, 40, true), 1.0, false),     // causal, more keys
+            (Attention::new(2, 2, 100, 77, 40, false), 2.0, false),   // cross-attention over 77
+            (Attention::new(1, 2, 64, 77, 80, false), 2.0, false),
+            (Attention::new(1, 1, 40, 70, 160, false), 2.0, false),
+            (Attention::new(1, 1, 33, 100, 8, false), 1.0, false),
+            (Attention::new(1, 2, 100, 100, 64, true), 8.0, false),   // large logits
+            (Attention::new(1, 1, 64, 64, 512, false), 1.0, false),   // VAE head (scalar)
+            (Attention::new(2, 3, 45, 45, 40, false), 2.0, true),     // fused qkv slices
+            (Attention::new(1, 2, 45, 45, 16, true), 2.0, true),
+        ] {
+            check_saved_lse(a, amp, path, fused);
+        }
+        // Every cooperative tile (forced), where it fits.
+        if path == KernelPath::Coop {
+            for tile in CoopTile::ALL {
+                for a in [Attention::new(2, 2, 70, 77, 40, false), Attention::new(1, 1, 50, 45, 80, true)] {
+                    if tile.valid(coop_dp(a.d) as u32, gpu().caps.limits.max_compute_workgroup_storage_size) {
+                        check_saved_lse(Attention { tile: Some(tile), ..a }, 2.0, path, false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn saved_lse_unet_4096() {
+    // UNet self-attention at 512x512 (one head of 40 over 4096 tokens).
+    for path in paths() {
+        check_saved_lse(Attention::new(1, 1, 4096, 4096, 40, false), 2.0, path, false);
+    }
+}
+
+#[test]
+fn saved_lse_refuses_bad_stats() {
+    let g = gpu();
+    let t = upload(&vec![0.0; 2 * 16 * 64], &[2, 16, 64]);
+    let o = poisoned(&[2, 16, 64]);
+    let dense = |x| Operand::dense(x, 64);
+    let a = Attention::new(2, 4, 16, 16, 16, false);
+    let st = |shape: &[usize], dt| Tensor::empty(g, shape, dt, "lse").unwrap();
+    assert!(a.prepare_saving(g, dense(&t), dense(&t), dense(&t), dense(&o), &st(&[2 * 4 * 16, 2], DType::F32)).is_ok());
+    assert!(a.prepare_saving(g, dense(&t), dense(&t), dense(&t), dense(&o), &st(&[2 * 4 * 16, 2], DType::F16)).is_err(), "f16 stats");
+    assert!(a.prepare_saving(g, dense(&t), dense(&t), dense(&t), dense(&o), &st(&[2 * 4 * 16 - 1, 2], DType::F32)).is_err(), "too few rows");
+    assert!(a.prepare_saving(g, dense(&t), dense(&t), dense(&t), dense(&o), &st(&[2 * 4 * 16 * 2], DType::F32)).is_err(), "not [rows, 2]");
+    // Right shape and dtype, but in o's or q's buffer (bound writable).
+    for (x, why) in [(&o, "stats in o's buffer"), (&t, "stats in q's buffer")] {
+        let alias = Tensor { buffer: x.buffer.clone(), offset: 0, shape: vec![2 * 4 * 16, 2], dtype: DType::F32 };
+        assert!(a.prepare_saving(g, dense(&t), dense(&t), dense(&t), dense(&o), &alias).is_err(), "{why}");
+    }
+}

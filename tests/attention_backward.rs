@@ -201,7 +201,7 @@ fn run_path(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, 
     if let Some(s) = splits {
         assert_eq!(bw.dkv_splits, s);
     }
-    bw.stats.fill_words(g, POISON);
+    bw.stats.as_ref().unwrap().fill_words(g, POISON);
     for t in bw.dkv_partials.iter().flatten() {
         t.fill_words(g, POISON);
     }
@@ -531,4 +531,95 @@ fn coop_tiles() {
     assert_eq!(AttentionBackward::new(g, scalar).unwrap().plan(g), (KernelPath::Scalar, None));
     let big = Attention { path: Some(KernelPath::Coop), ..Attention::new(1, 1, 16, 16, 512, false) };
     assert_eq!(AttentionBackward::new(g, big).unwrap().plan(g).0, KernelPath::Scalar, "d 512 is scalar");
+}
+
+#[test]
+fn with_saved_lse() {
+    // As the UNet's training step runs it: the GPU forward saves lse (on the path under test)
+    // into the stats tensor, the backward's first launch (attnb_delta) only adds D, then dq,
+    // dk, dv against the reference with the same bound. The saved lse also against what
+    // attnb_stats recomputes (to f32 rounding), and D against its D.
+    let g = gpu();
+    for path in paths() {
+        for (a, amp, grad_dt, splits) in [
+            (Attention::new(1, 4, 77, 77, 64, true), 2.0, DType::F16, None),   // CLIP causal
+            (Attention::new(1, 2, 20, 50, 40, true), 1.0, DType::F32, None),   // causal, more keys
+            (Attention::new(2, 2, 100, 77, 40, false), 2.0, DType::F32, None), // cross over 77
+            (Attention::new(1, 2, 64, 77, 80, false), 2.0, DType::F16, Some(1)),
+            (Attention::new(1, 1, 50, 30, 160, true), 1.0, DType::F16, Some(3)),
+            (Attention::new(1, 8, 19, 23, 8, false), 1.0, DType::F16, None),
+        ] {
+            let a = Attention { path: Some(path), ..a };
+            let what = format!("saved lse {a:?} grads {grad_dt:?} splits {splits:?}");
+            let s = seed(&what);
+            let hd = a.heads * a.d;
+            let q = input(a.batch * a.lq * hd, amp, s);
+            let k = input(a.batch * a.lk * hd, amp, s ^ 1);
+            let v = input(a.batch * a.lk * hd, 1.0, s ^ 2);
+            let dout = round_f16(&random(a.batch * a.lq * hd, s ^ 3));
+            let [_, rdq, rdk, rdv] = reference(&a, &q, &k, &v, &dout);
+            let up = |x: &[f32], l: usize| Tensor::from_f32(g, &[a.batch, l, hd], DType::F16, x, "input").unwrap();
+            let (tq, tk, tv, tdo) = (up(&q, a.lq), up(&k, a.lk), up(&v, a.lk), up(&dout, a.lq));
+            let to = poisoned(&[a.batch, a.lq, hd], DType::F16);
+            let rows = a.batch * a.heads * a.lq;
+            let stats = poisoned(&[rows, 2], DType::F32);
+            let dense = |t| Operand::dense(t, hd);
+            g.run_now(&a.prepare_saving(g, dense(&tq), dense(&tk), dense(&tv), dense(&to), &stats).unwrap()).unwrap();
+            let (tdq, tdk, tdv) = (poisoned(&[a.batch, a.lq, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt));
+            let bw = AttentionBackward::for_saved_lse(g, a, splits).unwrap();
+            assert!(bw.stats.is_none());
+            for t in bw.dkv_partials.iter().flatten() {
+                t.fill_words(g, POISON);
+            }
+            let grads = AttentionGrads { q: dense(&tq), k: dense(&tk), v: dense(&tv), o: dense(&to), dout: dense(&tdo), dq: dense(&tdq), dk: dense(&tdk), dv: dense(&tdv) };
+            assert!(bw.prepare(g, &grads).is_err(), "{what}: prepare without statistics");
+            let ds = bw.prepare_with_saved_lse(g, &grads, &stats).unwrap();
+            check_path(&a, &bw, &ds);
+            assert!(ds[0].label.contains("attnb_delta"), "{what}: first launch {}", ds[0].label);
+            assert!(ds[0].flops == 0.0 && ds[0].bytes > 0.0, "{what}: delta is memory-bound");
+            assert_eq!(ds.len(), if bw.dkv_splits > 1 { 4 } else { 3 }, "{what}: launches");
+            for d in &ds {
+                g.run_now(d).unwrap();
+            }
+            for (name, t, r) in [("dq", &tdq, &rdq), ("dk", &tdk, &rdk), ("dv", &tdv, &rdv)] {
+                let e = rel_l2(&t.to_f32(g).unwrap(), r);
+                eprintln!("{what}: {name} rel L2 {e:.3e}");
+                assert!(e < BOUND, "{what}: {name} rel L2 {e:.3e} over {BOUND:.0e}");
+            }
+            // The same statistics recomputed by attnb_stats (the default backward).
+            let own = AttentionBackward::with_dkv_splits(g, a, splits).unwrap();
+            own.stats.as_ref().unwrap().fill_words(g, POISON);
+            let ds = own.prepare(g, &grads).unwrap();
+            assert!(ds[0].label.contains("attnb_stats"), "{}", ds[0].label);
+            g.run_now(&ds[0]).unwrap();
+            let (saved, recomputed) = (stats.to_f32(g).unwrap(), own.stats.as_ref().unwrap().to_f32(g).unwrap());
+            let mut worst = [0.0f64; 2];
+            for (row, (x, y)) in saved.chunks(2).zip(recomputed.chunks(2)).enumerate() {
+                for c in 0..2 {
+                    let e = (x[c] as f64 - y[c] as f64).abs() / (y[c] as f64).abs().max(1.0);
+                    // lse: f32 rounding of two different summation orders (2e-5 as
+                    // tests/attention.rs); D: the same code on the same data.
+                    let bound = [2e-5, 1e-6][c];
+                    assert!(e <= bound, "{what}: row {row} col {c}: saved {} recomputed {} (error {e:.2e})", x[c], y[c]);
+                    worst[c] = worst[c].max(e);
+                }
+            }
+            eprintln!("{what}: saved vs recomputed: lse {:.2e}, D {:.2e}", worst[0], worst[1]);
+        }
+    }
+    // Refused statistics: wrong dtype, wrong shape, in an operand's buffer.
+    let a = Attention::new(2, 4, 16, 16, 16, false);
+    let t = Tensor::from_f32(g, &[2, 16, 64], DType::F16, &vec![0.0; 2 * 16 * 64], "x").unwrap();
+    let (gq, gk) = (poisoned(&[2, 16, 64], DType::F16), poisoned(&[2, 16, 64], DType::F16));
+    let dense = |x| Operand::dense(x, 64);
+    let ok = AttentionGrads { q: dense(&t), k: dense(&t), v: dense(&t), o: dense(&t), dout: dense(&t), dq: dense(&gq), dk: dense(&gk), dv: dense(&gk) };
+    let bw = AttentionBackward::for_saved_lse(g, a, None).unwrap();
+    let rows = 2 * 4 * 16;
+    assert!(bw.prepare_with_saved_lse(g, &ok, &poisoned(&[rows, 2], DType::F32)).is_ok());
+    assert!(bw.prepare_with_saved_lse(g, &ok, &poisoned(&[rows, 2], DType::F16)).is_err(), "f16 stats");
+    assert!(bw.prepare_with_saved_lse(g, &ok, &poisoned(&[rows + 1, 2], DType::F32)).is_err(), "wrong rows");
+    for (x, why) in [(&t, "stats in q's buffer"), (&gq, "stats in dq's buffer")] {
+        let alias = Tensor { buffer: x.buffer.clone(), offset: 0, shape: vec![rows, 2], dtype: DType::F32 };
+        assert!(bw.prepare_with_saved_lse(g, &ok, &alias).is_err(), "{why}");
+    }
 }

@@ -214,7 +214,7 @@ fn interrupt_writes_a_checkpoint_and_resumes() {
     let model = fixture("tiny-sd").display().to_string();
     let mut args = train_args(&d, &out, &["--steps", "400", "--save-every", "0"]);
     args[2] = &model;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_atelier")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_atelier")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let log = root.join("run").join("log.csv");
     let t0 = std::time::Instant::now();
     while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 3 {

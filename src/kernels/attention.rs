@@ -13,6 +13,12 @@
 //! [batch, l, 3·heads·d] (offsets 0, heads·d, 2·heads·d; stride 3·heads·d).
 //! Flops: 4·batch·heads·d per visible (query, key) pair (2 for q·kᵀ, 2 for p·v); bytes: q, k, v
 //! read once and o written once.
+//!
+//! Training: [`Attention::prepare_saving`] also writes the softmax statistic of every query row,
+//! lse2 = log2 Σ_j exp2(s_ij) with s = q·k·scale·log2 e, into an f32 tensor [batch·heads·lq, 2]
+//! as (lse2, unused): the layout of `AttentionBackward`'s stats, whose
+//! `prepare_with_saved_lse` then only adds D (override SAVE_LSE of both shaders; inference
+//! pipelines are the SAVE_LSE = false ones, as before).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -51,6 +57,11 @@ pub const MAX_D: usize = 512;
 /// The scalar path's pipeline (one variant: tile sizes travel in the uniform).
 pub fn key() -> PipelineKey {
     PipelineKey::new(Shader::Attention, "attn")
+}
+
+/// The scalar path's pipeline that also saves lse ([`Attention::prepare_saving`]).
+pub fn key_saving() -> PipelineKey {
+    key().with("SAVE_LSE", 1)
 }
 
 /// Largest padded head dim (d rounded up to 16) of the cooperative-matrix kernel: it holds
@@ -146,6 +157,7 @@ pub fn coop_variants() -> Vec<PipelineKey> {
         for t in CoopTile::ALL {
             if t.valid(dp, COOP_SHARED_LIMIT) {
                 keys.push(t.key(dp));
+                keys.push(t.key(dp).with("SAVE_LSE", 1));
             }
         }
     }
@@ -280,6 +292,19 @@ impl Attention {
     /// The launch o = attention(q, k, v); see the module doc for the operand layout. o must be
     /// in a buffer of its own (it is bound writable; q, k and v may share one buffer).
     pub fn prepare(&self, gpu: &Gpu, q: Operand, k: Operand, v: Operand, o: Operand) -> Result<Dispatch> {
+        self.prepare_impl(gpu, q, k, v, o, None)
+    }
+
+    /// As [`Attention::prepare`], also writing each query row's softmax statistic for the
+    /// backward: `stats` f32 [batch·heads·lq, 2], row (b·heads + h)·lq + i gets (lse2, 0) with
+    /// lse2 = log2 Σ_j exp2(q_i·k_j·scale·log2 e) over the keys row i sees (what
+    /// `attnb_stats` computes, to f32 rounding). Hand it to
+    /// `AttentionBackward::prepare_with_saved_lse`. `stats` must be in a buffer of its own.
+    pub fn prepare_saving(&self, gpu: &Gpu, q: Operand, k: Operand, v: Operand, o: Operand, stats: &Tensor) -> Result<Dispatch> {
+        self.prepare_impl(gpu, q, k, v, o, Some(stats))
+    }
+
+    fn prepare_impl(&self, gpu: &Gpu, q: Operand, k: Operand, v: Operand, o: Operand, stats: Option<&Tensor>) -> Result<Dispatch> {
         let op = "attention";
         let Attention { batch, heads, lq, lk, d, causal, scale, .. } = *self;
         if batch == 0 || heads == 0 || lq == 0 || lk == 0 || d == 0 {
@@ -303,6 +328,26 @@ impl Attention {
                 ));
             }
         }
+        if let Some(st) = stats {
+            let rows = batch * heads * lq;
+            if st.dtype != DType::F32 {
+                return Err(Error::DType { op: op.into(), detail: "the saved statistics (lse) must be f32".into() });
+            }
+            if st.shape != [rows, 2] || rows > (u32::MAX as usize - 8) / 2 {
+                return Err(Error::shape(
+                    op,
+                    format!("saved statistics {:?}: must be [batch·heads·lq, 2] = [{rows}, 2]", st.shape),
+                ));
+            }
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v), ("o", &o)] {
+                if std::sync::Arc::ptr_eq(&st.buffer, &x.tensor.buffer) {
+                    return Err(Error::shape(
+                        op,
+                        format!("the saved statistics must not be in the same buffer as {name} (they are bound writable)"),
+                    ));
+                }
+            }
+        }
         let (path, tile) = self.plan(gpu);
         let (key, bq, bk) = match (path, tile) {
             (KernelPath::Coop, Some(t)) => {
@@ -322,6 +367,7 @@ impl Attention {
                 (key(), bq, bk)
             }
         };
+        let key = if stats.is_some() { key.with("SAVE_LSE", 1) } else { key };
         let groups = [lq.div_ceil(bq) as u32, (batch * heads) as u32, 1];
         let p = AttentionParams {
             batch: batch as u32,
@@ -346,6 +392,11 @@ impl Attention {
         let bh = (batch * heads) as f64;
         let flops = 4.0 * bh * d as f64 * self.pairs();
         let bytes = bh * d as f64 * 2.0 * (2.0 * lq as f64 + 2.0 * lk as f64);
-        gpu.dispatch(&key, &p, &[q.tensor, k.tensor, v.tensor, o.tensor], groups, flops, bytes)
+        match stats {
+            Some(st) => gpu.dispatch(&key, &p, &[q.tensor, k.tensor, v.tensor, o.tensor, st], groups, flops, bytes + bh * lq as f64 * 8.0),
+            // Without SAVE_LSE the shader never touches binding 5, but the pipeline's layout
+            // lists it: o stands in (the same writable use, so no conflict).
+            None => gpu.dispatch(&key, &p, &[q.tensor, k.tensor, v.tensor, o.tensor, o.tensor], groups, flops, bytes),
+        }
     }
 }

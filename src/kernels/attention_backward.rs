@@ -18,11 +18,16 @@
 //! overwritten (activation grads).
 //!
 //! What the forward must keep: q, k, v and o (o as written by the forward: D = rowsum(dO∘O)
-//! is taken from it). The softmax statistics are not saved by the forward: the first launch
-//! recomputes them (one q·kᵀ pass, about 1/8 of the backward's flops) into an f32 scratch
-//! tensor [batch·heads·lq, 2] owned by [`AttentionBackward`].
+//! is taken from it). With [`AttentionBackward::prepare`] the softmax statistics are not saved
+//! by the forward: the first launch recomputes them (one q·kᵀ pass, about 1/8 of the
+//! backward's flops) into an f32 scratch tensor [batch·heads·lq, 2] owned by
+//! [`AttentionBackward`]. With [`AttentionBackward::prepare_with_saved_lse`] the forward
+//! saved them (`Attention::prepare_saving`, into a stats tensor the caller keeps): the first
+//! launch is `attnb_delta`, which only adds D (memory-bound: o and dout read once); build
+//! such a backward with [`AttentionBackward::for_saved_lse`] (no scratch of its own).
 //!
-//! Three or four launches (see the shaders' headers): `attnb_stats` (lse and D per query row),
+//! Three or four launches (see the shaders' headers): `attnb_stats` (lse and D per query row;
+//! or `attnb_delta`, D only),
 //! `attnb_dq` or `attnb_dq_coop` (per query block, over the key blocks), `attnb_dkv` or
 //! `attnb_dkv_coop` (per key block, over the query blocks) and, when the query range is
 //! split, `attnb_dkv_reduce`; no float atomics. The cooperative-matrix tiles: dq (64, 32) for
@@ -108,6 +113,7 @@ pub fn variants() -> Vec<PipelineKey> {
     let mut keys = vec![reduce_key(false), reduce_key(true)];
     for dout in [false, true] {
         keys.push(key("attnb_stats", dout, None));
+        keys.push(key("attnb_delta", dout, None));
         for out in [false, true] {
             keys.push(key("attnb_dq", dout, Some(out)));
             keys.push(key("attnb_dkv", dout, Some(out)));
@@ -257,11 +263,13 @@ pub struct AttentionGrads<'a> {
 }
 
 /// The backward of one attention shape, with its f32 scratch (per query row: lse in log2
-/// units and D = rowsum(dO∘O)). Build once per shape (per plan); `prepare` gives the launches.
+/// units and D = rowsum(dO∘O)). Build once per shape (per plan); `prepare` (or, after a
+/// forward that saved lse, `prepare_with_saved_lse`) gives the launches.
 pub struct AttentionBackward {
     pub attn: Attention,
-    /// f32 [batch·heads·lq, 2].
-    pub stats: Tensor,
+    /// f32 [batch·heads·lq, 2]; None when built by [`AttentionBackward::for_saved_lse`] (the
+    /// statistics then come from the forward).
+    pub stats: Option<Tensor>,
     /// Query splits of `attnb_dkv` (1: one launch writes dk and dv). Set by the constructor
     /// (with the partials below); `prepare` refuses a value that does not match them.
     pub dkv_splits: usize,
@@ -314,6 +322,17 @@ impl AttentionBackward {
     /// [`MAX_DKV_SPLITS`]; more than there are query blocks is allowed, the extra workgroups
     /// contribute zeros) or, with `None`, chosen by [`default_dkv_splits`].
     pub fn with_dkv_splits(gpu: &Gpu, attn: Attention, splits: Option<usize>) -> Result<Self> {
+        Self::build(gpu, attn, splits, true)
+    }
+
+    /// A backward for statistics the forward saved ([`Attention::prepare_saving`]): as
+    /// [`AttentionBackward::with_dkv_splits`] without a statistics scratch of its own; only
+    /// [`AttentionBackward::prepare_with_saved_lse`] can run it.
+    pub fn for_saved_lse(gpu: &Gpu, attn: Attention, splits: Option<usize>) -> Result<Self> {
+        Self::build(gpu, attn, splits, false)
+    }
+
+    fn build(gpu: &Gpu, attn: Attention, splits: Option<usize>, own_stats: bool) -> Result<Self> {
         let op = "attention backward";
         let Attention { batch, heads, lq, lk, d, scale, .. } = attn;
         if batch == 0 || heads == 0 || lq == 0 || lk == 0 || d == 0 {
@@ -331,7 +350,11 @@ impl AttentionBackward {
                 "{op}: the kernel needs {SHARED_BYTES} bytes of workgroup memory, this device offers {limit}"
             )));
         }
-        let stats = Tensor::empty(gpu, &[batch * heads * lq, 2], DType::F32, "attention backward stats")?;
+        let stats = if own_stats {
+            Some(Tensor::empty(gpu, &[batch * heads * lq, 2], DType::F32, "attention backward stats")?)
+        } else {
+            None
+        };
         let splits = match splits {
             Some(s) if s == 0 || s > MAX_DKV_SPLITS => {
                 return Err(Error::shape(op, format!("{s} query splits: must be 1 to {MAX_DKV_SPLITS}")));
@@ -413,6 +436,39 @@ impl AttentionBackward {
     /// Each gradient must be in a buffer holding none of the inputs (it is bound writable);
     /// dk and dv must have the same dtype.
     pub fn prepare(&self, gpu: &Gpu, g: &AttentionGrads) -> Result<Vec<Dispatch>> {
+        match &self.stats {
+            Some(st) => self.prepare_impl(gpu, g, st, false),
+            None => Err(Error::Usage(
+                "attention backward: built for saved statistics (for_saved_lse): use prepare_with_saved_lse".into(),
+            )),
+        }
+    }
+
+    /// As [`AttentionBackward::prepare`], with the softmax statistics the forward saved:
+    /// `stats` f32 [batch·heads·lq, 2] as filled by [`Attention::prepare_saving`] on the same
+    /// q, k (and this attention's shape and scale). The first launch (`attnb_delta`) only adds
+    /// D = rowsum(dO∘O) into its second column; the rest read it as usual. `stats` is written:
+    /// it must be in a buffer holding none of the operands.
+    pub fn prepare_with_saved_lse(&self, gpu: &Gpu, g: &AttentionGrads, stats: &Tensor) -> Result<Vec<Dispatch>> {
+        let op = "attention backward";
+        let a = &self.attn;
+        let rows = a.batch * a.heads * a.lq;
+        if stats.dtype != DType::F32 {
+            return Err(Error::DType { op: op.into(), detail: "the saved statistics must be f32".into() });
+        }
+        if stats.shape != [rows, 2] {
+            return Err(Error::shape(op, format!("saved statistics {:?}: must be [batch·heads·lq, 2] = [{rows}, 2]", stats.shape)));
+        }
+        let operands = [("q", &g.q), ("k", &g.k), ("v", &g.v), ("o", &g.o), ("dout", &g.dout), ("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)];
+        for (name, x) in operands {
+            if std::sync::Arc::ptr_eq(&stats.buffer, &x.tensor.buffer) {
+                return Err(Error::shape(op, format!("the saved statistics must not be in the same buffer as {name}")));
+            }
+        }
+        self.prepare_impl(gpu, g, stats, true)
+    }
+
+    fn prepare_impl(&self, gpu: &Gpu, g: &AttentionGrads, stats_t: &Tensor, saved_lse: bool) -> Result<Vec<Dispatch>> {
         let op = "attention backward";
         let a = &self.attn;
         let (lq, lk) = (a.lq, a.lk);
@@ -439,7 +495,7 @@ impl AttentionBackward {
             }
         };
         let inputs = [("q", &g.q), ("k", &g.k), ("v", &g.v), ("o", &g.o), ("dout", &g.dout)];
-        let mut own = vec![("statistics", Operand::dense(&self.stats, 2))];
+        let mut own = vec![("statistics", Operand::dense(stats_t, 2))];
         if let Some([pk, pv]) = partials {
             own.push(("dk partials", Operand::dense(pk, 8)));
             own.push(("dv partials", Operand::dense(pv, 8)));
@@ -497,14 +553,26 @@ impl AttentionBackward {
 
         let ps = AttentionBackwardParams { bq: rows as u32, bk: inner as u32, ..base };
         let groups_q = [lq.div_ceil(rows) as u32, (a.batch * a.heads) as u32, 1];
-        let stats = gpu.dispatch(
-            &key("attnb_stats", do32, None),
-            &ps,
-            &[g.q.tensor, g.k.tensor, g.o.tensor, g.dout.tensor, &self.stats],
-            groups_q,
-            fl(2.0),
-            bhd * (2.0 * nq + 2.0 * nk + 2.0 * nq + half(g.dout.tensor) * nq) + bh * nq * 8.0,
-        )?;
+        let stats = if saved_lse {
+            // D only: o and dout read once, one f32 written per row (no flops to speak of).
+            gpu.dispatch_at(
+                &key("attnb_delta", do32, None),
+                &ps,
+                &[(3, g.o.tensor), (4, g.dout.tensor), (5, stats_t)],
+                [lq.div_ceil(256) as u32, (a.batch * a.heads) as u32, 1],
+                0.0,
+                bhd * (2.0 * nq + half(g.dout.tensor) * nq) + bh * nq * 4.0,
+            )?
+        } else {
+            gpu.dispatch(
+                &key("attnb_stats", do32, None),
+                &ps,
+                &[g.q.tensor, g.k.tensor, g.o.tensor, g.dout.tensor, stats_t],
+                groups_q,
+                fl(2.0),
+                bhd * (2.0 * nq + 2.0 * nk + 2.0 * nq + half(g.dout.tensor) * nq) + bh * nq * 8.0,
+            )?
+        };
         // dq and dk/dv: scalar kernels (tiles in the uniform) or cooperative matrices (tiles
         // in the pipeline's overrides; the uniform's bq, bk only informative).
         let dp = coop_dp(a.d) as u32;
@@ -520,7 +588,7 @@ impl AttentionBackward {
         let dq = gpu.dispatch(
             &dq_key,
             &pq,
-            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dq.tensor],
+            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, stats_t, g.dq.tensor],
             groups_dq,
             fl(6.0),
             bhd * (2.0 * nq + 4.0 * nk + half(g.dout.tensor) * nq + half(g.dq.tensor) * nq) + bh * nq * 8.0,
@@ -540,7 +608,7 @@ impl AttentionBackward {
             let dkv = gpu.dispatch(
                 &dkv_key,
                 &pkv,
-                &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, g.dk.tensor, g.dv.tensor],
+                &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, stats_t, g.dk.tensor, g.dv.tensor],
                 groups_kv,
                 fl(8.0),
                 reads + bhd * 2.0 * half(g.dk.tensor) * nk,
@@ -552,7 +620,7 @@ impl AttentionBackward {
         let dkv = gpu.dispatch(
             &dkv_key,
             &pkv,
-            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, &self.stats, pdk, pdv],
+            &[g.q.tensor, g.k.tensor, g.v.tensor, g.dout.tensor, stats_t, pdk, pdv],
             groups_kv,
             fl(8.0),
             reads + part_bytes,

@@ -66,6 +66,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     }
     keys.extend(norm_backward::variants());
     keys.push(attention::key());
+    keys.push(attention::key_saving());
     keys.extend(attention::coop_variants());
     keys.extend(attention_backward::variants());
     for entry in tensor_ops::ENTRIES {

@@ -18,7 +18,7 @@
 //! pass it through, norm backwards add into it).
 
 use crate::error::Result;
-use crate::gpu::{PlanBuilder, Tensor};
+use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::attention::{Attention, Operand};
 use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads};
 use crate::kernels::elementwise::{self, Unary};
@@ -93,6 +93,9 @@ struct AttentionSaved {
     kv: Option<Tensor>,
     /// The attention output (to_out's input) [rows, c].
     o: Tensor,
+    /// The softmax statistics the forward saved, f32 [batch·heads·l, 2] (lse2, then D from
+    /// the backward's first launch).
+    stats: Tensor,
     /// Adapters on q, k, v (input: the normed stream or the context) and on to_out.
     qkv_lora: Vec<Applied>,
     out_lora: Vec<Applied>,
@@ -103,7 +106,7 @@ impl AttentionSaved {
         for a in self.qkv_lora.into_iter().chain(self.out_lora) {
             a.release(pb);
         }
-        for t in [Some(self.q_or_qkv), self.kv, Some(self.o)].into_iter().flatten() {
+        for t in [Some(self.q_or_qkv), self.kv, Some(self.o), Some(self.stats)].into_iter().flatten() {
             pb.free(t);
         }
     }
@@ -158,6 +161,7 @@ impl CrossAttention {
         let rows = x.numel() / c;
         let l = rows / batch;
         let o = pb.f16(&[rows, c], "attention out (saved)")?;
+        let stats = pb.tensor(&[batch * self.heads * l, 2], DType::F32, "attention lse (saved)")?;
         let mut qkv_lora = Vec::new();
         let (q_or_qkv, kv) = match (&self.kv, context) {
             (Some(kv), Some((ctx, lk))) => {
@@ -168,7 +172,7 @@ impl CrossAttention {
                 adapt(pb, ad, self.name("to_v"), ctx, &kvt, c, 2 * c, &mut qkv_lora)?;
                 let attn = Attention::new(batch, self.heads, l, lk, c / self.heads, false);
                 let (k, v) = (Operand::slice(&kvt, 0, 2 * c), Operand::slice(&kvt, c, 2 * c));
-                pb.run(attn.prepare(pb.gpu, Operand::dense(&q, c), k, v, Operand::dense(&o, c))?)?;
+                pb.run(attn.prepare_saving(pb.gpu, Operand::dense(&q, c), k, v, Operand::dense(&o, c), &stats)?)?;
                 (q, Some(kvt))
             }
             _ => {
@@ -178,14 +182,14 @@ impl CrossAttention {
                 }
                 let attn = Attention::new(batch, self.heads, l, l, c / self.heads, false);
                 let (q, k, v) = (Operand::slice(&qkv, 0, 3 * c), Operand::slice(&qkv, c, 3 * c), Operand::slice(&qkv, 2 * c, 3 * c));
-                pb.run(attn.prepare(pb.gpu, q, k, v, Operand::dense(&o, c))?)?;
+                pb.run(attn.prepare_saving(pb.gpu, q, k, v, Operand::dense(&o, c), &stats)?)?;
                 (qkv, None)
             }
         };
         self.to_out.forward(pb, &o, residual, true)?;
         let mut out_lora = Vec::new();
         adapt(pb, ad, self.name("to_out.0"), &o, residual, 0, c, &mut out_lora)?;
-        Ok(AttentionSaved { q_or_qkv, kv, o, qkv_lora, out_lora })
+        Ok(AttentionSaved { q_or_qkv, kv, o, stats, qkv_lora, out_lora })
     }
 
     /// The backward from dres (the gradient of the residual stream after the add; read only):
@@ -194,7 +198,7 @@ impl CrossAttention {
         let c = self.c;
         let rows = dres.numel() / c;
         let l = rows / batch;
-        let AttentionSaved { q_or_qkv, kv, o, qkv_lora, out_lora } = saved;
+        let AttentionSaved { q_or_qkv, kv, o, stats, qkv_lora, out_lora } = saved;
         // residual += to_out(o).
         let d_o = self.to_out.backward_new(pb, dres, "attention do")?;
         for a in out_lora {
@@ -216,7 +220,7 @@ impl CrossAttention {
                     dk: Operand::slice(&dkv, 0, 2 * c),
                     dv: Operand::slice(&dkv, c, 2 * c),
                 };
-                pb.run_all(AttentionBackward::new(pb.gpu, attn)?.prepare(pb.gpu, &grads)?)?;
+                pb.run_all(AttentionBackward::for_saved_lse(pb.gpu, attn, None)?.prepare_with_saved_lse(pb.gpu, &grads, &stats)?)?;
                 let dx = self.q_or_qkv.backward_new(pb, &dq, "attention dx")?;
                 for a in qkv_lora {
                     // q's adapter read x; k's and v's read the context, which gets no gradient.
@@ -242,7 +246,7 @@ impl CrossAttention {
                     dk: Operand::slice(&dqkv, c, w),
                     dv: Operand::slice(&dqkv, 2 * c, w),
                 };
-                pb.run_all(AttentionBackward::new(pb.gpu, attn)?.prepare(pb.gpu, &grads)?)?;
+                pb.run_all(AttentionBackward::for_saved_lse(pb.gpu, attn, None)?.prepare_with_saved_lse(pb.gpu, &grads, &stats)?)?;
                 let dx = self.q_or_qkv.backward_new(pb, &dqkv, "attention dx")?;
                 for a in qkv_lora {
                     adapt_backward(pb, ad, a, &dqkv, Some(&dx))?;
@@ -251,7 +255,7 @@ impl CrossAttention {
                 dx
             }
         };
-        for t in [d_o, o, q_or_qkv] {
+        for t in [d_o, o, q_or_qkv, stats] {
             pb.free(t);
         }
         Ok(dx)
