@@ -130,25 +130,6 @@ def torch_step(unet, params, opt, scaler, ex):
     return loss
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def poll_memory(pid, stop, peak):
-    while not stop.is_set():
-        try:
-            q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True).stdout
-            for line in q.splitlines():
-                p, m = [s.strip() for s in line.split(",")]
-                if int(p) == pid:
-                    peak[0] = max(peak[0], int(m))
-        except Exception:
-            pass
-        time.sleep(0.05)
-
-
 def write_png(path, rgb, w, h):
     """A plain RGB8 PNG (no PIL on the GPU machine)."""
     import struct
@@ -288,7 +269,7 @@ def main():
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "ATELIER_PROFILE_SHAPES": "1"} if a.profile else None)
     stop, peak = threading.Event(), [0]
-    th = threading.Thread(target=poll_memory, args=(proc.pid, stop, peak))
+    th = threading.Thread(target=gm.poll_memory, args=(proc.pid, stop, peak))
     th.start()
     text = proc.communicate()[0]
     stop.set()
@@ -313,7 +294,7 @@ def main():
             print(f"{name}: {len(bad)} gradient tensors hold inf or NaN, e.g. {bad[:3]}")
     for k, r in ref.items():
         o = ours[k].double()
-        e_ours, e16 = rel(o, r), rel(g16[k], r)
+        e_ours, e16 = gm.rel(o, r), gm.rel(g16[k], r)
         rows.append((e_ours / e16, k, r.norm().item(), g16[k].norm().item(), o.norm().item(), e16, e_ours))
         ratios.append(e_ours / e16)
         if e_ours > 4 * e16:
@@ -322,7 +303,7 @@ def main():
             worst = (e_ours / e16, k)
         cat_ref.append(r.flatten()), cat_ours.append(o.flatten()), cat_16.append(g16[k].flatten())
     cat_ref, cat_ours, cat_16 = torch.cat(cat_ref), torch.cat(cat_ours), torch.cat(cat_16)
-    e_all, e16_all = rel(cat_ours, cat_ref), rel(cat_16, cat_ref)
+    e_all, e16_all = gm.rel(cat_ours, cat_ref), gm.rel(cat_16, cat_ref)
     ratios.sort()
     rows.sort(reverse=True)
     print(f"\n{'worst tensors':<72} {'|ref|':>9} {'|fp16|':>9} {'|ours|':>9} {'fp16 err':>9} {'our err':>9}")

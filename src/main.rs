@@ -296,8 +296,10 @@ fn main() -> ExitCode {
         Command::Sample(s) => sample(&opts, *s),
         Command::Train(t) => train(&opts, *t),
         Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, targets, recompute, .. } => {
-            let o = TrainBench { batch, height, width, rank, alpha, targets: LoraTargets::Attention, recompute, repeat, inputs, output, profile };
-            bench_train(&opts, &model, o, &targets)
+            targets.parse().and_then(|targets| {
+                let o = TrainBench { batch, height, width, rank, alpha, targets, recompute, repeat, inputs, output, profile };
+                bench_train(&opts, &model, o)
+            })
         }
         Command::Bench { model: Some(model), batch, vae_batch, width, height, repeat, inputs, output, encode, profile, .. } => {
             let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
@@ -388,12 +390,7 @@ fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench) -> atelier::Resu
     Ok(())
 }
 
-fn bench_train(opts: &GpuOptions, model: &Path, mut o: TrainBench, targets: &str) -> atelier::Result<()> {
-    o.targets = match targets {
-        "attention" => LoraTargets::Attention,
-        "transformer" => LoraTargets::Transformer,
-        other => return Err(atelier::Error::Usage(format!("--targets {other}: use attention or transformer"))),
-    };
+fn bench_train(opts: &GpuOptions, model: &Path, o: TrainBench) -> atelier::Result<()> {
     let gpu = Gpu::new(opts)?;
     println!("{}", gpu.describe());
     atelier::bench_train::run(&gpu, model, &o)
@@ -401,11 +398,7 @@ fn bench_train(opts: &GpuOptions, model: &Path, mut o: TrainBench, targets: &str
 
 fn train(opts: &GpuOptions, t: TrainCli) -> atelier::Result<()> {
     use atelier::train::data::DatasetOptions;
-    let targets = match t.targets.as_str() {
-        "attention" => LoraTargets::Attention,
-        "transformer" => LoraTargets::Transformer,
-        other => return Err(atelier::Error::Usage(format!("--targets {other}: use attention or transformer"))),
-    };
+    let targets: LoraTargets = t.targets.parse()?;
     let data = DatasetOptions {
         resolution: t.resolution,
         center_crop: !t.random_crop,

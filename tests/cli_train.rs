@@ -54,15 +54,12 @@ fn train_args<'a>(data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str
     v
 }
 
+/// Runs `args` (made by [`train_args`]) on the tiny model; returns standard error.
 fn run_ok(args: &[&str]) -> String {
-    let model = fixture("tiny-sd");
-    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    a[2] = model.display().to_string();
-    let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-    let out = atelier(&refs);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "atelier {args:?} failed:\n{err}");
-    err
+    let model = fixture("tiny-sd").display().to_string();
+    let mut a = args.to_vec();
+    a[2] = &model;
+    run_ok_with(&a)
 }
 
 /// Mean denoising loss of the UNet over the training images at fixed timesteps and noise, with

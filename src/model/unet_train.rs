@@ -38,6 +38,17 @@ pub enum LoraTargets {
     Transformer,
 }
 
+impl std::str::FromStr for LoraTargets {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "attention" => Ok(LoraTargets::Attention),
+            "transformer" => Ok(LoraTargets::Transformer),
+            other => Err(Error::Usage(format!("--targets {other}: use attention or transformer"))),
+        }
+    }
+}
+
 impl UNetConfig {
     /// The adapters for `targets` at rank, alpha and dropout, named by diffusers module path
     /// (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`), in module order: down

@@ -34,6 +34,11 @@ pub struct TrainState {
     pub total: usize,
 }
 
+/// The adapters' names and flat offsets, as [`TrainState::layers`] records them.
+pub fn layers(lora: &LoraParams) -> Vec<(String, usize, usize)> {
+    lora.layers.iter().map(|l| (l.spec.name.clone(), l.off_a, l.off_b)).collect()
+}
+
 /// The folder name of the checkpoint after `step` steps.
 pub fn dir_name(step: usize) -> String {
     format!("checkpoint-{step:06}")
@@ -119,8 +124,7 @@ pub fn load(gpu: &Gpu, dir: &Path, lora: &LoraParams) -> Result<TrainState> {
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let text = meta.metadata().as_ref().and_then(|m| m.get("atelier_state")).ok_or_else(|| bad("no atelier_state metadata".into()))?;
     let state: TrainState = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-    let layers: Vec<(String, usize, usize)> = lora.layers.iter().map(|l| (l.spec.name.clone(), l.off_a, l.off_b)).collect();
-    if state.total != lora.total || state.layers != layers {
+    if state.total != lora.total || state.layers != layers(lora) {
         return Err(Error::Usage(format!(
             "{}: its adapters ({} values) do not match this run's ({} values): resume with the same --rank, --targets and model",
             dir.display(),

@@ -119,6 +119,8 @@ struct Caches {
     /// The encoder and text-encoder plans, built once (per image size for the encoder).
     encoders: Encoders,
     clip: Option<crate::model::clip::ClipPlan>,
+    /// The current epoch's batches (an order depends on (seed, epoch) alone).
+    order: Option<(usize, Vec<Vec<usize>>)>,
 }
 
 /// Runs `atelier train`.
@@ -157,7 +159,8 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     let specs = sd.unet.cfg.lora_specs(a.targets, a.rank, a.alpha, a.dropout);
     let lora = LoraParams::new(gpu, &specs, a.seed)?;
 
-    let per_epoch = data.epoch_order(0, a.seed, a.batch_size).len().div_ceil(a.gradient_accumulation).max(1);
+    let batches = data.epoch_order(0, a.seed, a.batch_size).len();
+    let per_epoch = batches.div_ceil(a.gradient_accumulation).max(1);
     let total = match (a.steps, a.epochs) {
         (Some(s), _) => s,
         (None, Some(e)) => e * per_epoch,
@@ -185,7 +188,7 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
 
-    let mut caches = Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None };
+    let mut caches = Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None, order: None };
     let mut plans: HashMap<(usize, usize), UNetTrainPlan> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
     let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
@@ -210,7 +213,7 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
             let mut losses = Vec::new();
             for micro in 0..a.gradient_accumulation {
                 let k = (step * a.gradient_accumulation + micro) as u64;
-                let (inputs, (h, w)) = prepare(gpu, &sd, &data, a, &acp, &mut caches, k, sched.prediction_type)?;
+                let (inputs, (h, w)) = prepare(gpu, &sd, &data, a, &acp, &mut caches, k, batches, sched.prediction_type)?;
                 let plan = match plans.entry((h, w)) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
@@ -259,7 +262,7 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         let interrupted = stop.load(Ordering::SeqCst);
         if (a.save_every > 0 && step % a.save_every == 0) || step == total || interrupted {
             log.flush().map_err(|e| Error::Io { path: a.output.join("log.csv"), source: e })?;
-            let state = TrainState { version: 1, step, loss_scale: scale, identity: ident.clone(), layers: layers(&lora), total: lora.total };
+            let state = TrainState { version: 1, step, loss_scale: scale, identity: ident.clone(), layers: checkpoint::layers(&lora), total: lora.total };
             let flat = lora.params.to_f32(gpu)?;
             let dir = checkpoint::save(gpu, &a.output, &lora, &state, |d| write_lora(&sd, a, &lora, &flat, step, &data, d))?;
             plot::write_loss_curve(&a.output.join("loss.png"), &history)?;
@@ -303,10 +306,6 @@ fn check_args(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn layers(lora: &LoraParams) -> Vec<(String, usize, usize)> {
-    lora.layers.iter().map(|l| (l.spec.name.clone(), l.off_a, l.off_b)).collect()
-}
-
 /// The final LoRA's file name.
 fn file_name(a: &TrainArgs) -> String {
     match a.format {
@@ -345,13 +344,15 @@ fn write_lora(sd: &StableDiffusion, a: &TrainArgs, lora: &LoraParams, flat: &[f3
 }
 
 /// Builds micro-batch k's inputs: its images' cached latents, noise, timesteps, the noised
-/// latents and the target, and the captions' cached embeddings. Returns them and the images'
-/// size in pixels.
+/// latents and the target, and the captions' cached embeddings (`batches`: micro-batches per
+/// epoch). Returns them and the images' size in pixels.
 #[allow(clippy::too_many_arguments)]
-fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: &[f64], caches: &mut Caches, k: u64, pred: PredictionType) -> Result<(Inputs, (usize, usize))> {
-    let per_epoch = data.epoch_order(0, a.seed, a.batch_size).len();
-    let (epoch, pos) = ((k as usize) / per_epoch, (k as usize) % per_epoch);
-    let batch = data.epoch_order(epoch, a.seed, a.batch_size)[pos].clone();
+fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: &[f64], caches: &mut Caches, k: u64, batches: usize, pred: PredictionType) -> Result<(Inputs, (usize, usize))> {
+    let (epoch, pos) = ((k as usize) / batches, (k as usize) % batches);
+    if caches.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+        caches.order = Some((epoch, data.epoch_order(epoch, a.seed, a.batch_size)));
+    }
+    let batch = caches.order.as_ref().expect("set above").1[pos].clone();
     let mut rng = Rng::new(stream_seed(a.seed, S_NOISE, k));
     let mut prompt_rng = Rng::new(stream_seed(a.seed, S_PROMPT, k));
     let mut inputs = Inputs { sample: Vec::new(), target: Vec::new(), timesteps: Vec::new(), context: Vec::new(), weights: Vec::new() };
