@@ -208,6 +208,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--loop", action="store_true", help="also time `atelier train` end to end against a diffusers-style loop")
+    ap.add_argument("--ours-only", action="store_true", help="only atelier's step (time and profile), no PyTorch reference")
     a = ap.parse_args()
     gm = models_script()
     gm.install_diffusers()
@@ -219,6 +220,16 @@ def main():
     values = attach(unet)
     ex = example()
     print(f"model built and saved in {time.time() - t0:.1f} s")
+    in_path, out_path = os.path.join(a.work, "train-inputs.safetensors"), os.path.join(a.work, "train-out.safetensors")
+    cmd = [a.atelier, "bench", "--model", a.work, "--train", "--batch", "1", "--width", str(SIZE), "--height", str(SIZE),
+           "--repeat", str(a.repeat), "--inputs", in_path, "--output", out_path] + (["--profile"] if a.profile else [])
+    env = {**os.environ, "ATELIER_PROFILE_SHAPES": "1"} if a.profile else None
+    if a.ours_only:
+        save_file({k: v.float().contiguous() for k, v in {**ex, **values}.items()}, in_path)
+        print(subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env).stdout)
+        if a.loop:
+            loop_check(gm, a)
+        return
 
     # Reference gradients (fp32, TF32 off), then PyTorch's own fp16 step: its gradients (first
     # step, unscaled) and its timing and peak memory.
@@ -262,12 +273,8 @@ def main():
     torch.cuda.empty_cache()
 
     # atelier on the same weights and inputs.
-    in_path, out_path = os.path.join(a.work, "train-inputs.safetensors"), os.path.join(a.work, "train-out.safetensors")
     save_file({k: v.float().contiguous() for k, v in {**ex, **values}.items()}, in_path)
-    cmd = [a.atelier, "bench", "--model", a.work, "--train", "--batch", "1", "--width", str(SIZE), "--height", str(SIZE),
-           "--repeat", str(a.repeat), "--inputs", in_path, "--output", out_path] + (["--profile"] if a.profile else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "ATELIER_PROFILE_SHAPES": "1"} if a.profile else None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     stop, peak = threading.Event(), [0]
     th = threading.Thread(target=gm.poll_memory, args=(proc.pid, stop, peak))
     th.start()

@@ -37,7 +37,7 @@ if [[ $parts == *models* ]]; then
   python3 scripts/gpu-check-models.py --atelier .device/bin/atelier --profile 2>&1 | tee "$out/models.txt" | grep -v "^$" | tail -n 200
 fi
 if [[ $parts == *train* ]]; then
-  python3 scripts/gpu-check-train.py --atelier .device/bin/atelier --profile ${TRAIN_LOOP:+--loop} 2>&1 | tee "$out/train.txt" | grep -v "^$" | tail -n 120
+  python3 scripts/gpu-check-train.py --atelier .device/bin/atelier --profile ${TRAIN_LOOP:+--loop} ${TRAIN_ARGS:-} 2>&1 | tee "$out/train.txt" | grep -v "^$" | tail -n 120
 fi
 if [[ $parts == *sample* ]]; then
   python3 scripts/gpu-check-sample.py --atelier .device/bin/atelier 2>&1 | tee "$out/sample.txt" | grep -v "^$" | tail -n 40

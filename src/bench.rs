@@ -51,8 +51,9 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
 /// Times `d`: a few warm-up launches, then `batches` batches of `reps` launches each;
 /// returns the median seconds per launch.
 pub fn time_dispatch(gpu: &Gpu, ds: &[Dispatch], reps: usize, batches: usize) -> Result<f64> {
+    // Warm-up: one batch (the clocks ramp up after the idle of building the next case).
     let mut rec = Recorder::new(gpu);
-    for _ in 0..3 {
+    for _ in 0..reps.max(3) {
         for d in ds {
             rec.run(d)?;
         }
@@ -108,6 +109,28 @@ pub const MATMUL_CASES: [(&str, usize, usize, usize); 14] = [
     ("square_8192", 8192, 8192, 8192),
 ];
 
+/// The LoRA training step's products at 512x512, batch 1 (M = tokens): forward Y = X·Wᵀ
+/// (`_fwd`) and the frozen layers' input gradient dX = dY·W (`_dx`, B not transposed), at
+/// each UNet level: (name, M, N, K, trans_b).
+pub const TRAIN_MATMUL_CASES: [(&str, usize, usize, usize, bool); 16] = [
+    ("train64_proj_fwd_4096x320x320", 4096, 320, 320, true),
+    ("train64_qkv_fwd_4096x960x320", 4096, 960, 320, true),
+    ("train64_ff_in_fwd_4096x2560x320", 4096, 2560, 320, true),
+    ("train64_ff_out_fwd_4096x320x1280", 4096, 320, 1280, true),
+    ("train64_proj_dx_4096x320x320", 4096, 320, 320, false),
+    ("train64_qkv_dx_4096x320x960", 4096, 320, 960, false),
+    ("train64_ff_in_dx_4096x320x2560", 4096, 320, 2560, false),
+    ("train64_ff_out_dx_4096x1280x320", 4096, 1280, 320, false),
+    ("train32_proj_fwd_1024x640x640", 1024, 640, 640, true),
+    ("train32_ff_in_fwd_1024x5120x640", 1024, 5120, 640, true),
+    ("train32_proj_dx_1024x640x640", 1024, 640, 640, false),
+    ("train32_ff_in_dx_1024x640x5120", 1024, 640, 5120, false),
+    ("train16_proj_fwd_256x1280x1280", 256, 1280, 1280, true),
+    ("train16_ff_in_fwd_256x10240x1280", 256, 10240, 1280, true),
+    ("train16_proj_dx_256x1280x1280", 256, 1280, 1280, false),
+    ("train16_ff_in_dx_256x1280x10240", 256, 1280, 10240, false),
+];
+
 /// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout).
 pub const CONV_CASES: [(&str, usize, usize, usize, usize); 6] = [
     ("unet_64x64x320_b2", 2, 64, 320, 320),
@@ -137,13 +160,14 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
     };
     // A CPU adapter does ~4 GFLOP/s: keep its runs short.
     let slow = gpu.adapter.get_info().device_type == wgpu::DeviceType::Cpu;
-    for &(name, m, n, k) in MATMUL_CASES.iter() {
+    let cases = MATMUL_CASES.iter().map(|&(name, m, n, k)| (name, m, n, k, true)).chain(TRAIN_MATMUL_CASES);
+    for (name, m, n, k, trans_b) in cases {
         let full = format!("matmul_{name}");
         if !wanted(&full) || (slow && m * n * k > 1 << 31) {
             continue;
         }
         let x = random_f16(gpu, &[m, k], 1, "bench x")?;
-        let w = random_f16(gpu, &[n, k], 2, "bench w")?;
+        let w = random_f16(gpu, &[n * k], 2, "bench w")?;
         let y = Tensor::empty(gpu, &[m, n], DType::F16, "bench y")?;
         let mut variants: Vec<(KernelPath, Option<CoopTile>)> = paths.iter().map(|&p| (p, None)).collect();
         if (all_tiles || name == "square_8192") && paths.contains(&KernelPath::Coop) {
@@ -151,11 +175,30 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         }
         for (path, tile) in variants {
             let mut mm = Matmul::new(m, n, k);
-            mm.trans_b = true;
+            mm.trans_b = trans_b;
             mm.path = Some(path);
             mm.tile = tile;
             let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
             emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+        }
+        // The training cases again split over K (f32 partials, then their sum), for tuning
+        // `Matmul::split`.
+        if all_tiles && name.starts_with("train") {
+            for s in [2, 4, 8] {
+                let mut mm = Matmul::new(m, n, k);
+                mm.trans_b = trans_b;
+                mm.split_k = Some(s);
+                let Some(shape) = mm.partials_shape(gpu) else { continue };
+                if k % (16 * s) != 0 {
+                    continue;
+                }
+                let parts = Tensor::empty(gpu, &shape, DType::F32, "bench split-K partials")?;
+                let mut rec = Recorder::capture(gpu);
+                mm.run_split(gpu, &mut rec, &x, &w, None, &y, &parts)?;
+                let ds = rec.into_dispatches();
+                let label = format!("split-K x{s} {}", ds[0].label);
+                emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            }
         }
     }
     for &(name, batch, size, cin, cout) in CONV_CASES.iter() {

@@ -96,10 +96,13 @@ impl CoopTile {
     /// 4096x320x1280 55.6 vs 46.9 TFLOP/s with SMALL, 77x3072x768 11.0 vs 7.4, but
     /// 4096x320x320 13.8 vs 30.5).
     pub const SMALL_LONG_K: CoopTile = tile(64, 128, 8, 2, 32, 1, 8);
+    /// For the training step's input gradients of 320-wide layers, dX [4096, 320] = dY·W (B
+    /// not transposed; H100, v5: K 320 30 -> 26 us, K 960 53 -> 48, K 2560 131 -> 116).
+    pub const NARROW: CoopTile = tile(64, 64, 4, 2, 32, 1, 8);
     /// All configurations the launcher may use or the benchmark times. Valid ones: 2 or 4
     /// fragments a subgroup along each axis, 1 to 4 vec-8 entries of each tile an
     /// invocation, shared memory within 48 KiB.
-    pub const ALL: [CoopTile; 14] = [
+    pub const ALL: [CoopTile; 18] = [
         tile(128, 128, 8, 2, 32, 1, 8),
         padded(tile(128, 128, 8, 2, 32, 1, 8)),
         tile(128, 256, 8, 2, 32, 1, 8),
@@ -114,6 +117,10 @@ impl CoopTile {
         tile(128, 128, 4, 2, 32, 2, 8),
         tile(128, 256, 8, 2, 16, 2, 8),
         tile(64, 128, 4, 2, 32, 2, 8),
+        tile(64, 64, 4, 2, 32, 1, 8),
+        tile(64, 64, 4, 2, 64, 1, 8),
+        tile(128, 64, 4, 2, 32, 1, 8),
+        tile(64, 64, 2, 1, 32, 1, 8),
     ];
 
     /// Fragments a subgroup holds along M and N.
@@ -256,8 +263,8 @@ impl Matmul {
     /// How many K slices a product runs as: 1 unless it has less than about one wave of tiles
     /// on a large GPU (120; the H100 has 132 SMs); then the smallest power of two up to 16
     /// that reaches two waves (264 tiles), with slices a multiple of 8 and at least 512 long.
-    /// Linears split only when M is at most 64 (the time-embedding projections, M = batch),
-    /// into slices of at least 128: on the H100 a split made the UNet's 512x1280x1280 linears
+    /// Linears split when M is at most 64 (the time-embedding projections, M = batch),
+    /// into slices of at least 128, or when K is long (below): on the H100 a split made the UNet's 512x1280x1280 linears
     /// no faster (79.5 -> 76.4 us plus the sum) and CLIP's 154-row ones 3x slower, while the
     /// 2x1280x1280 projection went 87 -> 21 us. Convolutions (UNet, batch 2): 16x16x1280 x4
     /// 24.0 -> 39.5 TFLOP/s, 8x8x1280 x16 7.0 -> 27.0; 32x32x640 (160 tiles) is slower split
@@ -275,10 +282,18 @@ impl Matmul {
             KernelPath::Scalar => (128, 128),
         };
         let tiles = self.m.div_ceil(bm) * self.n.div_ceil(bn);
-        if tiles >= 120 || (self.conv.is_none() && self.m > 64) {
+        if tiles >= 120 {
             return 1;
         }
-        let min_slice = if self.conv.is_some() { 512 } else { 128 };
+        let min_slice = match (self.conv.is_some(), self.m > 64) {
+            (true, _) => 512,
+            (false, false) => 128,
+            // Taller linears only with long K, in slices of at least 1280 (H100, v5: the
+            // training step's 256x1280x10240 dX 456 -> 165 us split 4, 1024x640x5120 163 ->
+            // 120 us split 2; 256x1280x1280 split 2 only 47 -> 40 us, not taken).
+            (false, true) if self.k >= 2560 => 1280,
+            (false, true) => return 1,
+        };
         let mut s = 1;
         while tiles * s < 264 && s < 16 && self.k % (16 * s) == 0 && self.k / (2 * s) >= min_slice {
             s *= 2;
@@ -304,7 +319,15 @@ impl Matmul {
             let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
             // Linears keep the big tile down to about one wave (H100, UNet linears at M 8192:
             // N 320 K 320 35.6 -> 44.3 TFLOP/s, N 960 53.9 -> 68.4, N 320 K 1280 58.9 -> 67.7).
-            let enough = if self.conv.is_some() { 264 } else { 120 };
+            let enough = match self.conv {
+                Some(_) => 264,
+                // Wide outputs keep it down to 64 tiles (training, 256x10240x1280: 127 -> 86 us).
+                None if self.n >= 4096 => 64,
+                None => 120,
+            };
+            if self.conv.is_none() && !self.trans_b && !self.trans_a && self.n <= 320 && self.m >= 2048 {
+                return CoopTile::NARROW;
+            }
             match (tiles < enough, self.k >= 640) {
                 (false, _) => big,
                 (true, false) => CoopTile::SMALL,
