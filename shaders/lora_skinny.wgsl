@@ -10,34 +10,41 @@
 // Entries (RV: override, vec4 groups of the rank, r <= 4·RV):
 //   narrow      C [M, r] f16 = alpha · A [M, K] · W, with W stored [r, K] (flag W_T: A·Wᵀ, the
 //               forward's h = xd·Aᵀ) or [K, r] (A·W, the backward's dh = dy·B). Workgroup of
-//               128 = 16 rows x 8 lanes; grid (ceil(M/16)) folded to 2-D. K runs in chunks of
-//               128: the chunk of W is staged in workgroup memory as f32 [128][4·RV] (zero
-//               past K and past r), each lane takes every 8th group of 8 elements of its row
-//               (one vec4<u32> load when flag VEC says A's rows start 8-aligned; else halves),
-//               then the 8 lanes' partial sums are added in lane order. A workgroup's output
-//               elements [16·r·blk, 16·r·(blk+1)) start on a word boundary (16·r is even), so
-//               each of its invocations t < 8·r writes whole words; halves past M·r are 0
-//               (padding of C's storage).
+//               128 = 4 rows x 32 lanes (many workgroups even for a few hundred rows); grid
+//               (ceil(M/4)) folded to 2-D. K runs in chunks of 256: each lane first loads its
+//               8 elements of the chunk (one vec4<u32> load when flag VEC says A's rows start
+//               8-aligned; else halves), then the chunk of W is staged in workgroup memory as
+//               f32 [256][4·RV] (zero past K and past r), then the 32 lanes' partial sums
+//               are added in lane order. A workgroup's output elements [4·r·blk,
+//               4·r·(blk+1)) start on a word boundary (4·r is even), so each of its
+//               invocations t < 2·r writes whole words; halves past M·r are 0 (padding of C's
+//               storage).
+//   widen       Y [M, N] f16 (=, or += with flag ACC) alpha · H [M, r] · W, with W stored
+//               [N, r] (flag W_T: H·Wᵀ, the forward's y += scale·h·Bᵀ) or [r, N] (H·W, the
+//               backward's dx += dh·A); Y may be columns of a wider tensor (row stride lda,
+//               start off_out; both even, N even: whole words). Workgroup of 256 = 64 words
+//               x 4 row groups of 8 rows; grid (ceil(N/128), ceil(M/32)).
 //   wgrad       G += alpha · Σ_rows X[row, n] · H[row, j] for n < N, j < r: X [M, N] f16 (a
 //               slice), H [M, r] f16 dense. Output layout [N, r] (index n·r + j: dB) or with
 //               OUT_T [r, N] (j·N + n: dA). Workgroup of 64, each invocation one column pair
-//               (n, n+1) (one word of X when flag PAIR says the rows start even); grid
+//               (n, n+1) (one word of X when flag PAIR says the rows start even), rows loaded 4 ahead; grid
 //               (ceil(N/128), splits): split s sums rows [s·rps, min((s+1)·rps, M)) in order,
 //               H staged 64 rows at a time. With flag DIRECT (one split) it adds alpha·sum
 //               into G at off_out; otherwise it writes the raw sums to partials [splits, N·r]
 //               (f32, in G's layout) for `wreduce`.
-//   wreduce     one invocation per output element i < N·r: G[off_out + i] += alpha ·
-//               Σ_s partials[s·N·r + i], s in order. Deterministic (fixed order, no atomics).
+//   wreduce     G[off_out + i] += alpha · Σ_s partials[s·N·r + i] for i < N·r: 64 outputs a
+//               workgroup, 4 lanes each summing every 4th split in order, the four sums
+//               then added in lane order. Deterministic (fixed order, no atomics).
 // Saves nothing for backward.
 
 struct Params {
     rows: u32,           // M
-    k: u32,              // narrow: inner length K; wgrad / wreduce: columns N
+    k: u32,              // narrow: inner length K; wgrad / wreduce / widen: columns N
     r: u32,              // rank (<= 4·RV)
-    flags: u32,          // 1 W_T, 2 VEC, 4 PAIR, 8 OUT_T, 16 DIRECT
-    lda: u32,            // A / X row stride (elements)
+    flags: u32,          // 1 W_T, 2 VEC, 4 PAIR, 8 OUT_T, 16 DIRECT, 32 ACC
+    lda: u32,            // A / X row stride (elements); widen: Y's
     off_a: u32,          // A / X start element
-    off_out: u32,        // wgrad (DIRECT) / wreduce: G's start element
+    off_out: u32,        // wgrad (DIRECT) / wreduce: G's start element; widen: Y's
     alpha: f32,
     rows_per_split: u32, // wgrad
     splits: u32,         // wreduce
@@ -50,24 +57,28 @@ const VEC: u32 = 2u;
 const PAIR: u32 = 4u;
 const OUT_T: u32 = 8u;
 const DIRECT: u32 = 16u;
+const ACC: u32 = 32u;
 
 override RV: u32 = 1u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-// narrow: A; wgrad: X; wreduce: the partials.
+// narrow: A; wgrad: X; wreduce: the partials; widen: H.
 @group(0) @binding(1) var<storage, read> xa: array<vec4<u32>>;
-// narrow: C (f16 words); wgrad: partials or G (f32); wreduce: G.
+// narrow: C (f16 words); wgrad: partials or G (f32); wreduce: G; widen: Y (f16 words).
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
-// narrow: W; wgrad: H (wreduce: none).
+// narrow, widen: W; wgrad: H (wreduce: none).
 @group(0) @binding(3) var<storage, read> wb: array<vec4<u32>>;
 
-// Narrow: rows x lanes; wgrad: rows of H per staging.
-const NL: u32 = 8u;
-const NR: u32 = 16u;
-const KC: u32 = 128u;
+// Narrow: lanes x rows (128 invocations), K chunk; wgrad: rows of H per staging; widen: rows
+// an invocation.
+const NL: u32 = 32u;
+const NR: u32 = 4u;
+const KC: u32 = 256u;
 const HC: u32 = 64u;
+const WROWS: u32 = 8u;
 
-var<workgroup> sh: array<vec4<f32>, 512>;
+var<workgroup> sh: array<vec4<f32>, 1024>;
+var<workgroup> red: array<f32, 256>;
 
 fn half_a(e: u32) -> f32 {
     return unpack2x16float(xa[e / 8u][(e / 2u) % 4u])[e & 1u];
@@ -75,6 +86,51 @@ fn half_a(e: u32) -> f32 {
 
 fn half_w(e: u32) -> f32 {
     return unpack2x16float(wb[e / 8u][(e / 2u) % 4u])[e & 1u];
+}
+
+// W's element e when its rank index j is below r, else 0 (e may be out of range then).
+fn w_at(j: u32, e: u32) -> f32 {
+    if (j < p.r) { return half_w(e); }
+    return 0.0;
+}
+
+// widen's W(j, n) for j = j0 .. j0 + 3 (0 for j ≥ r): stored [N, r] (W_T) or [r, N].
+fn wcol4(n: u32, j0: u32, nn: u32) -> vec4<f32> {
+    let r = p.r;
+    if ((p.flags & W_T) != 0u) {
+        let e = n * r + j0;
+        return vec4<f32>(w_at(j0, e), w_at(j0 + 1u, e + 1u), w_at(j0 + 2u, e + 2u), w_at(j0 + 3u, e + 3u));
+    }
+    return vec4<f32>(w_at(j0, j0 * nn + n), w_at(j0 + 1u, (j0 + 1u) * nn + n),
+                     w_at(j0 + 2u, (j0 + 2u) * nn + n), w_at(j0 + 3u, (j0 + 3u) * nn + n));
+}
+
+// widen's H[row][j0 .. j0 + 3] from the row's start e = row·r (0 for j ≥ r).
+fn hrow4(e: u32, j0: u32) -> vec4<f32> {
+    var h = vec4<f32>(0.0);
+    let r = p.r;
+    if (j0 < r) { h.x = half_a(e + j0); }
+    if (j0 + 1u < r) { h.y = half_a(e + j0 + 1u); }
+    if (j0 + 2u < r) { h.z = half_a(e + j0 + 2u); }
+    if (j0 + 3u < r) { h.w = half_a(e + j0 + 3u); }
+    return h;
+}
+
+// Component i of a (a select chain: no run-time indexing of a private value).
+fn comp(a: vec4<f32>, i: u32) -> f32 {
+    return select(select(select(a.x, a.y, i == 1u), a.z, i == 2u), a.w, i == 3u);
+}
+
+// Σ_c lo[c]·sh[s + 4c] + hi[c]·sh[s + 16 + 4c]: 8 consecutive k of one vec4 group of the
+// rank, staged 4 vec4s a k apart.
+fn dot8(lo: vec4<f32>, hi: vec4<f32>, s: u32) -> vec4<f32> {
+    return lo.x * sh[s] + lo.y * sh[s + 4u] + lo.z * sh[s + 8u] + lo.w * sh[s + 12u]
+         + hi.x * sh[s + 16u] + hi.y * sh[s + 20u] + hi.z * sh[s + 24u] + hi.w * sh[s + 28u];
+}
+
+// Σ_u x[u]·sh[s + 4u] over 4 staged rows of H.
+fn dot4(x: vec4<f32>, s: u32) -> vec4<f32> {
+    return x.x * sh[s] + x.y * sh[s + 4u] + x.z * sh[s + 8u] + x.w * sh[s + 12u];
 }
 
 @compute @workgroup_size(128)
@@ -88,66 +144,71 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let kk = p.k;
     let r = p.r;
     let base = p.off_a + row * p.lda;
-    var acc: array<vec4<f32>, 4>;
-    for (var v = 0u; v < 4u; v++) { acc[v] = vec4<f32>(0.0); }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < kk; k0 += KC) {
-        workgroupBarrier();
-        // Stage W[k0 + lid][0 .. 4·RV) (KC = the workgroup size).
-        let kw = k0 + lid;
-        for (var v = 0u; v < RV; v++) {
-            var w = vec4<f32>(0.0);
-            for (var c = 0u; c < 4u; c++) {
-                let j = 4u * v + c;
-                if (kw < kk && j < r) {
-                    var e: u32;
-                    if ((p.flags & W_T) != 0u) { e = j * kk + kw; } else { e = kw * r + j; }
-                    w[c] = half_w(e);
+        // This lane's 8 elements of the chunk, loaded before W is staged so that the two
+        // loads' latencies overlap.
+        let k = k0 + lane * 8u;
+        var lo = vec4<f32>(0.0);
+        var hi = vec4<f32>(0.0);
+        if (live && k < kk) {
+            if ((p.flags & VEC) != 0u) {
+                let q = xa[(base + k) / 8u];
+                lo = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+                hi = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+                // Past K the halves may be another column's or NaN: select, not scale.
+                if (k + 8u > kk) {
+                    let i = vec4<u32>(k, k + 1u, k + 2u, k + 3u);
+                    lo = select(vec4<f32>(0.0), lo, i < vec4<u32>(kk));
+                    hi = select(vec4<f32>(0.0), hi, i + vec4<u32>(4u) < vec4<u32>(kk));
                 }
-            }
-            sh[lid * 4u + v] = w;
-        }
-        workgroupBarrier();
-        if (live) {
-            let kc = min(KC, kk - k0);
-            for (var g = lane * 8u; g < kc; g += NL * 8u) {
-                let k = k0 + g;
-                var lo = vec4<f32>(0.0);
-                var hi = vec4<f32>(0.0);
-                if ((p.flags & VEC) != 0u) {
-                    let q = xa[(base + k) / 8u];
-                    lo = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
-                    hi = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
-                    // Past K the halves may be another column's or NaN: select, not scale.
-                    if (k + 8u > kk) {
-                        let i = vec4<u32>(k, k + 1u, k + 2u, k + 3u);
-                        lo = select(vec4<f32>(0.0), lo, i < vec4<u32>(kk));
-                        hi = select(vec4<f32>(0.0), hi, i + vec4<u32>(4u) < vec4<u32>(kk));
-                    }
-                } else {
-                    for (var c = 0u; c < 4u; c++) {
-                        if (k + c < kk) { lo[c] = half_a(base + k + c); }
-                        if (k + 4u + c < kk) { hi[c] = half_a(base + k + 4u + c); }
-                    }
-                }
+            } else {
                 for (var c = 0u; c < 4u; c++) {
-                    let s0 = (g + c) * 4u;
-                    let s1 = (g + 4u + c) * 4u;
-                    for (var v = 0u; v < RV; v++) {
-                        acc[v] += lo[c] * sh[s0 + v] + hi[c] * sh[s1 + v];
-                    }
+                    if (k + c < kk) { lo[c] = half_a(base + k + c); }
+                    if (k + 4u + c < kk) { hi[c] = half_a(base + k + 4u + c); }
                 }
             }
         }
+        workgroupBarrier();
+        // Stage W[k0 + kw][0 .. 4·RV) for kw < KC, two rows an invocation.
+        for (var k1 = 0u; k1 < KC; k1 += 128u) {
+            let kl = k1 + lid;
+            let kw = k0 + kl;
+            for (var v = 0u; v < RV; v++) {
+                var w = vec4<f32>(0.0);
+                let j = 4u * v;
+                if (kw < kk) {
+                    if ((p.flags & W_T) != 0u) {
+                        w = vec4<f32>(w_at(j, j * kk + kw), w_at(j + 1u, (j + 1u) * kk + kw),
+                                      w_at(j + 2u, (j + 2u) * kk + kw), w_at(j + 3u, (j + 3u) * kk + kw));
+                    } else {
+                        let e = kw * r + j;
+                        w = vec4<f32>(w_at(j, e), w_at(j + 1u, e + 1u), w_at(j + 2u, e + 2u), w_at(j + 3u, e + 3u));
+                    }
+                }
+                sh[kl * 4u + v] = w;
+            }
+        }
+        workgroupBarrier();
+        let g = lane * 32u;
+        acc0 += dot8(lo, hi, g);
+        if (RV > 1u) { acc1 += dot8(lo, hi, g + 1u); }
+        if (RV > 2u) { acc2 += dot8(lo, hi, g + 2u); }
+        if (RV > 3u) { acc3 += dot8(lo, hi, g + 3u); }
     }
     workgroupBarrier();
-    for (var v = 0u; v < RV; v++) {
-        sh[lid * 4u + v] = acc[v];
-    }
+    sh[lid * 4u] = acc0;
+    if (RV > 1u) { sh[lid * 4u + 1u] = acc1; }
+    if (RV > 2u) { sh[lid * 4u + 2u] = acc2; }
+    if (RV > 3u) { sh[lid * 4u + 3u] = acc3; }
     workgroupBarrier();
-    // Output words of this workgroup: elements e0 = 16·r·blk + 2t and e0 + 1.
+    // Output words of this workgroup: elements e0 = NR·r·blk + 2t and e0 + 1.
     let total = p.rows * r;
     let first = NR * r * blk;
-    if (lid < 8u * r) {
+    if (lid < NR * r / 2u) {
         var o = vec2<f32>(0.0);
         for (var h = 0u; h < 2u; h++) {
             let e = 2u * lid + h;
@@ -167,6 +228,43 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
+// Y[row, n] (=, or += with ACC) alpha · Σ_j H[row, j] · W(j, n): one output word (columns n,
+// n + 1) of WROWS consecutive rows an invocation, W's 2·r values held in registers.
+@compute @workgroup_size(256)
+fn widen(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let nn = p.k;
+    let r = p.r;
+    let n = (wg.x * 64u + lid % 64u) * 2u;
+    if (n >= nn) { return; }
+    let row0 = (wg.y * 4u + lid / 64u) * WROWS;
+    // W's values of columns n (p*) and n + 1 (q*), one vec4 per group of the rank.
+    let p0 = wcol4(n, 0u, nn);
+    let q0 = wcol4(n + 1u, 0u, nn);
+    var p1 = vec4<f32>(0.0);
+    var q1 = vec4<f32>(0.0);
+    var p2 = vec4<f32>(0.0);
+    var q2 = vec4<f32>(0.0);
+    var p3 = vec4<f32>(0.0);
+    var q3 = vec4<f32>(0.0);
+    if (RV > 1u) { p1 = wcol4(n, 4u, nn); q1 = wcol4(n + 1u, 4u, nn); }
+    if (RV > 2u) { p2 = wcol4(n, 8u, nn); q2 = wcol4(n + 1u, 8u, nn); }
+    if (RV > 3u) { p3 = wcol4(n, 12u, nn); q3 = wcol4(n + 1u, 12u, nn); }
+    let acc = (p.flags & ACC) != 0u;
+    let end = min(row0 + WROWS, p.rows);
+    for (var row = row0; row < end; row++) {
+        let e = row * r;
+        let h0 = hrow4(e, 0u);
+        var s = vec2<f32>(dot(h0, p0), dot(h0, q0));
+        if (RV > 1u) { let h = hrow4(e, 4u); s += vec2<f32>(dot(h, p1), dot(h, q1)); }
+        if (RV > 2u) { let h = hrow4(e, 8u); s += vec2<f32>(dot(h, p2), dot(h, q2)); }
+        if (RV > 3u) { let h = hrow4(e, 12u); s += vec2<f32>(dot(h, p3), dot(h, q3)); }
+        let o = p.off_out + row * p.lda + n;
+        var y = p.alpha * s;
+        if (acc) { y += unpack2x16float(dst[o / 2u]); }
+        dst[o / 2u] = pack2x16float(y);
+    }
+}
+
 @compute @workgroup_size(64)
 fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let nn = p.k;
@@ -175,43 +273,46 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     let live = n < nn;
     let r0 = wg.y * p.rows_per_split;
     let r1 = min(r0 + p.rows_per_split, p.rows);
-    var a0: array<vec4<f32>, 4>;
-    var a1: array<vec4<f32>, 4>;
-    for (var v = 0u; v < 4u; v++) {
-        a0[v] = vec4<f32>(0.0);
-        a1[v] = vec4<f32>(0.0);
-    }
+    // Accumulators of column n (a*) and n + 1 (b*), one vec4 per group of the rank.
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
     for (var c0 = r0; c0 < r1; c0 += HC) {
         workgroupBarrier();
-        // Stage H[c0 + lid][0 .. 4·RV) (HC = the workgroup size).
+        // Stage H[c0 + lid][0 .. 4·RV) (HC = the workgroup size), zero past r1 and r.
         let hr = c0 + lid;
         for (var v = 0u; v < RV; v++) {
             var w = vec4<f32>(0.0);
-            for (var c = 0u; c < 4u; c++) {
-                let j = 4u * v + c;
-                if (hr < r1 && j < r) { w[c] = half_w(hr * r + j); }
+            if (hr < r1) {
+                let j = 4u * v;
+                let e = hr * r + j;
+                w = vec4<f32>(w_at(j, e), w_at(j + 1u, e + 1u), w_at(j + 2u, e + 2u), w_at(j + 3u, e + 3u));
             }
             sh[lid * 4u + v] = w;
         }
         workgroupBarrier();
         if (live) {
             let cn = min(HC, r1 - c0);
-            for (var i = 0u; i < cn; i++) {
-                let e = p.off_a + (c0 + i) * p.lda + n;
-                var x = vec2<f32>(0.0);
-                if ((p.flags & PAIR) != 0u) {
-                    x = unpack2x16float(xa[e / 8u][(e / 2u) % 4u]);
-                    // Column N (odd N) is another column's or NaN: select, not scale.
-                    x.y = select(0.0, x.y, n + 1u < nn);
-                } else {
-                    x.x = half_a(e);
-                    if (n + 1u < nn) { x.y = half_a(e + 1u); }
-                }
-                for (var v = 0u; v < RV; v++) {
-                    let h = sh[i * 4u + v];
-                    a0[v] += x.x * h;
-                    a1[v] += x.y * h;
-                }
+            // Four rows at a time, their loads issued before the arithmetic; rows past cn
+            // read x = 0 (and were staged as zero rows of H).
+            for (var i0 = 0u; i0 < cn; i0 += 4u) {
+                let x0 = x_pair(c0, i0, cn, n, nn);
+                let x1 = x_pair(c0, i0 + 1u, cn, n, nn);
+                let x2 = x_pair(c0, i0 + 2u, cn, n, nn);
+                let x3 = x_pair(c0, i0 + 3u, cn, n, nn);
+                let xa4 = vec4<f32>(x0.x, x1.x, x2.x, x3.x);
+                let xb4 = vec4<f32>(x0.y, x1.y, x2.y, x3.y);
+                let s = i0 * 4u;
+                a0 += dot4(xa4, s);
+                b0 += dot4(xb4, s);
+                if (RV > 1u) { a1 += dot4(xa4, s + 1u); b1 += dot4(xb4, s + 1u); }
+                if (RV > 2u) { a2 += dot4(xa4, s + 2u); b2 += dot4(xb4, s + 2u); }
+                if (RV > 3u) { a3 += dot4(xa4, s + 3u); b3 += dot4(xb4, s + 3u); }
             }
         }
     }
@@ -223,8 +324,14 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
         let col = n + c;
         if (col < nn) {
             for (var j = 0u; j < r; j++) {
-                var s: f32;
-                if (c == 0u) { s = a0[j / 4u][j % 4u]; } else { s = a1[j / 4u][j % 4u]; }
+                let v = j / 4u;
+                var a: vec4<f32>;
+                if (c == 0u) {
+                    a = select(select(select(a0, a1, v == 1u), a2, v == 2u), a3, v == 3u);
+                } else {
+                    a = select(select(select(b0, b1, v == 1u), b2, v == 2u), b3, v == 3u);
+                }
+                let s = comp(a, j % 4u);
                 let idx = base + select(col * r + j, j * nn + col, out_t);
                 if (direct) {
                     dst[idx] = bitcast<u32>(bitcast<f32>(dst[idx]) + p.alpha * s);
@@ -236,16 +343,41 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     }
 }
 
+// X's columns n, n + 1 of row c0 + i (0 past cn; column N of an odd N is 0).
+fn x_pair(c0: u32, i: u32, cn: u32, n: u32, nn: u32) -> vec2<f32> {
+    var x = vec2<f32>(0.0);
+    if (i < cn) {
+        let e = p.off_a + (c0 + i) * p.lda + n;
+        if ((p.flags & PAIR) != 0u) {
+            x = unpack2x16float(xa[e / 8u][(e / 2u) % 4u]);
+            // Column N (odd N) is another column's or NaN: select, not scale.
+            x.y = select(0.0, x.y, n + 1u < nn);
+        } else {
+            x.x = half_a(e);
+            if (n + 1u < nn) { x.y = half_a(e + 1u); }
+        }
+    }
+    return x;
+}
+
 @compute @workgroup_size(256)
 fn wreduce(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
-    let i = (wg.y * nwg.x + wg.x) * 256u + lid;
-    if (i >= p.numel_out) { return; }
+    // 64 outputs a workgroup, 4 lanes each: lane q sums splits q, q + 4, ... in order, then
+    // lane 0 adds the four sums in lane order (a fixed order: deterministic).
+    let i = (wg.y * nwg.x + wg.x) * 64u + lid % 64u;
+    let q0 = lid / 64u;
     var s = 0.0;
-    for (var q = 0u; q < p.splits; q++) {
-        let e = q * p.numel_out + i;
-        s += bitcast<f32>(xa[e / 4u][e % 4u]);
+    if (i < p.numel_out) {
+        for (var q = q0; q < p.splits; q += 4u) {
+            let e = q * p.numel_out + i;
+            s += bitcast<f32>(xa[e / 4u][e % 4u]);
+        }
     }
+    red[lid] = s;
+    workgroupBarrier();
+    if (q0 != 0u || i >= p.numel_out) { return; }
+    let t = ((red[lid] + red[lid + 64u]) + red[lid + 128u]) + red[lid + 192u];
     let idx = p.off_out + i;
-    dst[idx] = bitcast<u32>(bitcast<f32>(dst[idx]) + p.alpha * s);
+    dst[idx] = bitcast<u32>(bitcast<f32>(dst[idx]) + p.alpha * t);
 }

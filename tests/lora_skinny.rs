@@ -8,6 +8,11 @@
 //!   accumulates in f32 (relative error ~ √K·2^-24, under 1e-6 here); the one f16 rounding
 //!   of the output has relative RMS 2^-11/√3 ≈ 2.8e-4: rel L2 bound 1e-3; per element,
 //!   |out - ref| ≤ 2^-11·|ref| + the f32 error, so max |out - ref| / max |ref| < 1e-3.
+//! - `widen` (f16 output; with `+=`, onto preset values of the product's size, so `=` errs by
+//!   ~100%; with `=`, onto poison): r ≤ 16 exact products and the old value summed in f32,
+//!   then one f16 rounding: rel L2 bound 1e-3 as for `narrow`, and per element |out - ref| ≤
+//!   2^-11·|ref| + the f32 error, under 1e-3 of max |ref|. The columns around a slice (NaN)
+//!   must be left untouched.
 //! - `WeightGrad` (f32 output, accumulated onto preset values ~5% of the increment, so `=`
 //!   instead of `+=` errs by ~5%): f32 sums of up to 4096 products of random sign, whose
 //!   rounding grows like 2^-24·√(rows/2) ≈ 2.7e-6 of the result for one sequential sum of
@@ -19,7 +24,7 @@ mod common;
 
 use atelier::gpu::{DType, Recorder, Tensor};
 use atelier::kernels::attention::Operand;
-use atelier::kernels::lora_skinny::{narrow, WeightGrad};
+use atelier::kernels::lora_skinny::{narrow, widen, WeightGrad};
 use common::*;
 
 /// Elementwise maximum of |out - ref| over max |ref| (infinite for a non-finite output).
@@ -69,6 +74,61 @@ fn check_narrow(m: usize, k: usize, r: usize, w_rk: bool, off: usize, ld: usize)
     let e = rel_l2(&out, &want);
     let mx = max_rel(&out, &want);
     println!("{what}: rel L2 {e:.2e}, max {mx:.2e}");
+    assert!(e < 1e-3, "{what}: rel L2 {e:.3e} over 1e-3");
+    assert!(mx < 1e-3, "{what}: max error {mx:.3e} of max |ref|");
+    e
+}
+
+/// One `widen` case: Y [m, n] (+)= alpha·H·W, W [n, r] (`w_nr`) or [r, n]; Y columns at
+/// (off, ld) of a wider tensor whose other columns hold NaN. Returns the rel L2 error.
+#[allow(clippy::too_many_arguments)]
+fn check_widen(m: usize, n: usize, r: usize, w_nr: bool, off: usize, ld: usize, accumulate: bool) -> f64 {
+    let g = gpu();
+    let what = format!("widen {m}x{n} r{r} {} off {off} ld {ld}{}", if w_nr { "H·Wᵀ" } else { "H·W" }, if accumulate { " +=" } else { "" });
+    let s = seed(&what);
+    let h = round_f16(&random(m * r, s));
+    let w = round_f16(&scaled(&random(r * n, s ^ 1), 1.0 / (r as f32).sqrt()));
+    let (y0, yw) = sliced(m, n, off, ld, s ^ 2);
+    let alpha = 0.75f32;
+    let th = Tensor::from_f32(g, &[h.len()], DType::F16, &h, "H").unwrap();
+    let tw = Tensor::from_f32(g, &[w.len()], DType::F16, &w, "W").unwrap();
+    let ty = Tensor::from_f32(g, &[yw.len()], DType::F16, &yw, "Y").unwrap();
+    if !accumulate {
+        // Poison the slice only (the NaN columns around it are checked below).
+        let mut p = yw.clone();
+        for i in 0..m {
+            p[off + i * ld..off + i * ld + n].iter_mut().for_each(|x| *x = 6.0e4);
+        }
+        ty.write_f32(g, &p).unwrap();
+    }
+    g.run_now(&widen(g, &th, &tw, w_nr, Operand::slice(&ty, off, ld), m, n, r, alpha, accumulate).unwrap()).unwrap();
+    let all = ty.to_f32(g).unwrap();
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        out[i * n..(i + 1) * n].copy_from_slice(&all[off + i * ld..off + i * ld + n]);
+    }
+    let mut rest_ok = true;
+    for (e, (&a, &b)) in all.iter().zip(&yw).enumerate() {
+        let inside = e >= off && (e - off) % ld < n && (e - off) / ld < m;
+        if !inside && a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()) {
+            rest_ok = false;
+        }
+    }
+    let mut want = vec![0f64; m * n];
+    for i in 0..m {
+        for c in 0..n {
+            let mut acc = 0f64;
+            for j in 0..r {
+                let wv = if w_nr { w[c * r + j] } else { w[j * n + c] };
+                acc += h[i * r + j] as f64 * wv as f64;
+            }
+            want[i * n + c] = alpha as f64 * acc + if accumulate { y0[i * n + c] as f64 } else { 0.0 };
+        }
+    }
+    let e = rel_l2(&out, &want);
+    let mx = max_rel(&out, &want);
+    println!("{what}: rel L2 {e:.2e}, max {mx:.2e}");
+    assert!(rest_ok, "{what}: values outside the slice changed");
     assert!(e < 1e-3, "{what}: rel L2 {e:.3e} over 1e-3");
     assert!(mx < 1e-3, "{what}: max error {mx:.3e} of max |ref|");
     e
@@ -171,6 +231,30 @@ fn narrow_sd_shapes() {
 }
 
 #[test]
+fn widen_small_and_odd_shapes() {
+    for &(m, n, r) in &[(1, 2, 1), (5, 38, 3), (77, 130, 5), (33, 8, 16), (17, 258, 12), (40, 128, 4), (3, 10, 7)] {
+        for w_nr in [true, false] {
+            for accumulate in [true, false] {
+                check_widen(m, n, r, w_nr, 0, n, accumulate);
+                check_widen(m, n, r, w_nr, 2, n + 6, accumulate);
+            }
+        }
+    }
+}
+
+#[test]
+fn widen_sd_shapes() {
+    // Forward y += scale·h·Bᵀ into one projection's columns of a fused q/k/v product, or dense.
+    check_widen(4096, 320, 4, true, 320, 960, true);
+    check_widen(4096, 320, 16, true, 640, 960, true);
+    check_widen(1024, 640, 8, true, 0, 640, true);
+    // Backward dx += dh·A, and = for the dropout path.
+    check_widen(4096, 320, 4, false, 0, 320, true);
+    check_widen(256, 1280, 4, false, 0, 1280, false);
+    check_widen(77, 768, 1, false, 0, 768, true);
+}
+
+#[test]
 fn weight_grad_small_and_odd_shapes() {
     for &(rows, n, r) in &[(1, 1, 1), (5, 29, 3), (77, 37, 5), (100, 130, 16), (64, 2, 4), (200, 257, 9)] {
         for transposed in [false, true] {
@@ -211,6 +295,12 @@ fn bad_inputs_are_errors() {
     let h = Tensor::empty(g, &[8, 4], DType::F16, "H").unwrap();
     // G too small at that offset; a split product without partials.
     assert!(WeightGrad::new(8, 16, 4, 1.0, false).prepare(g, Operand::dense(&a, 16), &h, &gr, 8, None).is_err());
+    // widen: odd width, Y in H's buffer, W too small.
+    let y = Tensor::empty(g, &[8, 16], DType::F16, "Y").unwrap();
+    assert!(widen(g, &h, &w, true, Operand::dense(&y, 15), 8, 15, 4, 1.0, true).is_err());
+    assert!(widen(g, &h, &w, true, Operand::dense(&h, 4), 8, 4, 4, 1.0, true).is_err());
+    assert!(widen(g, &h, &h, true, Operand::dense(&y, 16), 8, 16, 4, 1.0, true).is_err());
+    assert!(widen(g, &h, &w, true, Operand::dense(&y, 16), 8, 16, 4, 1.0, true).is_ok());
     let mut wg = WeightGrad::new(8, 8, 4, 1.0, false);
     wg.force_splits = Some(2);
     assert!(wg.prepare(g, Operand::dense(&a, 16), &h, &gr, 0, None).is_err());

@@ -3,12 +3,14 @@
 //! another for a 4-wide output, or a 64x128 tile for a rank-4 one):
 //! - [`narrow`]: C [M, r] f16 = alpha · A [M, K] · W, W stored [r, K] (A·Wᵀ) or [K, r] (A·W);
 //!   A may be a column slice (an [`Operand`]).
+//! - [`widen`]: Y [M, N] f16 (+)= alpha · H [M, r] · W, W stored [N, r] (H·Wᵀ) or [r, N]
+//!   (H·W); Y may be a column slice. Memory-bound: Y read and written once.
 //! - [`WeightGrad`]: G += alpha · Xᵀ·H summed over M rows, X [M, N] f16 (a slice), H [M, r]
 //!   f16, G f32 laid out [N, r] or [r, N] at an element offset of a flat f32 tensor. The rows
 //!   are split over workgroups writing f32 partials, then a fixed-order reduce adds into G:
 //!   deterministic, no float atomics.
 //!
-//! Flops: 2·M·K·r (narrow), 2·M·N·r (weight gradient; its reduce counts none). Bytes: every
+//! Flops: 2·M·K·r (narrow), 2·M·N·r (widen, weight gradient; the reduce counts none). Bytes: every
 //! operand once, plus the partials written and read.
 
 use bytemuck::{Pod, Zeroable};
@@ -25,10 +27,15 @@ const VEC: u32 = 2;
 const PAIR: u32 = 4;
 const OUT_T: u32 = 8;
 const DIRECT: u32 = 16;
+const ACC: u32 = 32;
 
-/// Rows of a `narrow` workgroup; columns of a `wgrad` workgroup.
-const NARROW_ROWS: usize = 16;
+/// Rows of a `narrow` workgroup; columns of a `wgrad` workgroup; columns and rows of a
+/// `widen` workgroup; outputs of a `wreduce` workgroup.
+const NARROW_ROWS: usize = 4;
 const WGRAD_COLS: usize = 128;
+const WIDEN_COLS: usize = 128;
+const WIDEN_ROWS: usize = 32;
+const REDUCE_OUTS: usize = 64;
 
 /// Mirrors `struct Params` in lora_skinny.wgsl.
 #[repr(C)]
@@ -60,6 +67,7 @@ pub fn variants() -> Vec<PipelineKey> {
     for r in [4, 8, 12, 16] {
         v.push(key("narrow", r));
         v.push(key("wgrad", r));
+        v.push(key("widen", r));
     }
     v
 }
@@ -131,6 +139,48 @@ pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usiz
     let flops = 2.0 * (m * k * r) as f64;
     let bytes = (2 * (m * k + r * k + m * r)) as f64;
     gpu.dispatch(&key("narrow", r), &params, &[a.tensor, c, w], fold(m.div_ceil(NARROW_ROWS)), flops, bytes)
+}
+
+/// Y [m, n] (=, or += with `accumulate`) alpha · H [m, r] · W: with `w_nr` W is stored [n, r]
+/// (Y = H·Wᵀ, the LoRA forward's y += scale·h·Bᵀ), else [r, n] (Y = H·W, the backward's
+/// dx += dh·A). H is dense f16; Y may be columns of a wider f16 tensor, with an even offset,
+/// row stride and width (pairs are written whole).
+#[allow(clippy::too_many_arguments)]
+pub fn widen(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize, n: usize, r: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
+    let op = "lora widen product";
+    check_rank(op, r)?;
+    check_slice(op, "Y", &y, m, n)?;
+    if y.offset % 2 == 1 || y.ld % 2 == 1 || n % 2 == 1 {
+        return Err(Error::shape(op, format!("Y needs an even offset ({}), row stride ({}) and width ({n})", y.offset, y.ld)));
+    }
+    if h.dtype != DType::F16 || w.dtype != DType::F16 {
+        return Err(Error::DType { op: op.into(), detail: "H and W must be f16".into() });
+    }
+    if h.numel() < m * r || w.numel() < n * r {
+        return Err(Error::shape(op, format!("H {:?} must hold {m}x{r}, W {:?} {n}x{r}", h.shape, w.shape)));
+    }
+    if [h, w].iter().any(|t| std::sync::Arc::ptr_eq(&t.buffer, &y.tensor.buffer)) {
+        return Err(Error::shape(op, "Y must not be in the same buffer as H or W (it is bound writable)"));
+    }
+    check_u32(op, &[h, w, y.tensor])?;
+    let mut flags = if w_nr { W_T } else { 0 };
+    if accumulate {
+        flags |= ACC;
+    }
+    let params = SkinnyParams {
+        rows: m as u32,
+        k: n as u32,
+        r: r as u32,
+        flags,
+        lda: y.ld as u32,
+        off_out: y.offset as u32,
+        alpha,
+        ..Default::default()
+    };
+    let grid = [n.div_ceil(WIDEN_COLS) as u32, m.div_ceil(WIDEN_ROWS) as u32, 1];
+    let flops = 2.0 * (m * n * r) as f64;
+    let bytes = (2 * (m * r + n * r) + 2 * m * n * if accumulate { 2 } else { 1 }) as f64;
+    gpu.dispatch(&key("widen", r), &params, &[h, y.tensor, w], grid, flops, bytes)
 }
 
 /// G += alpha · Σ_rows X[row, n]·H[row, j] (n < N, j < r): a LoRA parameter gradient (dB
@@ -224,7 +274,7 @@ impl WeightGrad {
         check_u32(op, &[parts])?;
         params.flags = flags;
         let d1 = gpu.dispatch(&key("wgrad", r), &params, &[x.tensor, parts, h], grid, flops, (read + 4 * splits * nr) as f64)?;
-        let d2 = gpu.dispatch(&key("wreduce", r), &params, &[parts, g], fold(nr.div_ceil(256)), 0.0, (4 * splits * nr + 8 * nr) as f64)?;
+        let d2 = gpu.dispatch(&key("wreduce", r), &params, &[parts, g], fold(nr.div_ceil(REDUCE_OUTS)), 0.0, (4 * splits * nr + 8 * nr) as f64)?;
         Ok(vec![d1, d2])
     }
 }

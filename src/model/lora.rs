@@ -399,12 +399,16 @@ impl LoraLayer {
             mm.trans_b = true;
             run_mm(pb, &mm, &xd, &self.a16, &h)?;
         }
-        let mut mm = Matmul::new(rows, s.n, s.rank);
-        mm.trans_b = true;
-        mm.alpha = self.scale;
-        mm.accumulate = true;
-        (mm.ldc, mm.off_c) = (Some(y.ld), y.offset);
-        run_mm(pb, &mm, &h, &self.b16, y.tensor)?;
+        if self.skinny() && s.n % 2 == 0 {
+            pb.run(sk::widen(pb.gpu, &h, &self.b16, true, y, rows, s.n, s.rank, self.scale, true)?)?;
+        } else {
+            let mut mm = Matmul::new(rows, s.n, s.rank);
+            mm.trans_b = true;
+            mm.alpha = self.scale;
+            mm.accumulate = true;
+            (mm.ldc, mm.off_c) = (Some(y.ld), y.offset);
+            run_mm(pb, &mm, &h, &self.b16, y.tensor)?;
+        }
         Ok(LoraSaved { xd, h, xd_owned })
     }
 
@@ -465,12 +469,20 @@ impl LoraLayer {
         }
         if let Some(dx) = dx {
             // dx [M, k] += dropout(dh·A), A [r, k] = [K, N].
+            let wide = self.skinny() && s.k % 2 == 0;
             let mut mm = Matmul::new(rows, s.k, s.rank);
+            let dense = |t| Operand::dense(t, s.k);
             if s.dropout > 0.0 {
                 let g = pb.f16(&[rows, s.k], "lora dh·A")?;
-                run_mm(pb, &mm, &dh, &self.a16, &g)?;
+                if wide {
+                    pb.run(sk::widen(pb.gpu, &dh, &self.a16, false, dense(&g), rows, s.k, s.rank, 1.0, false)?)?;
+                } else {
+                    run_mm(pb, &mm, &dh, &self.a16, &g)?;
+                }
                 pb.run(k::dropout(pb.gpu, &g, dx, &self.hyper, self.salt, s.dropout, true)?)?;
                 pb.free(g);
+            } else if wide {
+                pb.run(sk::widen(pb.gpu, &dh, &self.a16, false, dense(dx), rows, s.k, s.rank, 1.0, true)?)?;
             } else {
                 mm.accumulate = true;
                 run_mm(pb, &mm, &dh, &self.a16, dx)?;
