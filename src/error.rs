@@ -51,6 +51,14 @@ pub enum Error {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 
+    /// Writing a file failed for want of room: the disk is full, or a quota or the
+    /// process's file-size limit was reached.
+    #[error(
+        "{path}: cannot write it ({source}): the disk is full, or a quota or file-size limit was \
+         reached; free some space or write elsewhere"
+    )]
+    NoSpace { path: PathBuf, source: std::io::Error },
+
     /// A weight file, model folder or config that can't be used: the message names the file
     /// and says what is wrong and how to fix it.
     #[error("{path}: {problem}")]
@@ -69,6 +77,16 @@ impl Error {
     /// Shorthand for a problem with a model file or folder.
     pub fn model(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
         Error::Model { path: path.into(), problem: problem.into() }
+    }
+
+    /// A failed read or write of `path`: [`Error::NoSpace`] when the disk, a quota or the
+    /// file-size limit is full, else [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+        match source.kind() {
+            StorageFull | FileTooLarge | QuotaExceeded => Error::NoSpace { path: path.into(), source },
+            _ => Error::Io { path: path.into(), source },
+        }
     }
 
     /// Shorthand for a shape error.

@@ -209,6 +209,10 @@ struct TrainCli {
     /// Recompute the transformers' forwards at the backward: less GPU memory, ~15% slower.
     #[arg(long)]
     recompute: bool,
+    /// Keep each image's VAE encoding and each caption's text embedding in DIR, for later
+    /// runs on the same images and model to reuse (the folder may be shared and deleted).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -435,6 +439,7 @@ fn train(opts: &GpuOptions, t: TrainCli) -> atelier::Result<()> {
         max_grad_norm: (t.max_grad_norm > 0.0).then_some(t.max_grad_norm),
         weight_decay: t.weight_decay,
         recompute: t.recompute,
+        cache_dir: t.cache_dir,
         progress: true,
     };
     let gpu = Gpu::new(opts)?;

@@ -8,6 +8,13 @@
 //!   byte for byte, as the uninterrupted run (same GPU);
 //! - bad input: an empty folder, an output folder holding a different run, a corrupt image
 //!   among good ones (skipped with a warning).
+//! - `--cache-dir`: a cached run trains bit for bit as an uncached one, a second run reads
+//!   every entry instead of encoding, a damaged cache file is replaced and an edited image
+//!   encoded again;
+//! - a full disk (the process's file-size limit, RLIMIT_FSIZE, standing in for it): the run
+//!   stops with a message naming the file and the problem, the earlier checkpoint stays
+//!   whole and resumable, no half-written checkpoint or log row is left (the limit hit while
+//!   writing a checkpoint's optimizer state, then while appending to log.csv).
 
 mod common;
 
@@ -245,4 +252,126 @@ fn run_ok_with(args: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "atelier {args:?} failed:\n{err}");
     err
+}
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|r| r.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors")).count()).unwrap_or(0)
+}
+
+#[test]
+fn disk_cache_is_exact_reused_and_repaired() {
+    let root = temp("cache");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    dataset(&data);
+    let (d, cache) = (data.display().to_string(), root.join("cache").display().to_string());
+    let out = |n: &str| root.join(n).display().to_string();
+    let (plain, first, second, third) = (out("plain"), out("first"), out("second"), out("third"));
+    // Six steps of one image: every image once.
+    let steps = ["--steps", "6", "--save-every", "0"];
+    let cached: Vec<&str> = steps.iter().copied().chain(["--cache-dir", cache.as_str()]).collect();
+    run_ok(&train_args(&d, &plain, &steps));
+    let err = run_ok(&train_args(&d, &first, &cached));
+    assert!(err.contains("latents: 0 from the cache, 6 encoded and stored; text embeddings: 0 from the cache, 1 encoded"), "{err}");
+    assert_eq!((files_in(&root.join("cache/latents")), files_in(&root.join("cache/text"))), (6, 1));
+    let err = run_ok(&train_args(&d, &second, &cached));
+    assert!(err.contains("latents: 6 from the cache, 0 encoded and stored; text embeddings: 1 from the cache, 0 encoded"), "{err}");
+    // The f32 adapters too (the f16 LoRA file could hide a last-bit difference).
+    let params = |run: &str| {
+        let bytes = std::fs::read(Path::new(run).join("checkpoint-000006/state.safetensors")).unwrap();
+        safetensors::SafeTensors::deserialize(&bytes).unwrap().tensor("params").unwrap().data().to_vec()
+    };
+    for run in [&first, &second] {
+        same_lora(&Path::new(&plain).join("lora.safetensors"), &Path::new(run).join("lora.safetensors"));
+        assert!(params(run) == params(&plain), "{run}: the adapters differ from the uncached run's");
+    }
+
+    // Damage the entry of stripes1 (cut in half) and edit stripes0.
+    use sha2::Digest;
+    let sha = |p: &Path| sha2::Sha256::digest(std::fs::read(p).unwrap()).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let entry_of = |image: &Path| {
+        let h = sha(image);
+        let dir = root.join("cache/latents");
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| String::from_utf8_lossy(&std::fs::read(p).unwrap()).contains(&h)).unwrap()
+    };
+    let damaged = entry_of(&data.join("stripes1.png"));
+    let whole = std::fs::read(&damaged).unwrap();
+    std::fs::write(&damaged, &whole[..whole.len() / 2]).unwrap();
+    image::RgbImage::from_fn(64, 64, |_, y| image::Rgb(if (y / 8) % 2 == 0 { [0, 0, 0] } else { [255, 255, 255] })).save(data.join("stripes0.png")).unwrap();
+    let err = run_ok(&train_args(&d, &third, &cached));
+    assert!(err.contains("is damaged") && err.contains(&damaged.file_name().unwrap().to_string_lossy().to_string()), "{err}");
+    assert!(err.contains("latents: 4 from the cache, 2 encoded and stored") && err.contains("1 damaged files replaced"), "{err}");
+    assert_eq!(std::fs::read(&damaged).unwrap(), whole, "the damaged entry is written again as it was");
+    assert_eq!(files_in(&root.join("cache/latents")), 7, "the edited image gets an entry of its own");
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Runs `atelier args` with the file-size limit `limit` bytes (writes past it fail with EFBIG,
+/// as on a full disk).
+fn atelier_limited(args: &[&str], limit: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_atelier"));
+    cmd.args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let r = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("running atelier")
+}
+
+#[test]
+fn a_full_disk_stops_cleanly_and_keeps_the_checkpoints() {
+    let root = temp("full");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    dataset(&data);
+    let run = root.join("run");
+    let (d, out) = (data.display().to_string(), run.display().to_string());
+    let model = fixture("tiny-sd").display().to_string();
+    run_ok(&train_args(&d, &out, &["--steps", "4", "--save-every", "4"]));
+    let ck = run.join("checkpoint-000004");
+    let (lora, state) = (std::fs::read(ck.join("lora.safetensors")).unwrap(), std::fs::read(ck.join("state.safetensors")).unwrap());
+    // Room for the LoRA file and the log but not for the optimizer state (3 f32 copies).
+    let limit = (lora.len() + state.len()) as u64 / 2;
+    assert!(lora.len() < limit as usize && (limit as usize) < state.len(), "LoRA {} bytes, state {}", lora.len(), state.len());
+
+    let mut args = train_args(&d, &out, &["--steps", "8", "--save-every", "4", "--resume", "latest"]);
+    args[2] = &model;
+    let o = atelier_limited(&args, limit);
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("{err}");
+    assert!(!o.status.success(), "the run must fail when its checkpoint cannot be written");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("the disk is full") && err.contains("state.safetensors") && err.contains("--resume latest"), "{err}");
+    assert_eq!(std::fs::read(ck.join("lora.safetensors")).unwrap(), lora, "the earlier checkpoint changed");
+    assert_eq!(std::fs::read(ck.join("state.safetensors")).unwrap(), state, "the earlier checkpoint changed");
+    let names: Vec<String> = std::fs::read_dir(&run).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("checkpoint-000008") || n.contains(".tmp")), "left behind: {names:?}");
+    let log = std::fs::read_to_string(run.join("log.csv")).unwrap();
+    assert!(log.ends_with('\n') && log.lines().skip(1).all(|l| l.split(',').count() == 7), "log.csv:\n{log}");
+
+    // The disk filling up while a row of log.csv is written: the row is taken back.
+    let room = std::fs::metadata(run.join("run.json")).unwrap().len().max(std::fs::metadata(run.join("log.csv")).unwrap().len()) + 70;
+    let mut args = train_args(&d, &out, &["--steps", "30", "--save-every", "0", "--resume", "latest"]);
+    args[2] = &model;
+    let o = atelier_limited(&args, room);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("log.csv") && err.contains("the disk is full"), "{err}");
+    let log = std::fs::read_to_string(run.join("log.csv")).unwrap();
+    assert!(log.ends_with('\n') && log.lines().skip(1).all(|l| l.split(',').count() == 7), "log.csv:\n{log}");
+
+    // Resuming from the earlier checkpoint, with room, finishes the run.
+    let err = run_ok(&train_args(&d, &out, &["--steps", "8", "--save-every", "4", "--resume", "latest"]));
+    assert!(err.contains("at step 4"), "{err}");
+    assert_eq!(std::fs::read_to_string(run.join("log.csv")).unwrap().lines().count(), 9, "log.csv: a header and 8 steps");
+    assert!(run.join("checkpoint-000008").join("state.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -45,7 +45,7 @@ pub fn dir_name(step: usize) -> String {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |e| Error::Io { path: path.to_path_buf(), source: e }
+    move |e| Error::io(path, e)
 }
 
 /// Writes a checkpoint into `out/checkpoint-<step>`: `write_lora` writes the LoRA file into
@@ -66,7 +66,12 @@ pub fn save(gpu: &Gpu, out: &Path, lora: &LoraParams, state: &TrainState, write_
         let meta = HashMap::from([("atelier_state".to_string(), serde_json::to_string(state).expect("state serialises"))]);
         let path = tmp.join("state.safetensors");
         safetensors::serialize_to_file(vec![("params", view(&p)), ("adam_m", view(&m)), ("adam_v", view(&v))], Some(meta), &path)
-            .map_err(|e| Error::Usage(format!("writing {}: {e} (is the disk full?)", path.display())))?;
+            .map_err(|e| match e {
+                safetensors::SafeTensorError::IoError(e) => Error::io(&path, e),
+                e => Error::Usage(format!("writing {}: {e}", path.display())),
+            })?;
+        // On the disk before the folder gets its final name.
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -82,6 +87,28 @@ pub fn save(gpu: &Gpu, out: &Path, lora: &LoraParams, state: &TrainState, write_
         std::fs::rename(&tmp, &dir).map_err(io(&tmp))?;
     }
     Ok(dir)
+}
+
+/// Tidies what an interrupted save may have left in `out`: `checkpoint-*.partial` folders are
+/// removed; a `checkpoint-*.old` folder (a checkpoint being replaced) gets its name back
+/// when the new one never got it, else is removed. Final names are only given to whole folders.
+pub fn clean(out: &Path) {
+    for e in std::fs::read_dir(out).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with("checkpoint-") {
+            continue;
+        }
+        if name.ends_with(".partial") {
+            let _ = std::fs::remove_dir_all(e.path());
+        } else if let Some(base) = name.strip_suffix(".old") {
+            let whole = out.join(base);
+            if whole.exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            } else {
+                let _ = std::fs::rename(e.path(), whole);
+            }
+        }
+    }
 }
 
 /// The checkpoint folders in `out`, by step.

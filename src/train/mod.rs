@@ -2,8 +2,9 @@
 //! `data` finds the images and their captions and prepares them (resize, crop, flip);
 //! `export` writes the adapters as kohya or diffusers LoRA files; `trainer` is the loop,
 //! `schedule` its learning-rate schedules and seeds, `checkpoint` its saved state, `plot` the
-//! loss curve.
+//! loss curve, `cache` the optional on-disk cache of latents and text embeddings.
 
+pub mod cache;
 pub mod checkpoint;
 pub mod data;
 pub mod export;

@@ -1,6 +1,7 @@
 //! The training loop of `atelier train`: caches (each image's latents encoded once by the VAE,
 //! each distinct caption's text embedding once by CLIP, so a step runs the UNet alone; with
-//! `--random-crop` an image is encoded at each use instead), then
+//! `--random-crop` an image is encoded at each use instead; with `--cache-dir` both are also
+//! kept on disk between runs, see [`cache`](crate::train::cache)), then
 //! per step: noise, uniform timesteps, DDPM forward noising, the epsilon (or v) target, the
 //! UNet's training plan (forward, MSE loss, LoRA-only backward) over the micro-batches of the
 //! gradient accumulation, and AdamW at the scheduled learning rate.
@@ -19,6 +20,10 @@
 //! loss, smoothed loss, learning rate, gradient norm, loss scale, seconds), `loss.png` redrawn
 //! at every checkpoint, checkpoints every --save-every steps and the final LoRA file. Ctrl-C
 //! finishes the step in flight, writes a checkpoint and stops.
+//!
+//! A full disk: every write goes to a temporary name (checkpoint folders, the LoRA file,
+//! loss.png) or, for log.csv, is cut back to its last whole row when it fails; the run then
+//! stops with a message saying so, and the checkpoints written before are whole.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -36,6 +41,7 @@ use crate::model::unet_train::{LoraTargets, TrainOptions, UNetTrainPlan};
 use crate::progress::Progress;
 use crate::rng::Rng;
 use crate::schedulers::schedule::alphas_cumprod;
+use crate::train::cache::{DiskCache, SamplePlan};
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::data::{Dataset, DatasetOptions};
 use crate::train::export::{self, LoraFileFormat};
@@ -79,6 +85,8 @@ pub struct TrainArgs {
     pub max_grad_norm: Option<f64>,
     pub weight_decay: f64,
     pub recompute: bool,
+    /// Keep latents and text embeddings in this folder between runs.
+    pub cache_dir: Option<PathBuf>,
     /// Show the progress bar (when standard error is a terminal).
     pub progress: bool,
 }
@@ -121,12 +129,25 @@ struct Caches {
     clip: Option<crate::model::clip::ClipPlan>,
     /// The current epoch's batches (an order depends on (seed, epoch) alone).
     order: Option<(usize, Vec<Vec<usize>>)>,
+    /// The on-disk cache (`--cache-dir`) and its sampling plans per latent size.
+    disk: Option<DiskCache>,
+    samplers: HashMap<[usize; 3], SamplePlan>,
 }
 
-/// Runs `atelier train`.
+/// Runs `atelier train`. A full disk ends it with what to do next.
 pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
+    run_inner(gpu, a).map_err(|e| match e {
+        Error::NoSpace { .. } => Error::Usage(format!(
+            "{e} (another --output). The checkpoints written before are whole: after freeing space, continue with --resume latest --output {}",
+            a.output.display()
+        )),
+        e => e,
+    })
+}
+
+fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     check_args(a)?;
-    std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
+    std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     crate::images::check_writable_dir(&a.output)?;
     let run_file = a.output.join("run.json");
     let ident = identity(a);
@@ -145,6 +166,7 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         }
         _ => crate::images::write_atomic(&run_file, serde_json::to_string_pretty(&ident).expect("json").as_bytes())?,
     }
+    checkpoint::clean(&a.output);
 
     let data = Dataset::scan(&a.data)?;
     eprintln!("{}", data.summary());
@@ -188,7 +210,22 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
     }
 
-    let mut caches = Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None, order: None };
+    let disk = match &a.cache_dir {
+        Some(dir) => {
+            let c = DiskCache::open(dir, &a.model, gpu, a.data.center_crop)?;
+            match c.latents {
+                true => eprintln!("cache: latents and text embeddings in {}", dir.display()),
+                false => eprintln!(
+                    "cache: text embeddings in {}; latents are not cached, since --random-crop crops and encodes each image anew at each use",
+                    dir.display()
+                ),
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    let mut caches =
+        Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None, order: None, disk, samplers: HashMap::new() };
     let mut plans: HashMap<(usize, usize), UNetTrainPlan> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
     let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
@@ -254,14 +291,14 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         step += 1;
         smooth = if smooth.is_nan() { loss } else { 0.95 * smooth + 0.05 * loss };
         let scale = plans.values().next().map(|p| p.loss_scale).unwrap_or(0.0);
-        writeln!(log, "{step},{loss:.6},{smooth:.6},{lr:.3e},{norm:.5},{scale},{:.2}", t_start.elapsed().as_secs_f64())
-            .map_err(|e| Error::Io { path: a.output.join("log.csv"), source: e })?;
+        let row = format!("{step},{loss:.6},{smooth:.6},{lr:.3e},{norm:.5},{scale},{:.2}\n", t_start.elapsed().as_secs_f64());
+        append_row(&mut log, &a.output.join("log.csv"), &row)?;
         history.push((step, smooth, loss));
         bar.set_note(&format!("loss {smooth:.4}"));
         bar.update(step, total);
         let interrupted = stop.load(Ordering::SeqCst);
         if (a.save_every > 0 && step % a.save_every == 0) || step == total || interrupted {
-            log.flush().map_err(|e| Error::Io { path: a.output.join("log.csv"), source: e })?;
+            log.flush().map_err(|e| Error::io(a.output.join("log.csv"), e))?;
             let state = TrainState { version: 1, step, loss_scale: scale, identity: ident.clone(), layers: checkpoint::layers(&lora), total: lora.total };
             let flat = lora.params.to_f32(gpu)?;
             let dir = checkpoint::save(gpu, &a.output, &lora, &state, |d| write_lora(&sd, a, &lora, &flat, step, &data, d))?;
@@ -274,6 +311,9 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         }
         if interrupted && step < total {
             bar.finish();
+            if let Some(c) = &caches.disk {
+                eprintln!("{}", c.summary());
+            }
             return Err(Error::Usage(format!(
                 "interrupted at step {step}: checkpoint written; continue with --resume latest --output {}",
                 a.output.display()
@@ -281,6 +321,9 @@ pub fn run(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         }
     }
     bar.finish();
+    if let Some(c) = &caches.disk {
+        eprintln!("{}", c.summary());
+    }
     eprintln!(
         "done: {total} steps in {}; LoRA written to {}",
         crate::progress::clock(t_start.elapsed().as_secs_f64()),
@@ -362,21 +405,35 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
         // Random crops change every time: those images are encoded at each use, not cached.
         let crop_seed = (!a.data.center_crop).then(|| stream_seed(a.seed, S_CROP, k * 1024 + slot as u64));
         let vae_seed = stream_seed(a.seed, S_VAE, index as u64);
-        let (x0, h, w) = latents(gpu, sd, data, &mut caches.latents, &mut caches.encoders, index, flip, vae_seed, crop_seed)?;
+        let (h, w) = latents(gpu, sd, data, caches, index, flip, vae_seed, crop_seed)?;
         size.get_or_insert((h, w));
         let caption = data.caption(index, &mut prompt_rng)?;
         let emb = match caches.embeddings.get(&caption) {
             Some(e) => e,
             None => {
-                if caches.clip.is_none() {
-                    caches.clip = Some(sd.clip.plan(gpu, 1, 0, false)?);
-                }
-                let clip = caches.clip.as_ref().expect("built above");
-                clip.run(gpu, &sd.tokenizer.encode(&caption)?)?;
-                caches.embeddings.entry(caption.clone()).or_insert(clip.out.to_f32(gpu)?)
+                let shape = [sd.config.clip.max_position_embeddings, sd.config.clip.hidden_size];
+                let key = caches.disk.as_ref().map(|c| c.text_key(&caption, 0));
+                let cached = caches.disk.as_mut().zip(key.as_ref()).and_then(|(c, k)| c.read_text(k, shape));
+                let e = match cached {
+                    Some(e) => e,
+                    None => {
+                        if caches.clip.is_none() {
+                            caches.clip = Some(sd.clip.plan(gpu, 1, 0, false)?);
+                        }
+                        let clip = caches.clip.as_ref().expect("built above");
+                        clip.run(gpu, &sd.tokenizer.encode(&caption)?)?;
+                        let e = clip.out.to_f32(gpu)?;
+                        if let (Some(c), Some(k)) = (caches.disk.as_mut(), &key) {
+                            c.write_text(k, shape, &e);
+                        }
+                        e
+                    }
+                };
+                caches.embeddings.entry(caption.clone()).or_insert(e)
             }
         };
         inputs.context.extend_from_slice(emb);
+        let x0 = &caches.latents[&(index, flip)].0;
         let c = sd.config.unet.in_channels;
         let mut noise = rng.normals(x0.len());
         if a.noise_offset > 0.0 {
@@ -404,31 +461,65 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
     Ok((inputs, size.expect("a batch has an image")))
 }
 
-/// An image's latents (NHWC [h/8, w/8, 4], the VAE's sample times the scaling factor, as
-/// diffusers' training scripts take them), encoded once and cached; returns (latents, h, w).
+/// Images' latents (NHWC [h/8, w/8, 4], the VAE's sample times the scaling factor, as
+/// diffusers' training scripts take them) with the image's (h, w), by (image, flipped).
 type LatentCache = HashMap<(usize, bool), (Vec<f32>, usize, usize)>;
 type Encoders = HashMap<(usize, usize), crate::model::vae::EncodePlan>;
 
 /// With `crop_seed` (random crops) the image is cropped from that seed and encoded afresh,
-/// replacing the cached entry.
+/// replacing the cached entry. Else the disk cache, when there is one, is asked first (the
+/// sample drawn from its mean and std with the encoder's noise for `seed`), and given what
+/// was encoded. The latents are then in `caches.latents`; returns the image's (h, w).
 #[allow(clippy::too_many_arguments)]
-fn latents<'c>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, cache: &'c mut LatentCache, encoders: &mut Encoders, index: usize, flip: bool, seed: u64, crop_seed: Option<u64>) -> Result<(&'c [f32], usize, usize)> {
-    if crop_seed.is_some() || !cache.contains_key(&(index, flip)) {
-        // No flip in the dataset (the loop flips); a center crop draws nothing.
-        let ex = data.load(index, &mut Rng::new(crop_seed.unwrap_or(0)))?;
-        let (w, h) = (ex.width, ex.height);
-        let pixels = if flip { flip_nhwc(&ex.pixels, h, w, 3) } else { ex.pixels };
-        let enc = match encoders.entry((h, w)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(sd.vae.encode_plan(gpu, 1, h, w, false)?),
+fn latents(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, caches: &mut Caches, index: usize, flip: bool, seed: u64, crop_seed: Option<u64>) -> Result<(usize, usize)> {
+    let sf = sd.config.vae.scaling_factor;
+    if crop_seed.is_none()
+        && !caches.latents.contains_key(&(index, flip))
+        && let Some(disk) = caches.disk.as_mut().filter(|c| c.latents)
+    {
+        let (w, h) = data.target_size(index);
+        let shape = [h / 8, w / 8, sd.config.vae.latent_channels];
+        let key = disk.latent_key(&data.entries()[index].path, (w, h), flip)?;
+        let z = match disk.read_latents(&key, shape) {
+            Some((mean, std)) => {
+                let plan = match caches.samplers.entry(shape) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(SamplePlan::new(gpu, shape)?),
+                };
+                plan.run(gpu, &mean, &std, seed)?
+            }
+            None => {
+                let enc = encode(gpu, sd, data, &mut caches.encoders, index, flip, None, seed)?;
+                let (mean, std) = (enc.mean.to_f32(gpu)?, enc.std.to_f32(gpu)?);
+                disk.write_latents(&key, shape, &mean, &std);
+                enc.sample.to_f32(gpu)?
+            }
         };
-        enc.run(gpu, &pixels, seed)?;
-        let sf = sd.config.vae.scaling_factor;
-        let z: Vec<f32> = enc.sample.to_f32(gpu)?.iter().map(|v| v * sf).collect();
-        cache.insert((index, flip), (z, h, w));
+        caches.latents.insert((index, flip), (z.iter().map(|v| v * sf).collect(), h, w));
     }
-    let (z, h, w) = &cache[&(index, flip)];
-    Ok((z, *h, *w))
+    if crop_seed.is_some() || !caches.latents.contains_key(&(index, flip)) {
+        let enc = encode(gpu, sd, data, &mut caches.encoders, index, flip, crop_seed, seed)?;
+        let z: Vec<f32> = enc.sample.to_f32(gpu)?.iter().map(|v| v * sf).collect();
+        caches.latents.insert((index, flip), (z, enc.h, enc.w));
+    }
+    let (_, h, w) = &caches.latents[&(index, flip)];
+    Ok((*h, *w))
+}
+
+/// Encodes image `index` (cropped from `crop_seed`, or centered without one; mirrored with
+/// `flip`) with the noise for `seed`; the outputs are in the returned plan.
+#[allow(clippy::too_many_arguments)]
+fn encode<'e>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, encoders: &'e mut Encoders, index: usize, flip: bool, crop_seed: Option<u64>, seed: u64) -> Result<&'e crate::model::vae::EncodePlan> {
+    // No flip in the dataset (the loop flips); a center crop draws nothing.
+    let ex = data.load(index, &mut Rng::new(crop_seed.unwrap_or(0)))?;
+    let (w, h) = (ex.width, ex.height);
+    let pixels = if flip { flip_nhwc(&ex.pixels, h, w, 3) } else { ex.pixels };
+    let enc = match encoders.entry((h, w)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(sd.vae.encode_plan(gpu, 1, h, w, false)?),
+    };
+    enc.run(gpu, &pixels, seed)?;
+    Ok(enc)
 }
 
 /// A horizontally mirrored NHWC image.
@@ -444,7 +535,7 @@ fn flip_nhwc(x: &[f32], h: usize, w: usize, c: usize) -> Vec<f32> {
 }
 
 fn open_log(path: &Path, fresh: bool) -> Result<std::fs::File> {
-    let io = |e| Error::Io { path: path.to_path_buf(), source: e };
+    let io = |e| Error::io(path, e);
     if fresh || !path.exists() {
         let mut f = std::fs::File::create(path).map_err(io)?;
         writeln!(f, "step,loss,smoothed_loss,lr,grad_norm,loss_scale,seconds").map_err(io)?;
@@ -453,14 +544,32 @@ fn open_log(path: &Path, fresh: bool) -> Result<std::fs::File> {
     std::fs::OpenOptions::new().append(true).open(path).map_err(io)
 }
 
+/// Appends one row to the log; when the write fails (a full disk) the file is cut back to its
+/// length before, so it never ends in half a row.
+fn append_row(log: &mut std::fs::File, path: &Path, row: &str) -> Result<()> {
+    let before = log.metadata().map_err(|e| Error::io(path, e))?.len();
+    if let Err(e) = log.write_all(row.as_bytes()) {
+        let _ = log.set_len(before);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// The log's fields of a whole row (7 fields, the first a step), or None.
+fn row_fields(line: &str) -> Option<(usize, Vec<&str>)> {
+    let f: Vec<&str> = line.split(',').collect();
+    (f.len() == 7).then_some(())?;
+    Some((f[0].parse().ok()?, f))
+}
+
 /// (step, smoothed loss, loss) rows of the log.
 fn read_log(path: &Path) -> Vec<(usize, f64, f64)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .skip(1)
         .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            Some((f.first()?.parse().ok()?, f.get(2)?.parse().ok()?, f.get(1)?.parse().ok()?))
+            let (step, f) = row_fields(l)?;
+            Some((step, f[2].parse().ok()?, f[1].parse().ok()?))
         })
         .collect()
 }
@@ -471,7 +580,7 @@ fn truncate_log(path: &Path, step: usize) -> Result<()> {
     let keep: Vec<&str> = text
         .lines()
         .enumerate()
-        .filter(|(i, l)| *i == 0 || l.split(',').next().and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s <= step))
+        .filter(|(i, l)| *i == 0 || row_fields(l).is_some_and(|(s, _)| s <= step))
         .map(|(_, l)| l)
         .collect();
     crate::images::write_atomic(path, (keep.join("\n") + "\n").as_bytes())
