@@ -101,7 +101,7 @@ pub fn run(gpu: &Gpu, model: &Path, o: &TrainBench) -> Result<()> {
     let mut loss_scale = None;
     let (plan, grads) = loop {
         let t0 = Instant::now();
-        let plan = unet.train_plan(gpu, b, lh, lw, tokens, &lora, TrainOptions { recompute: o.recompute, loss_scale, loss_weights: false })?;
+        let plan = unet.train_plan(gpu, b, lh, lw, tokens, &lora, TrainOptions { recompute: o.recompute, loss_scale, context_grad: false, loss_weights: false })?;
         println!(
             "training plan{}: {} launches, {:.1} GFLOP; activations saved for the backward {:.1} MiB, pool {:.1} MiB (peak in use {:.1} MiB); loss scale {} ({:.2} s to build)",
             if o.recompute { " (recomputing the transformers)" } else { "" },

@@ -213,6 +213,15 @@ struct TrainCli {
     /// runs on the same images and model to reuse (the folder may be shared and deleted).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Also train adapters on the text encoder's attention (q, k, v, out_proj) and MLP (fc1,
+    /// fc2) projections; the file then has lora_te_ (kohya) or text_encoder. (diffusers)
+    /// keys. Off by default: the UNet alone (kohya's --network_train_unet_only).
+    #[arg(long)]
+    train_text_encoder: bool,
+    /// The text encoder's learning rate, on the same schedule (default: --lr; kohya's
+    /// --text_encoder_lr).
+    #[arg(long, value_name = "LR")]
+    text_encoder_lr: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -440,6 +449,8 @@ fn train(opts: &GpuOptions, t: TrainCli) -> atelier::Result<()> {
         weight_decay: t.weight_decay,
         recompute: t.recompute,
         cache_dir: t.cache_dir,
+        train_text_encoder: t.train_text_encoder,
+        text_encoder_lr: t.text_encoder_lr,
         progress: true,
     };
     let gpu = Gpu::new(opts)?;

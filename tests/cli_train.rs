@@ -247,6 +247,88 @@ fn interrupt_writes_a_checkpoint_and_resumes() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `--train-text-encoder`: the text encoder's adapters train through the UNet's d(context)
+/// (their B starts at zero, so a nonzero B means gradients reached them), the file has kohya
+/// `lora_te_` keys (or diffusers `text_encoder.` keys) beside the UNet's, a resume from a
+/// checkpoint ends with the same file, and `atelier sample --lora` loads it; merged, the text
+/// encoder's output changes (the te keys are applied, not skipped).
+#[test]
+fn trains_the_text_encoder_too() {
+    let root = temp("te");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    dataset(&data);
+    let d = data.display().to_string();
+    let out = root.join("run").display().to_string();
+    let te = ["--steps", "8", "--save-every", "4", "--train-text-encoder", "--text-encoder-lr", "2e-3"];
+    let err = run_ok(&train_args(&d, &out, &te));
+    assert!(err.contains("+ 18 on the text encoder"), "{err}");
+    let file = root.join("run").join("lora.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    let te_keys: Vec<&&str> = names.iter().filter(|n| n.starts_with("lora_te_")).collect();
+    let unet_keys = names.iter().filter(|n| n.starts_with("lora_unet_")).count();
+    assert_eq!(te_keys.len(), 18 * 3, "3 layers x 6 projections x (down, up, alpha)");
+    assert_eq!(unet_keys, 128 * 3);
+    assert!(names.contains(&"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"), "{te_keys:?}");
+    assert!(names.contains(&"lora_te_text_model_encoder_layers_2_mlp_fc2.lora_up.weight"), "{te_keys:?}");
+    for k in te_keys.iter().filter(|k| k.ends_with("lora_up.weight")) {
+        let t = st.tensor(k).unwrap();
+        let nonzero = t.data().chunks_exact(2).any(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7fff != 0);
+        assert!(nonzero, "{k}: B is still zero: no gradient reached the text encoder");
+    }
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["ss_network_train_unet_only"], "False");
+    assert_eq!(meta["ss_text_encoder_lr"], "0.002");
+
+    // Exact resume from the step-4 checkpoint (the text encoder's adapters and moments in it).
+    let resumed = root.join("resumed");
+    std::fs::create_dir_all(resumed.join("checkpoint-000004")).unwrap();
+    std::fs::copy(root.join("run").join("run.json"), resumed.join("run.json")).unwrap();
+    for f in ["state.safetensors", "lora.safetensors"] {
+        std::fs::copy(root.join("run").join("checkpoint-000004").join(f), resumed.join("checkpoint-000004").join(f)).unwrap();
+    }
+    let r = resumed.display().to_string();
+    run_ok(&train_args(&d, &r, &[&te[..], &["--resume", "latest"]].concat()));
+    same_lora(&file, &resumed.join("lora.safetensors"));
+    // Resuming it without the text encoder is refused.
+    let model = fixture("tiny-sd").display().to_string();
+    let mut unet_only = train_args(&d, &r, &["--steps", "8", "--save-every", "4", "--resume", "latest"]);
+    unet_only[2] = &model;
+    assert!(!atelier(&unet_only).status.success());
+
+    // atelier sample loads it; merged, the text encoder's output moves.
+    let png = root.join("s.png");
+    let model_dir = fixture("tiny-sd");
+    run_ok_with(&["sample", "--model", model_dir.to_str().unwrap(), "--prompt", "a picture of stripes", "--steps", "2", "--lora", file.to_str().unwrap(), "--output", png.to_str().unwrap()]);
+    assert!(png.exists());
+    let g = gpu();
+    let embed = |loras: &[(PathBuf, f32)]| {
+        let sd = StableDiffusion::load_with_loras(g, &model_dir, &Default::default(), Some(Sd15Config::tiny()), loras).unwrap();
+        let clip = sd.clip.plan(g, 1, 0, false).unwrap();
+        clip.run(g, &sd.tokenizer.encode("a picture of stripes").unwrap()).unwrap();
+        clip.out.to_f32(g).unwrap()
+    };
+    let (base, merged) = (embed(&[]), embed(&[(file.clone(), 1.0)]));
+    let moved = base.iter().zip(&merged).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt() / base.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+    println!("text encoder output moved by {moved:.3e} (relative L2) with the trained LoRA");
+    assert!(moved > 1e-3, "the LoRA's text-encoder adapters did not change CLIP's output ({moved:.3e})");
+
+    // The diffusers format writes text_encoder. keys, and they load at the same scale.
+    let diff = root.join("diffusers").display().to_string();
+    run_ok(&train_args(&d, &diff, &[&te[..], &["--format", "diffusers"]].concat()));
+    let dfile = root.join("diffusers").join("pytorch_lora_weights.safetensors");
+    let dbytes = std::fs::read(&dfile).unwrap();
+    let dst = safetensors::SafeTensors::deserialize(&dbytes).unwrap();
+    assert!(dst.names().contains(&"text_encoder.text_model.encoder.layers.1.self_attn.out_proj.lora_A.weight"));
+    let dmerged = embed(&[(dfile, 1.0)]);
+    let diff = merged.iter().zip(&dmerged).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt() / base.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(diff < 1e-3, "the kohya and diffusers files' text encoders differ by {diff:.3e}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 fn run_ok_with(args: &[&str]) -> String {
     let out = atelier(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();

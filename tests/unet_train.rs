@@ -299,3 +299,51 @@ fn loss_weights_scale_each_sample() {
     println!("weighted batch 2 vs two weighted batch-1 runs: relative L2 {e:.2e}");
     assert!(e < 2e-3, "weighted gradients: relative L2 {e:.3e}");
 }
+
+/// The gradient of the text context (summed over every cross-attention's k and v, their
+/// adapters included) against PyTorch's d loss / d encoder_hidden_states in float64
+/// (tests/fixtures/reference_te_train.safetensors, same inputs and adapters as b1 and b2).
+/// Bound: twice PyTorch's own fp16 error on that tensor (the forward tests' convention for one
+/// output: d(context) is one tensor, every token's gradient summed over the tiny UNet's 16
+/// cross-attentions in f16, as PyTorch's fp16 run sums them). Measured: 0.94x (b1) and 0.86x
+/// (b2) PyTorch's error. Asking for it changes no adapter gradient (bit for bit).
+#[test]
+fn context_gradient_matches_pytorch() {
+    let g = gpu();
+    let m = model();
+    let r = Reference::open(FILE);
+    let te = Reference::open("reference_te_train.safetensors");
+    let notes = te.notes("notes");
+    for case in ["b1", "b2"] {
+        let (shape, x_t) = r.get(&format!("{case}.x_t"));
+        let (_, noise) = r.get(&format!("{case}.noise"));
+        let (_, t) = r.get(&format!("{case}.t"));
+        let (cshape, ctx) = r.get(&format!("{case}.context"));
+        let mut grads = Vec::new();
+        for context_grad in [false, true] {
+            let lp = adapters(&m, &r, "lora.");
+            let opts = TrainOptions { context_grad, ..Default::default() };
+            let plan = m.train_plan(g, shape[0], shape[2], shape[3], cshape[1], &lp, opts).unwrap();
+            assert_eq!(plan.dcontext.is_some(), context_grad);
+            set_inputs(&plan, &x_t, &noise, &shape, &t, &ctx);
+            if let Some(d) = &plan.dcontext {
+                d.fill_words(g, 0x7fc0_7fc0);
+            }
+            lp.zero_grads(g);
+            // Twice: the second replay must overwrite, not add to, the first's d(context).
+            plan.plan.run(g).unwrap();
+            lp.zero_grads(g);
+            plan.plan.run(g).unwrap();
+            grads.push(lp.grads.to_f32(g).unwrap());
+            if let Some(d) = &plan.dcontext {
+                let got: Vec<f32> = d.to_f32(g).unwrap().iter().map(|v| v / plan.loss_scale).collect();
+                let (wshape, want) = te.get(&format!("unet.{case}.dcontext"));
+                assert_eq!(wshape, cshape);
+                let torch = notes["unet"]["cases"][case]["errors"]["fp16"].as_f64().unwrap();
+                check_close(&format!("{case} d(context) (PyTorch fp16's error {torch:.2e})"), &got, &want, 2.0 * torch);
+            }
+        }
+        let differing = grads[0].iter().zip(&grads[1]).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differing, 0, "{case}: {differing} adapter gradient values change when d(context) is asked for");
+    }
+}

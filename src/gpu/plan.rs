@@ -100,6 +100,15 @@ impl<'g> PlanBuilder<'g> {
         Ok(())
     }
 
+    /// Ends one part of a build that goes on: the launches recorded so far become a plan of
+    /// their own, and the pool (with the tensors still handed out) carries over to the next
+    /// part. For passes run apart, e.g. a forward whose saved activations a later backward
+    /// (recorded next, into the same pool) reads.
+    pub fn split(&mut self) -> Plan {
+        let rec = std::mem::replace(&mut self.rec, Recorder::capture(self.gpu));
+        Plan { dispatches: rec.into_dispatches(), activation_bytes: self.created, buffers: self.buffers, peak_bytes: self.peak }
+    }
+
     /// Ends the build.
     pub fn finish(self) -> Plan {
         Plan { dispatches: self.rec.into_dispatches(), activation_bytes: self.created, buffers: self.buffers, peak_bytes: self.peak }

@@ -14,23 +14,23 @@ use crate::model::layers::{Linear, Norm, Taps};
 use crate::model::weights::Weights;
 
 /// One encoder layer (`text_model.encoder.layers.<i>`).
-struct ClipLayer {
-    layer_norm1: Norm,
+pub(crate) struct ClipLayer {
+    pub(crate) layer_norm1: Norm,
     /// q, k, v projections fused: [3·D, D].
-    qkv: Linear,
-    out_proj: Linear,
-    layer_norm2: Norm,
-    fc1: Linear,
-    fc2: Linear,
+    pub(crate) qkv: Linear,
+    pub(crate) out_proj: Linear,
+    pub(crate) layer_norm2: Norm,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
 }
 
 /// The text encoder's weights on the GPU.
 pub struct ClipTextModel {
     pub cfg: ClipConfig,
-    token_embedding: Tensor,
-    position_embedding: Tensor,
-    layers: Vec<ClipLayer>,
-    final_layer_norm: Norm,
+    pub(crate) token_embedding: Tensor,
+    pub(crate) position_embedding: Tensor,
+    pub(crate) layers: Vec<ClipLayer>,
+    pub(crate) final_layer_norm: Norm,
 }
 
 /// A built encoder pass for `batch` prompts of `len` tokens.

@@ -1,6 +1,7 @@
 //! SD-1.5 models: weight loading, CLIP, UNet, VAE.
 
 pub mod clip;
+pub mod clip_train;
 pub mod convert;
 pub mod sd15;
 pub mod layers;

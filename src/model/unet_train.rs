@@ -25,7 +25,7 @@ use crate::model::layers::Taps;
 use crate::model::lora::{Adapters, LoraParams, LoraSpec};
 use crate::model::unet::UNet2DConditionModel;
 use crate::model::unet_blocks::{Hw, ResnetSaved};
-use crate::model::unet_transformer::{Transformer2D, TransformerSaved};
+use crate::model::unet_transformer::{ContextGrad, Transformer2D, TransformerSaved};
 
 /// Which modules of the UNet get adapters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +112,10 @@ pub struct TrainOptions {
     /// A per-sample loss weight input ([`UNetTrainPlan::weights`], e.g. min-SNR's): the
     /// loss's gradient for sample b is multiplied by weights[b].
     pub loss_weights: bool,
+    /// Also compute the gradient of the text context ([`UNetTrainPlan::dcontext`]), summed
+    /// over every cross-attention's k and v (their adapters included): what a trained text
+    /// encoder's backward starts from.
+    pub context_grad: bool,
 }
 
 /// A built training step for one batch size and latent size.
@@ -133,6 +137,9 @@ pub struct UNetTrainPlan {
     pub loss: Tensor,
     /// Per-sample loss weights in, [batch] f16, with [`TrainOptions::loss_weights`].
     pub weights: Option<Tensor>,
+    /// d(loss)/d(context) out, [batch, tokens, cross_attention_dim] f16 at `loss_scale`, with
+    /// [`TrainOptions::context_grad`].
+    pub dcontext: Option<Tensor>,
     pub loss_scale: f32,
     /// Forward, loss and backward.
     pub plan: Plan,
@@ -284,6 +291,8 @@ impl UNet2DConditionModel {
         };
 
         // ---- Backward ----
+        let dctx = if opts.context_grad { Some(ContextGrad::new(Tensor::empty(gpu, &context.shape, DType::F16, "unet context gradient")?)) } else { None };
+        let dctx = dctx.as_ref();
         let dn = pb.f16(&h.shape, "dconv_out")?;
         self.conv_out.backward_input(&mut pb, &dpred, hw, &dn)?;
         pb.free(dpred);
@@ -303,7 +312,7 @@ impl UNet2DConditionModel {
             for (j, us) in saved.into_iter().enumerate().rev() {
                 if let (Some(held), Some(t)) = (us.transformer, level.attentions.get(j)) {
                     let ts = held.take(&mut pb, t, batch, ctx, &ad)?;
-                    dh = t.backward(&mut pb, ts, dh, batch, ctx, &ad, true)?.expect("asked for dx");
+                    dh = t.backward(&mut pb, ts, dh, batch, ctx, &ad, true, dctx)?.expect("asked for dx");
                 }
                 let dcat = level.resnets[j].backward(&mut pb, us.resnet, dh, true)?.expect("asked for dx");
                 let rows = us.hw.0 * us.hw.1 * us.hw.2;
@@ -318,7 +327,7 @@ impl UNet2DConditionModel {
         // Mid block, reversed.
         dh = self.mid_resnets[1].backward(&mut pb, mid1, dh, true)?.expect("asked for dx");
         let mid_t = mid_t.take(&mut pb, &self.mid_attention, batch, ctx, &ad)?;
-        dh = self.mid_attention.backward(&mut pb, mid_t, dh, batch, ctx, &ad, true)?.expect("asked for dx");
+        dh = self.mid_attention.backward(&mut pb, mid_t, dh, batch, ctx, &ad, true, dctx)?.expect("asked for dx");
         dh = self.mid_resnets[0].backward(&mut pb, mid0, dh, true)?.expect("asked for dx");
         // Down path, reversed: before each block that made a skip, that skip's gradient joins
         // the stream's. The first resnet (and what is before it) trains nothing, so the
@@ -341,7 +350,7 @@ impl UNet2DConditionModel {
                         let need_dx = !(i == 0 && j == 1);
                         let t = &level.attentions[j - 1];
                         let ts = held.take(&mut pb, t, batch, ctx, &ad)?;
-                        dh = t.backward(&mut pb, ts, d, batch, ctx, &ad, need_dx)?;
+                        dh = t.backward(&mut pb, ts, d, batch, ctx, &ad, need_dx, dctx)?;
                     }
                     DownSaved::Resnet(rs) => {
                         j -= 1;
@@ -364,7 +373,11 @@ impl UNet2DConditionModel {
         for t in dskips.into_iter().chain(dh) {
             pb.free(t);
         }
-        Ok(UNetTrainPlan { batch, height, width, sample, timestep, context, target, pred, loss, weights, loss_scale, plan: pb.finish(), saved_bytes })
+        if dctx.is_some_and(|d| !d.written()) {
+            return Err(Error::Usage("UNet training: context gradient asked for, but no cross-attention wrote it".into()));
+        }
+        let dcontext = dctx.map(|d| d.t.clone());
+        Ok(UNetTrainPlan { batch, height, width, sample, timestep, context, target, pred, loss, weights, dcontext, loss_scale, plan: pb.finish(), saved_bytes })
     }
 }
 

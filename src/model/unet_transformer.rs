@@ -34,14 +34,14 @@ fn module_path(p: &Prefix) -> String {
 }
 
 /// A copy of `x` from the pool.
-fn copy(pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tensor> {
+pub(crate) fn copy(pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tensor> {
     let y = pb.f16(&x.shape, what)?;
     pb.run(elementwise::unary(pb.gpu, Unary::Copy, x, &y)?)?;
     Ok(y)
 }
 
 /// An adapter's saved tensors with what it applies to.
-struct Applied {
+pub(crate) struct Applied {
     name: String,
     /// Column offset and row stride of its projection in the output (and gradient) tensor.
     offset: usize,
@@ -50,13 +50,14 @@ struct Applied {
 }
 
 impl Applied {
-    fn release(self, pb: &mut PlanBuilder) {
+    pub(crate) fn release(self, pb: &mut PlanBuilder) {
         self.saved.release(pb);
     }
 }
 
 /// Runs the adapter on `name` (if any) from `x` into columns `offset..` of `y` [rows, ld].
-fn adapt(pb: &mut PlanBuilder, ad: &Adapters, name: String, x: &Tensor, y: &Tensor, offset: usize, ld: usize, out: &mut Vec<Applied>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adapt(pb: &mut PlanBuilder, ad: &Adapters, name: String, x: &Tensor, y: &Tensor, offset: usize, ld: usize, out: &mut Vec<Applied>) -> Result<()> {
     if let Some(l) = ad.get(&name) {
         let saved = l.forward(pb, x, Operand::slice(y, offset, ld))?;
         out.push(Applied { name, offset, ld, saved });
@@ -66,9 +67,28 @@ fn adapt(pb: &mut PlanBuilder, ad: &Adapters, name: String, x: &Tensor, y: &Tens
 
 /// The backward of an adapter applied by [`adapt`]: dy is the projection's output gradient
 /// (its columns of `dy`), its input gradient added into `dx` when given.
-fn adapt_backward(pb: &mut PlanBuilder, ad: &Adapters, a: Applied, dy: &Tensor, dx: Option<&Tensor>) -> Result<()> {
+pub(crate) fn adapt_backward(pb: &mut PlanBuilder, ad: &Adapters, a: Applied, dy: &Tensor, dx: Option<&Tensor>) -> Result<()> {
     let l = ad.get(&a.name).expect("an applied adapter exists");
     l.backward(pb, a.saved, Operand::slice(dy, a.offset, a.ld), dx, ad.grad_scale)
+}
+
+/// The gradient of the text context (the cross-attentions' k and v input), summed over every
+/// cross-attention of the UNet: f16 [batch·tokens, context width] at the loss scale. The first
+/// cross-attention backward recorded sets it, the later ones add into it.
+pub struct ContextGrad {
+    pub t: Tensor,
+    written: std::cell::Cell<bool>,
+}
+
+impl ContextGrad {
+    pub fn new(t: Tensor) -> Self {
+        ContextGrad { t, written: std::cell::Cell::new(false) }
+    }
+
+    /// Whether some cross-attention wrote it.
+    pub fn written(&self) -> bool {
+        self.written.get()
+    }
 }
 
 /// diffusers' `Attention` in a transformer block: self-attention (q, k, v fused into one
@@ -193,8 +213,10 @@ impl CrossAttention {
     }
 
     /// The backward from dres (the gradient of the residual stream after the add; read only):
-    /// returns dx, the gradient of the normed input x.
-    fn backward(&self, pb: &mut PlanBuilder, saved: AttentionSaved, dres: &Tensor, batch: usize, context: Option<(&Tensor, usize)>, ad: &Adapters) -> Result<Tensor> {
+    /// returns dx, the gradient of the normed input x. A cross-attention also adds the
+    /// context's gradient (through k, v and their adapters) into `dctx` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&self, pb: &mut PlanBuilder, saved: AttentionSaved, dres: &Tensor, batch: usize, context: Option<(&Tensor, usize)>, ad: &Adapters, dctx: Option<&ContextGrad>) -> Result<Tensor> {
         let c = self.c;
         let rows = dres.numel() / c;
         let l = rows / batch;
@@ -222,9 +244,13 @@ impl CrossAttention {
                 };
                 pb.run_all(AttentionBackward::for_saved_lse(pb.gpu, attn, None)?.prepare_with_saved_lse(pb.gpu, &grads, &stats)?)?;
                 let dx = self.q_or_qkv.backward_new(pb, &dq, "attention dx")?;
+                // d(context) (=, or += after the first cross-attention) = dk·Wk + dv·Wv.
+                if let (Some(d), Some(kv)) = (dctx, &self.kv) {
+                    kv.backward_input(pb, &dkv, &d.t, d.written.replace(true))?;
+                }
                 for a in qkv_lora {
-                    // q's adapter read x; k's and v's read the context, which gets no gradient.
-                    let (dy, into) = if a.name.ends_with(".to_q") { (&dq, Some(&dx)) } else { (&dkv, None) };
+                    // q's adapter read x; k's and v's read the context.
+                    let (dy, into) = if a.name.ends_with(".to_q") { (&dq, Some(&dx)) } else { (&dkv, dctx.map(|d| &d.t)) };
                     adapt_backward(pb, ad, a, dy, into)?;
                 }
                 for t in [dq, dkv, kvt] {
@@ -410,7 +436,8 @@ impl BasicTransformerBlock {
 
     /// The backward: `ds` holds the gradient of the block's output stream and becomes that of
     /// its input stream (updated in place).
-    fn backward(&self, pb: &mut PlanBuilder, saved: BlockSaved, ds: &Tensor, batch: usize, context: (&Tensor, usize), ad: &Adapters) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&self, pb: &mut PlanBuilder, saved: BlockSaved, ds: &Tensor, batch: usize, context: (&Tensor, usize), ad: &Adapters, dctx: Option<&ContextGrad>) -> Result<()> {
         let BlockSaved { n1, attn1, n2, attn2, n3, hidden, g, ff_in_lora, ff_out_lora } = saved;
         let rows = hidden.numel() / (2 * self.ff_inner);
         // s3 = s2 + ff_out(geglu(ff_proj(norm3(s2)))).
@@ -428,10 +455,10 @@ impl BasicTransformerBlock {
         pb.free(dhidden);
         Self::norm_backward(pb, &self.norm3, n3, da3, ds)?;
         // s2 = s1 + attn2(norm2(s1), context).
-        let da2 = self.attn2.backward(pb, attn2, ds, batch, Some(context), ad)?;
+        let da2 = self.attn2.backward(pb, attn2, ds, batch, Some(context), ad, dctx)?;
         Self::norm_backward(pb, &self.norm2, n2, da2, ds)?;
         // s1 = s0 + attn1(norm1(s0)).
-        let da1 = self.attn1.backward(pb, attn1, ds, batch, None, ad)?;
+        let da1 = self.attn1.backward(pb, attn1, ds, batch, None, ad, None)?;
         Self::norm_backward(pb, &self.norm1, n1, da1, ds)?;
         pb.free(hidden);
         if let Some(g) = g {
@@ -569,8 +596,10 @@ impl Transformer2D {
     }
 
     /// The backward from dout (moved in): returns dx when `need_dx` (else only the adapters'
-    /// gradients are made and the saved tensors released).
-    pub fn backward(&self, pb: &mut PlanBuilder, saved: TransformerSaved, dout: Tensor, batch: usize, context: (&Tensor, usize), ad: &Adapters, need_dx: bool) -> Result<Option<Tensor>> {
+    /// gradients are made and the saved tensors released). With `dctx`, the context's
+    /// gradient through the cross-attentions is added into it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, pb: &mut PlanBuilder, saved: TransformerSaved, dout: Tensor, batch: usize, context: (&Tensor, usize), ad: &Adapters, need_dx: bool, dctx: Option<&ContextGrad>) -> Result<Option<Tensor>> {
         let TransformerSaved { x, stats, normed, last, in_lora, out_lora, blocks } = saved;
         // out = x + proj_out(s).
         let ds = self.proj_out.backward_new(pb, &dout, "transformer dstream")?;
@@ -578,7 +607,7 @@ impl Transformer2D {
             adapt_backward(pb, ad, a, &dout, Some(&ds))?;
         }
         for (b, bs) in self.blocks.iter().zip(blocks).rev() {
-            b.backward(pb, bs, &ds, batch, context, ad)?;
+            b.backward(pb, bs, &ds, batch, context, ad, dctx)?;
         }
         // s = proj_in(GroupNorm(x)).
         let dn = if need_dx { Some(self.proj_in.backward_new(pb, &ds, "transformer dnorm")?) } else { None };

@@ -1,6 +1,7 @@
 //! Training checkpoints: a folder `checkpoint-NNNNNN` in the run's output folder holding the
 //! LoRA file (the format asked for) and `state.safetensors`: the f32 adapters, AdamW's two
-//! moments (flat, in the layout of [`LoraParams`]) and, in the metadata key `atelier_state`,
+//! moments (flat, in the layout of [`LoraParams`]; the text encoder's as `te_params`,
+//! `te_adam_m`, `te_adam_v` when it trains) and, in the metadata key `atelier_state`,
 //! the step, the loss scale and what the run was started with (to refuse resuming a
 //! different run). Every other random choice of a step is drawn from (seed, step), so this is
 //! the whole state: a resumed run continues exactly.
@@ -32,6 +33,15 @@ pub struct TrainState {
     /// Adapter names and flat offsets, checked on resume.
     pub layers: Vec<(String, usize, usize)>,
     pub total: usize,
+    /// The text encoder's adapters, when it trains (absent in older checkpoints: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub te_layers: Vec<(String, usize, usize)>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub te_total: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 /// The adapters' names and flat offsets, as [`TrainState::layers`] records them.
@@ -50,7 +60,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// Writes a checkpoint into `out/checkpoint-<step>`: `write_lora` writes the LoRA file into
 /// the folder it is given; then the state. Returns the folder.
-pub fn save(gpu: &Gpu, out: &Path, lora: &LoraParams, state: &TrainState, write_lora: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+pub fn save(gpu: &Gpu, out: &Path, lora: &LoraParams, te: Option<&LoraParams>, state: &TrainState, write_lora: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let dir = out.join(dir_name(state.step));
     let tmp = out.join(format!("{}.partial", dir_name(state.step)));
     if tmp.exists() {
@@ -65,7 +75,15 @@ pub fn save(gpu: &Gpu, out: &Path, lora: &LoraParams, state: &TrainState, write_
         }
         let meta = HashMap::from([("atelier_state".to_string(), serde_json::to_string(state).expect("state serialises"))]);
         let path = tmp.join("state.safetensors");
-        safetensors::serialize_to_file(vec![("params", view(&p)), ("adam_m", view(&m)), ("adam_v", view(&v))], Some(meta), &path)
+        let te = match te {
+            Some(t) => Some((t.params.to_f32(gpu)?, t.m.to_f32(gpu)?, t.v.to_f32(gpu)?)),
+            None => None,
+        };
+        let mut tensors = vec![("params", view(&p)), ("adam_m", view(&m)), ("adam_v", view(&v))];
+        if let Some((tp, tm, tv)) = &te {
+            tensors.extend([("te_params", view(tp)), ("te_adam_m", view(tm)), ("te_adam_v", view(tv))]);
+        }
+        safetensors::serialize_to_file(tensors, Some(meta), &path)
             .map_err(|e| match e {
                 safetensors::SafeTensorError::IoError(e) => Error::io(&path, e),
                 e => Error::Usage(format!("writing {}: {e}", path.display())),
@@ -142,9 +160,9 @@ pub fn resolve(out: &Path, resume: &str) -> Result<PathBuf> {
     }
 }
 
-/// Reads a checkpoint's state and loads its adapters and moments into `lora` (whose layout
-/// must match). Returns the state.
-pub fn load(gpu: &Gpu, dir: &Path, lora: &LoraParams) -> Result<TrainState> {
+/// Reads a checkpoint's state and loads its adapters and moments into `lora` and, when the
+/// text encoder trains, `te` (whose layouts must match). Returns the state.
+pub fn load(gpu: &Gpu, dir: &Path, lora: &LoraParams, te: Option<&LoraParams>) -> Result<TrainState> {
     let path = dir.join("state.safetensors");
     let bytes = std::fs::read(&path).map_err(io(&path))?;
     let bad = |why: String| Error::model(&path, format!("{why}: the checkpoint is damaged or not atelier's"));
@@ -159,10 +177,19 @@ pub fn load(gpu: &Gpu, dir: &Path, lora: &LoraParams) -> Result<TrainState> {
             lora.total
         )));
     }
+    let (te_total, te_layers) = te.map(|t| (t.total, layers(t))).unwrap_or_default();
+    if state.te_total != te_total || state.te_layers != te_layers {
+        return Err(Error::Usage(format!(
+            "{}: its text-encoder adapters ({} values) do not match this run's ({te_total} values): resume with the same --train-text-encoder and --rank",
+            dir.display(),
+            state.te_total
+        )));
+    }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let get = |name: &str| -> Result<Vec<f32>> {
         let t = st.tensor(name).map_err(|_| bad(format!("no tensor {name}")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != [state.total] {
+        let total = if name.starts_with("te_") { state.te_total } else { state.total };
+        if t.dtype() != Dtype::F32 || t.shape() != [total] {
             return Err(bad(format!("{name} is {:?} {:?}", t.dtype(), t.shape())));
         }
         Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
@@ -171,5 +198,11 @@ pub fn load(gpu: &Gpu, dir: &Path, lora: &LoraParams) -> Result<TrainState> {
     lora.m.write_f32(gpu, &get("adam_m")?)?;
     lora.v.write_f32(gpu, &get("adam_v")?)?;
     lora.zero_grads(gpu);
+    if let Some(t) = te {
+        t.write_params(gpu, &get("te_params")?)?;
+        t.m.write_f32(gpu, &get("te_adam_m")?)?;
+        t.v.write_f32(gpu, &get("te_adam_v")?)?;
+        t.zero_grads(gpu);
+    }
     Ok(state)
 }

@@ -22,6 +22,9 @@
 //!   load right in recent diffusers, but older versions ignore the metadata and would apply the
 //!   wrong scale; writing both would apply it twice.) The file's metadata is `{"format": "pt"}`,
 //!   as `save_lora_weights` writes, plus what the caller gives.
+//! - Text-encoder adapters (named `text_model.encoder.layers.<i>.self_attn.q_proj`, ...) are
+//!   written as kohya's `lora_te_text_model_encoder_layers_<i>_self_attn_q_proj.*` and
+//!   diffusers' `text_encoder.text_model.encoder.layers.<i>.self_attn.q_proj.lora_A.weight`.
 //!
 //! **Precision.** [`write_lora`] stores A and B as f16, as kohya's sd-scripts (`save_precision
 //! fp16`) and diffusers' published LoRAs do (relative rounding <= 2^-11 per element; the
@@ -119,7 +122,8 @@ pub enum Precision {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Adapter {
     /// The diffusers module path under the UNet, e.g.
-    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, or under the text encoder,
+    /// starting `text_model.` (see [`Adapter::text_encoder_path`]).
     pub name: String,
     /// A (down) [rank, k_in], row-major.
     pub a: Vec<f32>,
@@ -137,6 +141,14 @@ impl Adapter {
     /// alpha / rank.
     pub fn scale(&self) -> f32 {
         self.alpha / self.rank as f32
+    }
+
+    /// The module path under the text encoder (`text_model.encoder.layers.0.self_attn.q_proj`,
+    /// as [`crate::model::clip_train`] names its adapters) when the adapter is on the text
+    /// encoder: written as kohya's `lora_te_text_model_...` and diffusers'
+    /// `text_encoder.text_model...` keys. Every other name is a module path under the UNet.
+    pub fn text_encoder_path(&self) -> Option<&str> {
+        self.name.starts_with("text_model.").then_some(self.name.as_str())
     }
 }
 
@@ -248,7 +260,10 @@ fn lora_bytes(adapters: &[Adapter], format: LoraFileFormat, metadata: &BTreeMap<
         let up_shape = [&[ad.n_out, ad.rank][..], tail].concat();
         match format {
             LoraFileFormat::Kohya => {
-                let base = format!("lora_unet_{}", ad.name.replace('.', "_"));
+                let base = match ad.text_encoder_path() {
+                    Some(p) => format!("lora_te_{}", p.replace('.', "_")),
+                    None => format!("lora_unet_{}", ad.name.replace('.', "_")),
+                };
                 entries.push(matrix(ad, &format!("{base}.lora_down.weight"), down_shape, &ad.a, 1.0, precision)?);
                 entries.push(matrix(ad, &format!("{base}.lora_up.weight"), up_shape, &ad.b, 1.0, precision)?);
                 entries.push(Entry {
@@ -259,7 +274,10 @@ fn lora_bytes(adapters: &[Adapter], format: LoraFileFormat, metadata: &BTreeMap<
                 });
             }
             LoraFileFormat::Diffusers => {
-                let base = format!("unet.{}", ad.name);
+                let base = match ad.text_encoder_path() {
+                    Some(p) => format!("text_encoder.{p}"),
+                    None => format!("unet.{}", ad.name),
+                };
                 entries.push(matrix(ad, &format!("{base}.lora_A.weight"), down_shape, &ad.a, 1.0, precision)?);
                 entries.push(matrix(ad, &format!("{base}.lora_B.weight"), up_shape, &ad.b, ad.scale(), precision)?);
             }

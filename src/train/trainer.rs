@@ -12,6 +12,16 @@
 //! AdamW's moments, the step and the loss scale, and a resumed run makes the same LoRA as an
 //! uninterrupted one on the same GPU.
 //!
+//! Text encoder (`--train-text-encoder`): its adapters ([`crate::model::clip_train`]) train
+//! alongside the UNet's. A step then runs CLIP's training forward on the micro-batch's
+//! captions (no cached embeddings), copies its output into the UNet's context, runs the UNet's
+//! step (which also produces d(context)), copies that into CLIP's backward, and updates both
+//! adapter sets with AdamW, the text encoder's at `--text-encoder-lr` (kohya's
+//! `--text_encoder_lr`; default `--lr`) on the same schedule. Gradient clipping applies to
+//! each set's norm separately (kohya clips over both at once); the log's gradient norm is
+//! that of both together. The LoRA file holds both (kohya `lora_te_*`, diffusers
+//! `text_encoder.*`); checkpoints hold both sets and their moments.
+//!
 //! f16 overflow: when a step's gradients are not finite the AdamW launch skips the update; the
 //! loop then halves the loss scale, rebuilds the plans and redoes the step with the same draws
 //! (PyTorch's GradScaler skips the step instead; redoing it loses no data).
@@ -34,7 +44,9 @@ use std::time::Instant;
 
 use crate::config::{PredictionType, SchedulerConfig};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder};
+use crate::gpu::{Dispatch, Gpu, Recorder};
+use crate::kernels::elementwise::{self, Unary};
+use crate::model::clip_train::ClipTrainPlan;
 use crate::model::lora::{AdamW, LoraParams};
 use crate::model::sd15::StableDiffusion;
 use crate::model::unet_train::{LoraTargets, TrainOptions, UNetTrainPlan};
@@ -54,6 +66,8 @@ const S_DROPOUT: u64 = 2;
 const S_PROMPT: u64 = 3;
 const S_VAE: u64 = 4;
 const S_CROP: u64 = 5;
+const S_TE_INIT: u64 = 6;
+const S_TE_DROPOUT: u64 = 7;
 
 /// Everything `atelier train` is told.
 #[derive(Clone, Debug)]
@@ -87,13 +101,17 @@ pub struct TrainArgs {
     pub recompute: bool,
     /// Keep latents and text embeddings in this folder between runs.
     pub cache_dir: Option<PathBuf>,
+    /// Train adapters on the text encoder too (its attention and MLP projections).
+    pub train_text_encoder: bool,
+    /// The text encoder's learning rate (None: `lr`).
+    pub text_encoder_lr: Option<f64>,
     /// Show the progress bar (when standard error is a terminal).
     pub progress: bool,
 }
 
 /// The settings a checkpoint must share with the run resuming it.
 fn identity(a: &TrainArgs) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model": a.model.display().to_string(),
         "data": a.data.dir.display().to_string(),
         "resolution": a.data.resolution,
@@ -107,7 +125,32 @@ fn identity(a: &TrainArgs) -> serde_json::Value {
         "lr": a.lr,
         "lr_scheduler": a.lr_scheduler.name(),
         "warmup_steps": a.warmup_steps,
-    })
+    });
+    // Only when set, so that the runs of earlier versions keep their identity.
+    if a.train_text_encoder {
+        v["train_text_encoder"] = true.into();
+        v["text_encoder_lr"] = te_lr(a).into();
+    }
+    v
+}
+
+/// The text encoder's base learning rate.
+fn te_lr(a: &TrainArgs) -> f64 {
+    a.text_encoder_lr.unwrap_or(a.lr)
+}
+
+/// A step's plans for one latent size: the UNet's and, when the text encoder trains, CLIP's
+/// with the two copies that join them (CLIP's output into the UNet's context, the UNet's
+/// d(context) into CLIP's output gradient).
+struct StepPlans {
+    unet: UNetTrainPlan,
+    te: Option<TeStep>,
+}
+
+struct TeStep {
+    clip: ClipTrainPlan,
+    to_unet: Dispatch,
+    to_clip: Dispatch,
 }
 
 /// One micro-batch's inputs, NHWC f32.
@@ -116,6 +159,8 @@ struct Inputs {
     target: Vec<f32>,
     timesteps: Vec<f32>,
     context: Vec<f32>,
+    /// The captions' token ids, when the text encoder trains (instead of `context`).
+    ids: Vec<u32>,
     /// Min-SNR loss weights, one per image.
     weights: Vec<f32>,
 }
@@ -180,6 +225,8 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     let acp: Vec<f64> = alphas_cumprod(&sched).iter().map(|&v| v as f64).collect();
     let specs = sd.unet.cfg.lora_specs(a.targets, a.rank, a.alpha, a.dropout);
     let lora = LoraParams::new(gpu, &specs, a.seed)?;
+    let te_specs = if a.train_text_encoder { sd.clip.cfg.lora_specs(a.rank, a.alpha, a.dropout) } else { Vec::new() };
+    let te_lora = if a.train_text_encoder { Some(LoraParams::new(gpu, &te_specs, stream_seed(a.seed, S_TE_INIT, 0))?) } else { None };
 
     let batches = data.epoch_order(0, a.seed, a.batch_size).len();
     let per_epoch = batches.div_ceil(a.gradient_accumulation).max(1);
@@ -192,7 +239,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     let mut loss_scale = None;
     if let Some(r) = &a.resume {
         let dir = checkpoint::resolve(&a.output, r)?;
-        let st = checkpoint::load(gpu, &dir, &lora)?;
+        let st = checkpoint::load(gpu, &dir, &lora, te_lora.as_ref())?;
         if st.identity != ident {
             return Err(Error::Usage(format!("{} was made with other settings than these; resume with the run's own settings", dir.display())));
         }
@@ -226,15 +273,17 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     };
     let mut caches =
         Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None, order: None, disk, samplers: HashMap::new() };
-    let mut plans: HashMap<(usize, usize), UNetTrainPlan> = HashMap::new();
+    let mut plans: HashMap<(usize, usize), StepPlans> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
+    let te_optimizer = te_lora.as_ref().map(|t| t.optimizer_step(gpu)).transpose()?;
     let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
     let mut history = read_log(&a.output.join("log.csv"));
     let mut smooth = history.last().map(|h| h.1).unwrap_or(f64::NAN);
     let mut bar = Progress::with_output("training", total, a.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     eprintln!(
-        "training {} adapters (rank {}, alpha {}) for {total} steps of {} image(s) x {} accumulation; {} images, {per_epoch} steps per epoch",
+        "training {} adapters{} (rank {}, alpha {}) for {total} steps of {} image(s) x {} accumulation; {} images, {per_epoch} steps per epoch",
         specs.len(),
+        if te_specs.is_empty() { String::new() } else { format!(" + {} on the text encoder", te_specs.len()) },
         a.rank,
         a.alpha,
         a.batch_size,
@@ -245,42 +294,67 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     while step < total {
         let lr = a.lr_scheduler.lr_at(a.lr, step, total, a.warmup_steps);
         let opt = AdamW { lr, weight_decay: a.weight_decay, max_grad_norm: a.max_grad_norm, ..AdamW::default() };
+        let opt_te = AdamW { lr: a.lr_scheduler.lr_at(te_lr(a), step, total, a.warmup_steps), ..opt };
         // Redo the step at a lower loss scale while its gradients overflow f16.
         let (loss, norm) = loop {
             let mut losses = Vec::new();
             for micro in 0..a.gradient_accumulation {
                 let k = (step * a.gradient_accumulation + micro) as u64;
                 let (inputs, (h, w)) = prepare(gpu, &sd, &data, a, &acp, &mut caches, k, batches, sched.prediction_type)?;
-                let plan = match plans.entry((h, w)) {
+                let plans = match plans.entry((h, w)) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        let opts = TrainOptions { recompute: a.recompute, loss_scale, loss_weights: a.min_snr_gamma.is_some() };
-                        e.insert(sd.unet.train_plan(gpu, a.batch_size, h / 8, w / 8, crate::tokenizer::MAX_LEN, &lora, opts)?)
-                    }
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(step_plans(gpu, &sd, a, h, w, loss_scale, &lora, te_lora.as_ref())?),
                 };
+                let plan = &plans.unet;
                 plan.sample.write_f32(gpu, &inputs.sample)?;
                 plan.target.write_f32(gpu, &inputs.target)?;
                 plan.timestep.write_f32(gpu, &inputs.timesteps)?;
-                plan.context.write_f32(gpu, &inputs.context)?;
                 if let Some(w) = &plan.weights {
                     w.write_f32(gpu, &inputs.weights)?;
                 }
                 lora.set_step(gpu, &opt, step as u64 + 1, stream_seed(a.seed, S_DROPOUT, k));
+                match (&plans.te, &te_lora) {
+                    (Some(te), Some(tl)) => {
+                        te.clip.set_ids(gpu, &inputs.ids)?;
+                        tl.set_step(gpu, &opt_te, step as u64 + 1, stream_seed(a.seed, S_TE_DROPOUT, k));
+                    }
+                    _ => plan.context.write_f32(gpu, &inputs.context)?,
+                }
                 let mut rec = Recorder::new(gpu);
+                if let Some(te) = &plans.te {
+                    te.clip.record_forward(&mut rec)?;
+                    rec.run(&te.to_unet)?;
+                }
                 plan.plan.record(&mut rec)?;
+                if let Some(te) = &plans.te {
+                    rec.run(&te.to_clip)?;
+                    te.clip.record_backward(&mut rec)?;
+                }
                 if micro + 1 == a.gradient_accumulation {
-                    for d in &optimizer {
+                    for d in optimizer.iter().chain(te_optimizer.iter().flatten()) {
                         rec.run(d)?;
                     }
                 }
                 rec.finish()?;
                 losses.push(plan.loss.to_f32(gpu)?[0] as f64);
             }
-            if !lora.step_skipped(gpu)? {
-                let (norm, _) = lora.grad_norm(gpu)?;
+            let te_skipped = match &te_lora {
+                Some(t) => t.step_skipped(gpu)?,
+                None => false,
+            };
+            if !lora.step_skipped(gpu)? && !te_skipped {
+                let (mut norm, _) = lora.grad_norm(gpu)?;
+                if let Some(t) = &te_lora {
+                    norm = norm.hypot(t.grad_norm(gpu)?.0);
+                }
                 break (losses.iter().sum::<f64>() / losses.len() as f64, norm);
             }
-            let scale = plans.values().next().map(|p| p.loss_scale).unwrap_or(1.0);
+            // (When only one set overflowed, the other was updated; the redo updates it again.)
+            lora.zero_grads(gpu);
+            if let Some(t) = &te_lora {
+                t.zero_grads(gpu);
+            }
+            let scale = plans.values().next().map(|p| p.unet.loss_scale).unwrap_or(1.0);
             if scale <= 1.0 {
                 return Err(Error::Usage(format!("step {}: the gradients overflow f16 even at loss scale 1 (the loss diverged; lower --lr)", step + 1)));
             }
@@ -290,7 +364,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         };
         step += 1;
         smooth = if smooth.is_nan() { loss } else { 0.95 * smooth + 0.05 * loss };
-        let scale = plans.values().next().map(|p| p.loss_scale).unwrap_or(0.0);
+        let scale = plans.values().next().map(|p| p.unet.loss_scale).unwrap_or(0.0);
         let row = format!("{step},{loss:.6},{smooth:.6},{lr:.3e},{norm:.5},{scale},{:.2}\n", t_start.elapsed().as_secs_f64());
         append_row(&mut log, &a.output.join("log.csv"), &row)?;
         history.push((step, smooth, loss));
@@ -299,12 +373,24 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         let interrupted = stop.load(Ordering::SeqCst);
         if (a.save_every > 0 && step % a.save_every == 0) || step == total || interrupted {
             log.flush().map_err(|e| Error::io(a.output.join("log.csv"), e))?;
-            let state = TrainState { version: 1, step, loss_scale: scale, identity: ident.clone(), layers: checkpoint::layers(&lora), total: lora.total };
-            let flat = lora.params.to_f32(gpu)?;
-            let dir = checkpoint::save(gpu, &a.output, &lora, &state, |d| write_lora(&sd, a, &lora, &flat, step, &data, d))?;
+            let state = TrainState {
+                version: 1,
+                step,
+                loss_scale: scale,
+                identity: ident.clone(),
+                layers: checkpoint::layers(&lora),
+                total: lora.total,
+                te_layers: te_lora.as_ref().map(checkpoint::layers).unwrap_or_default(),
+                te_total: te_lora.as_ref().map_or(0, |t| t.total),
+            };
+            let mut adapters = export::adapters(&lora, &lora.params.to_f32(gpu)?, &sd.unet.cfg)?;
+            if let Some(t) = &te_lora {
+                adapters.extend(export::adapters(t, &t.params.to_f32(gpu)?, &sd.unet.cfg)?);
+            }
+            let dir = checkpoint::save(gpu, &a.output, &lora, te_lora.as_ref(), &state, |d| write_lora(a, &adapters, step, &data, d))?;
             plot::write_loss_curve(&a.output.join("loss.png"), &history)?;
             if step == total {
-                write_lora(&sd, a, &lora, &flat, step, &data, &a.output)?;
+                write_lora(a, &adapters, step, &data, &a.output)?;
             }
             bar.finish();
             eprintln!("step {step}: loss {smooth:.4}; checkpoint {}", dir.display());
@@ -343,6 +429,12 @@ fn check_args(a: &TrainArgs) -> Result<()> {
     if !(a.lr > 0.0 && a.lr.is_finite()) || !(a.alpha > 0.0) || !(0.0..1.0).contains(&a.dropout) || a.noise_offset < 0.0 {
         return bad(format!("--lr {} and --alpha {} must be positive, --dropout {} in [0, 1), --noise-offset {} not negative", a.lr, a.alpha, a.dropout, a.noise_offset));
     }
+    if a.text_encoder_lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+        return bad("--text-encoder-lr must be positive".into());
+    }
+    if a.text_encoder_lr.is_some() && !a.train_text_encoder {
+        return bad("--text-encoder-lr is for --train-text-encoder; add that flag (or leave the rate out)".into());
+    }
     if a.min_snr_gamma.is_some_and(|g| !(g > 0.0)) {
         return bad("--min-snr-gamma must be positive".into());
     }
@@ -357,9 +449,25 @@ fn file_name(a: &TrainArgs) -> String {
     }
 }
 
+/// The plans of a step on h x w images (built once per size).
+#[allow(clippy::too_many_arguments)]
+fn step_plans(gpu: &Gpu, sd: &StableDiffusion, a: &TrainArgs, h: usize, w: usize, loss_scale: Option<f32>, lora: &LoraParams, te_lora: Option<&LoraParams>) -> Result<StepPlans> {
+    let opts = TrainOptions { recompute: a.recompute, loss_scale, loss_weights: a.min_snr_gamma.is_some(), context_grad: te_lora.is_some() };
+    let unet = sd.unet.train_plan(gpu, a.batch_size, h / 8, w / 8, crate::tokenizer::MAX_LEN, lora, opts)?;
+    let te = match (te_lora, &unet.dcontext) {
+        (Some(tl), Some(dctx)) => {
+            let clip = sd.clip.train_plan(gpu, a.batch_size, 0, tl, unet.loss_scale)?;
+            let to_unet = elementwise::unary(gpu, Unary::Copy, &clip.out, &unet.context)?;
+            let to_clip = elementwise::unary(gpu, Unary::Copy, dctx, &clip.dout)?;
+            Some(TeStep { clip, to_unet, to_clip })
+        }
+        _ => None,
+    };
+    Ok(StepPlans { unet, te })
+}
+
 /// Writes the LoRA file into `dir`, with kohya's training metadata.
-fn write_lora(sd: &StableDiffusion, a: &TrainArgs, lora: &LoraParams, flat: &[f32], step: usize, data: &Dataset, dir: &Path) -> Result<()> {
-    let adapters = export::adapters(lora, flat, &sd.unet.cfg)?;
+fn write_lora(a: &TrainArgs, adapters: &[export::Adapter], step: usize, data: &Dataset, dir: &Path) -> Result<()> {
     let meta = std::collections::BTreeMap::from([
         ("ss_network_module".to_string(), "networks.lora".to_string()),
         ("ss_network_dim".to_string(), a.rank.to_string()),
@@ -372,6 +480,8 @@ fn write_lora(sd: &StableDiffusion, a: &TrainArgs, lora: &LoraParams, flat: &[f3
         ("ss_max_train_steps".to_string(), a.steps.map(|s| s.to_string()).unwrap_or_default()),
         ("ss_learning_rate".to_string(), a.lr.to_string()),
         ("ss_unet_lr".to_string(), a.lr.to_string()),
+        ("ss_text_encoder_lr".to_string(), if a.train_text_encoder { te_lr(a).to_string() } else { String::new() }),
+        ("ss_network_train_unet_only".to_string(), if a.train_text_encoder { "False" } else { "True" }.to_string()),
         ("ss_lr_scheduler".to_string(), a.lr_scheduler.name().to_string()),
         ("ss_lr_warmup_steps".to_string(), a.warmup_steps.to_string()),
         ("ss_batch_size_per_device".to_string(), a.batch_size.to_string()),
@@ -383,7 +493,7 @@ fn write_lora(sd: &StableDiffusion, a: &TrainArgs, lora: &LoraParams, flat: &[f3
         ("ss_network_args".to_string(), serde_json::json!({ "targets": format!("{:?}", a.targets) }).to_string()),
         ("ss_training_comment".to_string(), "trained by atelier".to_string()),
     ]);
-    export::write_lora(&dir.join(file_name(a)), &adapters, a.format, &meta)
+    export::write_lora(&dir.join(file_name(a)), adapters, a.format, &meta)
 }
 
 /// Builds micro-batch k's inputs: its images' cached latents, noise, timesteps, the noised
@@ -398,7 +508,7 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
     let batch = caches.order.as_ref().expect("set above").1[pos].clone();
     let mut rng = Rng::new(stream_seed(a.seed, S_NOISE, k));
     let mut prompt_rng = Rng::new(stream_seed(a.seed, S_PROMPT, k));
-    let mut inputs = Inputs { sample: Vec::new(), target: Vec::new(), timesteps: Vec::new(), context: Vec::new(), weights: Vec::new() };
+    let mut inputs = Inputs { sample: Vec::new(), target: Vec::new(), timesteps: Vec::new(), context: Vec::new(), ids: Vec::new(), weights: Vec::new() };
     let mut size = None;
     for (slot, &index) in batch.iter().enumerate() {
         let flip = a.flip && rng.uniform() < 0.5;
@@ -408,31 +518,36 @@ fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: 
         let (h, w) = latents(gpu, sd, data, caches, index, flip, vae_seed, crop_seed)?;
         size.get_or_insert((h, w));
         let caption = data.caption(index, &mut prompt_rng)?;
-        let emb = match caches.embeddings.get(&caption) {
-            Some(e) => e,
-            None => {
-                let shape = [sd.config.clip.max_position_embeddings, sd.config.clip.hidden_size];
-                let key = caches.disk.as_ref().map(|c| c.text_key(&caption, 0));
-                let cached = caches.disk.as_mut().zip(key.as_ref()).and_then(|(c, k)| c.read_text(k, shape));
-                let e = match cached {
-                    Some(e) => e,
-                    None => {
-                        if caches.clip.is_none() {
-                            caches.clip = Some(sd.clip.plan(gpu, 1, 0, false)?);
+        if a.train_text_encoder {
+            // CLIP runs in the step itself: its adapters change the embedding every step.
+            inputs.ids.extend(sd.tokenizer.encode(&caption)?);
+        } else {
+            let emb = match caches.embeddings.get(&caption) {
+                Some(e) => e,
+                None => {
+                    let shape = [sd.config.clip.max_position_embeddings, sd.config.clip.hidden_size];
+                    let key = caches.disk.as_ref().map(|c| c.text_key(&caption, 0));
+                    let cached = caches.disk.as_mut().zip(key.as_ref()).and_then(|(c, k)| c.read_text(k, shape));
+                    let e = match cached {
+                        Some(e) => e,
+                        None => {
+                            if caches.clip.is_none() {
+                                caches.clip = Some(sd.clip.plan(gpu, 1, 0, false)?);
+                            }
+                            let clip = caches.clip.as_ref().expect("built above");
+                            clip.run(gpu, &sd.tokenizer.encode(&caption)?)?;
+                            let e = clip.out.to_f32(gpu)?;
+                            if let (Some(c), Some(k)) = (caches.disk.as_mut(), &key) {
+                                c.write_text(k, shape, &e);
+                            }
+                            e
                         }
-                        let clip = caches.clip.as_ref().expect("built above");
-                        clip.run(gpu, &sd.tokenizer.encode(&caption)?)?;
-                        let e = clip.out.to_f32(gpu)?;
-                        if let (Some(c), Some(k)) = (caches.disk.as_mut(), &key) {
-                            c.write_text(k, shape, &e);
-                        }
-                        e
-                    }
-                };
-                caches.embeddings.entry(caption.clone()).or_insert(e)
-            }
-        };
-        inputs.context.extend_from_slice(emb);
+                    };
+                    caches.embeddings.entry(caption.clone()).or_insert(e)
+                }
+            };
+            inputs.context.extend_from_slice(emb);
+        }
         let x0 = &caches.latents[&(index, flip)].0;
         let c = sd.config.unet.in_channels;
         let mut noise = rng.normals(x0.len());
