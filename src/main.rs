@@ -222,6 +222,33 @@ struct TrainCli {
     /// --text_encoder_lr).
     #[arg(long, value_name = "LR")]
     text_encoder_lr: Option<f64>,
+    /// Draw this prompt into a grid of validation images (OUTPUT/validation/step-NNNNNN.png)
+    /// before the first step, every --validation-every steps and at the end; repeat the
+    /// option for more prompts (one grid row each).
+    #[arg(long, value_name = "TEXT")]
+    validation_prompt: Vec<String>,
+    /// Steps between validation grids [default: --save-every; without checkpoints, only the
+    /// first and last grids].
+    #[arg(long, value_name = "N")]
+    validation_every: Option<usize>,
+    /// Validation images per prompt, with seeds --validation-seed, +1, ... [default: 2]
+    #[arg(long, value_name = "K")]
+    validation_images: Option<usize>,
+    /// Seed of the first validation image of each prompt [default: --seed].
+    #[arg(long)]
+    validation_seed: Option<u64>,
+    /// Sampler steps of the validation images [default: 20].
+    #[arg(long, value_name = "N")]
+    validation_steps: Option<usize>,
+    /// Classifier-free guidance scale of the validation images [default: 7.5].
+    #[arg(long, value_name = "SCALE")]
+    validation_guidance: Option<f32>,
+    /// Negative prompt of the validation images [default: none].
+    #[arg(long, value_name = "TEXT")]
+    validation_negative_prompt: Option<String>,
+    /// Sampler of the validation images, as `atelier sample --sampler` [default: dpmpp_2m].
+    #[arg(long)]
+    validation_sampler: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -451,6 +478,16 @@ fn train(opts: &GpuOptions, t: TrainCli) -> atelier::Result<()> {
         cache_dir: t.cache_dir,
         train_text_encoder: t.train_text_encoder,
         text_encoder_lr: t.text_encoder_lr,
+        validation: atelier::train::validation::ValidationArgs {
+            prompts: t.validation_prompt,
+            negative_prompt: t.validation_negative_prompt,
+            every: t.validation_every,
+            images: t.validation_images,
+            seed: t.validation_seed,
+            steps: t.validation_steps,
+            guidance: t.validation_guidance,
+            sampler: t.validation_sampler.map(|s| s.parse::<Sampler>()).transpose()?,
+        },
         progress: true,
     };
     let gpu = Gpu::new(opts)?;

@@ -7,14 +7,18 @@
 //! - exact resume: a run resumed from its step-16 checkpoint ends with the same LoRA file,
 //!   byte for byte, as the uninterrupted run (same GPU);
 //! - bad input: an empty folder, an output folder holding a different run, a corrupt image
-//!   among good ones (skipped with a warning).
+//!   among good ones (skipped with a warning);
 //! - `--cache-dir`: a cached run trains bit for bit as an uncached one, a second run reads
 //!   every entry instead of encoding, a damaged cache file is replaced and an edited image
 //!   encoded again;
 //! - a full disk (the process's file-size limit, RLIMIT_FSIZE, standing in for it): the run
 //!   stops with a message naming the file and the problem, the earlier checkpoint stays
 //!   whole and resumable, no half-written checkpoint or log row is left (the limit hit while
-//!   writing a checkpoint's optimizer state, then while appending to log.csv).
+//!   writing a checkpoint's optimizer state, then while appending to log.csv);
+//! - validation grids: written before the first step, on schedule and at the end (prompts x
+//!   seeds cells of the training size, A1111 parameters), the same cells `atelier sample`
+//!   draws with the run's LoRA file, continued on schedule by a resumed run, and training
+//!   bit-identical with or without them; bad validation options refused before any work.
 
 mod common;
 
@@ -455,5 +459,120 @@ fn a_full_disk_stops_cleanly_and_keeps_the_checkpoints() {
     assert!(err.contains("at step 4"), "{err}");
     assert_eq!(std::fs::read_to_string(run.join("log.csv")).unwrap().lines().count(), 9, "log.csv: a header and 8 steps");
     assert!(run.join("checkpoint-000008").join("state.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// RGB8 pixels of the `size` x `size` cell at (row, col) of a grid PNG.
+fn cell(grid: &image::RgbImage, row: u32, col: u32, size: u32) -> Vec<u8> {
+    image::imageops::crop_imm(grid, col * size, row * size, size, size).to_image().into_raw()
+}
+
+#[test]
+fn validation_grids_match_sample_and_leave_training_unchanged() {
+    let root = temp("validation");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    dataset(&data);
+    let d = data.display().to_string();
+    let (with, without) = (root.join("with"), root.join("without"));
+    let (w, wo) = (with.display().to_string(), without.display().to_string());
+    let plain = ["--steps", "4", "--save-every", "2"];
+    let validation = [
+        "--validation-prompt", "a picture of stripes", "--validation-prompt", "a red square",
+        "--validation-images", "2", "--validation-every", "3", "--validation-steps", "2",
+    ];
+    let t0 = std::time::Instant::now();
+    let err = run_ok(&train_args(&d, &w, &[&plain[..], &validation[..]].concat()));
+    println!("with validation: {:.1} s\n{err}", t0.elapsed().as_secs_f64());
+    let t0 = std::time::Instant::now();
+    run_ok(&train_args(&d, &wo, &plain));
+    println!("without: {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Training is the same with or without the grids.
+    same_lora(&with.join("lora.safetensors"), &without.join("lora.safetensors"));
+    same_lora(&with.join("checkpoint-000002").join("lora.safetensors"), &without.join("checkpoint-000002").join("lora.safetensors"));
+    assert!(!without.join("validation").exists(), "no validation folder without --validation-prompt");
+
+    // Grids at step 0 (the base model), every 3 steps and at the end; nothing else left there.
+    let vdir = with.join("validation");
+    let mut names: Vec<String> = std::fs::read_dir(&vdir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["step-000000.png", "step-000003.png", "step-000004.png"]);
+    assert!(err.contains("validation grid") && err.contains("step-000003.png"), "{err}");
+    let mut grids = Vec::new();
+    for (name, step) in names.iter().zip([0, 3, 4]) {
+        let path = vdir.join(name);
+        let grid = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(grid.dimensions(), (128, 128), "{name}: 2 prompts x 2 seeds of 64x64");
+        let params = atelier::images::png_parameters(&path).unwrap().expect("a parameters chunk");
+        for want in ["Steps: 2", "Sampler: DPM++ 2M", "CFG scale: 7.5", "Seed: 5", "Size: 64x64", "Model: tiny-sd", "Grid: 2 prompts x 2 seeds"] {
+            assert!(params.contains(want), "{name}: {want:?} missing from {params:?}");
+        }
+        assert!(params.contains(&format!("Training step: {step}")), "{params}");
+        let first = if step == 0 { "a picture of stripes\n" } else { "a picture of stripes <lora:lora:1>\n" };
+        assert!(params.starts_with(first), "{name}: {params}");
+        grids.push(grid);
+    }
+    assert_ne!(cell(&grids[0], 0, 0, 64), cell(&grids[0], 0, 1, 64), "two seeds drew the same image");
+    assert_ne!(cell(&grids[0], 0, 0, 64), cell(&grids[0], 1, 0, 64), "two prompts drew the same image");
+    assert_ne!(grids[0], grids[2], "the LoRA changed nothing in the last grid");
+
+    // The last grid's cells are what `atelier sample` draws with the final LoRA file (here
+    // the second prompt with the second seed).
+    let model = fixture("tiny-sd").display().to_string();
+    let (lora, png) = (with.join("lora.safetensors").display().to_string(), root.join("sample.png").display().to_string());
+    let args = ["sample", "--model", &model, "--prompt", "a red square", "--seed", "6", "--steps", "2", "--width", "64", "--height", "64", "--lora", &lora, "--output", &png];
+    run_ok_with(&args);
+    let img = image::open(&png).unwrap().to_rgb8().into_raw();
+    assert!(img == cell(&grids[2], 1, 1, 64), "grid cell (1, 1) differs from atelier sample {args:?}");
+
+    // A run resumed from its step-2 checkpoint draws the grids still due (3 and the end),
+    // the same as the uninterrupted run's.
+    let resumed = root.join("resumed");
+    std::fs::create_dir_all(resumed.join("checkpoint-000002")).unwrap();
+    std::fs::copy(with.join("run.json"), resumed.join("run.json")).unwrap();
+    for f in ["state.safetensors", "lora.safetensors"] {
+        std::fs::copy(with.join("checkpoint-000002").join(f), resumed.join("checkpoint-000002").join(f)).unwrap();
+    }
+    let r = resumed.display().to_string();
+    run_ok(&train_args(&d, &r, &[&plain[..], &validation[..], &["--resume", "latest"][..]].concat()));
+    let mut names: Vec<String> = std::fs::read_dir(resumed.join("validation")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["step-000003.png", "step-000004.png"]);
+    for n in &names {
+        let (a, b) = (image::open(vdir.join(n)).unwrap().to_rgb8(), image::open(resumed.join("validation").join(n)).unwrap().to_rgb8());
+        assert!(a == b, "the resumed run's {n} differs");
+    }
+    same_lora(&with.join("lora.safetensors"), &resumed.join("lora.safetensors"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn bad_validation_options_are_clear_errors() {
+    let root = temp("bad-validation");
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    dataset(&data);
+    let model = fixture("tiny-sd").display().to_string();
+    let (d, out) = (data.display().to_string(), root.join("out").display().to_string());
+    let cases: [(&[&str], &str); 5] = [
+        (&["--validation-prompt", ""], "--validation-prompt is empty"),
+        (&["--validation-prompt", "   "], "--validation-prompt is empty"),
+        (&["--validation-prompt", "stripes", "--validation-every", "0"], "--validation-every 0"),
+        (&["--validation-prompt", "stripes", "--validation-images", "0"], "--validation-images"),
+        (&["--validation-every", "5"], "without --validation-prompt"),
+    ];
+    for (extra, want) in cases {
+        let mut args = train_args(&d, &out, extra);
+        args[2] = &model;
+        let o = atelier(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} should fail");
+        assert!(err.contains(want) && !err.contains("panicked"), "{extra:?}: {err}");
+    }
+    let mut args = train_args(&d, &out, &["--validation-prompt", "stripes", "--validation-sampler", "nope"]);
+    args[2] = &model;
+    let o = atelier(&args);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -103,17 +103,27 @@ impl Tensor {
                 format!("shape {shape:?} holds {} values, got {}", t.numel(), bits.len()),
             ));
         }
+        t.write_f16_bits(gpu, bits)?;
+        Ok(t)
+    }
+
+    /// Overwrites an f16 tensor with IEEE half bit patterns (queued: lands before the next
+    /// submit).
+    pub fn write_f16_bits(&self, gpu: &Gpu, bits: &[u16]) -> Result<()> {
+        if self.dtype != DType::F16 || bits.len() != self.numel() {
+            return Err(Error::shape("tensor write", format!("{} f16 values for {:?} {}", bits.len(), self.shape, self.dtype)));
+        }
         // Queue writes must be whole 4-byte words: the even-length body goes as it is, an odd
         // last value is padded with a zero half (the buffer is padded to 16 bytes).
         let even = bits.len() & !1;
         if even > 0 {
-            gpu.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(&bits[..even]));
+            gpu.queue.write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(&bits[..even]));
         }
         if even < bits.len() {
             let tail = [bits[even], 0u16];
-            gpu.queue.write_buffer(&t.buffer, t.offset + even as u64 * 2, bytemuck::cast_slice(&tail));
+            gpu.queue.write_buffer(&self.buffer, self.offset + even as u64 * 2, bytemuck::cast_slice(&tail));
         }
-        Ok(t)
+        Ok(())
     }
 
     /// Overwrites the tensor with f32 values, converted to its dtype.

@@ -12,7 +12,7 @@ use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::tensor_ops;
 use crate::model::layers::{Conv, Linear, Norm, Taps};
 use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, Upsample2D};
-use crate::model::unet_transformer::Transformer2D;
+use crate::model::unet_transformer::{AdaptableWeight, Transformer2D};
 use crate::model::weights::Weights;
 
 /// One level of the down or up path: resnets, each followed by a transformer when the block
@@ -127,6 +127,21 @@ impl UNet2DConditionModel {
             conv_norm_out: Norm::load(&p.at("conv_norm_out"), ch[0], eps)?,
             conv_out: Conv::load(&p.at("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
         })
+    }
+
+    /// The weights LoRA adapters may target (every transformer's projections), in module order
+    /// (down blocks, mid block, up blocks), each with the module paths of the projections
+    /// stacked in it: what a trainer merges its adapters into to sample with them.
+    pub fn adaptable_weights(&self) -> Vec<AdaptableWeight> {
+        let mut out = Vec::new();
+        for t in self.down.iter().flat_map(|l| &l.attentions) {
+            t.adaptable(&mut out);
+        }
+        self.mid_attention.adaptable(&mut out);
+        for t in self.up.iter().flat_map(|l| &l.attentions) {
+            t.adaptable(&mut out);
+        }
+        out
     }
 
     /// Builds the pass for `batch` latents of `height` x `width` with a context of `tokens`

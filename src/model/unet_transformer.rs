@@ -33,6 +33,27 @@ fn module_path(p: &Prefix) -> String {
     s.strip_prefix("unet.").unwrap_or(s).to_string()
 }
 
+/// A frozen weight on the GPU that LoRA adapters may target, and the projections stacked in
+/// it (one for a plain linear; q, k, v or k, v for a fused product): each with its module path
+/// under the UNet, its first row and row count. The weight is [rows, k] f16, row-major; a
+/// 1x1 convolution's file shape has trailing [1, 1].
+#[derive(Clone, Debug)]
+pub struct AdaptableWeight {
+    pub tensor: Tensor,
+    pub k: usize,
+    pub conv1x1: bool,
+    /// (module path, first row, rows).
+    pub parts: Vec<(String, usize, usize)>,
+}
+
+impl AdaptableWeight {
+    fn of(l: &Linear, paths: &[String], conv1x1: bool) -> AdaptableWeight {
+        let rows = l.n / paths.len();
+        let parts = paths.iter().enumerate().map(|(i, p)| (p.clone(), i * rows, rows)).collect();
+        AdaptableWeight { tensor: l.w.clone(), k: l.k, conv1x1, parts }
+    }
+}
+
 /// A copy of `x` from the pool.
 pub(crate) fn copy(pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tensor> {
     let y = pb.f16(&x.shape, what)?;
@@ -143,6 +164,18 @@ impl CrossAttention {
 
     fn name(&self, proj: &str) -> String {
         format!("{}.{proj}", self.path)
+    }
+
+    /// Its weights that adapters may target (see [`AdaptableWeight`]).
+    fn adaptable(&self, out: &mut Vec<AdaptableWeight>) {
+        match &self.kv {
+            None => out.push(AdaptableWeight::of(&self.q_or_qkv, &[self.name("to_q"), self.name("to_k"), self.name("to_v")], false)),
+            Some(kv) => {
+                out.push(AdaptableWeight::of(&self.q_or_qkv, &[self.name("to_q")], false));
+                out.push(AdaptableWeight::of(kv, &[self.name("to_k"), self.name("to_v")], false));
+            }
+        }
+        out.push(AdaptableWeight::of(&self.to_out, &[self.name("to_out.0")], false));
     }
 
     /// residual += to_out(attention(x)) with x [batch, l, c] (normed) and, for
@@ -487,6 +520,8 @@ pub struct Transformer2D {
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Linear,
+    /// proj_in / proj_out are 1x1 convolutions in the file (SD-1.5), not linears.
+    proj_conv: bool,
 }
 
 /// What a `Transformer2D` backward reads.
@@ -520,6 +555,20 @@ impl TransformerSaved {
 }
 
 impl Transformer2D {
+    /// The weights adapters may target, in the order of `UNetConfig::lora_specs`: proj_in,
+    /// per block attn1, attn2 and the feed-forward, proj_out.
+    pub fn adaptable(&self, out: &mut Vec<AdaptableWeight>) {
+        let conv = self.proj_conv;
+        out.push(AdaptableWeight::of(&self.proj_in, &[format!("{}.proj_in", self.path)], conv));
+        for b in &self.blocks {
+            b.attn1.adaptable(out);
+            b.attn2.adaptable(out);
+            out.push(AdaptableWeight::of(&b.ff_proj, &[format!("{}.ff.net.0.proj", b.path)], false));
+            out.push(AdaptableWeight::of(&b.ff_out, &[format!("{}.ff.net.2", b.path)], false));
+        }
+        out.push(AdaptableWeight::of(&self.proj_out, &[format!("{}.proj_out", self.path)], conv));
+    }
+
     /// `linear_projection`: proj_in/out are linears (else 1x1 convolutions, SD-1.5's).
     pub fn load(p: &Prefix, c: usize, heads: usize, context: usize, layers: usize, groups: usize, linear_projection: bool) -> Result<Self> {
         let proj = |name: &str| {
@@ -533,6 +582,7 @@ impl Transformer2D {
             proj_in: proj("proj_in")?,
             blocks: (0..layers).map(|i| BasicTransformerBlock::load(&p.at("transformer_blocks").at(i), c, heads, context)).collect::<Result<_>>()?,
             proj_out: proj("proj_out")?,
+            proj_conv: !linear_projection,
         })
     }
 

@@ -2,7 +2,8 @@
 //! `data` finds the images and their captions and prepares them (resize, crop, flip);
 //! `export` writes the adapters as kohya or diffusers LoRA files; `trainer` is the loop,
 //! `schedule` its learning-rate schedules and seeds, `checkpoint` its saved state, `plot` the
-//! loss curve, `cache` the optional on-disk cache of latents and text embeddings.
+//! loss curve, `cache` the optional on-disk cache of latents and text embeddings,
+//! `validation` the image grids drawn while it trains.
 
 pub mod cache;
 pub mod checkpoint;
@@ -11,3 +12,4 @@ pub mod export;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
+pub mod validation;

@@ -28,8 +28,13 @@
 //!
 //! What a user watches: a progress bar (step, smoothed loss, it/s, ETA), `log.csv` (step,
 //! loss, smoothed loss, learning rate, gradient norm, loss scale, seconds), `loss.png` redrawn
-//! at every checkpoint, checkpoints every --save-every steps and the final LoRA file. Ctrl-C
-//! finishes the step in flight, writes a checkpoint and stops.
+//! at every checkpoint, checkpoints every --save-every steps and the final LoRA file, and with
+//! `--validation-prompt` a grid of sample images (`validation/step-NNNNNN.png`) before the
+//! first step, every --validation-every steps (default: at each checkpoint) and at the end,
+//! drawn with the adapters merged for the moment (see [`crate::train::validation`]; training
+//! is bit-identical with or without it, and a resumed run keeps the schedule). Ctrl-C
+//! finishes the step in flight, writes a checkpoint and stops (no grid is drawn then; a
+//! resumed run draws a due grid that is missing).
 //!
 //! A full disk: every write goes to a temporary name (checkpoint folders, the LoRA file,
 //! loss.png) or, for log.csv, is cut back to its last whole row when it fails; the run then
@@ -59,6 +64,7 @@ use crate::train::data::{Dataset, DatasetOptions};
 use crate::train::export::{self, LoraFileFormat};
 use crate::train::plot;
 use crate::train::schedule::{stream_seed, LrSchedule};
+use crate::train::validation::{ValidationArgs, Validator};
 
 /// Seed streams (see [`stream_seed`]).
 const S_NOISE: u64 = 1;
@@ -105,6 +111,8 @@ pub struct TrainArgs {
     pub train_text_encoder: bool,
     /// The text encoder's learning rate (None: `lr`).
     pub text_encoder_lr: Option<f64>,
+    /// The `--validation-*` options (no prompts: no validation grids).
+    pub validation: ValidationArgs,
     /// Show the progress bar (when standard error is a terminal).
     pub progress: bool,
 }
@@ -276,6 +284,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     let mut plans: HashMap<(usize, usize), StepPlans> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
     let te_optimizer = te_lora.as_ref().map(|t| t.optimizer_step(gpu)).transpose()?;
+    let mut validator = Validator::new(gpu, &sd, &sched, &lora, a)?;
     let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
     let mut history = read_log(&a.output.join("log.csv"));
     let mut smooth = history.last().map(|h| h.1).unwrap_or(f64::NAN);
@@ -290,6 +299,15 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         a.gradient_accumulation,
         data.len()
     );
+    // The base model's grid before the first step; a resumed run draws a due grid it lacks.
+    if let Some(v) = validator.as_mut()
+        && v.due(step, total)
+        && (step == 0 || !v.path(step).exists())
+        && step < total
+    {
+        validate(gpu, &sd, &sched, &lora, v, step, total, &mut bar)?;
+        bar.restart();
+    }
     let t_start = Instant::now();
     while step < total {
         let lr = a.lr_scheduler.lr_at(a.lr, step, total, a.warmup_steps);
@@ -395,6 +413,13 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
             bar.finish();
             eprintln!("step {step}: loss {smooth:.4}; checkpoint {}", dir.display());
         }
+        if let Some(v) = validator.as_mut()
+            && v.due(step, total)
+            && !interrupted
+        {
+            validate(gpu, &sd, &sched, &lora, v, step, total, &mut bar)?;
+            bar.set_note(&format!("loss {smooth:.4}"));
+        }
         if interrupted && step < total {
             bar.finish();
             if let Some(c) = &caches.disk {
@@ -410,11 +435,27 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     if let Some(c) = &caches.disk {
         eprintln!("{}", c.summary());
     }
+    let grids = validator.as_ref().map(|v| format!("; validation grids in {}", v.dir().display())).unwrap_or_default();
     eprintln!(
-        "done: {total} steps in {}; LoRA written to {}",
+        "done: {total} steps in {}; LoRA written to {}{grids}",
         crate::progress::clock(t_start.elapsed().as_secs_f64()),
         a.output.join(file_name(a)).display()
     );
+    Ok(())
+}
+
+/// Draws the validation grid of `step`, showing "validation" on the progress bar, and names
+/// the file written.
+#[allow(clippy::too_many_arguments)]
+fn validate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, v: &mut Validator, step: usize, total: usize, bar: &mut Progress) -> Result<()> {
+    bar.set_note("validation");
+    bar.update(step, total);
+    let path = v.run(gpu, sd, sched, lora, step, &mut |done, all| {
+        bar.set_note(&format!("validation {done}/{all}"));
+        bar.update(step, total);
+    })?;
+    bar.finish();
+    eprintln!("step {step}: validation grid {}", path.display());
     Ok(())
 }
 
@@ -432,17 +473,22 @@ fn check_args(a: &TrainArgs) -> Result<()> {
     if a.text_encoder_lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
         return bad("--text-encoder-lr must be positive".into());
     }
+    if a.train_text_encoder && !a.validation.prompts.is_empty() {
+        // The validation merge covers the UNet's adapters only: the grids would not show
+        // the text encoder's.
+        return bad("--validation-prompt does not work with --train-text-encoder yet: draw samples from the checkpoints' LoRA files with `atelier sample --lora` instead".into());
+    }
     if a.text_encoder_lr.is_some() && !a.train_text_encoder {
         return bad("--text-encoder-lr is for --train-text-encoder; add that flag (or leave the rate out)".into());
     }
     if a.min_snr_gamma.is_some_and(|g| !(g > 0.0)) {
         return bad("--min-snr-gamma must be positive".into());
     }
-    Ok(())
+    crate::train::validation::check(&a.validation)
 }
 
 /// The final LoRA's file name.
-fn file_name(a: &TrainArgs) -> String {
+pub(crate) fn file_name(a: &TrainArgs) -> String {
     match a.format {
         LoraFileFormat::Kohya => format!("{}.safetensors", a.name),
         LoraFileFormat::Diffusers => "pytorch_lora_weights.safetensors".into(),
