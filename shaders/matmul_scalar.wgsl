@@ -23,9 +23,18 @@
 // convolution (a strided convolution's input gradient dX, see kernels::conv): the image (dY)
 // is read as if dilated by `stride` (stride-1 zeros between pixels) and gathered at stride 1,
 // so im2col row (img, y, x) of dX, tap (ty, tx), reads dY at ((y + ty - pad) / stride,
-// (x + tx - pad) / stride) when both divide evenly and lie inside dY, zero otherwise. B is the
-// flipped, channel-transposed weight [cin, ks, ks, cout]. ih, iw, cin: dY's size and channels
-// (the forward's oh, ow, cout); oh, ow: dX's size; pad: ks - 1 - the forward's padding.
+// (x + tx - pad) / stride) when both divide evenly and lie inside dY, zero otherwise. ih, iw,
+// cin: dY's size and channels (the forward's oh, ow, cout); oh, ow: dX's size; pad: ks - 1 -
+// the forward's padding. B as with B_FLIP.
+// B_FLIP (override, with CONV and not TRANS_B; default off, and then folded away): a
+// convolution's input gradient dX (M = dX pixels, N = the forward's cin, K = (ty, tx, co) over
+// dY's channels co, with or without CONV_T) reads the forward weight W [cout, ks, ks, N] itself
+// as B, flipped and channel-transposed through an index remap: B(k, n) = W[co, ks-1-ty,
+// ks-1-tx, n] with k = (ty·ks + tx)·cout + co (cout = p.cin, dY's channels). For a fixed k the
+// n are contiguous in W, so B is read as in the [K, N] layout (8 consecutive n per 16-byte
+// word when N % 8 == 0, flags bit 4; else one by one) with row k starting at element
+// ((co·ks + ks-1-ty)·ks + ks-1-tx)·N of W; rows k ≥ K and columns n ≥ N read zero. A split
+// over K offsets k by kbase (B's batch stride is unused).
 // Saves nothing for backward.
 
 struct Params {
@@ -44,12 +53,14 @@ override TRANS_B: bool = true;
 override OUT_F32: bool = false;
 override CONV: bool = false;
 override CONV_T: bool = false;
+override B_FLIP: bool = false;
 
 @group(0) @binding(0) var<uniform> p: Params;
 
 // CONV split over K: batch index z computes the partial product over im2col columns
-// z·stride_a .. z·stride_a + k (B's batch stride is the same k offset; C gets one f32 slice per
-// z, summed by the launcher). Set once per invocation in main.
+// z·stride_a .. z·stride_a + k (B's batch stride is the same k offset, or 0 with B_FLIP, whose
+// remap adds kbase itself; C gets one f32 slice per z, summed by the launcher). Set once per
+// invocation in main.
 var<private> kbase: u32;
 @group(0) @binding(1) var<storage, read> a: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
@@ -171,6 +182,31 @@ fn convt8(m: u32, k0: u32) -> vec4<u32> {
                      pack2x16float(vec2<f32>(convt_el(m, k0 + 6u), convt_el(m, k0 + 7u))));
 }
 
+// B_FLIP: the element of W where row k (with kbase) of the remapped B starts.
+fn flip_row(kk: u32) -> u32 {
+    let co = kk % p.cin;
+    let tap = kk / p.cin;
+    let ty = tap / p.ks;
+    let tx = tap % p.ks;
+    return p.off_b + ((co * p.ks + (p.ks - 1u - ty)) * p.ks + (p.ks - 1u - tx)) * p.n;
+}
+
+// B_FLIP: two values of B's row starting at W element `row`, columns n, n + 1; 0 past N.
+fn flip_pk(row: u32, n: u32) -> u32 {
+    var v = vec2<f32>(0.0);
+    if (n < p.n) { v.x = half_at(b[(row + n) >> 3u], row + n); }
+    if (n + 1u < p.n) { v.y = half_at(b[(row + n + 1u) >> 3u], row + n + 1u); }
+    return pack2x16float(v);
+}
+
+// B_FLIP: B row k, columns n0..n0+8 (n0 a multiple of 8), zero outside [0,K)x[0,N).
+fn flip8(k: u32, n0: u32, vec_ok: bool) -> vec4<u32> {
+    if (k >= p.k) { return vec4<u32>(0u); }
+    let row = flip_row(k + kbase);
+    if (n0 + 8u <= p.n && vec_ok) { return b[(row + n0) >> 3u]; }
+    return vec4<u32>(flip_pk(row, n0), flip_pk(row, n0 + 2u), flip_pk(row, n0 + 4u), flip_pk(row, n0 + 6u));
+}
+
 // Which 8 elements invocation t loads for the tile at k0, as (stored row, stored col0).
 // K-contiguous storage: 128 rows x 2 groups of 8 k. Otherwise: 16 k-rows x 16 groups of 8.
 fn fetch_a(t: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {
@@ -181,6 +217,7 @@ fn fetch_a(t: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {
 }
 fn fetch_b(t: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> vec4<u32> {
     if (TRANS_B) { return load8(false, base, n0 + t / 2u, k0 + (t % 2u) * 8u, p.n, p.k, p.ldb, vec_ok); }
+    if (CONV && B_FLIP) { return flip8(k0 + t / 16u, n0 + (t % 16u) * 8u, vec_ok); }
     return load8(false, base, k0 + t / 16u, n0 + (t % 16u) * 8u, p.k, p.n, p.ldb, vec_ok);
 }
 

@@ -1,7 +1,6 @@
 // tensor_ops.wgsl — the small data-movement and embedding ops around the networks' heavy
 // kernels: nearest upsample (2x, or to a size) and channel concat over channels-last images, GEGLU, the
-// sinusoidal timestep embedding, the token + position embedding, and the input-gradient
-// weight of a convolution.
+// sinusoidal timestep embedding and the token + position embedding.
 //
 // Layout: channels-last ([batch, H, W, C] / [rows, C]); f16 tensors read and written as
 // packed u32 words of two halves (unpack2x16float: no shader-f16 needed), so channel counts
@@ -18,16 +17,12 @@
 //               get_timestep_embedding with flip_sin_to_cos; t is f32 [batch])
 //   embed       y[b, l, :] = tok[ids[b, l], :] + pos[l, :]       (ids u32 [batch, l]; c1 = D, h = L,
 //               w = vocabulary size)
-//   conv_weight_dx  y[ci, ty, tx, co] = a[co, ks-1-ty, ks-1-tx, ci]   (W [cout, ks, ks, cin] to
-//               W' [cin, ks, ks, cout], flipped and channel-transposed: c1 = cout (even), c2 =
-//               cin, h = ks; output word u holds co and co + 1, two halves picked bit-exactly
-//               from two input words, no float conversion)
 
 struct Params {
     words: u32,   // output words (2 elements each)
     c1: u32,      // channels / features (see the table above)
     c2: u32,      // concat: channels of the second input
-    h: u32,       // upsample: input height; embed: sequence length; conv_weight_dx: ks
+    h: u32,       // upsample: input height; embed: sequence length
     w: u32,       // upsample: input width; embed: vocabulary size
     shift: f32,   // timestep: downscale_freq_shift
     oh: u32,      // upsample: output height
@@ -134,28 +129,4 @@ fn embed(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let id = min(a[tokpos], p.w - 1u);   // ids past the table read its last row, never out of bounds
     let v = unpack2x16float(b[(id * d + j) / 2u]) + unpack2x16float(c[(l * d + j) / 2u]);
     y[u] = pack2x16float(v);
-}
-
-// The f16 bits of element i of `a` (two halves per word, element 2k in the low half).
-fn half_bits(i: u32) -> u32 {
-    return (a[i / 2u] >> (16u * (i & 1u))) & 0xFFFFu;
-}
-
-@compute @workgroup_size(256)
-fn conv_weight_dx(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
-    let u = word_index(wg, nwg, lid);
-    if (u >= p.words) { return; }
-    let cout = p.c1;
-    let cin = p.c2;
-    let ks = p.h;
-    let e = 2u * u;              // ((ci·ks + ty)·ks + tx)·cout + co, co even
-    let co = e % cout;
-    let tap = e / cout;          // (ci·ks + ty)·ks + tx
-    let tx = tap % ks;
-    let ty = (tap / ks) % ks;
-    let ci = tap / (ks * ks);
-    let s0 = ((co * ks + ks - 1u - ty) * ks + ks - 1u - tx) * cin + ci;   // W[co, .., ci]
-    let s1 = s0 + ks * ks * cin;                                           // W[co + 1, .., ci]
-    y[u] = half_bits(s0) | (half_bits(s1) << 16u);
 }

@@ -1,5 +1,6 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
-//! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes,
+//! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes
+//! and their input gradients at the training step's shapes,
 //! attention at UNet, CLIP and VAE shapes, elementwise ops at 64 MiB. Each case is
 //! warmed up, then timed over repeated launches (median of several batches), and reported
 //! in ms and TFLOP/s or GB/s.
@@ -141,6 +142,16 @@ pub const CONV_CASES: [(&str, usize, usize, usize, usize); 6] = [
     ("vae_512x512x128", 1, 512, 128, 128),
 ];
 
+/// 3x3 convolutions' input gradients dX in the LoRA training step (batch 1, 512 px): name,
+/// batch, input size, cin, cout, stride (2: a downsampler, the CONV_T gather).
+pub const CONV_DX_CASES: [(&str, usize, usize, usize, usize, usize); 5] = [
+    ("unet_64x64x320", 1, 64, 320, 320, 1),
+    ("unet_32x32x640", 1, 32, 640, 640, 1),
+    ("unet_16x16x1280", 1, 16, 1280, 1280, 1),
+    ("unet_8x8x1280", 1, 8, 1280, 1280, 1),
+    ("unet_down_64x64x320_s2", 1, 64, 320, 320, 2),
+];
+
 /// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
 /// The cooperative-matrix matmul is timed with every tile of `CoopTile::ALL` at 8192³, and at
 /// every case when `all_tiles` (for tuning the tile choice).
@@ -227,6 +238,35 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                 let label = format!("{path} split-K x{} {}", shape[0] / mm.m, ds[0].label);
                 emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
             }
+        }
+    }
+    // Convolutions' dX, the forward weight read through the flipped B_FLIP remap, as the
+    // training step records it (split over K where the launcher splits).
+    for &(name, batch, size, cin, cout, stride) in CONV_DX_CASES.iter() {
+        let full = format!("conv3x3_dx_{name}");
+        let conv = Conv2d::new(batch, size, size, cin, cout, 3, stride, 1);
+        let (oh, ow) = conv.out_hw();
+        if !wanted(&full) || (slow && batch * oh * ow * cout * 9 * cin > 1 << 31) {
+            continue;
+        }
+        let dy = random_f16(gpu, &[batch, oh, ow, cout], 5, "bench conv dy")?;
+        let w = random_f16(gpu, &[cout, 3, 3, cin], 6, "bench conv w")?;
+        let dx = Tensor::empty(gpu, &[batch, size, size, cin], DType::F16, "bench conv dx")?;
+        for &path in &paths {
+            let mut conv = conv;
+            conv.path = Some(path);
+            let mm = conv.backward_input()?;
+            let mut rec = Recorder::capture(gpu);
+            match mm.partials_shape(gpu) {
+                Some(shape) => {
+                    let parts = Tensor::empty(gpu, &shape, DType::F32, "bench split-K partials")?;
+                    mm.run_split(gpu, &mut rec, &dy, &w, None, &dx, &parts)?;
+                }
+                None => mm.run(gpu, &mut rec, &dy, &w, None, &dx)?,
+            }
+            let ds = rec.into_dispatches();
+            let label = format!("{path} {}", ds[0].label);
+            emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
         }
     }
     // Attention at SD-1.5 shapes on every path the device has (the VAE's d 512 runs the

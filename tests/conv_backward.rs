@@ -1,15 +1,17 @@
 //! Op tests for the convolution input gradient dX (`Conv2d::backward_input`: an implicit GEMM
-//! on the matmul shaders, the CONV gather with the flipped weight at stride 1, the CONV_T
-//! gather at stride 2, a plain product for 1x1) against an f64 CPU reference in scatter form,
-//! itself checked against central finite differences of the CPU forward. Every path the device
-//! has; odd sizes (stride 2 with odd inputs, where the last row and column of dX get fewer
-//! taps), channel counts that are and are not multiples of 8, odd cin with f16 output, f32
-//! output, splits over K, accumulation, and real SD-1.5 shapes. Outputs are NaN-poisoned first.
+//! on the matmul shaders reading the forward weight through the flipped B_FLIP remap, with the
+//! CONV gather at stride 1 and the CONV_T gather at stride 2, a plain product for 1x1) against
+//! an f64 CPU reference in scatter form, itself checked against central finite differences of
+//! the CPU forward. Every path the device has; odd sizes (stride 2 with odd inputs, where the
+//! last row and column of dX get fewer taps), channel counts that are and are not multiples of
+//! 8 on either side (the gather's and the weight's vector loads fall back one by one), K not a
+//! multiple of the K tiles, N over one tile, odd cin with f16 output, f32 output, splits over
+//! K, accumulation, and real SD-1.5 shapes. Outputs are NaN-poisoned first.
 
 mod common;
 
 use atelier::gpu::{DType, Recorder, Tensor};
-use atelier::kernels::conv::{conv_weight_for_dx, conv_weight_to_nhwc, Conv2d};
+use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Inputs are exact f16 values, products are accumulated in f32 over K = ks²·cout ≤ 2880 and
@@ -77,16 +79,6 @@ fn reference(c: &Conv2d, dy: &[f32], w: &[f32]) -> Vec<f64> {
     dx
 }
 
-/// The weight `backward_input` reads, from the PyTorch layout.
-fn dx_weight(c: &Conv2d, w: &[f32]) -> Vec<f32> {
-    let wn = conv_weight_to_nhwc(w, c.cout, c.cin, c.ks, c.ks);
-    if c.dx_uses_forward_weight() {
-        wn
-    } else {
-        conv_weight_for_dx(&wn, c.cout, c.cin, c.ks).unwrap()
-    }
-}
-
 /// Runs dX on every path (accumulating onto `dx0` when given) and checks it.
 fn run_with(c: Conv2d, out: DType, dx0: bool) {
     let g = gpu();
@@ -98,7 +90,8 @@ fn run_with(c: Conv2d, out: DType, dx0: bool) {
         let w = round_f16(&random(c.cout * c.cin * c.ks * c.ks, s ^ 1));
         let base = round_f16(&random(c.batch * c.h * c.w * c.cin, s ^ 2));
         let tdy = Tensor::from_f32(g, &[c.batch, oh, ow, c.cout], DType::F16, &dy, "dy").unwrap();
-        let tw = Tensor::from_f32(g, &c.dx_weight_shape(), DType::F16, &dx_weight(&c, &w), "w_dx").unwrap();
+        // The forward weight, in the layout the forward reads ([cout, ks, ks, cin]).
+        let tw = Tensor::from_f32(g, &[c.cout, c.ks, c.ks, c.cin], DType::F16, &conv_weight_to_nhwc(&w, c.cout, c.cin, c.ks, c.ks), "w").unwrap();
         let tdx = if dx0 {
             Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cin], out, &base, "dx").unwrap()
         } else {
@@ -108,9 +101,13 @@ fn run_with(c: Conv2d, out: DType, dx0: bool) {
         };
         let mut conv = c;
         conv.path = Some(path);
+        // Every gathered dX reads the forward weight through the remap (no flipped copy).
+        let mm = conv.backward_input().unwrap();
+        let is_1x1 = c.ks == 1 && c.stride == 1 && c.pad == 0;
+        assert_eq!(mm.conv.is_some_and(|g| g.flip_b && !mm.trans_b), !is_1x1, "{what}: {mm:?}");
         let mut rec = Recorder::new(g);
         if dx0 {
-            let mut mm = conv.backward_input().unwrap();
+            let mut mm = mm;
             mm.accumulate = true;
             mm.run(g, &mut rec, &tdy, &tw, None, &tdx).unwrap();
         } else {
@@ -164,23 +161,6 @@ fn reference_matches_finite_differences() {
 }
 
 #[test]
-fn weight_for_dx_is_flipped_and_transposed() {
-    let (cout, cin, ks) = (3, 2, 3);
-    let w: Vec<f32> = (0..cout * ks * ks * cin).map(|i| i as f32).collect();
-    let t = conv_weight_for_dx(&w, cout, cin, ks).unwrap();
-    for o in 0..cout {
-        for y in 0..ks {
-            for x in 0..ks {
-                for i in 0..cin {
-                    assert_eq!(t[((i * ks + 2 - y) * ks + 2 - x) * cout + o], w[((o * ks + y) * ks + x) * cin + i]);
-                }
-            }
-        }
-    }
-    assert!(conv_weight_for_dx(&w[1..], cout, cin, ks).is_err());
-}
-
-#[test]
 fn dx3x3_stride1() {
     run(Conv2d::new(1, 5, 7, 8, 16, 3, 1, 1));
     run(Conv2d::new(2, 9, 6, 16, 24, 3, 1, 1));
@@ -218,6 +198,30 @@ fn channels_not_multiple_of_8_and_odd_cin() {
 }
 
 #[test]
+fn weight_remap_edges() {
+    // cin (N, the remapped B's row length) even but not a multiple of 8: B's rows start at
+    // multiples of cin, so the weight's 16-byte loads fall back to element reads while the
+    // gather (cout % 8 == 0) stays vectorised; f16 and f32 output.
+    run(Conv2d::new(1, 6, 7, 12, 16, 3, 1, 1));
+    run_with(Conv2d::new(1, 6, 5, 20, 8, 3, 1, 1), DType::F32, false);
+    run(Conv2d::new(1, 7, 8, 12, 24, 3, 2, 1));
+    // cout (dY's channels) not a multiple of 8 with cin a multiple of 8: K = 9·cout is no
+    // multiple of 8, 16 or 32, so the last K tile is partial and the flip crosses output
+    // channels mid-group; the weight's vector loads stay on.
+    run(Conv2d::new(1, 6, 6, 16, 20, 3, 1, 1)); // K = 180
+    run(Conv2d::new(1, 7, 6, 24, 6, 3, 2, 1)); // K = 54, stride 2
+    run(Conv2d::new(1, 5, 5, 8, 1, 3, 1, 1)); // K = 9, under one tile
+    // Neither a multiple of 8, odd cin with f16 output (padded scratch).
+    run(Conv2d::new(1, 6, 5, 7, 10, 3, 1, 1));
+    run(Conv2d::new(2, 5, 7, 5, 9, 3, 2, 1));
+    // N over one 128-wide tile, not a multiple of 8 or of the tile: a partial last column tile.
+    run(Conv2d::new(1, 5, 4, 140, 24, 3, 1, 1));
+    run(Conv2d::new(1, 5, 5, 136, 12, 3, 2, 1));
+    // A 1x1 convolution with stride 2 has no plain-product form: the remap with ks = 1.
+    run(Conv2d::new(1, 7, 6, 16, 12, 1, 2, 0));
+}
+
+#[test]
 fn split_over_k_and_accumulate() {
     for s in [2, 3, 4] {
         let mut c = Conv2d::new(2, 6, 5, 24, 32, 3, 1, 1);
@@ -228,6 +232,14 @@ fn split_over_k_and_accumulate() {
         c.split_k = Some(s);
         run(c);
     }
+    // Slices that start mid-tap and are no multiple of the K tiles: cout 40, K 360 in 5 slices
+    // of 72 (the remap's k restarts at each slice's kbase).
+    let mut c = Conv2d::new(1, 6, 6, 24, 40, 3, 1, 1);
+    c.split_k = Some(5);
+    run(c);
+    let mut c = Conv2d::new(1, 7, 7, 16, 40, 3, 2, 1);
+    c.split_k = Some(5);
+    run_with(c, DType::F32, false);
     // dX added onto a stream (+=), with and without a split, f16 and f32.
     for s in [None, Some(3)] {
         let mut c = Conv2d::new(1, 5, 6, 16, 24, 3, 1, 1);
@@ -256,18 +268,31 @@ fn bad_shapes_are_errors() {
     let g = gpu();
     let c = Conv2d::new(1, 4, 4, 8, 16, 3, 2, 1);
     let dy = Tensor::empty(g, &[1, 2, 2, 16], DType::F16, "dy").unwrap();
-    let w = Tensor::empty(g, &[8, 3, 3, 16], DType::F16, "w_dx").unwrap();
+    let w = Tensor::empty(g, &[16, 3, 3, 8], DType::F16, "w").unwrap();
     let dx = Tensor::empty(g, &[1, 4, 4, 8], DType::F16, "dx").unwrap();
     let mut rec = Recorder::new(g);
     assert!(c.run_backward_input(g, &mut rec, &dy, &w, &dx).is_ok());
-    // The forward weight's layout, a dY of the wrong size, a wrong dX, padding ≥ kernel size.
-    let fwd_w = Tensor::empty(g, &[16, 3, 3, 8], DType::F16, "w").unwrap();
-    assert!(c.run_backward_input(g, &mut rec, &dy, &fwd_w, &dx).is_err());
+    // The (former) flipped weight's layout, a dY of the wrong size, a wrong dX, padding ≥
+    // kernel size.
+    let flipped_w = Tensor::empty(g, &[8, 3, 3, 16], DType::F16, "w_dx").unwrap();
+    assert!(c.run_backward_input(g, &mut rec, &dy, &flipped_w, &dx).is_err());
     let big_dy = Tensor::empty(g, &[1, 4, 4, 16], DType::F16, "dy").unwrap();
     assert!(c.run_backward_input(g, &mut rec, &big_dy, &w, &dx).is_err());
     let small_dx = Tensor::empty(g, &[1, 3, 3, 8], DType::F16, "dx").unwrap();
     assert!(c.run_backward_input(g, &mut rec, &dy, &w, &small_dx).is_err());
     assert!(Conv2d::new(1, 4, 4, 8, 8, 3, 1, 3).backward_input().is_err());
     assert!(Conv2d::new(1, 4, 4, 8, 8, 3, 0, 1).backward_input().is_err());
+    // The product itself: the remap only without TRANS_B, a plain conv only with it, and a
+    // weight that holds all cout·ks·ks·cin values.
+    let mm = c.backward_input().unwrap();
+    assert!(mm.run(g, &mut rec, &dy, &w, None, &dx).is_ok());
+    let mut bad = mm.clone();
+    bad.trans_b = true;
+    assert!(bad.run(g, &mut rec, &dy, &w, None, &dx).is_err(), "B_FLIP with TRANS_B");
+    let mut bad = mm.clone();
+    bad.conv.as_mut().unwrap().flip_b = false;
+    assert!(bad.run(g, &mut rec, &dy, &w, None, &dx).is_err(), "a convolution with B not transposed, no remap");
+    let short_w = Tensor::empty(g, &[16 * 3 * 3 * 8 - 1], DType::F16, "w").unwrap();
+    assert!(mm.run(g, &mut rec, &dy, &short_w, None, &dx).is_err(), "a weight one value short");
     rec.finish().unwrap();
 }

@@ -1,13 +1,11 @@
 //! Op tests for shaders/tensor_ops.wgsl against CPU references on fresh seeded random inputs
 //! with NaN-poisoned outputs: upsample and concat (exact copies), GEGLU, the timestep
-//! embedding (diffusers' formula), the token + position embedding, and the conv input-gradient
-//! weight (bit-exact against `conv::conv_weight_for_dx`).
+//! embedding (diffusers' formula) and the token + position embedding.
 
 mod common;
 
 use atelier::gpu::{DType, Tensor};
-use atelier::kernels::conv::conv_weight_for_dx;
-use atelier::kernels::tensor_ops::{concat, conv_weight_dx, embed, geglu, timestep_embedding, upload_ids, upsample2x, upsample_nearest};
+use atelier::kernels::tensor_ops::{concat, embed, geglu, timestep_embedding, upload_ids, upsample2x, upsample_nearest};
 use common::{gpu, random, rel_l2, round_f16, seed, POISON};
 
 fn up(v: &[f32], shape: &[usize]) -> Tensor {
@@ -170,20 +168,6 @@ fn token_and_position_embedding() {
 }
 
 #[test]
-fn conv_weight_dx_matches_cpu() {
-    let g = gpu();
-    // A permutation of f16 values: bit-exact. ks 3 and 1, small sizes with odd cin (the two
-    // halves of an output word come from different input words and halves), and SD's 320.
-    for &(cout, cin, ks) in &[(4, 3, 3), (8, 5, 3), (2, 1, 3), (4, 3, 1), (8, 5, 1), (320, 320, 3)] {
-        let what = format!("conv weight for dx cout {cout} cin {cin} ks {ks}");
-        let w = round_f16(&random(cout * ks * ks * cin, seed(&what)));
-        let y = out(&[cin, ks, ks, cout]);
-        g.run_now(&conv_weight_dx(g, &up(&w, &[cout, ks, ks, cin]), &y, cout, cin, ks).unwrap()).unwrap();
-        exact(&what, &y, &conv_weight_for_dx(&w, cout, cin, ks).unwrap());
-    }
-}
-
-#[test]
 fn bad_shapes_are_errors() {
     let g = gpu();
     let x = up(&[0.0; 12], &[1, 2, 2, 3]);
@@ -196,14 +180,4 @@ fn bad_shapes_are_errors() {
     assert!(timestep_embedding(g, &t16, &a, 4, 0.0).is_err(), "t must be f32");
     let ids = upload_ids(g, &[1, 2], &[1, 2]).unwrap();
     assert!(embed(g, &ids, &a, &a, &a, 3).is_err(), "len does not divide the ids");
-    let w = up(&[0.0; 36], &[4, 3, 3, 1]);
-    let wdx = out(&[1, 3, 3, 4]);
-    assert!(conv_weight_dx(g, &w, &wdx, 4, 1, 3).is_ok());
-    assert!(conv_weight_dx(g, &w, &wdx, 4, 1, 2).is_err(), "ks does not match the weight");
-    assert!(conv_weight_dx(g, &w, &out(&[4, 3, 3, 2]), 4, 1, 3).is_err(), "w_dx too large");
-    assert!(conv_weight_dx(g, &w, &w, 4, 1, 3).is_err(), "w_dx is w");
-    let w32 = Tensor::from_f32(g, &[4, 3, 3, 1], DType::F32, &[0.0; 36], "w").unwrap();
-    assert!(conv_weight_dx(g, &w32, &wdx, 4, 1, 3).is_err(), "f32 w");
-    let odd = up(&[0.0; 27], &[3, 3, 3, 1]);
-    assert!(conv_weight_dx(g, &odd, &out(&[1, 3, 3, 3]), 3, 1, 3).is_err(), "odd cout");
 }

@@ -8,9 +8,11 @@
 //! Input gradient (the LoRA backward's dX through frozen convolutions), also an implicit GEMM
 //! on the same kernels: M = batch·h·w (dX pixels), N = cin, K = ks²·cout, from dY
 //! [batch, oh, ow, cout] and the flipped, channel-transposed weight W'[ci, ty, tx, co] =
-//! W[co, ks-1-ty, ks-1-tx, ci] ([`conv_weight_for_dx`], built once at load):
-//! - stride 1: dX = conv(dY, W') with padding ks-1-pad, the forward's own CONV gather and
-//!   pipelines;
+//! W[co, ks-1-ty, ks-1-tx, ci]. W' is never built: the product reads the forward weight W
+//! itself through an index remap (override B_FLIP, see `shaders/matmul_scalar.wgsl`): B is
+//! taken in the [K, N] layout, whose row k = (ty, tx, co) is the cin contiguous values
+//! W[co, ks-1-ty, ks-1-tx, ..].
+//! - stride 1: dX = conv(dY, W') with padding ks-1-pad, the forward's CONV gather;
 //! - stride s > 1: a transposed convolution, the CONV_T gather (dY read as if dilated by s,
 //!   then gathered at stride 1, padding ks-1-pad): column (ty, tx, co) of dX pixel (y, x)
 //!   reads dY at ((y + ty - (ks-1-pad)) / s, ..) when that divides evenly and lies inside dY,
@@ -80,6 +82,7 @@ impl Conv2d {
             oh,
             ow,
             transposed: false,
+            flip_b: false,
         });
         Ok(mm)
     }
@@ -102,25 +105,18 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// Whether [`Conv2d::backward_input`] reads the forward weight [cout, 1, 1, cin] itself (1x1,
-    /// stride 1, no padding) instead of [`conv_weight_for_dx`]'s [cin, ks, ks, cout].
-    pub fn dx_uses_forward_weight(&self) -> bool {
+    /// Whether [`Conv2d::backward_input`] is a plain product dY·W (1x1, stride 1, no padding)
+    /// rather than a gather.
+    fn dx_is_plain_product(&self) -> bool {
         self.ks == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// The shape of the weight [`Conv2d::backward_input`] reads.
-    pub fn dx_weight_shape(&self) -> [usize; 4] {
-        if self.dx_uses_forward_weight() {
-            [self.cout, 1, 1, self.cin]
-        } else {
-            [self.cin, self.ks, self.ks, self.cout]
-        }
-    }
-
     /// The implicit GEMM computing the input gradient dX [batch, h, w, cin] from dY
-    /// [batch, oh, ow, cout] (A, gathered) and the weight of [`Conv2d::dx_weight_shape`] (B).
-    /// Set `accumulate` on it to add into dX (residual and skip streams), `split_k` as in the
-    /// forward; run it with [`Matmul::run`] or, with a planned scratch, [`Matmul::run_split`].
+    /// [batch, oh, ow, cout] (A, gathered) and the forward weight W [cout, ks, ks, cin] (B,
+    /// read flipped and channel-transposed through the B_FLIP remap; for 1x1 a plain [cout,
+    /// cin] B). Set `accumulate` on it to add into dX (residual and skip streams), `split_k` as
+    /// in the forward; run it with [`Matmul::run`] or, with a planned scratch,
+    /// [`Matmul::run_split`].
     pub fn backward_input(&self) -> Result<Matmul> {
         let op = "conv2d backward_input";
         self.matmul()?;
@@ -132,11 +128,10 @@ impl Conv2d {
         let mut mm = Matmul::new(m, n, k);
         mm.path = self.path;
         mm.split_k = self.split_k;
-        if self.dx_uses_forward_weight() {
+        if self.dx_is_plain_product() {
             // dX [M, cin] = dY [M, cout] · W [cout, cin].
             return Ok(mm);
         }
-        mm.trans_b = true;
         mm.conv = Some(ConvGeom {
             images: self.batch,
             ih: oh,
@@ -148,47 +143,27 @@ impl Conv2d {
             oh: self.h,
             ow: self.w,
             transposed: self.stride > 1,
+            flip_b: true,
         });
         Ok(mm)
     }
 
     /// Records dx [batch, h, w, cin] (f16 or f32) = the input gradient of this convolution for
-    /// dy [batch, oh, ow, cout] (f16) through the frozen weight `w_dx` (f16, of
-    /// [`Conv2d::dx_weight_shape`]: [`conv_weight_for_dx`] of the forward weight, or the
-    /// forward weight itself for 1x1). Overwrites dx (`=`, activation gradients).
-    pub fn run_backward_input(&self, gpu: &Gpu, rec: &mut Recorder, dy: &Tensor, w_dx: &Tensor, dx: &Tensor) -> Result<()> {
+    /// dy [batch, oh, ow, cout] (f16) through the frozen forward weight `w` [cout, ks, ks, cin]
+    /// (f16, the layout [`Conv2d::run`] reads). Overwrites dx (`=`, activation gradients).
+    pub fn run_backward_input(&self, gpu: &Gpu, rec: &mut Recorder, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Result<()> {
         let (oh, ow) = self.out_hw();
         let want_dy = [self.batch, oh, ow, self.cout];
-        let want_w = self.dx_weight_shape();
+        let want_w = [self.cout, self.ks, self.ks, self.cin];
         let want_dx = [self.batch, self.h, self.w, self.cin];
-        if dy.numel() != want_dy.iter().product::<usize>() || w_dx.shape != want_w || dx.numel() != want_dx.iter().product::<usize>() {
+        if dy.numel() != want_dy.iter().product::<usize>() || w.shape != want_w || dx.numel() != want_dx.iter().product::<usize>() {
             return Err(Error::shape(
                 "conv2d backward_input",
-                format!("dy {:?} (want {want_dy:?}), w_dx {:?} (want {want_w:?}), dx {:?} (want {want_dx:?})", dy.shape, w_dx.shape, dx.shape),
+                format!("dy {:?} (want {want_dy:?}), w {:?} (want {want_w:?}), dx {:?} (want {want_dx:?})", dy.shape, w.shape, dx.shape),
             ));
         }
-        self.backward_input()?.run(gpu, rec, dy, w_dx, None, dx)
+        self.backward_input()?.run(gpu, rec, dy, w, None, dx)
     }
-}
-
-/// The weight of the input gradient, from the forward weight [cout, ks, ks, cin] (the
-/// [`conv_weight_to_nhwc`] layout): W'[ci, ty, tx, co] = W[co, ks-1-ty, ks-1-tx, ci], flipped
-/// and channel-transposed, [cin, ks, ks, cout]. Built once at load (the same size as W).
-pub fn conv_weight_for_dx(w: &[f32], cout: usize, cin: usize, ks: usize) -> Result<Vec<f32>> {
-    if w.len() != cout * ks * ks * cin {
-        return Err(Error::shape("conv_weight_for_dx", format!("{} values for a [{cout}, {ks}, {ks}, {cin}] weight", w.len())));
-    }
-    let mut out = vec![0.0; w.len()];
-    for o in 0..cout {
-        for y in 0..ks {
-            for x in 0..ks {
-                for i in 0..cin {
-                    out[((i * ks + (ks - 1 - y)) * ks + (ks - 1 - x)) * cout + o] = w[((o * ks + y) * ks + x) * cin + i];
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Reorders a PyTorch conv weight [cout, cin, kh, kw] into [cout, kh, kw, cin].

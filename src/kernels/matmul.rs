@@ -59,6 +59,12 @@ pub struct ConvGeom {
     /// by `stride` and gathered at stride 1 (a strided convolution's input gradient, see
     /// `kernels::conv`). Then ih, iw, cin are dY's and oh, ow dX's.
     pub transposed: bool,
+    /// B is a convolution's forward weight W [cin, ks, ks, N] (cin: this gather's channels,
+    /// the forward's cout; N: the forward's cin) read flipped and channel-transposed through an
+    /// index remap (override B_FLIP, with `trans_b` false): B(k, n) = W[co, ks-1-ty, ks-1-tx,
+    /// n] for k = (ty·ks + tx)·cin + co, the B of a convolution's input gradient, so no
+    /// flipped copy of W is built.
+    pub flip_b: bool,
 }
 
 /// Tile configuration of the cooperative-matrix kernel.
@@ -207,8 +213,8 @@ pub struct Matmul {
     pub path: Option<KernelPath>,
     /// Force a cooperative-matrix tile (default: chosen by size).
     pub tile: Option<CoopTile>,
-    /// A is the implicit im2col matrix of an NHWC image batch (then not trans_a, trans_b,
-    /// batch 1).
+    /// A is the implicit im2col matrix of an NHWC image batch (then not trans_a, batch 1, and
+    /// trans_b unless the geometry's `flip_b`).
     pub conv: Option<ConvGeom>,
     /// Split K into this many slices computed side by side into f32 partials, then summed
     /// (default: chosen by [`Matmul::split`] when there are too few tiles to fill the GPU, as
@@ -351,10 +357,17 @@ impl Matmul {
             )));
         }
         let k_slice = self.k / slices;
+        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0, transposed: false, flip_b: false });
+        // Vector (16-byte) loads need every 8-element group aligned: row strides, batch
+        // strides and offsets multiples of 8. With B_FLIP the only tensor they apply to is B
+        // (A is gathered, under flag 8), whose rows start at multiples of N in W, with no
+        // batch stride (the remap takes the split's offset): N % 8 == 0 is all it needs.
         let (lda, ldb) = (self.lda(), if self.trans_b { self.k } else { self.n });
-        let vec_ok = lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0 && self.off_a % 8 == 0;
+        let vec_ok = match g.flip_b {
+            true => self.n % 8 == 0,
+            false => lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0 && self.off_a % 8 == 0,
+        };
         let mut flags = if vec_ok { FLAG_VEC } else { 0 };
-        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0, transposed: false });
         if self.conv.is_some() && g.cin % 8 == 0 {
             flags |= FLAG_CONV_VEC;
         }
@@ -365,15 +378,21 @@ impl Matmul {
             flags |= FLAG_ACCUMULATE;
         }
         // Split over K: batch z is the slice starting at column z·k_slice of A (stride_a is
-        // that offset, also for the conv gather) and at that row of B, C's batch z its f32
-        // partial.
+        // that offset, also for the conv gather) and at that row of B (with B_FLIP the remap
+        // takes the gather's offset, B's stride is 0), C's batch z its f32 partial.
         let (k, batch, stride_a, stride_b) = match slices {
             1 => (self.k, self.batch, self.stride_a, self.stride_b),
             s => (
                 k_slice,
                 s,
                 if self.trans_a { k_slice * lda } else { k_slice },
-                if self.trans_b { k_slice } else { k_slice * self.n },
+                if g.flip_b {
+                    0
+                } else if self.trans_b {
+                    k_slice
+                } else {
+                    k_slice * self.n
+                },
             ),
         };
         let params = MatmulParams {
@@ -415,8 +434,10 @@ impl Matmul {
                 128,
             ),
         };
-        // The transposed gather is its own variant; forward keys stay as they were.
+        // The transposed gather and the remapped weight are variants of their own; forward
+        // keys stay as they were.
         let key = if g.transposed { key.with("CONV_T", 1) } else { key };
+        let key = if g.flip_b { key.with("B_FLIP", 1) } else { key };
         let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
         let a_elems = if self.lda.is_some() || self.off_a != 0 { self.batch * self.m * self.k } else { a.numel() };
         let bytes = (a_elems * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
@@ -433,8 +454,13 @@ impl Matmul {
         }
         let need_a = match self.conv {
             Some(g) => {
-                if self.trans_a || !self.trans_b || self.batch != 1 || g.images * g.oh * g.ow != self.m || g.ks * g.ks * g.cin != self.k {
-                    return Err(Error::shape(op, format!("convolution {g:?} does not match the product {}x{}x{}", self.m, self.n, self.k)));
+                // B is the weight [N, K] (TRANS_B), or with flip_b the forward weight [cin, ks,
+                // ks, N] read through the remap (not TRANS_B; its size, K·N, is checked below).
+                if self.trans_a || self.trans_b == g.flip_b || self.batch != 1 || g.images * g.oh * g.ow != self.m || g.ks * g.ks * g.cin != self.k {
+                    return Err(Error::shape(
+                        op,
+                        format!("convolution {g:?} does not match the product {}x{}x{} (trans_a {}, trans_b {})", self.m, self.n, self.k, self.trans_a, self.trans_b),
+                    ));
                 }
                 if g.transposed && g.stride == 0 {
                     return Err(Error::shape(op, format!("transposed convolution {g:?} with stride 0")));

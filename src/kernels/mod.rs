@@ -43,11 +43,26 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
             keys.push(t.key(false, true, out_f32, true));
         }
     }
-    // Transposed convolutions (a strided convolution's dX, `Conv2d::backward_input`).
+    // Transposed convolutions (the CONV_T gather) with the weight as given (TRANS_B).
     for out_f32 in [false, true] {
         keys.push(matmul::scalar_key(false, true, out_f32, true).with("CONV_T", 1));
         for t in matmul::CoopTile::ALL {
             keys.push(t.key(false, true, out_f32, true).with("CONV_T", 1));
+        }
+    }
+    // Convolutions' input gradients (`Conv2d::backward_input`): the forward weight read
+    // flipped through the B_FLIP remap (not TRANS_B), stride 1 (CONV) and strided (CONV_T),
+    // with the overrides in the order the launcher adds them.
+    for conv_t in [false, true] {
+        for out_f32 in [false, true] {
+            let with = |k: crate::gpu::PipelineKey| {
+                let k = if conv_t { k.with("CONV_T", 1) } else { k };
+                k.with("B_FLIP", 1)
+            };
+            keys.push(with(matmul::scalar_key(false, false, out_f32, true)));
+            for t in matmul::CoopTile::ALL {
+                keys.push(with(t.key(false, false, out_f32, true)));
+            }
         }
     }
     for entry in ["unary", "binary", "copy2d", "convert", "splitk_sum"] {

@@ -1,8 +1,6 @@
 //! Launchers for `shaders/tensor_ops.wgsl`: nearest 2x upsample and channel concat over
-//! channels-last images, GEGLU, the sinusoidal timestep embedding, the token + position
-//! embedding, and a convolution's input-gradient weight W' (built on the GPU into scratch
-//! just before the dX product, instead of keeping a second copy of every conv weight). All
-//! move bytes, not flops: each declares the bytes it reads and writes.
+//! channels-last images, GEGLU, the sinusoidal timestep embedding and the token + position
+//! embedding. All move bytes, not flops: each declares the bytes it reads and writes.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -123,27 +121,7 @@ pub fn embed(gpu: &Gpu, ids: &Tensor, tok: &Tensor, pos: &Tensor, y: &Tensor, le
 }
 
 /// The entry points, for the shader tests (none has override constants).
-pub const ENTRIES: [&str; 6] = ["upsample2x", "concat", "geglu", "timestep", "embed", "conv_weight_dx"];
-
-/// w_dx [cin, ks, ks, cout] = the input-gradient weight of the forward weight w [cout, ks, ks,
-/// cin]: W'[ci, ty, tx, co] = W[co, ks-1-ty, ks-1-tx, ci], as
-/// [`conv_weight_for_dx`](super::conv::conv_weight_for_dx) builds it on the CPU, bit-exact
-/// (a permutation of f16 values). Both f16, in different buffers; cout even (every SD-1.5
-/// conv's is a multiple of 4), so each invocation writes one whole u32 word (co, co + 1).
-pub fn conv_weight_dx(gpu: &Gpu, w: &Tensor, w_dx: &Tensor, cout: usize, cin: usize, ks: usize) -> Result<Dispatch> {
-    let op = "conv weight for dx";
-    f16s(op, &[w, w_dx])?;
-    need(op, cout.is_multiple_of(2), || format!("cout {cout} is odd: two output channels share each u32 word"))?;
-    let n = cout.checked_mul(ks * ks).and_then(|v| v.checked_mul(cin)).unwrap_or(usize::MAX);
-    need(op, n > 0 && w.numel() == n && w_dx.numel() == n, || {
-        format!("w {:?}, w_dx {:?} for a [{cout}, {ks}, {ks}, {cin}] weight", w.shape, w_dx.shape)
-    })?;
-    need(op, !std::sync::Arc::ptr_eq(&w.buffer, &w_dx.buffer), || {
-        "w_dx must not be in the same buffer as w (it is bound writable, w read-only)".into()
-    })?;
-    let p = TensorOpsParams { words: words(op, n)?, c1: cout as u32, c2: cin as u32, h: ks as u32, ..Default::default() };
-    gpu.dispatch(&key("conv_weight_dx"), &p, &[w, w_dx], grid(n / 2), 0.0, (n * 4) as f64)
-}
+pub const ENTRIES: [&str; 5] = ["upsample2x", "concat", "geglu", "timestep", "embed"];
 
 /// Uploads token ids as raw u32 words in a 4-byte tensor (DType::F32 storage, bit patterns
 /// are ids), the form [`embed`] reads.

@@ -163,9 +163,9 @@ impl Conv {
 
 impl Conv {
     /// Records the input gradient through the frozen weight: dx [batch, h, w, cin] (=) from
-    /// dy [batch, oh, ow, cout]. The flipped, channel-transposed weight the product reads
-    /// (`conv::conv_weight_for_dx`) is built on the GPU into a pool scratch just before, so
-    /// no second copy of every weight is kept (1 GiB for SD-1.5's UNet).
+    /// dy [batch, oh, ow, cout]. The product reads the forward weight itself, flipped and
+    /// channel-transposed through an index remap (`Conv2d::backward_input`): no copy of it is
+    /// built or allocated.
     pub fn backward_input(&self, pb: &mut PlanBuilder, dy: &Tensor, (batch, h, w): (usize, usize, usize), dx: &Tensor) -> Result<()> {
         if self.pad_end_only {
             return Err(Error::shape("conv2d backward", "end-only padding (the VAE encoder's downsamplers) has no input gradient here"));
@@ -175,15 +175,7 @@ impl Conv {
         if dy.numel() != batch * oh * ow * self.cout || dx.numel() != batch * h * w * self.cin {
             return Err(Error::shape("conv2d backward", format!("dy {:?}, dx {:?} for {batch}x{h}x{w}, {} -> {}", dy.shape, dx.shape, self.cin, self.cout)));
         }
-        let mm = conv.backward_input()?;
-        if conv.dx_uses_forward_weight() {
-            return run_pooled(pb, &mm, dy, &self.w, None, dx);
-        }
-        let w_dx = pb.f16(&conv.dx_weight_shape(), "conv dX weight")?;
-        pb.run(crate::kernels::tensor_ops::conv_weight_dx(pb.gpu, &self.w, &w_dx, self.cout, self.cin, self.ks)?)?;
-        run_pooled(pb, &mm, dy, &w_dx, None, dx)?;
-        pb.free(w_dx);
-        Ok(())
+        run_pooled(pb, &conv.backward_input()?, dy, &self.w, None, dx)
     }
 }
 
