@@ -86,6 +86,14 @@ fn time_case(gpu: &Gpu, ds: &[Dispatch], name: String, path: String, work: f64, 
     Ok(BenchResult { name, path, ms: s * 1e3, tflops: flops / s / 1e12, gbs: bytes / s / 1e9 })
 }
 
+/// The launches of `mm` as [`Matmul::run`] records them: the product, or when it splits over
+/// K its f32 partials and their sum.
+fn recorded(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<Dispatch>> {
+    let mut rec = Recorder::capture(gpu);
+    mm.run(gpu, &mut rec, a, b, bias, c)?;
+    Ok(rec.into_dispatches())
+}
+
 fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     Tensor::from_f32(gpu, shape, DType::F16, &noise(n, seed), what)
@@ -199,14 +207,10 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                 let mut mm = Matmul::new(m, n, k);
                 mm.trans_b = trans_b;
                 mm.split_k = Some(s);
-                let Some(shape) = mm.partials_shape(gpu) else { continue };
-                if k % (16 * s) != 0 {
+                if mm.split(gpu) < 2 || k % (16 * s) != 0 {
                     continue;
                 }
-                let parts = Tensor::empty(gpu, &shape, DType::F32, "bench split-K partials")?;
-                let mut rec = Recorder::capture(gpu);
-                mm.run_split(gpu, &mut rec, &x, &w, None, &y, &parts)?;
-                let ds = rec.into_dispatches();
+                let ds = recorded(gpu, &mm, &x, &w, None, &y)?;
                 let label = format!("split-K x{s} {}", ds[0].label);
                 emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
             }
@@ -230,12 +234,10 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
             emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
             mm.split_k = None;
-            if let Some(shape) = mm.partials_shape(gpu) {
-                let parts = Tensor::empty(gpu, &shape, DType::F32, "bench split-K partials")?;
-                let mut rec = Recorder::capture(gpu);
-                mm.run_split(gpu, &mut rec, &x, &w, Some(&b), &y, &parts)?;
-                let ds = rec.into_dispatches();
-                let label = format!("{path} split-K x{} {}", shape[0] / mm.m, ds[0].label);
+            let slices = mm.split(gpu);
+            if slices > 1 {
+                let ds = recorded(gpu, &mm, &x, &w, Some(&b), &y)?;
+                let label = format!("{path} split-K x{slices} {}", ds[0].label);
                 emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
             }
         }
@@ -255,16 +257,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         for &path in &paths {
             let mut conv = conv;
             conv.path = Some(path);
-            let mm = conv.backward_input()?;
-            let mut rec = Recorder::capture(gpu);
-            match mm.partials_shape(gpu) {
-                Some(shape) => {
-                    let parts = Tensor::empty(gpu, &shape, DType::F32, "bench split-K partials")?;
-                    mm.run_split(gpu, &mut rec, &dy, &w, None, &dx, &parts)?;
-                }
-                None => mm.run(gpu, &mut rec, &dy, &w, None, &dx)?,
-            }
-            let ds = rec.into_dispatches();
+            let ds = recorded(gpu, &conv.backward_input()?, &dy, &w, None, &dx)?;
             let label = format!("{path} {}", ds[0].label);
             emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
         }

@@ -180,7 +180,7 @@ impl Conv {
 }
 
 /// Records a product, its split-K partials (when it splits) taken from the plan's pool.
-fn run_pooled(pb: &mut PlanBuilder, mm: &Matmul, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
+pub(crate) fn run_pooled(pb: &mut PlanBuilder, mm: &Matmul, x: &Tensor, w: &Tensor, b: Option<&Tensor>, y: &Tensor) -> Result<()> {
     if let Some(shape) = mm.partials_shape(pb.gpu) {
         let parts = pb.tensor(&shape, DType::F32, "split-K partials")?;
         mm.run_split(pb.gpu, &mut pb.rec, x, w, b, y, &parts)?;

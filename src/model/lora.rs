@@ -56,6 +56,7 @@ use crate::kernels::elementwise;
 use crate::kernels::lora as k;
 use crate::kernels::lora_skinny as sk;
 use crate::kernels::matmul::Matmul;
+use crate::model::layers::run_pooled;
 use crate::rng::Rng;
 
 /// One adapter to create: the target linear's in and out features, rank, alpha, dropout.
@@ -337,17 +338,6 @@ impl<'a> Adapters<'a> {
     }
 }
 
-/// Records a product into `c` with no bias, its split-K partials from the plan's pool.
-fn run_mm(pb: &mut PlanBuilder, mm: &Matmul, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<()> {
-    if let Some(shape) = mm.partials_shape(pb.gpu) {
-        let parts = pb.tensor(&shape, DType::F32, "split-K partials")?;
-        mm.run_split(pb.gpu, &mut pb.rec, a, b, None, c, &parts)?;
-        pb.free(parts);
-        return Ok(());
-    }
-    mm.run(pb.gpu, &mut pb.rec, a, b, None, c)
-}
-
 /// Records a skinny weight gradient into `g` (a layer's dA or dB view), its partials from the
 /// plan's pool.
 fn run_wgrad(pb: &mut PlanBuilder, wg: &sk::WeightGrad, x: Operand, h: &Tensor, g: &Tensor) -> Result<()> {
@@ -397,7 +387,7 @@ impl LoraLayer {
         } else {
             let mut mm = Matmul::new(rows, s.rank, s.k);
             mm.trans_b = true;
-            run_mm(pb, &mm, &xd, &self.a16, &h)?;
+            run_pooled(pb, &mm, &xd, &self.a16, None, &h)?;
         }
         if self.skinny() && s.n % 2 == 0 {
             pb.run(sk::widen(pb.gpu, &h, &self.b16, true, y, rows, s.n, s.rank, self.scale, true)?)?;
@@ -407,7 +397,7 @@ impl LoraLayer {
             mm.alpha = self.scale;
             mm.accumulate = true;
             (mm.ldc, mm.off_c) = (Some(y.ld), y.offset);
-            run_mm(pb, &mm, &h, &self.b16, y.tensor)?;
+            run_pooled(pb, &mm, &h, &self.b16, None, y.tensor)?;
         }
         Ok(LoraSaved { xd, h, xd_owned })
     }
@@ -454,18 +444,18 @@ impl LoraLayer {
             mm.alpha = self.scale * grad_scale;
             mm.accumulate = true;
             (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
-            run_mm(pb, &mm, dy.tensor, &saved.h, &self.db)?;
+            run_pooled(pb, &mm, dy.tensor, &saved.h, None, &self.db)?;
             // dh [M, r] = scale · dy·B, B [n, r] = [K, N].
             let mut mm = Matmul::new(rows, s.rank, s.n);
             mm.alpha = self.scale;
             (mm.lda, mm.off_a) = (Some(dy.ld), dy.offset);
-            run_mm(pb, &mm, dy.tensor, &self.b16, &dh)?;
+            run_pooled(pb, &mm, dy.tensor, &self.b16, None, &dh)?;
             // dA [r, k] += dhᵀ·xd.
             let mut mm = Matmul::new(s.rank, s.k, rows);
             mm.trans_a = true;
             mm.alpha = grad_scale;
             mm.accumulate = true;
-            run_mm(pb, &mm, &dh, &saved.xd, &self.da)?;
+            run_pooled(pb, &mm, &dh, &saved.xd, None, &self.da)?;
         }
         if let Some(dx) = dx {
             // dx [M, k] += dropout(dh·A), A [r, k] = [K, N].
@@ -477,7 +467,7 @@ impl LoraLayer {
                 if wide {
                     pb.run(sk::widen(pb.gpu, &dh, &self.a16, false, dense(&g), rows, s.k, s.rank, 1.0, false)?)?;
                 } else {
-                    run_mm(pb, &mm, &dh, &self.a16, &g)?;
+                    run_pooled(pb, &mm, &dh, &self.a16, None, &g)?;
                 }
                 pb.run(k::dropout(pb.gpu, &g, dx, &self.hyper, self.salt, s.dropout, true)?)?;
                 pb.free(g);
@@ -485,7 +475,7 @@ impl LoraLayer {
                 pb.run(sk::widen(pb.gpu, &dh, &self.a16, false, dense(dx), rows, s.k, s.rank, 1.0, true)?)?;
             } else {
                 mm.accumulate = true;
-                run_mm(pb, &mm, &dh, &self.a16, dx)?;
+                run_pooled(pb, &mm, &dh, &self.a16, None, dx)?;
             }
         }
         pb.free(dh);
