@@ -1,7 +1,8 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
 //! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes
 //! and their input gradients at the training step's shapes,
-//! attention at UNet, CLIP and VAE shapes, elementwise ops at 64 MiB. Each case is
+//! attention at UNet, CLIP and VAE shapes and its backward at the training step's shapes,
+//! elementwise ops at 64 MiB. Each case is
 //! warmed up, then timed over repeated launches (median of several batches), and reported
 //! in ms and TFLOP/s or GB/s.
 
@@ -11,6 +12,7 @@ use crate::error::Result;
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
 use crate::kernels::attention::{Attention, Operand};
+use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads, BwdTile, CoopEntry};
 use crate::kernels::conv::Conv2d;
 use crate::kernels::matmul::{CoopTile, Matmul};
 
@@ -286,6 +288,56 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             a.path = Some(path);
             let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
             emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e11, slow)?);
+        }
+    }
+    // The attention backward at the training step's shapes (batch 1): the dq launch, and the
+    // dk/dv launch (with its reduce when the queries are split), with the launcher's tiles;
+    // with `all_tiles` every cooperative-matrix tile of each entry (the other entry keeps
+    // the launcher's). The statistics launch runs once before (the kernels read them).
+    let bwd_cases = [
+        ("train_64x64_self_1x8h_d40", Attention::new(1, 8, 4096, 4096, 40, false)),
+        ("train_64x64_cross_1x8h_d40", Attention::new(1, 8, 4096, 77, 40, false)),
+        ("train_32x32_self_1x8h_d80", Attention::new(1, 8, 1024, 1024, 80, false)),
+        ("train_16x16_self_1x8h_d160", Attention::new(1, 8, 256, 256, 160, false)),
+        ("clip_causal_1x12h_d64", Attention::new(1, 12, 77, 77, 64, true)),
+    ];
+    for (name, a) in bwd_cases {
+        let full = format!("attention_bwd_{name}");
+        if !wanted(&full) || (slow && a.lq * a.lk > 1 << 16) {
+            continue;
+        }
+        let hd = a.heads * a.d;
+        let (qs, ks) = ([a.batch, a.lq, hd], [a.batch, a.lk, hd]);
+        let (q, k, v) = (random_f16(gpu, &qs, 8, "bench q")?, random_f16(gpu, &ks, 9, "bench k")?, random_f16(gpu, &ks, 10, "bench v")?);
+        let (o, dout) = (random_f16(gpu, &qs, 11, "bench o")?, random_f16(gpu, &qs, 12, "bench dout")?);
+        let dq = Tensor::empty(gpu, &qs, DType::F16, "bench dq")?;
+        let (dk, dv) = (Tensor::empty(gpu, &ks, DType::F16, "bench dk")?, Tensor::empty(gpu, &ks, DType::F16, "bench dv")?);
+        let op = |t| Operand::dense(t, hd);
+        let grads = AttentionGrads { q: op(&q), k: op(&k), v: op(&v), o: op(&o), dout: op(&dout), dq: op(&dq), dk: op(&dk), dv: op(&dv) };
+        for &path in &paths {
+            let a = Attention { path: Some(path), ..a };
+            let auto = AttentionBackward::new(gpu, a)?.plan(gpu).1;
+            let mut forced = vec![None];
+            if let (true, Some((aq, ak))) = (all_tiles, auto) {
+                let dp = crate::kernels::attention::coop_dp(a.d) as u32;
+                let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
+                for t in BwdTile::ALL.iter().filter(|t| gpu.caps.subgroup_barrier || !t.warp) {
+                    if t.valid(CoopEntry::Dq, dp, limit) && *t != aq {
+                        forced.push(Some((*t, ak)));
+                    }
+                    if t.valid(CoopEntry::Dkv, dp, limit) && *t != ak {
+                        forced.push(Some((aq, *t)));
+                    }
+                }
+            }
+            for tiles in forced {
+                let mut bw = AttentionBackward::new(gpu, a)?;
+                bw.tiles = tiles;
+                let ds = bw.prepare(gpu, &grads)?;
+                gpu.run_now(&ds[0])?;
+                emit(time_case(gpu, &ds[1..2], full.clone(), format!("{path} dq {}", ds[1].label), 2e11, slow)?);
+                emit(time_case(gpu, &ds[2..], full.clone(), format!("{path} dkv {}", ds[2].label), 2e11, slow)?);
+            }
         }
     }
     // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).

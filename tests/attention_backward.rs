@@ -1,4 +1,5 @@
-//! Op tests for shaders/attention_backward.wgsl and attention_backward_coop.wgsl (every case
+//! Op tests for shaders/attention_backward.wgsl, attention_backward_coop.wgsl and
+//! attention_backward_warp.wgsl (every case
 //! on each path the device offers, `common::paths()`, checking the launches took it): dq, dk, dv of
 //! o = softmax(q·kᵀ·scale)·v against an f64 CPU reference that materialises the scores, on
 //! fresh seeded random q, k, v, dO with NaN-poisoned outputs: the reference itself against
@@ -9,14 +10,15 @@
 //! d 40 x 8 heads; self-attention 1024 x 1024 x d 80 x 2 heads) and refused shapes; dk and dv
 //! with the query range split over workgroups (forced 1, 2, 3, not dividing the query blocks,
 //! more splits than query blocks; causal; f16 and f32 gradients) and the launcher's choice;
-//! the cooperative-matrix tiles' workgroup memory and the path choice.
+//! the cooperative-matrix tiles' workgroup memory and the path choice, and on a device with
+//! cooperative matrices every tile of both coop shaders forced.
 
 mod common;
 
 use atelier::gpu::{DType, KernelPath, Tensor};
 use atelier::kernels::attention::{coop_dp, Attention, Operand, COOP_MAX_DP, COOP_SHARED_LIMIT};
 use atelier::kernels::attention_backward::{
-    default_dkv_splits, AttentionBackward, AttentionGrads, BwdTile, CoopEntry, MAX_DKV_SPLITS,
+    default_dkv_splits, AttentionBackward, AttentionGrads, BwdTile, CoopEntry, MAX_DKV_SPLITS, WARP_MAX_DP,
 };
 use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
@@ -161,7 +163,7 @@ fn run_split(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64,
     let mut worst: f64 = 0.0;
     let mut secs = 0.0;
     for path in paths() {
-        let (e, s) = run_path(Attention { path: Some(path), ..a }, amp, dout_dt, grad_dt, bound, splits);
+        let (e, s) = run_path(Attention { path: Some(path), ..a }, amp, dout_dt, grad_dt, bound, splits, None);
         worst = worst.max(e);
         secs = s;
     }
@@ -174,13 +176,24 @@ fn check_path(a: &Attention, bw: &AttentionBackward, ds: &[atelier::gpu::Dispatc
     let want_coop = a.path == Some(KernelPath::Coop) && coop_dp(a.d) <= COOP_MAX_DP;
     assert_eq!(bw.plan(gpu()).0 == KernelPath::Coop, want_coop, "{a:?}: plan");
     for d in &ds[1..3] {
-        assert_eq!(d.label.starts_with("attention_backward_coop."), want_coop, "{a:?}: launch {}", d.label);
+        let coop = d.label.starts_with("attention_backward_coop.") || d.label.starts_with("attention_backward_warp.");
+        assert_eq!(coop, want_coop, "{a:?}: launch {}", d.label);
     }
 }
 
-fn run_path(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, splits: Option<usize>) -> (f64, f64) {
+/// One case on `a.path`, with the dk/dv query splits and the cooperative-matrix tiles (dq,
+/// dkv) forced where given (the launches must then be those tiles' pipelines).
+fn run_path(
+    a: Attention,
+    amp: f32,
+    dout_dt: DType,
+    grad_dt: DType,
+    bound: f64,
+    splits: Option<usize>,
+    tiles: Option<(BwdTile, BwdTile)>,
+) -> (f64, f64) {
     let g = gpu();
-    let what = format!("attention backward {a:?} amp {amp} dO {dout_dt:?} grads {grad_dt:?} splits {splits:?}");
+    let what = format!("attention backward {a:?} amp {amp} dO {dout_dt:?} grads {grad_dt:?} splits {splits:?} tiles {tiles:?}");
     let s = seed(&what);
     let hd = a.heads * a.d;
     let (nq, nk) = (a.batch * a.lq * hd, a.batch * a.lk * hd);
@@ -197,10 +210,11 @@ fn run_path(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, 
     let (tq, tk, tv, to) = (up(&q, a.lq, DType::F16), up(&k, a.lk, DType::F16), up(&v, a.lk, DType::F16), up(&o, a.lq, DType::F16));
     let tdo = up(&dout, a.lq, dout_dt);
     let (tdq, tdk, tdv) = (poisoned(&[a.batch, a.lq, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt), poisoned(&[a.batch, a.lk, hd], grad_dt));
-    let bw = AttentionBackward::with_dkv_splits(g, a, splits).unwrap();
+    let mut bw = AttentionBackward::with_dkv_splits(g, a, splits).unwrap();
     if let Some(s) = splits {
         assert_eq!(bw.dkv_splits, s);
     }
+    bw.tiles = tiles;
     bw.stats.as_ref().unwrap().fill_words(g, POISON);
     for t in bw.dkv_partials.iter().flatten() {
         t.fill_words(g, POISON);
@@ -218,6 +232,12 @@ fn run_path(a: Attention, amp: f32, dout_dt: DType, grad_dt: DType, bound: f64, 
     };
     let ds = bw.prepare(g, &grads).unwrap();
     check_path(&a, &bw, &ds);
+    if let Some((tq, tk)) = tiles {
+        let dp = coop_dp(a.d) as u32;
+        let (dq32, dkv32, do32) = (grad_dt == DType::F32, grad_dt == DType::F32, dout_dt == DType::F32);
+        assert_eq!(&*ds[1].label, tq.key(CoopEntry::Dq, dp, do32, dq32).to_string().as_str(), "{what}: dq launch");
+        assert_eq!(&*ds[2].label, tk.key(CoopEntry::Dkv, dp, do32, dkv32).to_string().as_str(), "{what}: dkv launch");
+    }
     // One dk/dv launch without splits; partials and their reduce with.
     assert_eq!(ds.len(), if bw.dkv_splits > 1 { 4 } else { 3 }, "{what}: launches");
     assert_eq!(ds[2].groups[2] as usize, bw.dkv_splits, "{what}: dkv grid");
@@ -354,7 +374,11 @@ fn split_choice() {
     let ds = bw.prepare(g, &grads).unwrap();
     assert_eq!(ds.len(), 4);
     assert_eq!(ds[2].groups[2] as usize, s);
-    assert!(ds[2].groups.iter().product::<u32>() >= 264, "{:?}", ds[2].groups);
+    // The splits come from the scalar tiles' key blocks (51 keys: >= 264 workgroups); the
+    // warp-owned kernel takes 128 keys per workgroup, so it gets fewer.
+    if !ds[2].label.starts_with("attention_backward_warp.") {
+        assert!(ds[2].groups.iter().product::<u32>() >= 264, "{:?}", ds[2].groups);
+    }
     assert!(ds[3].bytes > 0.0 && ds[2].flops > 0.0);
     // Forced splits out of range, and a field changed behind the partials' back.
     assert!(AttentionBackward::with_dkv_splits(g, cross, Some(0)).is_err());
@@ -500,18 +524,26 @@ fn after_gpu_forward() {
 fn coop_tiles() {
     // The cooperative-matrix tiles: a tile of each entry fits wgpu's default 48 KiB at every
     // padded head dim up to COOP_MAX_DP (so no d <= 160 falls back to the scalar kernels on a
-    // device with the default limit), the sums match the shader's header, and the launcher's
-    // choice at SD's head dims.
+    // device with the default limit), the sums match the shaders' headers, and the launcher's
+    // choice at SD's head dims, with and without subgroup barriers (the warp-owned kernels).
     for dp in (16..=COOP_MAX_DP as u32).step_by(16) {
         for entry in [CoopEntry::Dq, CoopEntry::Dkv] {
-            let t = BwdTile::auto(entry, dp, COOP_SHARED_LIMIT).unwrap_or_else(|| panic!("no {entry:?} tile at DP {dp}"));
-            assert!(t.shared_bytes(entry, dp) <= COOP_SHARED_LIMIT);
+            for sb in [false, true] {
+                let t = BwdTile::auto(entry, dp, COOP_SHARED_LIMIT, sb).unwrap_or_else(|| panic!("no {entry:?} tile at DP {dp}"));
+                assert!(t.shared_bytes(entry, dp) <= COOP_SHARED_LIMIT);
+                assert_eq!(t.warp, sb && dp <= WARP_MAX_DP, "{entry:?} at DP {dp}");
+            }
         }
     }
-    let t = |bq, bk, warps| BwdTile { bq, bk, warps };
+    let t = |bq, bk, warps| BwdTile { bq, bk, warps, warp: false };
+    let w = |bq, bk, warps| BwdTile { bq, bk, warps, warp: true };
     assert_eq!(t(64, 32, 8).shared_bytes(CoopEntry::Dq, 48), 49152);
     assert_eq!(t(64, 32, 8).shared_bytes(CoopEntry::Dkv, 48), 49152);
     assert_eq!(t(16, 16, 4).shared_bytes(CoopEntry::Dkv, 160), 44544);
+    // attention_backward_warp.wgsl's header: W 8, B 32 at DP 48; W 4, B 64 at DP 80.
+    assert_eq!(w(128, 32, 8).shared_bytes(CoopEntry::Dq, 48), 35840);
+    assert_eq!(w(32, 128, 8).shared_bytes(CoopEntry::Dkv, 48), 35840);
+    assert_eq!(w(64, 64, 4).shared_bytes(CoopEntry::Dkv, 80), 49152);
     for (d, dq, dkv) in [
         (40, t(64, 32, 8), t(64, 32, 8)),
         (64, t(32, 32, 4), t(32, 32, 4)),
@@ -519,18 +551,75 @@ fn coop_tiles() {
         (160, t(16, 32, 4), t(16, 16, 4)),
     ] {
         let dp = coop_dp(d) as u32;
-        assert_eq!(BwdTile::auto(CoopEntry::Dq, dp, COOP_SHARED_LIMIT), Some(dq), "dq at d {d}");
-        assert_eq!(BwdTile::auto(CoopEntry::Dkv, dp, COOP_SHARED_LIMIT), Some(dkv), "dkv at d {d}");
+        assert_eq!(BwdTile::auto(CoopEntry::Dq, dp, COOP_SHARED_LIMIT, false), Some(dq), "dq at d {d}");
+        assert_eq!(BwdTile::auto(CoopEntry::Dkv, dp, COOP_SHARED_LIMIT, false), Some(dkv), "dkv at d {d}");
+    }
+    for (d, dq, dkv) in [(40, w(64, 32, 4), w(32, 128, 8)), (64, w(64, 64, 4), w(64, 64, 4)), (80, w(64, 64, 4), w(64, 64, 4))] {
+        let dp = coop_dp(d) as u32;
+        assert_eq!(BwdTile::auto(CoopEntry::Dq, dp, COOP_SHARED_LIMIT, true), Some(dq), "dq at d {d}");
+        assert_eq!(BwdTile::auto(CoopEntry::Dkv, dp, COOP_SHARED_LIMIT, true), Some(dkv), "dkv at d {d}");
     }
     // A smaller device limit moves to smaller tiles, none at all below the smallest.
-    assert_eq!(BwdTile::auto(CoopEntry::Dq, 48, 32 * 1024), Some(t(32, 32, 4)));
-    assert_eq!(BwdTile::auto(CoopEntry::Dkv, 160, 16 * 1024), None);
+    assert_eq!(BwdTile::auto(CoopEntry::Dq, 48, 32 * 1024, false), Some(t(32, 32, 4)));
+    assert_eq!(BwdTile::auto(CoopEntry::Dkv, 160, 16 * 1024, true), None);
+    // Tiles the warp-owned shader does not take: owned rows not 16 per subgroup, a streamed
+    // block other than 32 or 64, a head dim past WARP_MAX_DP.
+    assert!(!w(64, 32, 8).valid(CoopEntry::Dq, 48, COOP_SHARED_LIMIT));
+    assert!(!w(128, 16, 8).valid(CoopEntry::Dq, 48, COOP_SHARED_LIMIT));
+    assert!(!w(128, 32, 8).valid(CoopEntry::Dq, 96, COOP_SHARED_LIMIT));
     // The scalar path is what a device without cooperative matrices (or asked for scalar) gets.
     let g = gpu();
     let scalar = Attention { path: Some(KernelPath::Scalar), ..Attention::new(1, 8, 64, 64, 40, false) };
     assert_eq!(AttentionBackward::new(g, scalar).unwrap().plan(g), (KernelPath::Scalar, None));
     let big = Attention { path: Some(KernelPath::Coop), ..Attention::new(1, 1, 16, 16, 512, false) };
     assert_eq!(AttentionBackward::new(g, big).unwrap().plan(g).0, KernelPath::Scalar, "d 512 is scalar");
+}
+
+#[test]
+fn every_coop_tile() {
+    // Every cooperative-matrix tile of both shaders, forced one entry at a time (the other
+    // takes the launcher's choice), at shapes that leave partial blocks both ways: d 40, 64
+    // (causal), 80, 160; dk/dv unsplit and split over 3; f16 and f32 gradients. Only where
+    // the device has cooperative matrices (the software GPU of CI has none).
+    let g = gpu();
+    if !g.caps.coop_16x16_f16_f32 {
+        eprintln!("no cooperative matrices on this device: every_coop_tile skipped");
+        return;
+    }
+    let limit = g.caps.limits.max_compute_workgroup_storage_size;
+    let cases = [
+        (Attention::new(1, 2, 150, 170, 40, false), 2.0, DType::F16),
+        (Attention::new(2, 2, 77, 77, 64, true), 2.0, DType::F32),
+        (Attention::new(1, 2, 130, 77, 80, false), 2.0, DType::F16),
+        (Attention::new(1, 1, 50, 30, 160, true), 1.0, DType::F32),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for (a, amp, grads) in cases {
+        let a = Attention { path: Some(KernelPath::Coop), ..a };
+        let dp = coop_dp(a.d) as u32;
+        let sb = g.caps.subgroup_barrier;
+        let (aq, ak) = (BwdTile::auto(CoopEntry::Dq, dp, limit, sb).unwrap(), BwdTile::auto(CoopEntry::Dkv, dp, limit, sb).unwrap());
+        for t in BwdTile::ALL {
+            if t.warp && !sb {
+                continue;
+            }
+            for (entry, pair) in [(CoopEntry::Dq, (t, ak)), (CoopEntry::Dkv, (aq, t))] {
+                if !t.valid(entry, dp, limit) {
+                    continue;
+                }
+                seen.insert((t.bq, t.bk, t.warps, t.warp, entry == CoopEntry::Dq));
+                for splits in [1, 3] {
+                    run_path(a, amp, DType::F16, grads, BOUND, Some(splits), Some(pair));
+                }
+            }
+        }
+    }
+    // Every tile of BwdTile::ALL ran for at least one entry somewhere.
+    for t in BwdTile::ALL {
+        if !t.warp || g.caps.subgroup_barrier {
+            assert!(seen.iter().any(|s| (s.0, s.1, s.2, s.3) == (t.bq, t.bk, t.warps, t.warp)), "{t:?} never ran");
+        }
+    }
 }
 
 #[test]

@@ -101,6 +101,7 @@ fn uniform_structs_match_wgsl() {
     let ab = rust_layout!(AttentionBackwardParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv, off_q, off_k, off_v, off_o, off_do, off_dq, off_dk, off_dv, scale, splits, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::AttentionBackward, "Params"), ab);
     assert_eq!(wgsl_struct(Shader::AttentionBackwardCoop, "Params"), ab);
+    assert_eq!(wgsl_struct(Shader::AttentionBackwardWarp, "Params"), ab);
     use atelier::kernels::tensor_ops::TensorOpsParams;
     let to = rust_layout!(TensorOpsParams { words, c1, c2, h, w, shift, oh, ow });
     assert_eq!(wgsl_struct(Shader::TensorOps, "Params"), to);
@@ -115,4 +116,27 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::grad_ops::GradOpsParams;
     let go = rust_layout!(GradOpsParams { n, c1, c2, op, h, w, oh, ow, alpha, flags, _pad0, _pad1 });
     assert_eq!(wgsl_struct(Shader::GradOps, "Params"), go);
+}
+
+/// The bindings each attention-backward entry reaches: wgpu derives a pipeline's bind-group
+/// layout from them, and the launcher binds q, k, v, dout, stats and dq (0..=6) for the dq
+/// entries, also dv (7) for the dk/dv ones, so an entry reaching one more binding fails at
+/// bind-group creation on the device (where cooperative matrices exist; CI has none).
+#[test]
+fn attention_backward_entries_reach_their_bindings() {
+    for shader in [Shader::AttentionBackwardCoop, Shader::AttentionBackwardWarp] {
+        let (module, info) = parse(shader);
+        for (i, ep) in module.entry_points.iter().enumerate() {
+            let fi = info.get_entry_point(i);
+            let mut used: Vec<u32> = module
+                .global_variables
+                .iter()
+                .filter(|(h, _)| !fi[*h].is_empty())
+                .filter_map(|(_, g)| g.binding.as_ref().map(|b| b.binding))
+                .collect();
+            used.sort();
+            let want: Vec<u32> = if ep.name.starts_with("attnb_dq") { (0..=6).collect() } else { (0..=7).collect() };
+            assert_eq!(used, want, "{}: {}", shader.name(), ep.name);
+        }
+    }
 }

@@ -76,6 +76,8 @@ impl std::fmt::Display for KernelPath {
 pub struct Caps {
     pub f16: bool,
     pub subgroups: bool,
+    /// `subgroupBarrier()` in shaders (the warp-owned attention backward kernels).
+    pub subgroup_barrier: bool,
     pub timestamps: bool,
     /// The adapter offers 16x16x16 cooperative matrices with f16 inputs and f32 accumulators.
     pub coop_16x16_f16_f32: bool,
@@ -203,7 +205,7 @@ impl Gpu {
         let adapter = pick(adapters, opts.adapter.as_deref())?;
         let info = adapter.get_info();
         let offered = adapter.features();
-        let mut wanted = wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let mut wanted = wgpu::Features::SUBGROUP | wgpu::Features::SUBGROUP_BARRIER | wgpu::Features::TIMESTAMP_QUERY;
         if !opts.no_f16 {
             wanted |= wgpu::Features::SHADER_F16;
         }
@@ -255,6 +257,7 @@ impl Gpu {
         let caps = Caps {
             f16,
             subgroups,
+            subgroup_barrier: features.contains(wgpu::Features::SUBGROUP_BARRIER),
             timestamps: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             coop_16x16_f16_f32: coop_usable,
             path,

@@ -24,6 +24,7 @@ pub enum Shader {
     AttentionCoop,
     AttentionBackward,
     AttentionBackwardCoop,
+    AttentionBackwardWarp,
     TensorOps,
     Lora,
     LoraSkinny,
@@ -32,7 +33,7 @@ pub enum Shader {
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 13] = [
+    pub const ALL: [Shader; 14] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -42,6 +43,7 @@ impl Shader {
         Shader::AttentionCoop,
         Shader::AttentionBackward,
         Shader::AttentionBackwardCoop,
+        Shader::AttentionBackwardWarp,
         Shader::TensorOps,
         Shader::Lora,
         Shader::LoraSkinny,
@@ -60,6 +62,7 @@ impl Shader {
             Shader::AttentionCoop => "attention_coop",
             Shader::AttentionBackward => "attention_backward",
             Shader::AttentionBackwardCoop => "attention_backward_coop",
+            Shader::AttentionBackwardWarp => "attention_backward_warp",
             Shader::TensorOps => "tensor_ops",
             Shader::Lora => "lora",
             Shader::LoraSkinny => "lora_skinny",
@@ -103,6 +106,7 @@ impl Shader {
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
             Shader::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
             Shader::AttentionBackwardCoop => include_str!("../../shaders/attention_backward_coop.wgsl"),
+            Shader::AttentionBackwardWarp => include_str!("../../shaders/attention_backward_warp.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
             Shader::Lora => include_str!("../../shaders/lora.wgsl"),
             Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
@@ -112,7 +116,7 @@ impl Shader {
 
     /// Whether the shader needs shader-f16 and cooperative matrices (the coop path).
     pub fn needs_coop(self) -> bool {
-        matches!(self, Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionBackwardCoop)
+        matches!(self, Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionBackwardCoop | Shader::AttentionBackwardWarp)
     }
 }
 

@@ -1,8 +1,10 @@
-//! Launcher for `shaders/attention_backward.wgsl` and `shaders/attention_backward_coop.wgsl`:
-//! the gradients dq, dk, dv of o = softmax(q·kᵀ·scale [+ causal mask])·v
+//! Launcher for `shaders/attention_backward.wgsl`, `attention_backward_coop.wgsl` and
+//! `attention_backward_warp.wgsl`: the gradients dq, dk, dv of o = softmax(q·kᵀ·scale [+ causal mask])·v
 //! (`kernels::attention`), FlashAttention-2 style, never materialising the score matrix.
 //! Two paths for the heavy launches (dq, and dk/dv): cooperative matrices (tensor cores,
-//! 16x16x16 f16 -> f32; `attnb_dq_coop`, `attnb_dkv_coop`) where the attention's `path` (else
+//! 16x16x16 f16 -> f32; `attnb_dq_warp`, `attnb_dkv_warp` up to padded head dim 80 where the
+//! device has subgroup barriers, else `attnb_dq_coop`, `attnb_dkv_coop`; the tiles are in
+//! [`tiles`]) where the attention's `path` (else
 //! the device's) asks for them, the device offers them with subgroups of 32, the padded head
 //! dim (d rounded up to 16) is at most [`COOP_MAX_DP`] and a [`BwdTile`] of each entry fits
 //! the workgroup memory ([`AttentionBackward::plan`]); else the scalar kernels (f16 tensors
@@ -28,13 +30,14 @@
 //!
 //! Three or four launches (see the shaders' headers): `attnb_stats` (lse and D per query row;
 //! or `attnb_delta`, D only),
-//! `attnb_dq` or `attnb_dq_coop` (per query block, over the key blocks), `attnb_dkv` or
-//! `attnb_dkv_coop` (per key block, over the query blocks) and, when the query range is
-//! split, `attnb_dkv_reduce`; no float atomics. The cooperative-matrix tiles: dq (64, 32) for
-//! d 40, (32, 32) up to padded 96, (16, 32) up to 160; dkv (64, 32) for d 40, (32, 32) d 64,
-//! (32, 16) up to padded 128, (16, 16) up to 160 (each at most 48 KiB of workgroup memory,
-//! [`BwdTile::shared_bytes`]). The query splits of dk/dv are chosen from the scalar tiles on
-//! both paths ([`default_dkv_splits`]; any number is correct on either).
+//! `attnb_dq*` (per query block, over the key blocks), `attnb_dkv*` (per key block, over the
+//! query blocks) and, when the query range is split, `attnb_dkv_reduce`; no float atomics.
+//! The cooperative-matrix tiles ([`BwdTile::auto`]; each at most 48 KiB of workgroup memory,
+//! [`BwdTile::shared_bytes`]): warp-owned dq 64 queries x 32 keys and dkv 128 keys x 32
+//! queries at d 40, 64 x 64 for both up to padded 80; else dq (64, 32) for d 40, (32, 32) up
+//! to padded 96, (16, 32) up to 160; dkv (64, 32) for d 40, (32, 32) d 64, (32, 16) up to
+//! padded 128, (16, 16) up to 160. The query splits of dk/dv are chosen from the scalar tiles
+//! on every path ([`default_dkv_splits`]; any number is correct on each).
 //! Flops per visible (query, key) pair and (batch, head): 2·d (stats), 6·d (dq: q·kᵀ, dO·vᵀ,
 //! dS·k), 8·d (dkv: q·kᵀ, dO·vᵀ, Pᵀ·dO, dSᵀ·q).
 //!
@@ -51,7 +54,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::attention::{coop_dp, Attention, Operand, COOP_MAX_DP, COOP_SHARED_LIMIT, MAX_D};
+use super::attention::{coop_dp, Attention, Operand, COOP_MAX_DP, MAX_D};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, PipelineKey, Shader, Tensor};
 
@@ -123,128 +126,8 @@ pub fn variants() -> Vec<PipelineKey> {
     keys
 }
 
-/// Which of the two cooperative-matrix entries of attention_backward_coop.wgsl a tile is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CoopEntry {
-    /// `attnb_dq_coop`: Q, dO [bq, DP] resident, K, V [bk, DP] streamed, dQ [bq, DP] f32.
-    Dq,
-    /// `attnb_dkv_coop`: K, V [bk, DP] resident, Q, dO [bq, DP] streamed, dK, dV [bk, DP] f32.
-    Dkv,
-}
-
-impl CoopEntry {
-    pub fn name(self) -> &'static str {
-        match self {
-            CoopEntry::Dq => "attnb_dq_coop",
-            CoopEntry::Dkv => "attnb_dkv_coop",
-        }
-    }
-}
-
-/// Tile of the cooperative-matrix backward kernels: `bq` query rows and `bk` keys per block,
-/// `warps` subgroups of 32 invocations.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BwdTile {
-    pub bq: u32,
-    pub bk: u32,
-    pub warps: u32,
-}
-
-const fn bwd_tile(bq: u32, bk: u32, warps: u32) -> BwdTile {
-    BwdTile { bq, bk, warps }
-}
-
-impl BwdTile {
-    /// The tiles the launcher tries for `attnb_dq_coop`, taking the first that fits: (64, 32)
-    /// up to DP 48 (d 40), (32, 32) up to DP 96, (16, 32) up to DP 160 (48 KiB).
-    pub const AUTO_DQ: [BwdTile; 3] = [bwd_tile(64, 32, 8), bwd_tile(32, 32, 4), bwd_tile(16, 32, 4)];
-    /// The same for `attnb_dkv_coop`: (64, 32) up to DP 48, (32, 32) DP 64, (32, 16) DP 128,
-    /// (16, 16) DP 160.
-    pub const AUTO_DKV: [BwdTile; 4] =
-        [bwd_tile(64, 32, 8), bwd_tile(32, 32, 4), bwd_tile(32, 16, 4), bwd_tile(16, 16, 4)];
-    /// Every tile the shader supports (each where it fits), for tests and benchmarks.
-    pub const ALL: [BwdTile; 6] = [
-        bwd_tile(64, 32, 8),
-        bwd_tile(32, 64, 8),
-        bwd_tile(32, 32, 4),
-        bwd_tile(32, 16, 4),
-        bwd_tile(16, 32, 4),
-        bwd_tile(16, 16, 4),
-    ];
-
-    /// Workgroup memory in bytes of `entry` at padded head dim `dp`; mirrors the arrays of
-    /// attention_backward_coop.wgsl: f16 tiles with rows of dp + 8 halves (Q, dO [bq]; K, V
-    /// [bk]), ss bq·(bk + 4) f32, sp bq·(bk + 8) f16, the accumulators with rows of dp + 4
-    /// f32 (dq: one [bq]; dkv: two [bk]).
-    pub fn shared_bytes(&self, entry: CoopEntry, dp: u32) -> u32 {
-        let tiles = 2 * (self.bq + self.bk) * (dp + 8) * 2;
-        let ss = self.bq * (self.bk + 4) * 4;
-        let sp = self.bq * (self.bk + 8) * 2;
-        let acc = match entry {
-            CoopEntry::Dq => self.bq * (dp + 4) * 4,
-            CoopEntry::Dkv => 2 * self.bk * (dp + 4) * 4,
-        };
-        tiles + ss + sp + acc
-    }
-
-    /// Whether the shader supports this tile for `entry` at padded head dim `dp` within
-    /// `limit` bytes of workgroup memory (never more than [`COOP_SHARED_LIMIT`], what the
-    /// tests validate): bq, bk in {16, 32, 64}, 4 or 8 subgroups, at most 8 score elements per
-    /// invocation (registers holding P), whole ones.
-    pub fn valid(&self, entry: CoopEntry, dp: u32, limit: u32) -> bool {
-        let wg = self.warps * 32;
-        [16, 32, 64].contains(&self.bq)
-            && [16, 32, 64].contains(&self.bk)
-            && [4, 8].contains(&self.warps)
-            && (self.bq * self.bk) % wg == 0
-            && self.bq * self.bk / wg <= 8
-            && dp % 16 == 0
-            && dp >= 16
-            && dp as usize <= COOP_MAX_DP
-            && self.shared_bytes(entry, dp) <= limit.min(COOP_SHARED_LIMIT)
-    }
-
-    /// The pipeline key of this tile for `entry` at padded head dim `dp`, dO f32 or f16,
-    /// outputs f32 or f16.
-    pub fn key(&self, entry: CoopEntry, dp: u32, dout_f32: bool, out_f32: bool) -> PipelineKey {
-        PipelineKey::new(Shader::AttentionBackwardCoop, entry.name())
-            .with("BQ", self.bq as i64)
-            .with("BK", self.bk as i64)
-            .with("WARPS", self.warps as i64)
-            .with("DP", dp as i64)
-            .with("DO_F32", dout_f32 as i64)
-            .with("OUT_F32", out_f32 as i64)
-    }
-
-    /// The launcher's tile for `entry` at padded head dim `dp` (None: none fits `limit`).
-    pub fn auto(entry: CoopEntry, dp: u32, limit: u32) -> Option<BwdTile> {
-        let list: &[BwdTile] = match entry {
-            CoopEntry::Dq => &Self::AUTO_DQ,
-            CoopEntry::Dkv => &Self::AUTO_DKV,
-        };
-        list.iter().copied().find(|t| t.valid(entry, dp, limit))
-    }
-}
-
-/// Every cooperative-matrix pipeline the launcher (or a test forcing a tile) can ask for:
-/// each tile valid at each padded head dim, both entries, f16/f32 dO and outputs.
-pub fn coop_variants() -> Vec<PipelineKey> {
-    let mut keys = Vec::new();
-    for dp in (16..=COOP_MAX_DP as u32).step_by(16) {
-        for entry in [CoopEntry::Dq, CoopEntry::Dkv] {
-            for t in BwdTile::ALL {
-                if t.valid(entry, dp, COOP_SHARED_LIMIT) {
-                    for dout in [false, true] {
-                        for out in [false, true] {
-                            keys.push(t.key(entry, dp, dout, out));
-                        }
-                    }
-                }
-            }
-        }
-    }
-    keys
-}
+mod tiles;
+pub use tiles::{coop_variants, BwdTile, CoopEntry, WARP_MAX_DP};
 
 /// The operands of one backward: the forward's inputs and output, the output's gradient, and
 /// the three gradients written.
@@ -275,6 +158,9 @@ pub struct AttentionBackward {
     pub dkv_splits: usize,
     /// With `dkv_splits` > 1: the f32 partial dk and dv, each [splits, batch, lk, heads·d].
     pub dkv_partials: Option<[Tensor; 2]>,
+    /// Cooperative-matrix tiles (dq, dkv) to use instead of the launcher's choice, for tests
+    /// and benchmarks; ignored unless both are valid here (then the choice stands).
+    pub tiles: Option<(BwdTile, BwdTile)>,
 }
 
 /// Workgroups `attnb_dkv` should have at least (2 per SM on a 132-SM H100) before its query
@@ -373,7 +259,7 @@ impl AttentionBackward {
         } else {
             None
         };
-        Ok(AttentionBackward { attn, stats, dkv_splits: splits, dkv_partials })
+        Ok(AttentionBackward { attn, stats, dkv_splits: splits, dkv_partials, tiles: None })
     }
 
     fn check_operand(&self, name: &str, x: &Operand, rows: usize, f32_ok: bool) -> Result<()> {
@@ -425,7 +311,14 @@ impl AttentionBackward {
             return (KernelPath::Scalar, None);
         }
         let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
-        match (BwdTile::auto(CoopEntry::Dq, dp as u32, limit), BwdTile::auto(CoopEntry::Dkv, dp as u32, limit)) {
+        let sb = gpu.caps.subgroup_barrier;
+        if let Some((tq, tk)) = self.tiles {
+            let ok = |t: BwdTile, e| t.valid(e, dp as u32, limit) && (sb || !t.warp);
+            if ok(tq, CoopEntry::Dq) && ok(tk, CoopEntry::Dkv) {
+                return (KernelPath::Coop, Some((tq, tk)));
+            }
+        }
+        match (BwdTile::auto(CoopEntry::Dq, dp as u32, limit, sb), BwdTile::auto(CoopEntry::Dkv, dp as u32, limit, sb)) {
             (Some(tq), Some(tk)) => (KernelPath::Coop, Some((tq, tk))),
             _ => (KernelPath::Scalar, None),
         }
