@@ -316,22 +316,22 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         let grads = AttentionGrads { q: op(&q), k: op(&k), v: op(&v), o: op(&o), dout: op(&dout), dq: op(&dq), dk: op(&dk), dv: op(&dv) };
         for &path in &paths {
             let a = Attention { path: Some(path), ..a };
-            let auto = AttentionBackward::new(gpu, a)?.plan(gpu).1;
+            // One backward (and statistics scratch) per shape; the forced tiles replace its choice.
+            let mut bw = AttentionBackward::new(gpu, a)?;
             let mut forced = vec![None];
-            if let (true, Some((aq, ak))) = (all_tiles, auto) {
+            if let (true, Some((aq, ak))) = (all_tiles, bw.plan(gpu).1) {
                 let dp = crate::kernels::attention::coop_dp(a.d) as u32;
-                let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
-                for t in BwdTile::ALL.iter().filter(|t| gpu.caps.subgroup_barrier || !t.warp) {
-                    if t.valid(CoopEntry::Dq, dp, limit) && *t != aq {
-                        forced.push(Some((*t, ak)));
+                let (limit, sb) = (gpu.caps.limits.max_compute_workgroup_storage_size, gpu.caps.subgroup_barrier);
+                for &t in &BwdTile::ALL {
+                    if t.usable(CoopEntry::Dq, dp, limit, sb) && t != aq {
+                        forced.push(Some((t, ak)));
                     }
-                    if t.valid(CoopEntry::Dkv, dp, limit) && *t != ak {
-                        forced.push(Some((aq, *t)));
+                    if t.usable(CoopEntry::Dkv, dp, limit, sb) && t != ak {
+                        forced.push(Some((aq, t)));
                     }
                 }
             }
             for tiles in forced {
-                let mut bw = AttentionBackward::new(gpu, a)?;
                 bw.tiles = tiles;
                 let ds = bw.prepare(gpu, &grads)?;
                 gpu.run_now(&ds[0])?;

@@ -234,9 +234,9 @@ fn run_path(
     check_path(&a, &bw, &ds);
     if let Some((tq, tk)) = tiles {
         let dp = coop_dp(a.d) as u32;
-        let (dq32, dkv32, do32) = (grad_dt == DType::F32, grad_dt == DType::F32, dout_dt == DType::F32);
-        assert_eq!(&*ds[1].label, tq.key(CoopEntry::Dq, dp, do32, dq32).to_string().as_str(), "{what}: dq launch");
-        assert_eq!(&*ds[2].label, tk.key(CoopEntry::Dkv, dp, do32, dkv32).to_string().as_str(), "{what}: dkv launch");
+        let (grads32, do32) = (grad_dt == DType::F32, dout_dt == DType::F32);
+        assert_eq!(&*ds[1].label, tq.key(CoopEntry::Dq, dp, do32, grads32).to_string().as_str(), "{what}: dq launch");
+        assert_eq!(&*ds[2].label, tk.key(CoopEntry::Dkv, dp, do32, grads32).to_string().as_str(), "{what}: dkv launch");
     }
     // One dk/dv launch without splits; partials and their reduce with.
     assert_eq!(ds.len(), if bw.dkv_splits > 1 { 4 } else { 3 }, "{what}: launches");
@@ -600,11 +600,8 @@ fn every_coop_tile() {
         let sb = g.caps.subgroup_barrier;
         let (aq, ak) = (BwdTile::auto(CoopEntry::Dq, dp, limit, sb).unwrap(), BwdTile::auto(CoopEntry::Dkv, dp, limit, sb).unwrap());
         for t in BwdTile::ALL {
-            if t.warp && !sb {
-                continue;
-            }
             for (entry, pair) in [(CoopEntry::Dq, (t, ak)), (CoopEntry::Dkv, (aq, t))] {
-                if !t.valid(entry, dp, limit) {
+                if !t.usable(entry, dp, limit, sb) {
                     continue;
                 }
                 seen.insert((t.bq, t.bk, t.warps, t.warp, entry == CoopEntry::Dq));

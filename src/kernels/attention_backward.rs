@@ -313,8 +313,7 @@ impl AttentionBackward {
         let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
         let sb = gpu.caps.subgroup_barrier;
         if let Some((tq, tk)) = self.tiles {
-            let ok = |t: BwdTile, e| t.valid(e, dp as u32, limit) && (sb || !t.warp);
-            if ok(tq, CoopEntry::Dq) && ok(tk, CoopEntry::Dkv) {
+            if tq.usable(CoopEntry::Dq, dp as u32, limit, sb) && tk.usable(CoopEntry::Dkv, dp as u32, limit, sb) {
                 return (KernelPath::Coop, Some((tq, tk)));
             }
         }

@@ -161,16 +161,20 @@ impl BwdTile {
             .with("OUT_F32", out_f32 as i64)
     }
 
-    /// The launcher's tile for `entry` at padded head dim `dp` (None: none fits `limit`);
-    /// warp-owned tiles only where the device has subgroup barriers (`subgroup_barrier`).
+    /// Whether a device can run this tile for `entry` at padded head dim `dp`: valid within
+    /// `limit`, and for a warp-owned tile the device has subgroup barriers.
+    pub fn usable(&self, entry: CoopEntry, dp: u32, limit: u32, subgroup_barrier: bool) -> bool {
+        (subgroup_barrier || !self.warp) && self.valid(entry, dp, limit)
+    }
+
+    /// The launcher's tile for `entry` at padded head dim `dp` (None: none is usable): the
+    /// warp-owned ones first, then attention_backward_coop.wgsl's.
     pub fn auto(entry: CoopEntry, dp: u32, limit: u32, subgroup_barrier: bool) -> Option<BwdTile> {
         let v1: &[BwdTile] = match entry {
             CoopEntry::Dq => &Self::AUTO_DQ,
             CoopEntry::Dkv => &Self::AUTO_DKV,
         };
-        let warp = Self::auto_warp(entry, dp);
-        let warp = if subgroup_barrier { &warp[..] } else { &[] };
-        warp.iter().chain(v1).copied().find(|t| t.valid(entry, dp, limit))
+        Self::auto_warp(entry, dp).iter().chain(v1).copied().find(|t| t.usable(entry, dp, limit, subgroup_barrier))
     }
 }
 
