@@ -7,6 +7,12 @@
 // Arithmetic is f32. Column slices: A / X may be columns of a wider tensor (row stride lda,
 // start element off_a), e.g. one projection's columns of a fused q/k/v gradient.
 //
+// Stacked adapters (members > 1): the adapters of one fused product (q, k, v, or k, v) that
+// read the same input, each of rank r, their output columns G = members equal segments of
+// the N (widen, wgrad) or K (narrow) side, seg = N / G (or K / G) columns each; member g
+// pairs segment g with its own r columns [g·r, (g+1)·r) of H (or C), whose row holds G·r
+// values. With members 0 or 1 every entry is the single-adapter product below.
+//
 // Entries (RV: override, vec4 groups of the rank, r <= 4·RV):
 //   narrow      C [M, r] f16 = alpha · A [M, K] · W, with W stored [r, K] (flag W_T: A·Wᵀ, the
 //               forward's h = xd·Aᵀ) or [K, r] (A·W, the backward's dh = dy·B). Workgroup of
@@ -18,12 +24,18 @@
 //               are added in lane order. A workgroup's output elements [4·r·blk,
 //               4·r·(blk+1)) start on a word boundary (4·r is even), so each of its
 //               invocations t < 2·r writes whole words; halves past M·r are 0 (padding of C's
-//               storage).
+//               storage). Stacked (W [K, r] only): C [M, G·r] = alpha · A · blockdiag(W_g)
+//               with W the members' [seg, r] stacked [K, r] (the backward's dh of each
+//               member from its own columns of dy); RV covers G·r and W is staged with
+//               zeros off the diagonal blocks (G times the useful multiply-adds, all
+//               memory-bound anyway).
 //   widen       Y [M, N] f16 (=, or += with flag ACC) alpha · H [M, r] · W, with W stored
 //               [N, r] (flag W_T: H·Wᵀ, the forward's y += scale·h·Bᵀ) or [r, N] (H·W, the
 //               backward's dx += dh·A); Y may be columns of a wider tensor (row stride lda,
 //               start off_out; both even, N even: whole words). Workgroup of 256 = 64 words
-//               x 4 row groups of 8 rows; grid (ceil(N/128), ceil(M/32)).
+//               x 4 row groups of 8 rows; grid (ceil(N/128), ceil(M/32)). Stacked (W_T):
+//               column n of member g = n / seg takes H[row, g·r ..] and row n of the
+//               members' B stacked [N, r] (the forward's y += scale·h_g·B_gᵀ of each member).
 //   wgrad       G += alpha · Σ_rows X[row, n] · H[row, j] for n < N, j < r: X [M, N] f16 (a
 //               slice), H [M, r] f16 dense. Output layout [N, r] (index n·r + j: dB) or with
 //               OUT_T [r, N] (j·N + n: dA). Workgroup of 64, each invocation one column pair
@@ -31,7 +43,9 @@
 //               (ceil(N/128), splits): split s sums rows [s·rps, min((s+1)·rps, M)) in order,
 //               H staged 64 rows at a time. With flag DIRECT (one split) it adds alpha·sum
 //               into G at off_out; otherwise it writes the raw sums to partials [splits, N·r]
-//               (f32, in G's layout) for `wreduce`.
+//               (f32, in G's layout) for `wreduce`. Stacked ([N, r] only, G·RV <= 4): H rows
+//               of G·r are staged as G slots of RV vec4s, column n of member g = n / seg
+//               reads its member's slots (the members' dB stacked [N, r]).
 //   wreduce     G[off_out + i] += alpha · Σ_s partials[s·N·r + i] for i < N·r: 64 outputs a
 //               workgroup, 4 lanes each summing every 4th split in order, the four sums
 //               then added in lane order. Deterministic (fixed order, no atomics).
@@ -49,7 +63,7 @@ struct Params {
     rows_per_split: u32, // wgrad
     splits: u32,         // wreduce
     numel_out: u32,      // N·r
-    _pad0: u32,
+    members: u32,        // stacked adapters (0 or 1: one)
 }
 
 const W_T: u32 = 1u;
@@ -91,6 +105,15 @@ fn half_w(e: u32) -> f32 {
 // W's element e when its rank index j is below r, else 0 (e may be out of range then).
 fn w_at(j: u32, e: u32) -> f32 {
     if (j < p.r) { return half_w(e); }
+    return 0.0;
+}
+
+// narrow's W(k, j) stored [K, r]: stacked, column j of member j / r is nonzero only in that
+// member's rows (k / seg); one member: W[k, j] for j < r.
+fn w_diag(kk: u32, j: u32) -> f32 {
+    let g = j / p.r;
+    let seg = p.k / max(p.members, 1u);
+    if (g < max(p.members, 1u) && kk / seg == g) { return half_w(kk * p.r + j - g * p.r); }
     return 0.0;
 }
 
@@ -142,7 +165,8 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let row = blk * NR + rl;
     let live = row < p.rows;
     let kk = p.k;
-    let r = p.r;
+    // Output width: the stacked members' ranks.
+    let r = p.r * max(p.members, 1u);
     let base = p.off_a + row * p.lda;
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -185,8 +209,7 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
                         w = vec4<f32>(w_at(j, j * kk + kw), w_at(j + 1u, (j + 1u) * kk + kw),
                                       w_at(j + 2u, (j + 2u) * kk + kw), w_at(j + 3u, (j + 3u) * kk + kw));
                     } else {
-                        let e = kw * r + j;
-                        w = vec4<f32>(w_at(j, e), w_at(j + 1u, e + 1u), w_at(j + 2u, e + 2u), w_at(j + 3u, e + 3u));
+                        w = vec4<f32>(w_diag(kw, j), w_diag(kw, j + 1u), w_diag(kw, j + 2u), w_diag(kw, j + 3u));
                     }
                 }
                 sh[kl * 4u + v] = w;
@@ -251,8 +274,11 @@ fn widen(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     if (RV > 3u) { p3 = wcol4(n, 12u, nn); q3 = wcol4(n + 1u, 12u, nn); }
     let acc = (p.flags & ACC) != 0u;
     let end = min(row0 + WROWS, p.rows);
+    // Stacked: H rows of G·r, this column's member's r values at g·r (n, n + 1: one member).
+    let gm = max(p.members, 1u);
+    let hoff = (n / (nn / gm)) * r;
     for (var row = row0; row < end; row++) {
-        let e = row * r;
+        let e = row * r * gm + hoff;
         let h0 = hrow4(e, 0u);
         var s = vec2<f32>(dot(h0, p0), dot(h0, q0));
         if (RV > 1u) { let h = hrow4(e, 4u); s += vec2<f32>(dot(h, p1), dot(h, q1)); }
@@ -282,18 +308,22 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     var b1 = vec4<f32>(0.0);
     var b2 = vec4<f32>(0.0);
     var b3 = vec4<f32>(0.0);
+    // Stacked: G members' H columns staged as G slots of RV vec4s; this column's at gs.
+    let gm = max(p.members, 1u);
+    let gs = select(0u, (n / (nn / gm)) * RV, live);
     for (var c0 = r0; c0 < r1; c0 += HC) {
         workgroupBarrier();
-        // Stage H[c0 + lid][0 .. 4·RV) (HC = the workgroup size), zero past r1 and r.
+        // Stage H[c0 + lid][g·r + 4v ..] in slot g·RV + v (HC = the workgroup size), zero
+        // past r1 and past each member's r.
         let hr = c0 + lid;
-        for (var v = 0u; v < RV; v++) {
+        for (var u = 0u; u < gm * RV; u++) {
             var w = vec4<f32>(0.0);
             if (hr < r1) {
-                let j = 4u * v;
-                let e = hr * r + j;
+                let j = 4u * (u % RV);
+                let e = hr * r * gm + (u / RV) * r + j;
                 w = vec4<f32>(w_at(j, e), w_at(j + 1u, e + 1u), w_at(j + 2u, e + 2u), w_at(j + 3u, e + 3u));
             }
-            sh[lid * 4u + v] = w;
+            sh[lid * 4u + u] = w;
         }
         workgroupBarrier();
         if (live) {
@@ -307,7 +337,7 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
                 let x3 = x_pair(c0, i0 + 3u, cn, n, nn);
                 let xa4 = vec4<f32>(x0.x, x1.x, x2.x, x3.x);
                 let xb4 = vec4<f32>(x0.y, x1.y, x2.y, x3.y);
-                let s = i0 * 4u;
+                let s = i0 * 4u + gs;
                 a0 += dot4(xa4, s);
                 b0 += dot4(xb4, s);
                 if (RV > 1u) { a1 += dot4(xa4, s + 1u); b1 += dot4(xb4, s + 1u); }

@@ -19,12 +19,14 @@
 //!   4096 (the split sums are shorter), plus the alpha product and the add onto G (a few
 //!   2^-24): rel L2 bound 1e-5, and per element 1e-5 of max |ref|. The rest of G (around the
 //!   output's offset) must be untouched, bit for bit.
+//! - Stacked forms (`members` adapters side by side, each on its own column segment with its
+//!   own r columns of H / C): the same products member by member, so the same bounds.
 
 mod common;
 
 use atelier::gpu::{DType, Recorder, Tensor};
 use atelier::kernels::attention::Operand;
-use atelier::kernels::lora_skinny::{narrow, widen, WeightGrad};
+use atelier::kernels::lora_skinny::{narrow, narrow_stacked, widen, widen_stacked, WeightGrad};
 use common::*;
 
 /// Elementwise maximum of |out - ref| over max |ref| (infinite for a non-finite output).
@@ -48,27 +50,41 @@ fn sliced(rows: usize, cols: usize, off: usize, ld: usize, seed: u64) -> (Vec<f3
 /// One `narrow` case: C [m, r] = alpha·A·W, W [r, k] (`w_rk`) or [k, r]; A columns at
 /// (off, ld). Returns the rel L2 error.
 fn check_narrow(m: usize, k: usize, r: usize, w_rk: bool, off: usize, ld: usize) -> f64 {
+    check_narrow_g(m, k, r, w_rk, off, ld, 1)
+}
+
+/// As [`check_narrow`], for `members` stacked adapters (W [k, r], not `w_rk`): C [m,
+/// members·r], member g's columns from A's columns segment g.
+fn check_narrow_g(m: usize, k: usize, r: usize, w_rk: bool, off: usize, ld: usize, members: usize) -> f64 {
     let g = gpu();
-    let what = format!("narrow {m}x{k} r{r} {} off {off} ld {ld}", if w_rk { "A·Wᵀ" } else { "A·W" });
+    let what = format!("narrow {m}x{k} r{r} {} off {off} ld {ld} members {members}", if w_rk { "A·Wᵀ" } else { "A·W" });
     let s = seed(&what);
     let (a, aw) = sliced(m, k, off, ld, s);
     let w = round_f16(&scaled(&random(r * k, s ^ 1), 1.0 / (k as f32).sqrt()));
     let alpha = 0.75f32;
     let ta = Tensor::from_f32(g, &[aw.len()], DType::F16, &aw, "A").unwrap();
     let tw = Tensor::from_f32(g, &[w.len()], DType::F16, &w, "W").unwrap();
-    let tc = Tensor::empty(g, &[m, r], DType::F16, "C").unwrap();
+    let wid = members * r;
+    let tc = Tensor::empty(g, &[m, wid], DType::F16, "C").unwrap();
     tc.fill_words(g, POISON);
-    g.run_now(&narrow(g, Operand::slice(&ta, off, ld), &tw, w_rk, &tc, m, k, r, alpha).unwrap()).unwrap();
+    let op = if members == 1 {
+        narrow(g, Operand::slice(&ta, off, ld), &tw, w_rk, &tc, m, k, r, alpha)
+    } else {
+        narrow_stacked(g, Operand::slice(&ta, off, ld), &tw, &tc, m, k, r, members, alpha)
+    };
+    g.run_now(&op.unwrap()).unwrap();
     let out = tc.to_f32(g).unwrap();
-    let mut want = vec![0f64; m * r];
+    let seg = k / members;
+    let mut want = vec![0f64; m * wid];
     for i in 0..m {
-        for j in 0..r {
+        for c in 0..wid {
+            let (gm, j) = (c / r, c % r);
             let mut acc = 0f64;
-            for q in 0..k {
+            for q in gm * seg..(gm + 1) * seg {
                 let wv = if w_rk { w[j * k + q] } else { w[q * r + j] };
                 acc += a[i * k + q] as f64 * wv as f64;
             }
-            want[i * r + j] = alpha as f64 * acc;
+            want[i * wid + c] = alpha as f64 * acc;
         }
     }
     let e = rel_l2(&out, &want);
@@ -83,10 +99,18 @@ fn check_narrow(m: usize, k: usize, r: usize, w_rk: bool, off: usize, ld: usize)
 /// (off, ld) of a wider tensor whose other columns hold NaN. Returns the rel L2 error.
 #[allow(clippy::too_many_arguments)]
 fn check_widen(m: usize, n: usize, r: usize, w_nr: bool, off: usize, ld: usize, accumulate: bool) -> f64 {
+    check_widen_g(m, n, r, w_nr, off, ld, accumulate, 1)
+}
+
+/// As [`check_widen`], for `members` stacked adapters (W [n, r], `w_nr`): H [m, members·r],
+/// Y's column segment g from member g's columns of H.
+#[allow(clippy::too_many_arguments)]
+fn check_widen_g(m: usize, n: usize, r: usize, w_nr: bool, off: usize, ld: usize, accumulate: bool, members: usize) -> f64 {
     let g = gpu();
-    let what = format!("widen {m}x{n} r{r} {} off {off} ld {ld}{}", if w_nr { "H·Wᵀ" } else { "H·W" }, if accumulate { " +=" } else { "" });
+    let what = format!("widen {m}x{n} r{r} {} off {off} ld {ld}{} members {members}", if w_nr { "H·Wᵀ" } else { "H·W" }, if accumulate { " +=" } else { "" });
     let s = seed(&what);
-    let h = round_f16(&random(m * r, s));
+    let hw = members * r;
+    let h = round_f16(&random(m * hw, s));
     let w = round_f16(&scaled(&random(r * n, s ^ 1), 1.0 / (r as f32).sqrt()));
     let (y0, yw) = sliced(m, n, off, ld, s ^ 2);
     let alpha = 0.75f32;
@@ -101,7 +125,12 @@ fn check_widen(m: usize, n: usize, r: usize, w_nr: bool, off: usize, ld: usize, 
         }
         ty.write_f32(g, &p).unwrap();
     }
-    g.run_now(&widen(g, &th, &tw, w_nr, Operand::slice(&ty, off, ld), m, n, r, alpha, accumulate).unwrap()).unwrap();
+    let op = if members == 1 {
+        widen(g, &th, &tw, w_nr, Operand::slice(&ty, off, ld), m, n, r, alpha, accumulate)
+    } else {
+        widen_stacked(g, &th, &tw, Operand::slice(&ty, off, ld), m, n, r, members, alpha, accumulate)
+    };
+    g.run_now(&op.unwrap()).unwrap();
     let all = ty.to_f32(g).unwrap();
     let mut out = vec![0f32; m * n];
     for i in 0..m {
@@ -118,9 +147,10 @@ fn check_widen(m: usize, n: usize, r: usize, w_nr: bool, off: usize, ld: usize, 
     for i in 0..m {
         for c in 0..n {
             let mut acc = 0f64;
+            let hc = (c / (n / members)) * r;
             for j in 0..r {
                 let wv = if w_nr { w[c * r + j] } else { w[j * n + c] };
-                acc += h[i * r + j] as f64 * wv as f64;
+                acc += h[i * hw + hc + j] as f64 * wv as f64;
             }
             want[i * n + c] = alpha as f64 * acc + if accumulate { y0[i * n + c] as f64 } else { 0.0 };
         }
@@ -141,11 +171,19 @@ fn scaled(v: &[f32], s: f32) -> Vec<f32> {
 /// One weight-gradient case: G (at `off_g` of a larger f32 buffer) += alpha·Σ X[row, n]·
 /// H[row, j], laid out [n, r] or (`transposed`) [r, n]; X columns at (off, ld).
 fn check_wgrad(rows: usize, n: usize, r: usize, transposed: bool, off: usize, ld: usize, splits: Option<usize>) -> f64 {
+    check_wgrad_g(rows, n, r, transposed, off, ld, splits, 1)
+}
+
+/// As [`check_wgrad`], for `members` stacked adapters ([n, r]): H [rows, members·r], X's
+/// column segment g paired with member g's columns of H.
+#[allow(clippy::too_many_arguments)]
+fn check_wgrad_g(rows: usize, n: usize, r: usize, transposed: bool, off: usize, ld: usize, splits: Option<usize>, members: usize) -> f64 {
     let g = gpu();
-    let what = format!("wgrad {rows}x{n} r{r}{} off {off} ld {ld} splits {splits:?}", if transposed { " [r, n]" } else { " [n, r]" });
+    let what = format!("wgrad {rows}x{n} r{r}{} off {off} ld {ld} splits {splits:?} members {members}", if transposed { " [r, n]" } else { " [n, r]" });
     let s = seed(&what);
     let (x, xw) = sliced(rows, n, off, ld, s);
-    let h = round_f16(&random(rows * r, s ^ 1));
+    let hw = members * r;
+    let h = round_f16(&random(rows * hw, s ^ 1));
     let alpha = 0.375f32;
     let nr = n * r;
     let off_g = 64 + 3;
@@ -153,9 +191,9 @@ fn check_wgrad(rows: usize, n: usize, r: usize, transposed: bool, off: usize, ld
     // The increment's RMS is about alpha·√rows/3; preset G at ~5% of that.
     let g0 = scaled(&random(total, s ^ 2), 0.05 * alpha * (rows as f32).sqrt() / 3.0);
     let tx = Tensor::from_f32(g, &[xw.len()], DType::F16, &xw, "X").unwrap();
-    let th = Tensor::from_f32(g, &[rows, r], DType::F16, &h, "H").unwrap();
+    let th = Tensor::from_f32(g, &[rows, hw], DType::F16, &h, "H").unwrap();
     let tg = Tensor::from_f32(g, &[total], DType::F32, &g0, "G").unwrap();
-    let mut wg = WeightGrad::new(rows, n, r, alpha, transposed);
+    let mut wg = WeightGrad::new(rows, n, r, alpha, transposed).stacked(members);
     wg.force_splits = splits;
     let parts = wg.partials_len().map(|len| {
         let t = Tensor::empty(g, &[len], DType::F32, "partials").unwrap();
@@ -174,7 +212,8 @@ fn check_wgrad(rows: usize, n: usize, r: usize, transposed: bool, off: usize, ld
     let mut want = vec![0f64; nr];
     for c in 0..n {
         for j in 0..r {
-            let acc: f64 = (0..rows).map(|i| x[i * n + c] as f64 * h[i * r + j] as f64).sum();
+            let hc = (c / (n / members)) * r + j;
+            let acc: f64 = (0..rows).map(|i| x[i * n + c] as f64 * h[i * hw + hc] as f64).sum();
             let idx = if transposed { j * n + c } else { c * r + j };
             want[idx] = g0[off_g + idx] as f64 + alpha as f64 * acc;
         }
@@ -283,6 +322,30 @@ fn weight_grad_sd_shapes() {
 }
 
 #[test]
+fn stacked_adapters() {
+    // q, k, v of one fused product (3 members) and k, v (2), at odd sizes and SD's: dh from
+    // the members' columns of dy, y += scale·h_g·B_gᵀ per segment, dB per segment.
+    for &(m, seg, r, members) in &[(5, 6, 1, 3), (37, 10, 3, 3), (77, 130, 5, 2), (33, 8, 4, 4), (200, 38, 8, 2), (9, 4, 2, 3)] {
+        let k = seg * members;
+        check_narrow_g(m, k, r, false, 0, k, members);
+        check_narrow_g(m, k, r, false, 2, k + 6, members);
+        check_widen_g(m, k, r, true, 0, k, true, members);
+        check_widen_g(m, k, r, true, 2, k + 6, false, members);
+        for splits in [None, Some(1), Some(3)] {
+            check_wgrad_g(m, k, r, false, 0, k, splits, members);
+        }
+        check_wgrad_g(m, k, r, false, 2, k + 6, Some(2), members);
+    }
+    // SD: the self-attention's q/k/v gradient [4096, 960] at rank 4, the cross k/v [77, 640].
+    check_narrow_g(4096, 960, 4, false, 0, 960, 3);
+    check_widen_g(4096, 960, 4, true, 0, 960, true, 3);
+    check_wgrad_g(4096, 960, 4, false, 0, 960, None, 3);
+    check_narrow_g(77, 640, 8, false, 0, 640, 2);
+    check_widen_g(77, 640, 8, true, 0, 640, true, 2);
+    check_wgrad_g(77, 640, 8, false, 0, 640, None, 2);
+}
+
+#[test]
 fn bad_inputs_are_errors() {
     let g = gpu();
     let a = Tensor::empty(g, &[8, 16], DType::F16, "A").unwrap();
@@ -304,4 +367,14 @@ fn bad_inputs_are_errors() {
     let mut wg = WeightGrad::new(8, 8, 4, 1.0, false);
     wg.force_splits = Some(2);
     assert!(wg.prepare(g, Operand::dense(&a, 16), &h, &gr, 0, None).is_err());
+    // Stacked: ranks over 16 together, uneven or odd segments, too many vec4 groups for the
+    // weight gradient, a transposed stacked gradient.
+    let c16 = Tensor::empty(g, &[8, 18], DType::F16, "C").unwrap();
+    assert!(narrow_stacked(g, Operand::dense(&a, 16), &w, &c16, 8, 16, 6, 3, 1.0).is_err());
+    assert!(narrow_stacked(g, Operand::dense(&a, 15), &w, &c, 8, 15, 4, 2, 1.0).is_err());
+    assert!(widen_stacked(g, &h, &w, Operand::dense(&y, 16), 8, 16, 2, 4, 1.0, true).is_err());
+    assert!(widen_stacked(g, &h, &w, Operand::dense(&y, 16), 8, 16, 2, 2, 1.0, true).is_ok());
+    assert!(WeightGrad::new(8, 12, 5, 1.0, false).stacked(3).prepare(g, Operand::dense(&a, 16), &c, &gr, 0, None).is_err());
+    assert!(WeightGrad::new(8, 12, 4, 1.0, false).stacked(3).prepare(g, Operand::dense(&a, 16), &c, &gr, 0, None).is_ok());
+    assert!(WeightGrad::new(8, 16, 4, 1.0, true).stacked(2).prepare(g, Operand::dense(&a, 16), &c, &gr, 0, None).is_err());
 }

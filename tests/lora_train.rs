@@ -15,6 +15,9 @@
 //!   (a few f32 roundings a step, ~6e-8 each); the parameters' change 1e-5 plus the f32
 //!   storage rounding of p (two half-ulp roundings a step, 4·sqrt(10)·2^-24·||p|| / ||change||,
 //!   the larger part at lr 1e-3); the gradient norm 1e-6.
+//! - Stacked adapters (`LoraStack`, the q/k/v of one fused product run as one): the same
+//!   products and roundings as one layer, so the same bounds, member by member; dx sums the
+//!   members' input gradients (one f16 rounding of the sum instead of one per member).
 //! - Finite differences (CPU, f64): the LoRA output is linear in each of A, B and x, so
 //!   central differences are exact up to rounding: bound 1e-8 absolute.
 
@@ -23,7 +26,7 @@ mod common;
 use atelier::gpu::{DType, PlanBuilder, Recorder, Tensor};
 use atelier::kernels::attention::Operand;
 use atelier::kernels::lora::{self as lk, dropout_keep, dropout_threshold};
-use atelier::model::lora::{init_values, layout, AdamW, LoraLayer, LoraParams, LoraSpec};
+use atelier::model::lora::{init_values, layout, AdamW, LoraLayer, LoraParams, LoraSpec, LoraStack};
 use common::*;
 
 fn spec(name: &str, k: usize, n: usize, rank: usize, alpha: f32, dropout: f32) -> LoraSpec {
@@ -216,6 +219,107 @@ fn sd_shape_attention_projection() {
     check_layer(&specs, 0, 4096, 3);
     let specs = vec![spec("to_k", 768, 320, 8, 8.0, 0.1)];
     check_layer(&specs, 0, 77, 3);
+}
+
+/// `members` adapters of k -> n at rank r on one fused product of width members·n (columns 2
+/// .. of rows of members·n + 6, the rest untouched), stacked, against the reference member
+/// by member: y per segment, dA and dB per member, dx the members' sum.
+fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize) {
+    let g = gpu();
+    let specs: Vec<_> = (0..members).map(|i| spec(&format!("p{i}"), k, n, r, 2.0 * r as f32, 0.0)).collect();
+    let seed = seed(&format!("lora stack {members}x {m}x{k}->{n} r{r}"));
+    let lp = LoraParams::new(g, &specs, seed).unwrap();
+    let stack = LoraStack::new(lp.layers.iter().collect()).expect("equal adapters laid out back to back stack");
+    let (wn, off) = (members * n, 2);
+    let ld = wn + 6;
+    let mut flat = vec![0f32; lp.total];
+    let mut parts = Vec::new();
+    for (i, l) in lp.layers.iter().enumerate() {
+        let a = scaled(&random(r * k, seed ^ (10 + i as u64)), 1.0 / (k as f32).sqrt());
+        let b = scaled(&random(n * r, seed ^ (20 + i as u64)), 0.5);
+        flat[l.off_a..l.off_a + r * k].copy_from_slice(&a);
+        flat[l.off_b..l.off_b + n * r].copy_from_slice(&b);
+        parts.push((round_f16(&a), round_f16(&b)));
+    }
+    lp.write_params(g, &flat).unwrap();
+    let x = round_f16(&random(m * k, seed ^ 1));
+    let yw = round_f16(&scaled(&random(m * ld, seed ^ 2), 0.05));
+    let dyw = round_f16(&random(m * ld, seed ^ 3));
+    let dx0 = round_f16(&scaled(&random(m * k, seed ^ 4), 0.05));
+    let tx = Tensor::from_f32(g, &[m, k], DType::F16, &x, "x").unwrap();
+    let ty = Tensor::from_f32(g, &[m, ld], DType::F16, &yw, "y").unwrap();
+    let tdy = Tensor::from_f32(g, &[m, ld], DType::F16, &dyw, "dy").unwrap();
+    let tdx = Tensor::from_f32(g, &[m, k], DType::F16, &dx0, "dx").unwrap();
+    let grad_scale = 0.5;
+    let mut pb = PlanBuilder::new(g);
+    let saved = stack.forward(&mut pb, &tx, Operand::slice(&ty, off, ld)).unwrap();
+    saved.h.fill_words(g, POISON);
+    stack.backward(&mut pb, saved, Operand::slice(&tdy, off, ld), Some(&tdx), grad_scale).unwrap();
+    pb.finish().run(g).unwrap();
+    let (y, grads, dx) = (ty.to_f32(g).unwrap(), lp.grads.to_f32(g).unwrap(), tdx.to_f32(g).unwrap());
+    let keep = vec![1.0; m * k];
+    let mut want_dx: Vec<f64> = f64s(&dx0);
+    let check = |what: String, out: &[f32], want: &[f64], bound: f64| {
+        let (e, mx) = (rel_l2(out, want), max_rel(out, want));
+        println!("{what}: rel L2 {e:.2e}, max {mx:.2e}");
+        assert!(e < bound, "{what}: rel L2 {e:.3e} over {bound}");
+        assert!(mx < 3e-3, "{what}: max error {mx:.3e} of max |ref|");
+    };
+    for (i, (l, (a, b))) in lp.layers.iter().zip(&parts).enumerate() {
+        let col = |w: &[f32], j: usize, c: usize| w[j * ld + off + i * n + c];
+        let dy: Vec<f32> = (0..m).flat_map(|j| (0..n).map(move |c| (j, c))).map(|(j, c)| col(&dyw, j, c)).collect();
+        let rf = reference(&f64s(&x), &f64s(a), &f64s(b), &f64s(&dy), &keep, m, k, n, r, l.scale as f64);
+        let yi: Vec<f32> = (0..m).flat_map(|j| (0..n).map(move |c| (j, c))).map(|(j, c)| col(&y, j, c)).collect();
+        let want_y: Vec<f64> = (0..m * n).map(|e| col(&yw, e / n, e % n) as f64 + rf.y[e]).collect();
+        check(format!("stack {members}: member {i} y"), &yi, &want_y, 1.5e-3);
+        let half = |d: &[f64]| -> Vec<f64> { d.iter().map(|v| v * grad_scale as f64).collect() };
+        check(format!("stack {members}: member {i} dA"), &grads[l.off_a..l.off_a + r * k], &half(&rf.da), 1e-3);
+        check(format!("stack {members}: member {i} dB"), &grads[l.off_b..l.off_b + n * r], &half(&rf.db), 1e-3);
+        want_dx.iter_mut().zip(&rf.dx).for_each(|(w, d)| *w += d);
+    }
+    check(format!("stack {members}: dx"), &dx, &want_dx, 1.5e-3);
+    for j in 0..m {
+        for c in (0..off).chain(off + wn..ld) {
+            assert_eq!(y[j * ld + c], yw[j * ld + c], "y column {c} of row {j}, outside the product, was written");
+        }
+    }
+}
+
+#[test]
+fn stacked_adapters_match_the_reference() {
+    // Self-attention q, k, v (3 members) and cross-attention k, v (2), small and SD-sized.
+    check_stack(3, 5, 64, 32, 4);
+    check_stack(2, 77, 96, 64, 8);
+    check_stack(3, 4096, 320, 320, 4);
+    check_stack(2, 77, 768, 320, 4);
+}
+
+#[test]
+fn stacks_form_only_where_exact() {
+    let g = gpu();
+    let layers = |specs: &[LoraSpec]| {
+        let lp = LoraParams::new(g, specs, 1).unwrap();
+        let ok = LoraStack::new(lp.layers.iter().collect()).is_some();
+        (lp, ok)
+    };
+    // q, k, v then to_out (same shapes: one run, A's then B's back to back).
+    let qkvo: Vec<_> = ["q", "k", "v", "o"].iter().map(|n| spec(n, 320, 320, 4, 16.0, 0.0)).collect();
+    let (lp, _) = layers(&qkvo);
+    for w in lp.layers.windows(2) {
+        assert_eq!(w[1].off_a, w[0].off_a + 4 * 320);
+        assert_eq!(w[1].off_b, w[0].off_b + 320 * 4);
+    }
+    assert!(LoraStack::new(lp.layers[..3].iter().collect()).is_some());
+    assert!(LoraStack::new(lp.layers[1..3].iter().collect()).is_some());
+    // Dropout (a mask per member), a different alpha, a rank too large stacked, one member.
+    let with = |f: &dyn Fn(usize) -> LoraSpec| (0..3).map(f).collect::<Vec<_>>();
+    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 4, 16.0, 0.1))).1);
+    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 4, if i == 1 { 8.0 } else { 16.0 }, 0.0))).1);
+    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 8, 16.0, 0.0))).1);
+    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 5, 5.0, 0.0))).1);
+    assert!(LoraStack::new(lp.layers[..1].iter().collect()).is_none());
+    // Not back to back: q and o.
+    assert!(LoraStack::new(vec![&lp.layers[0], &lp.layers[3]]).is_none());
 }
 
 #[test]

@@ -10,6 +10,13 @@
 //!   are split over workgroups writing f32 partials, then a fixed-order reduce adds into G:
 //!   deterministic, no float atomics.
 //!
+//! **Stacked adapters** (`members` > 1): the adapters of one fused product (q, k, v or k, v)
+//! share their input, so their A's stack into one [members·r, K] (a plain narrow, widen and
+//! dA gradient of rank members·r); their outputs are equal column segments of the product,
+//! so [`narrow_stacked`], [`widen_stacked`] and [`WeightGrad::members`] pair segment g with
+//! member g's r columns of H and its B (the members' B's stacked [N, r]): one launch for the
+//! group where each adapter had its own.
+//!
 //! Flops: 2·M·K·r (narrow), 2·M·N·r (widen, weight gradient; the reduce counts none). Bytes: every
 //! operand once, plus the partials written and read.
 
@@ -52,7 +59,8 @@ pub struct SkinnyParams {
     pub rows_per_split: u32,
     pub splits: u32,
     pub numel_out: u32,
-    pub _pad0: u32,
+    /// Stacked adapters (0 or 1: one).
+    pub members: u32,
 }
 
 /// The pipeline key of an entry for rank `r` (`wreduce` has one variant).
@@ -112,14 +120,41 @@ fn check_u32(op: &str, ts: &[&Tensor]) -> Result<()> {
 /// vector loads.
 #[allow(clippy::too_many_arguments)]
 pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usize, k: usize, r: usize, alpha: f32) -> Result<Dispatch> {
+    narrow_impl(gpu, a, w, w_rk, c, m, k, r, 1, alpha)
+}
+
+/// C [m, members·r] (dense f16) = alpha · A [m, k] · blockdiag(W_0, .. W_members-1): the
+/// members' W_g [k / members, r] stacked [k, r]; member g's r columns of C read only its
+/// segment of A's columns (the backward's dh of stacked adapters from their columns of dy).
+#[allow(clippy::too_many_arguments)]
+pub fn narrow_stacked(gpu: &Gpu, a: Operand, w: &Tensor, c: &Tensor, m: usize, k: usize, r: usize, members: usize, alpha: f32) -> Result<Dispatch> {
+    narrow_impl(gpu, a, w, false, c, m, k, r, members, alpha)
+}
+
+/// Stacked members: at least one, r·members within the kernels' rank, k or n split evenly into
+/// even segments.
+fn check_members(op: &str, r: usize, members: usize, width: usize) -> Result<()> {
+    if members == 0 || r * members > MAX_RANK || width % members != 0 || (members > 1 && (width / members) % 2 == 1) {
+        return Err(Error::shape(
+            op,
+            format!("{members} stacked adapters of rank {r} over {width} columns: need members·rank <= {MAX_RANK} and equal even segments"),
+        ));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usize, k: usize, r: usize, members: usize, alpha: f32) -> Result<Dispatch> {
     let op = "lora narrow product";
     check_rank(op, r)?;
+    check_members(op, r, members, k)?;
     check_slice(op, "A", &a, m, k)?;
     if w.dtype != DType::F16 || c.dtype != DType::F16 {
         return Err(Error::DType { op: op.into(), detail: "W and C must be f16".into() });
     }
-    if w.numel() < r * k || c.numel() < m * r {
-        return Err(Error::shape(op, format!("W {:?} must hold {r}x{k}, C {:?} {m}x{r}", w.shape, c.shape)));
+    let width = members * r;
+    if w.numel() < r * k || c.numel() < m * width {
+        return Err(Error::shape(op, format!("W {:?} must hold {r}x{k}, C {:?} {m}x{width}", w.shape, c.shape)));
     }
     check_u32(op, &[a.tensor, c, w])?;
     let mut flags = if w_rk { W_T } else { 0 };
@@ -134,11 +169,12 @@ pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usiz
         lda: a.ld as u32,
         off_a: a.offset as u32,
         alpha,
+        members: members as u32,
         ..Default::default()
     };
     let flops = 2.0 * (m * k * r) as f64;
-    let bytes = (2 * (m * k + r * k + m * r)) as f64;
-    gpu.dispatch(&key("narrow", r), &params, &[a.tensor, c, w], fold(m.div_ceil(NARROW_ROWS)), flops, bytes)
+    let bytes = (2 * (m * k + r * k + m * width)) as f64;
+    gpu.dispatch(&key("narrow", width), &params, &[a.tensor, c, w], fold(m.div_ceil(NARROW_ROWS)), flops, bytes)
 }
 
 /// Y [m, n] (=, or += with `accumulate`) alpha · H [m, r] · W: with `w_nr` W is stored [n, r]
@@ -147,8 +183,22 @@ pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usiz
 /// row stride and width (pairs are written whole).
 #[allow(clippy::too_many_arguments)]
 pub fn widen(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize, n: usize, r: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
+    widen_impl(gpu, h, w, w_nr, y, m, n, r, 1, alpha, accumulate)
+}
+
+/// Y [m, n] (=, or += with `accumulate`) alpha · H_g · W_gᵀ on each of the `members` equal
+/// column segments g of Y: H [m, members·r] dense (member g's columns g·r ..), the members'
+/// W_g [n / members, r] stacked [n, r] (the forward's y += scale·h·Bᵀ of stacked adapters).
+#[allow(clippy::too_many_arguments)]
+pub fn widen_stacked(gpu: &Gpu, h: &Tensor, w: &Tensor, y: Operand, m: usize, n: usize, r: usize, members: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
+    widen_impl(gpu, h, w, true, y, m, n, r, members, alpha, accumulate)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn widen_impl(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize, n: usize, r: usize, members: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
     let op = "lora widen product";
     check_rank(op, r)?;
+    check_members(op, r, members, n)?;
     check_slice(op, "Y", &y, m, n)?;
     if y.offset % 2 == 1 || y.ld % 2 == 1 || n % 2 == 1 {
         return Err(Error::shape(op, format!("Y needs an even offset ({}), row stride ({}) and width ({n})", y.offset, y.ld)));
@@ -156,8 +206,8 @@ pub fn widen(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize
     if h.dtype != DType::F16 || w.dtype != DType::F16 {
         return Err(Error::DType { op: op.into(), detail: "H and W must be f16".into() });
     }
-    if h.numel() < m * r || w.numel() < n * r {
-        return Err(Error::shape(op, format!("H {:?} must hold {m}x{r}, W {:?} {n}x{r}", h.shape, w.shape)));
+    if h.numel() < m * r * members || w.numel() < n * r {
+        return Err(Error::shape(op, format!("H {:?} must hold {m}x{}, W {:?} {n}x{r}", h.shape, r * members, w.shape)));
     }
     if [h, w].iter().any(|t| std::sync::Arc::ptr_eq(&t.buffer, &y.tensor.buffer)) {
         return Err(Error::shape(op, "Y must not be in the same buffer as H or W (it is bound writable)"));
@@ -175,11 +225,12 @@ pub fn widen(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize
         lda: y.ld as u32,
         off_out: y.offset as u32,
         alpha,
+        members: members as u32,
         ..Default::default()
     };
     let grid = [n.div_ceil(WIDEN_COLS) as u32, m.div_ceil(WIDEN_ROWS) as u32, 1];
     let flops = 2.0 * (m * n * r) as f64;
-    let bytes = (2 * (m * r + n * r) + 2 * m * n * if accumulate { 2 } else { 1 }) as f64;
+    let bytes = (2 * (m * r * members + n * r) + 2 * m * n * if accumulate { 2 } else { 1 }) as f64;
     gpu.dispatch(&key("widen", r), &params, &[h, y.tensor, w], grid, flops, bytes)
 }
 
@@ -196,11 +247,19 @@ pub struct WeightGrad {
     pub transposed: bool,
     /// Force the number of row splits (default: [`WeightGrad::splits`]' choice).
     pub force_splits: Option<usize>,
+    /// Stacked adapters (default 1): X's N columns are `members` equal segments, segment g
+    /// paired with H's columns [g·r, (g+1)·r) of rows of members·r (not with `transposed`).
+    pub members: usize,
 }
 
 impl WeightGrad {
     pub fn new(rows: usize, n: usize, r: usize, alpha: f32, transposed: bool) -> Self {
-        WeightGrad { rows, n, r, alpha, transposed, force_splits: None }
+        WeightGrad { rows, n, r, alpha, transposed, force_splits: None, members: 1 }
+    }
+
+    /// The stacked members' gradient (their dB's stacked [n, r]): see [`WeightGrad::members`].
+    pub fn stacked(self, members: usize) -> Self {
+        WeightGrad { members, ..self }
     }
 
     /// Rows one split sums: enough splits for ~512 workgroups, but at least 32 rows (and
@@ -230,14 +289,18 @@ impl WeightGrad {
     /// at element `off_g`; `parts` (f32, at least [`WeightGrad::partials_len`]) when split.
     pub fn prepare(&self, gpu: &Gpu, x: Operand, h: &Tensor, g: &Tensor, off_g: usize, parts: Option<&Tensor>) -> Result<Vec<Dispatch>> {
         let op = "lora weight gradient";
-        let (rows, n, r) = (self.rows, self.n, self.r);
+        let (rows, n, r, members) = (self.rows, self.n, self.r, self.members);
         check_rank(op, r)?;
+        check_members(op, r, members, n)?;
+        if members > 1 && (self.transposed || members * r.div_ceil(4) > 4) {
+            return Err(Error::shape(op, format!("{members} stacked adapters of rank {r}: need the [N, r] layout and members·ceil(r/4) <= 4")));
+        }
         check_slice(op, "X", &x, rows, n)?;
         if h.dtype != DType::F16 || g.dtype != DType::F32 {
             return Err(Error::DType { op: op.into(), detail: "H must be f16 and G f32".into() });
         }
-        if h.numel() < rows * r || off_g + n * r > g.numel() {
-            return Err(Error::shape(op, format!("H {:?} must hold {rows}x{r}, G {:?} {n}x{r} at {off_g}", h.shape, g.shape)));
+        if h.numel() < rows * r * members || off_g + n * r > g.numel() {
+            return Err(Error::shape(op, format!("H {:?} must hold {rows}x{}, G {:?} {n}x{r} at {off_g}", h.shape, r * members, g.shape)));
         }
         check_u32(op, &[x.tensor, h, g])?;
         let rps = self.rows_per_split();
@@ -258,11 +321,12 @@ impl WeightGrad {
             rows_per_split: rps as u32,
             splits: splits as u32,
             numel_out: nr as u32,
+            members: members as u32,
             ..Default::default()
         };
         let grid = [n.div_ceil(WGRAD_COLS) as u32, splits as u32, 1];
         let flops = 2.0 * (rows * n * r) as f64;
-        let read = 2 * (rows * n + rows * r);
+        let read = 2 * (rows * n + rows * r * members);
         if splits == 1 {
             params.flags = flags | DIRECT;
             return Ok(vec![gpu.dispatch(&key("wgrad", r), &params, &[x.tensor, g, h], grid, flops, (read + 8 * nr) as f64)?]);

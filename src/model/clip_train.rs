@@ -32,7 +32,7 @@ use crate::kernels::grad_ops::{self, Activation};
 use crate::kernels::{norm, tensor_ops};
 use crate::model::clip::{ClipLayer, ClipTextModel};
 use crate::model::lora::{Adapters, LoraParams, LoraSpec};
-use crate::model::unet_transformer::{adapt, adapt_backward, copy, Applied};
+use crate::model::unet_transformer::{adapt, adapt_backward, adapt_fused, copy, Applied};
 
 /// The projections of an encoder layer that get adapters, as (module path under the layer,
 /// whether it is in the MLP).
@@ -204,9 +204,8 @@ fn layer_forward(pb: &mut PlanBuilder, l: &ClipLayer, i: usize, s0: Tensor, attn
     let (x1, stats1) = l.layer_norm1.layer_saving(pb, &s0, "clip ln1")?;
     let qkv = l.qkv.apply(pb, &x1, "clip qkv (saved)")?;
     let mut qkv_lora = Vec::new();
-    for (j, proj) in TARGETS[..3].iter().enumerate() {
-        adapt(pb, ad, module_name(i, proj), &x1, &qkv, j * d, 3 * d, &mut qkv_lora)?;
-    }
+    let names = TARGETS[..3].iter().map(|p| module_name(i, p)).collect();
+    adapt_fused(pb, ad, names, &x1, &qkv, 0, d, 3 * d, &mut qkv_lora)?;
     let x1 = keep_if(pb, x1, &qkv_lora);
     let rows = s0.numel() / d;
     let o = pb.f16(&[rows, d], "clip attention (saved)")?;

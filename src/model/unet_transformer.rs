@@ -17,7 +17,7 @@
 //! Each module's forward and backward stay together: `attention` holds diffusers' `Attention`
 //! (self- and cross-attention), `block` the `BasicTransformerBlock`; this file the
 //! `Transformer2D` around them and the adapter helpers the text encoder's training shares
-//! (`adapt`, `adapt_backward`, `copy`, `Applied`).
+//! (`adapt`, `adapt_fused`, `adapt_backward`, `copy`, `Applied`).
 
 mod attention;
 mod block;
@@ -28,7 +28,7 @@ use crate::gpu::{PlanBuilder, Tensor};
 use crate::kernels::attention::Operand;
 use crate::kernels::elementwise::{self, Unary};
 use crate::model::layers::{Linear, Norm};
-use crate::model::lora::{Adapters, LoraSaved};
+use crate::model::lora::{Adapters, LoraSaved, LoraStack};
 use crate::model::weights::Prefix;
 
 /// The module path under the UNet (`unet.` removed), the name LoRA adapters are found by.
@@ -65,9 +65,10 @@ pub(crate) fn copy(pb: &mut PlanBuilder, x: &Tensor, what: &str) -> Result<Tenso
     Ok(y)
 }
 
-/// An adapter's saved tensors with what it applies to.
+/// An adapter's (or a [`LoraStack`]'s) saved tensors with what it applies to.
 pub(crate) struct Applied {
-    name: String,
+    /// The adapter's module path; a stack's members in column order.
+    names: Vec<String>,
     /// Column offset and row stride of its projection in the output (and gradient) tensor.
     offset: usize,
     ld: usize,
@@ -85,7 +86,24 @@ impl Applied {
 pub(crate) fn adapt(pb: &mut PlanBuilder, ad: &Adapters, name: String, x: &Tensor, y: &Tensor, offset: usize, ld: usize, out: &mut Vec<Applied>) -> Result<()> {
     if let Some(l) = ad.get(&name) {
         let saved = l.forward(pb, x, Operand::slice(y, offset, ld))?;
-        out.push(Applied { name, offset, ld, saved });
+        out.push(Applied { names: vec![name], offset, ld, saved });
+    }
+    Ok(())
+}
+
+/// The adapters on the projections `names` of one fused product from `x`, projection i in
+/// columns `offset + i·seg ..` of `y` [rows, ld]: stacked where they can be (every one present,
+/// see [`LoraStack::new`]), else each on its own as [`adapt`] does.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adapt_fused(pb: &mut PlanBuilder, ad: &Adapters, names: Vec<String>, x: &Tensor, y: &Tensor, offset: usize, seg: usize, ld: usize, out: &mut Vec<Applied>) -> Result<()> {
+    let layers: Option<Vec<_>> = names.iter().map(|n| ad.get(n)).collect();
+    if let Some(stack) = layers.and_then(LoraStack::new) {
+        let saved = stack.forward(pb, x, Operand::slice(y, offset, ld))?;
+        out.push(Applied { names, offset, ld, saved });
+        return Ok(());
+    }
+    for (i, name) in names.into_iter().enumerate() {
+        adapt(pb, ad, name, x, y, offset + i * seg, ld, out)?;
     }
     Ok(())
 }
@@ -93,8 +111,12 @@ pub(crate) fn adapt(pb: &mut PlanBuilder, ad: &Adapters, name: String, x: &Tenso
 /// The backward of an adapter applied by [`adapt`]: dy is the projection's output gradient
 /// (its columns of `dy`), its input gradient added into `dx` when given.
 pub(crate) fn adapt_backward(pb: &mut PlanBuilder, ad: &Adapters, a: Applied, dy: &Tensor, dx: Option<&Tensor>) -> Result<()> {
-    let l = ad.get(&a.name).expect("an applied adapter exists");
-    l.backward(pb, a.saved, Operand::slice(dy, a.offset, a.ld), dx, ad.grad_scale)
+    let dy = Operand::slice(dy, a.offset, a.ld);
+    let layers: Vec<_> = a.names.iter().map(|n| ad.get(n).expect("an applied adapter exists")).collect();
+    if layers.len() == 1 {
+        return layers[0].backward(pb, a.saved, dy, dx, ad.grad_scale);
+    }
+    LoraStack::new(layers).expect("a stack formed in the forward").backward(pb, a.saved, dy, dx, ad.grad_scale)
 }
 
 /// The gradient of the text context (the cross-attentions' k and v input), summed over every

@@ -1,7 +1,7 @@
 //! diffusers' `Attention` in a transformer block (self-attention, or cross-attention over the
 //! text context): inference forward, training forward with adapters, and its LoRA backward.
 
-use super::{AdaptableWeight, Applied, ContextGrad, adapt, adapt_backward, module_path};
+use super::{AdaptableWeight, Applied, ContextGrad, adapt, adapt_backward, adapt_fused, module_path};
 use crate::error::Result;
 use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::attention::{Attention, Operand};
@@ -119,8 +119,7 @@ impl CrossAttention {
                 let q = self.q_or_qkv.apply(pb, x, "attention q (saved)")?;
                 adapt(pb, ad, self.name("to_q"), x, &q, 0, c, &mut qkv_lora)?;
                 let kvt = kv.apply(pb, ctx, "attention kv (saved)")?;
-                adapt(pb, ad, self.name("to_k"), ctx, &kvt, 0, 2 * c, &mut qkv_lora)?;
-                adapt(pb, ad, self.name("to_v"), ctx, &kvt, c, 2 * c, &mut qkv_lora)?;
+                adapt_fused(pb, ad, vec![self.name("to_k"), self.name("to_v")], ctx, &kvt, 0, c, 2 * c, &mut qkv_lora)?;
                 let attn = Attention::new(batch, self.heads, l, lk, c / self.heads, false);
                 let (k, v) = (Operand::slice(&kvt, 0, 2 * c), Operand::slice(&kvt, c, 2 * c));
                 pb.run(attn.prepare_saving(pb.gpu, Operand::dense(&q, c), k, v, Operand::dense(&o, c), &stats)?)?;
@@ -128,9 +127,8 @@ impl CrossAttention {
             }
             _ => {
                 let qkv = self.q_or_qkv.apply(pb, x, "attention qkv (saved)")?;
-                for (i, proj) in ["to_q", "to_k", "to_v"].iter().enumerate() {
-                    adapt(pb, ad, self.name(proj), x, &qkv, i * c, 3 * c, &mut qkv_lora)?;
-                }
+                let names = ["to_q", "to_k", "to_v"].map(|p| self.name(p)).to_vec();
+                adapt_fused(pb, ad, names, x, &qkv, 0, c, 3 * c, &mut qkv_lora)?;
                 let attn = Attention::new(batch, self.heads, l, l, c / self.heads, false);
                 let (q, k, v) = (Operand::slice(&qkv, 0, 3 * c), Operand::slice(&qkv, c, 3 * c), Operand::slice(&qkv, 2 * c, 3 * c));
                 pb.run(attn.prepare_saving(pb.gpu, q, k, v, Operand::dense(&o, c), &stats)?)?;
@@ -181,7 +179,7 @@ impl CrossAttention {
                 }
                 for a in qkv_lora {
                     // q's adapter read x; k's and v's read the context.
-                    let (dy, into) = if a.name.ends_with(".to_q") { (&dq, Some(&dx)) } else { (&dkv, dctx.map(|d| &d.t)) };
+                    let (dy, into) = if a.names[0].ends_with(".to_q") { (&dq, Some(&dx)) } else { (&dkv, dctx.map(|d| &d.t)) };
                     adapt_backward(pb, ad, a, dy, into)?;
                 }
                 for t in [dq, dkv, kvt] {
