@@ -16,15 +16,16 @@
 // Entries (RV: override, vec4 groups of the rank, r <= 4·RV):
 //   narrow      C [M, r] f16 = alpha · A [M, K] · W, with W stored [r, K] (flag W_T: A·Wᵀ, the
 //               forward's h = xd·Aᵀ) or [K, r] (A·W, the backward's dh = dy·B). Workgroup of
-//               128 = 4 rows x 32 lanes (many workgroups even for a few hundred rows); grid
-//               (ceil(M/4)) folded to 2-D. K runs in chunks of 256: each lane first loads its
-//               8 elements of the chunk (one vec4<u32> load when flag VEC says A's rows start
-//               8-aligned; else halves), then the chunk of W is staged in workgroup memory as
-//               f32 [256][4·RV] (zero past K and past r), then the 32 lanes' partial sums
-//               are added in lane order. A workgroup's output elements [4·r·blk,
-//               4·r·(blk+1)) start on a word boundary (4·r is even), so each of its
-//               invocations t < 2·r writes whole words; halves past M·r are 0 (padding of C's
-//               storage). Stacked (W [K, r] only): C [M, G·r] = alpha · A · blockdiag(W_g)
+//               256 = 8 groups of 32 lanes, each group two rows: 16 rows a workgroup, grid
+//               (ceil(M/16)) folded to 2-D. K runs in chunks of 256: each lane first loads its
+//               8 elements of the chunk in both rows (one vec4<u32> load when flag VEC says
+//               A's rows start 8-aligned; else halves), then the chunk of W is staged in
+//               workgroup memory as f32 [256][4·RV] (zero past K and past r; one row an
+//               invocation, shared by the 16 rows: with 4 rows a workgroup the staging was
+//               most of the time), then the 32 lanes' partial sums are added in lane order
+//               into outv. A workgroup's output elements [16·r·blk, 16·r·(blk+1)) start on a
+//               word boundary, so each of its invocations t < 8·r writes whole words; halves
+//               past M·r are 0 (padding of C's storage). Stacked (W [K, r] only): C [M, G·r] = alpha · A · blockdiag(W_g)
 //               with W the members' [seg, r] stacked [K, r] (the backward's dh of each
 //               member from its own columns of dy); RV covers G·r and W is staged with
 //               zeros off the diagonal blocks (G times the useful multiply-adds, all
@@ -83,16 +84,17 @@ override RV: u32 = 1u;
 // narrow, widen: W; wgrad: H (wreduce: none).
 @group(0) @binding(3) var<storage, read> wb: array<vec4<u32>>;
 
-// Narrow: lanes x rows (128 invocations), K chunk; wgrad: rows of H per staging; widen: rows
-// an invocation.
+// Narrow: lanes of a row group, rows a workgroup, K chunk; wgrad: rows of H per staging;
+// widen: rows an invocation.
 const NL: u32 = 32u;
-const NR: u32 = 4u;
+const NR: u32 = 16u;
 const KC: u32 = 256u;
 const HC: u32 = 64u;
 const WROWS: u32 = 8u;
 
 var<workgroup> sh: array<vec4<f32>, 1024>;
 var<workgroup> red: array<f32, 256>;
+var<workgroup> outv: array<f32, 256>;  // narrow: the workgroup's outputs [NR][16]
 
 fn half_a(e: u32) -> f32 {
     return unpack2x16float(xa[e / 8u][(e / 2u) % 4u])[e & 1u];
@@ -156,79 +158,107 @@ fn dot4(x: vec4<f32>, s: u32) -> vec4<f32> {
     return x.x * sh[s] + x.y * sh[s + 4u] + x.z * sh[s + 8u] + x.w * sh[s + 12u];
 }
 
-@compute @workgroup_size(128)
+// The 8 consecutive elements of A's row at k (zero past K; none for a dead row).
+fn a_octet(live: bool, base: u32, k: u32, kk: u32) -> array<vec4<f32>, 2> {
+    var lo = vec4<f32>(0.0);
+    var hi = vec4<f32>(0.0);
+    if (live && k < kk) {
+        if ((p.flags & VEC) != 0u) {
+            let q = xa[(base + k) / 8u];
+            lo = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+            hi = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+            // Past K the halves may be another column's or NaN: select, not scale.
+            if (k + 8u > kk) {
+                let i = vec4<u32>(k, k + 1u, k + 2u, k + 3u);
+                lo = select(vec4<f32>(0.0), lo, i < vec4<u32>(kk));
+                hi = select(vec4<f32>(0.0), hi, i + vec4<u32>(4u) < vec4<u32>(kk));
+            }
+        } else {
+            for (var c = 0u; c < 4u; c++) {
+                if (k + c < kk) { lo[c] = half_a(base + k + c); }
+                if (k + 4u + c < kk) { hi[c] = half_a(base + k + 4u + c); }
+            }
+        }
+    }
+    return array<vec4<f32>, 2>(lo, hi);
+}
+
+@compute @workgroup_size(256)
 fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
     let blk = wg.y * nwg.x + wg.x;
     let lane = lid % NL;
-    let rl = lid / NL;
-    let row = blk * NR + rl;
-    let live = row < p.rows;
+    let grp = lid / NL;
+    // This group's two rows (a, b) of the workgroup's NR.
+    let row_a = blk * NR + grp * 2u;
+    let row_b = row_a + 1u;
+    let live_a = row_a < p.rows;
+    let live_b = row_b < p.rows;
     let kk = p.k;
     // Output width: the stacked members' ranks.
     let r = p.r * max(p.members, 1u);
-    let base = p.off_a + row * p.lda;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    let base_a = p.off_a + row_a * p.lda;
+    let base_b = base_a + p.lda;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    var b0 = vec4<f32>(0.0);
+    var b1 = vec4<f32>(0.0);
+    var b2 = vec4<f32>(0.0);
+    var b3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < kk; k0 += KC) {
-        // This lane's 8 elements of the chunk, loaded before W is staged so that the two
-        // loads' latencies overlap.
+        // This lane's 8 elements of the chunk in both rows, loaded before W is staged so
+        // that the loads' latencies overlap.
         let k = k0 + lane * 8u;
-        var lo = vec4<f32>(0.0);
-        var hi = vec4<f32>(0.0);
-        if (live && k < kk) {
-            if ((p.flags & VEC) != 0u) {
-                let q = xa[(base + k) / 8u];
-                lo = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
-                hi = vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
-                // Past K the halves may be another column's or NaN: select, not scale.
-                if (k + 8u > kk) {
-                    let i = vec4<u32>(k, k + 1u, k + 2u, k + 3u);
-                    lo = select(vec4<f32>(0.0), lo, i < vec4<u32>(kk));
-                    hi = select(vec4<f32>(0.0), hi, i + vec4<u32>(4u) < vec4<u32>(kk));
-                }
-            } else {
-                for (var c = 0u; c < 4u; c++) {
-                    if (k + c < kk) { lo[c] = half_a(base + k + c); }
-                    if (k + 4u + c < kk) { hi[c] = half_a(base + k + 4u + c); }
-                }
-            }
-        }
+        let xa8 = a_octet(live_a, base_a, k, kk);
+        let xb8 = a_octet(live_b, base_b, k, kk);
         workgroupBarrier();
-        // Stage W[k0 + kw][0 .. 4·RV) for kw < KC, two rows an invocation.
-        for (var k1 = 0u; k1 < KC; k1 += 128u) {
-            let kl = k1 + lid;
-            let kw = k0 + kl;
-            for (var v = 0u; v < RV; v++) {
-                var w = vec4<f32>(0.0);
-                let j = 4u * v;
-                if (kw < kk) {
-                    if ((p.flags & W_T) != 0u) {
-                        w = vec4<f32>(w_at(j, j * kk + kw), w_at(j + 1u, (j + 1u) * kk + kw),
-                                      w_at(j + 2u, (j + 2u) * kk + kw), w_at(j + 3u, (j + 3u) * kk + kw));
-                    } else {
-                        w = vec4<f32>(w_diag(kw, j), w_diag(kw, j + 1u), w_diag(kw, j + 2u), w_diag(kw, j + 3u));
-                    }
+        // Stage W[k0 + lid][0 .. 4·RV) (one row of the chunk an invocation; KC = 256).
+        let kw = k0 + lid;
+        for (var v = 0u; v < RV; v++) {
+            var w = vec4<f32>(0.0);
+            let j = 4u * v;
+            if (kw < kk) {
+                if ((p.flags & W_T) != 0u) {
+                    w = vec4<f32>(w_at(j, j * kk + kw), w_at(j + 1u, (j + 1u) * kk + kw),
+                                  w_at(j + 2u, (j + 2u) * kk + kw), w_at(j + 3u, (j + 3u) * kk + kw));
+                } else {
+                    w = vec4<f32>(w_diag(kw, j), w_diag(kw, j + 1u), w_diag(kw, j + 2u), w_diag(kw, j + 3u));
                 }
-                sh[kl * 4u + v] = w;
             }
+            sh[lid * 4u + v] = w;
         }
         workgroupBarrier();
         let g = lane * 32u;
-        acc0 += dot8(lo, hi, g);
-        if (RV > 1u) { acc1 += dot8(lo, hi, g + 1u); }
-        if (RV > 2u) { acc2 += dot8(lo, hi, g + 2u); }
-        if (RV > 3u) { acc3 += dot8(lo, hi, g + 3u); }
+        a0 += dot8(xa8[0], xa8[1], g);
+        b0 += dot8(xb8[0], xb8[1], g);
+        if (RV > 1u) { a1 += dot8(xa8[0], xa8[1], g + 1u); b1 += dot8(xb8[0], xb8[1], g + 1u); }
+        if (RV > 2u) { a2 += dot8(xa8[0], xa8[1], g + 2u); b2 += dot8(xb8[0], xb8[1], g + 2u); }
+        if (RV > 3u) { a3 += dot8(xa8[0], xa8[1], g + 3u); b3 += dot8(xb8[0], xb8[1], g + 3u); }
+    }
+    // Sum the 32 lanes' partials of each (row, j) in lane order, one row of the pair at a
+    // time, into outv [NR][16].
+    for (var h = 0u; h < 2u; h++) {
+        workgroupBarrier();
+        sh[lid * 4u] = select(a0, b0, h == 1u);
+        if (RV > 1u) { sh[lid * 4u + 1u] = select(a1, b1, h == 1u); }
+        if (RV > 2u) { sh[lid * 4u + 2u] = select(a2, b2, h == 1u); }
+        if (RV > 3u) { sh[lid * 4u + 3u] = select(a3, b3, h == 1u); }
+        workgroupBarrier();
+        if (lid < (256u / NL) * r) {
+            let gg = lid / r;
+            let j = lid % r;
+            var s = 0.0;
+            for (var l = 0u; l < NL; l++) {
+                s += sh[(gg * NL + l) * 4u + j / 4u][j % 4u];
+            }
+            outv[(gg * 2u + h) * 16u + j] = s;
+        }
     }
     workgroupBarrier();
-    sh[lid * 4u] = acc0;
-    if (RV > 1u) { sh[lid * 4u + 1u] = acc1; }
-    if (RV > 2u) { sh[lid * 4u + 2u] = acc2; }
-    if (RV > 3u) { sh[lid * 4u + 3u] = acc3; }
-    workgroupBarrier();
-    // Output words of this workgroup: elements e0 = NR·r·blk + 2t and e0 + 1.
+    // Output words of this workgroup: elements e0 = NR·r·blk + 2t and e0 + 1 (NR·r is even,
+    // so the workgroup's first element starts a word).
     let total = p.rows * r;
     let first = NR * r * blk;
     if (lid < NR * r / 2u) {
@@ -236,13 +266,7 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         for (var h = 0u; h < 2u; h++) {
             let e = 2u * lid + h;
             if (first + e < total) {
-                let rr = e / r;
-                let j = e % r;
-                var s = 0.0;
-                for (var l = 0u; l < NL; l++) {
-                    s += sh[(rr * NL + l) * 4u + j / 4u][j % 4u];
-                }
-                o[h] = p.alpha * s;
+                o[h] = p.alpha * outv[(e / r) * 16u + e % r];
             }
         }
         if (first + 2u * lid < total) {

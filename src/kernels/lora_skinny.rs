@@ -38,7 +38,7 @@ const ACC: u32 = 32;
 
 /// Rows of a `narrow` workgroup; columns of a `wgrad` workgroup; columns and rows of a
 /// `widen` workgroup; outputs of a `wreduce` workgroup.
-const NARROW_ROWS: usize = 4;
+const NARROW_ROWS: usize = 16;
 const WGRAD_COLS: usize = 128;
 const WIDEN_COLS: usize = 128;
 const WIDEN_ROWS: usize = 32;
