@@ -296,8 +296,12 @@ impl Matmul {
             (false, false) => 128,
             // Taller linears only with long K, in slices of at least 1280 (H100, v5: the
             // training step's 256x1280x10240 dX 456 -> 165 us split 4, 1024x640x5120 163 ->
-            // 120 us split 2; 256x1280x1280 split 2 only 47 -> 40 us, not taken).
+            // 120 us split 2), or of at least 320 from K 1280 below half a wave of tiles: in
+            // the training step (cold operands) 256x1280x1280 at 40 tiles went 83 -> 43 us
+            // split 4 (+ 7 us for the sum; a bench's warm back-to-back runs had measured 47 ->
+            // 40 us for split 2), while 1024x640x640 at 80 tiles only went 46 -> 42 us split 2.
             (false, true) if self.k >= 2560 => 1280,
+            (false, true) if self.k >= 1280 && tiles < 64 => 320,
             (false, true) => return 1,
         };
         let mut s = 1;
