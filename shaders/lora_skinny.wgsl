@@ -27,9 +27,11 @@
 //               word boundary, so each of its invocations t < 8·r writes whole words; halves
 //               past M·r are 0 (padding of C's storage). Stacked (W [K, r] only): C [M, G·r] = alpha · A · blockdiag(W_g)
 //               with W the members' [seg, r] stacked [K, r] (the backward's dh of each
-//               member from its own columns of dy); RV covers G·r and W is staged with
-//               zeros off the diagonal blocks (G times the useful multiply-adds, all
-//               memory-bound anyway).
+//               member from its own columns of dy). With flag MSPLIT (r even) grid z is
+//               the member: each workgroup reads its member's K/G columns and [K/G, r] of W
+//               and writes its r columns (RV covers r); without it (odd r) RV covers G·r
+//               and W is staged with zeros off the diagonal blocks (G times the multiply-adds
+//               and the K steps: at 256 rows and K 3840 that was 91 us, latency-bound).
 //   widen       Y [M, N] f16 (=, or += with flag ACC) alpha · H [M, r] · W, with W stored
 //               [N, r] (flag W_T: H·Wᵀ, the forward's y += scale·h·Bᵀ) or [r, N] (H·W, the
 //               backward's dx += dh·A); Y may be columns of a wider tensor (row stride lda,
@@ -73,6 +75,7 @@ const PAIR: u32 = 4u;
 const OUT_T: u32 = 8u;
 const DIRECT: u32 = 16u;
 const ACC: u32 = 32u;
+const MSPLIT: u32 = 64u;
 
 override RV: u32 = 1u;
 
@@ -194,10 +197,14 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     let row_b = row_a + 1u;
     let live_a = row_a < p.rows;
     let live_b = row_b < p.rows;
-    let kk = p.k;
-    // Output width: the stacked members' ranks.
-    let r = p.r * max(p.members, 1u);
-    let base_a = p.off_a + row_a * p.lda;
+    // MSPLIT: this workgroup's member g = wg.z, its segment of A's columns and its W.
+    let msplit = (p.flags & MSPLIT) != 0u;
+    let gm = max(p.members, 1u);
+    let g = select(0u, wg.z, msplit);
+    let kk = select(p.k, p.k / gm, msplit);
+    // Output width: the stacked members' ranks (MSPLIT: the member's).
+    let r = select(p.r * gm, p.r, msplit);
+    let base_a = p.off_a + row_a * p.lda + g * kk;
     let base_b = base_a + p.lda;
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
@@ -223,6 +230,9 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 if ((p.flags & W_T) != 0u) {
                     w = vec4<f32>(w_at(j, j * kk + kw), w_at(j + 1u, (j + 1u) * kk + kw),
                                   w_at(j + 2u, (j + 2u) * kk + kw), w_at(j + 3u, (j + 3u) * kk + kw));
+                } else if (msplit) {
+                    let e = (g * kk + kw) * r + j;
+                    w = vec4<f32>(w_at(j, e), w_at(j + 1u, e + 1u), w_at(j + 2u, e + 2u), w_at(j + 3u, e + 3u));
                 } else {
                     w = vec4<f32>(w_diag(kw, j), w_diag(kw, j + 1u), w_diag(kw, j + 2u), w_diag(kw, j + 3u));
                 }
@@ -257,6 +267,20 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
     }
     workgroupBarrier();
+    if (msplit) {
+        // The member's r (even) columns of C's rows of gm·r: word t holds columns j, j + 1.
+        if (lid < NR * r / 2u) {
+            let e = 2u * lid;
+            let rl = e / r;
+            let j = e % r;
+            let row = blk * NR + rl;
+            if (row < p.rows) {
+                let o = p.alpha * vec2<f32>(outv[rl * 16u + j], outv[rl * 16u + j + 1u]);
+                dst[(row * r * gm + g * r + j) / 2u] = pack2x16float(o);
+            }
+        }
+        return;
+    }
     // Output words of this workgroup: elements e0 = NR·r·blk + 2t and e0 + 1 (NR·r is even,
     // so the workgroup's first element starts a word).
     let total = p.rows * r;

@@ -35,6 +35,7 @@ const PAIR: u32 = 4;
 const OUT_T: u32 = 8;
 const DIRECT: u32 = 16;
 const ACC: u32 = 32;
+const MSPLIT: u32 = 64;
 
 /// Rows of a `narrow` workgroup; columns of a `wgrad` workgroup; columns and rows of a
 /// `widen` workgroup; outputs of a `wreduce` workgroup.
@@ -157,9 +158,15 @@ fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usi
         return Err(Error::shape(op, format!("W {:?} must hold {r}x{k}, C {:?} {m}x{width}", w.shape, c.shape)));
     }
     check_u32(op, &[a.tensor, c, w])?;
+    // Stacked with an even rank: a workgroup per member (grid z), each over its own K / members
+    // columns, writing its r columns (whole words).
+    let msplit = members > 1 && r % 2 == 0;
     let mut flags = if w_rk { W_T } else { 0 };
-    if a.offset.is_multiple_of(8) && a.ld.is_multiple_of(8) {
+    if a.offset.is_multiple_of(8) && a.ld.is_multiple_of(8) && (!msplit || (k / members).is_multiple_of(8)) {
         flags |= VEC;
+    }
+    if msplit {
+        flags |= MSPLIT;
     }
     let params = SkinnyParams {
         rows: m as u32,
@@ -174,7 +181,11 @@ fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usi
     };
     let flops = 2.0 * (m * k * r) as f64;
     let bytes = (2 * (m * k + r * k + m * width)) as f64;
-    gpu.dispatch(&key("narrow", width), &params, &[a.tensor, c, w], fold(m.div_ceil(NARROW_ROWS)), flops, bytes)
+    let mut grid = fold(m.div_ceil(NARROW_ROWS));
+    if msplit {
+        grid[2] = members as u32;
+    }
+    gpu.dispatch(&key("narrow", if msplit { r } else { width }), &params, &[a.tensor, c, w], grid, flops, bytes)
 }
 
 /// Y [m, n] (=, or += with `accumulate`) alpha · H [m, r] · W: with `w_nr` W is stored [n, r]
