@@ -21,7 +21,8 @@
 // (32 | 64, 32 | 64, 4 | 8) with R = 32·WARPS/BQ in {2, 4} invocations per softmax row and
 // whole score fragments per subgroup; the launcher uses (64, 64, 8) where it fits (DP <= 48:
 // d 40) and (32, 32, 4) elsewhere (fastest on the H100, see CoopTile::AUTO in
-// src/kernels/attention.rs).
+// src/kernels/attention.rs), where attention_warp.wgsl does not take the shape (DP > 80, or
+// a device without subgroup barriers).
 // Before the loop: the Q tile [BQ, DP] is staged in skv and each subgroup loads the DP/16 Q
 // fragments of its 16-row block into registers, kept for the whole kernel (separate
 // variables behind override conditions: a private array indexed at run time would go to

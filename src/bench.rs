@@ -1,7 +1,8 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
 //! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes
 //! and their input gradients at the training step's shapes,
-//! attention at UNet, CLIP and VAE shapes and its backward at the training step's shapes,
+//! attention at UNet, CLIP and VAE shapes (every cooperative-matrix tile with `all_tiles`) and
+//! its backward at the training step's shapes,
 //! elementwise ops at 64 MiB. Each case is
 //! warmed up, then timed over repeated launches (median of several batches), and reported
 //! in ms and TFLOP/s or GB/s.
@@ -11,7 +12,7 @@ use std::time::Instant;
 use crate::error::Result;
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
-use crate::kernels::attention::{Attention, Operand};
+use crate::kernels::attention::{coop_dp, Attention, CoopTile as AttentionTile, Operand};
 use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads, BwdTile, CoopEntry};
 use crate::kernels::conv::Conv2d;
 use crate::kernels::matmul::{CoopTile, Matmul};
@@ -164,7 +165,8 @@ pub const CONV_DX_CASES: [(&str, usize, usize, usize, usize, usize); 5] = [
 
 /// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
 /// The cooperative-matrix matmul is timed with every tile of `CoopTile::ALL` at 8192³, and at
-/// every case when `all_tiles` (for tuning the tile choice).
+/// every case when `all_tiles` (for tuning the tile choice), as are the attention forward's
+/// and backward's tiles.
 pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) -> Result<Vec<BenchResult>> {
     let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
     let mut out = Vec::new();
@@ -265,7 +267,8 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         }
     }
     // Attention at SD-1.5 shapes on every path the device has (the VAE's d 512 runs the
-    // scalar kernel on both: the label says which pipeline ran).
+    // scalar kernel on both: the label says which pipeline ran); with `all_tiles` every
+    // cooperative-matrix tile the device can run (both shaders) after the launcher's.
     let attn_cases = [
         ("unet_64x64_self_2x8h_d40", Attention::new(2, 8, 4096, 4096, 40, false)),
         ("unet_64x64_cross_2x8h_d40", Attention::new(2, 8, 4096, 77, 40, false)),
@@ -286,8 +289,17 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         for &path in &paths {
             let mut a = a;
             a.path = Some(path);
-            let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
-            emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e11, slow)?);
+            let mut forced = vec![None];
+            if let (true, (KernelPath::Coop, Some(auto))) = (all_tiles, a.plan(gpu)) {
+                let dp = coop_dp(a.d) as u32;
+                let (limit, sb) = (gpu.caps.limits.max_compute_workgroup_storage_size, gpu.caps.subgroup_barrier);
+                forced.extend(AttentionTile::ALL.iter().filter(|t| **t != auto && t.usable(dp, limit, sb)).map(|&t| Some(t)));
+            }
+            for tile in forced {
+                a.tile = tile;
+                let d = a.prepare(gpu, Operand::dense(&q, hd), Operand::dense(&kv, hd), Operand::dense(&kv, hd), Operand::dense(&o, hd))?;
+                emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e11, slow)?);
+            }
         }
     }
     // The attention backward at the training step's shapes (batch 1): the dq launch, and the

@@ -1,11 +1,14 @@
-//! Op tests for shaders/attention.wgsl and shaders/attention_coop.wgsl:
+//! Op tests for shaders/attention.wgsl, shaders/attention_coop.wgsl and
+//! shaders/attention_warp.wgsl:
 //! softmax(q·kᵀ·scale)·v per (batch, head) against an f64 CPU reference, on fresh seeded
 //! random inputs with NaN-poisoned outputs, on both kernel paths where the device has them
-//! (`common::paths()`: the cooperative-matrix kernel only where the device offers it): tiny
+//! (`common::paths()`: the cooperative-matrix kernels only where the device offers them): tiny
 //! and odd shapes, CLIP's causal 77x77, cross-attention over 77 keys, every SD-1.5 head dim
 //! (40, 64, 80, 160, 512; 512 runs on the scalar kernel on both paths), one real UNet
-//! self-attention (4096 tokens), q/k/v read out of one fused tensor, every cooperative tile,
-//! large logits (online softmax stability), the path choice and refused shapes.
+//! self-attention (4096 tokens), q/k/v read out of one fused tensor, every cooperative tile
+//! (and, where the device has subgroup barriers, every tile of both cooperative shaders
+//! forced, forward and saving lse, with a long case where the lazy rescale fires), large
+//! logits (online softmax stability), the saved lse, the path choice and refused shapes.
 
 mod common;
 
@@ -200,8 +203,8 @@ fn fused_qkv_slices() {
 #[test]
 fn every_coop_tile() {
     // Each cooperative tile (forced) on partial query and key blocks, causal and not, at
-    // padded head dims 16, 48, 64, 80 and 160 where the tile fits; the scalar path runs the
-    // same shapes.
+    // padded head dims 16, 48, 64, 80 and 160 where the device can run the tile (warp-owned
+    // ones need subgroup barriers); the scalar path runs the same shapes.
     for path in paths() {
         for tile in CoopTile::ALL {
             for (a, amp) in [
@@ -213,7 +216,8 @@ fn every_coop_tile() {
             ] {
                 let mut a = a;
                 if path == KernelPath::Coop {
-                    if !tile.valid(coop_dp(a.d) as u32, gpu().caps.limits.max_compute_workgroup_storage_size) {
+                    let caps = &gpu().caps;
+                    if !tile.usable(coop_dp(a.d) as u32, caps.limits.max_compute_workgroup_storage_size, caps.subgroup_barrier) {
                         continue;
                     }
                     a.tile = Some(tile);
@@ -229,13 +233,28 @@ fn every_coop_tile() {
 #[test]
 fn path_choice() {
     // Sizes of the cooperative kernel's workgroup memory as in attention_coop.wgsl's header.
-    let t = |bq, bk, warps| CoopTile { bq, bk, warps };
+    let t = |bq, bk, warps| CoopTile { bq, bk, warps, warp: false };
     assert_eq!(t(64, 64, 4).shared_bytes(48), 47104);
     assert_eq!(t(64, 32, 4).shared_bytes(80), 47104);
     assert_eq!(t(32, 32, 4).shared_bytes(160), 38912);
     assert!(!t(64, 64, 4).valid(64, COOP_SHARED_LIMIT) && !t(64, 32, 4).valid(96, COOP_SHARED_LIMIT));
     assert!(t(32, 32, 4).valid(160, COOP_SHARED_LIMIT) && !t(32, 32, 4).valid(176, COOP_SHARED_LIMIT));
     assert!(!t(32, 32, 8).valid(48, COOP_SHARED_LIMIT), "8 subgroups on 32 rows: half a score fragment each");
+    // attention_warp.wgsl's, as in its header: 16 query rows per subgroup, padded d <= 80.
+    let w = |bk, warps| CoopTile { bq: 16 * warps, bk, warps, warp: true };
+    assert_eq!(w(32, 4).shared_bytes(48), 21504);
+    assert_eq!(w(64, 4).shared_bytes(80), 49152);
+    assert_eq!(w(32, 8).shared_bytes(80), 39936);
+    assert!(w(64, 4).valid(80, COOP_SHARED_LIMIT) && !w(32, 4).valid(96, COOP_SHARED_LIMIT), "warp-owned: padded d <= 80");
+    assert!((16..=160).step_by(16).all(|dp| !w(64, 8).valid(dp, COOP_SHARED_LIMIT)), "128 x 64 never fits 48 KiB");
+    assert!(!CoopTile { bq: 64, ..w(32, 8) }.valid(48, COOP_SHARED_LIMIT), "warp-owned: bq = 16·warps");
+    assert!(CoopTile::ALL.iter().filter(|t| t.warp).all(|t| !t.usable(48, COOP_SHARED_LIMIT, false)), "warp-owned tiles need subgroup barriers");
+    assert_eq!(CoopTile::auto(48, COOP_SHARED_LIMIT, false), Some(t(64, 64, 8)));
+    assert_eq!(CoopTile::auto(48, COOP_SHARED_LIMIT, true), Some(w(32, 8)));
+    assert_eq!(CoopTile::auto(80, COOP_SHARED_LIMIT, true), Some(w(32, 8)));
+    // Below 40 KiB of workgroup memory 128 x 32 at padded 80 (39936 bytes) does not fit: 64 x 32.
+    assert_eq!(CoopTile::auto(80, 32768, true), Some(w(32, 4)));
+    assert_eq!(CoopTile::auto(160, COOP_SHARED_LIMIT, true), Some(t(32, 32, 4)));
     assert_eq!(coop_dp(40), 48);
     let g = gpu();
     let limit = g.caps.limits.max_compute_workgroup_storage_size;
@@ -244,7 +263,7 @@ fn path_choice() {
         a.path = Some(KernelPath::Scalar);
         assert_eq!(a.plan(g), (KernelPath::Scalar, None), "d {d} forced scalar");
         a.path = Some(KernelPath::Coop);
-        let tile = CoopTile::AUTO.into_iter().find(|t| t.valid(coop_dp(d) as u32, limit));
+        let tile = CoopTile::auto(coop_dp(d) as u32, limit, g.caps.subgroup_barrier);
         let coop = g.caps.coop_16x16_f16_f32 && d <= COOP_MAX_DP && tile.is_some();
         let want = if coop { (KernelPath::Coop, tile) } else { (KernelPath::Scalar, None) };
         assert_eq!(a.plan(g), want, "d {d} coop asked for (device offers coop: {})", g.caps.coop_16x16_f16_f32);
@@ -253,11 +272,18 @@ fn path_choice() {
         assert_eq!(p == KernelPath::Coop, g.caps.path == KernelPath::Coop && coop, "d {d} default path");
     }
     if g.caps.coop_16x16_f16_f32 && limit >= COOP_SHARED_LIMIT {
-        // The H100 (48 KiB): every SD-1.5 head dim but the VAE's 512 runs on tensor cores.
-        for (d, tile) in [(40, t(64, 64, 8)), (64, t(32, 32, 4)), (80, t(32, 32, 4)), (160, t(32, 32, 4))] {
+        // The H100 (48 KiB): every SD-1.5 head dim but the VAE's 512 runs on tensor cores,
+        // up to d 80 warp-owned where the device has subgroup barriers.
+        let sb = g.caps.subgroup_barrier;
+        for (d, v1, warp) in [
+            (40, t(64, 64, 8), w(32, 8)),
+            (64, t(32, 32, 4), w(32, 8)),
+            (80, t(32, 32, 4), w(32, 8)),
+            (160, t(32, 32, 4), t(32, 32, 4)),
+        ] {
             let mut a = Attention::new(1, 1, 64, 64, d, false);
             a.path = Some(KernelPath::Coop);
-            assert_eq!(a.plan(g), (KernelPath::Coop, Some(tile)), "d {d}");
+            assert_eq!(a.plan(g), (KernelPath::Coop, Some(if sb { warp } else { v1 })), "d {d}");
         }
     }
 }
@@ -322,20 +348,55 @@ fn lse_ref(a: &Attention, q: (&[f32], usize, usize), k: (&[f32], usize, usize)) 
 /// a wrong scale, mask, rescale or row is off by 1e-2 or more.
 const LSE_BOUND: f64 = 2e-5;
 
+/// Rows x key blocks, past each row's first block, where the coop kernels' lazy rule moves
+/// the reference max (so the running output is rescaled): the block's largest visible score
+/// in log2 units passes the running reference by more than 8, in blocks of `bk` keys from
+/// key 0. From the f64 scores, so a count near the threshold may differ from the GPU's f32.
+fn lazy_moves(a: &Attention, q: (&[f32], usize, usize), k: (&[f32], usize, usize), bk: usize) -> usize {
+    let d = a.d;
+    let sl = a.scale as f64 * std::f64::consts::LOG2_E;
+    let mut moves = 0;
+    for b in 0..a.batch {
+        for h in 0..a.heads {
+            for i in 0..a.lq {
+                let qa = q.1 + (b * a.lq + i) * q.2 + h * d;
+                let nk = if a.causal { (i + 1).min(a.lk) } else { a.lk };
+                let mut m = f64::NEG_INFINITY;
+                for k0 in (0..nk).step_by(bk) {
+                    let mx = (k0..nk.min(k0 + bk))
+                        .map(|j| {
+                            let ka = k.1 + (b * a.lk + j) * k.2 + h * d;
+                            (0..d).map(|c| q.0[qa + c] as f64 * k.0[ka + c] as f64).sum::<f64>() * sl
+                        })
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    if mx > m + 8.0 {
+                        moves += (k0 > 0) as usize;
+                        m = mx;
+                    }
+                }
+            }
+        }
+    }
+    moves
+}
+
 /// Runs `a` (forced to `path`) once without and once with saving lse, on q, k, v slices of
-/// one fused [batch, l, 3·heads·d] tensor when `fused` (lq = lk), dense tensors otherwise:
-/// the saved lse against the reference, its second column zero, every row written, and o
-/// bitwise the same as without saving.
-fn check_saved_lse(mut a: Attention, amp: f32, path: KernelPath, fused: bool) {
+/// one fused [batch, l, 3·heads·d] tensor when `fused` (lq = lk), dense tensors otherwise
+/// (key j then scaled by 1 + ramp·j/lk, so later keys outscore earlier ones): o against the
+/// reference, the saved lse against the reference, its second column zero, every row
+/// written, and o bitwise the same as without saving. Returns how often the lazy rescale
+/// fires ([`lazy_moves`]) on the cooperative path, 0 on the scalar one.
+fn check_saved_lse(mut a: Attention, amp: f32, ramp: f32, path: KernelPath, fused: bool) -> usize {
     let g = gpu();
     a.path = Some(path);
     let (used, tile) = a.plan(g);
-    let what = format!("saved lse {a:?} amp {amp} fused {fused} on {used} {tile:?}");
+    let what = format!("saved lse {a:?} amp {amp} ramp {ramp} fused {fused} on {used} {tile:?}");
     let s = seed(&what);
     let hd = a.heads * a.d;
     let (mut host, mut tensors) = (Vec::new(), Vec::new());
     let ops: [(usize, usize, usize); 3] = if fused {
         assert_eq!(a.lq, a.lk);
+        assert_eq!(ramp, 0.0, "no key ramp on fused q, k, v");
         let ld = 3 * hd;
         let x = input(a.batch * a.lq * ld, amp, s);
         tensors.push(upload(&x, &[a.batch, a.lq, ld]));
@@ -343,7 +404,14 @@ fn check_saved_lse(mut a: Attention, amp: f32, path: KernelPath, fused: bool) {
         [(0, 0, ld), (0, hd, ld), (0, 2 * hd, ld)]
     } else {
         for (i, (l, sc)) in [(a.lq, amp), (a.lk, amp), (a.lk, 1.0)].into_iter().enumerate() {
-            let x = input(a.batch * l * hd, sc, s ^ i as u64);
+            let mut x = input(a.batch * l * hd, sc, s ^ i as u64);
+            if i == 1 && ramp != 0.0 {
+                for (n, row) in x.chunks_mut(hd).enumerate() {
+                    let f = 1.0 + ramp * (n % a.lk) as f32 / a.lk as f32;
+                    row.iter_mut().for_each(|y| *y *= f);
+                }
+                x = round_f16(&x);
+            }
             tensors.push(upload(&x, &[a.batch, l, hd]));
             host.push(x);
         }
@@ -363,8 +431,11 @@ fn check_saved_lse(mut a: Attention, amp: f32, path: KernelPath, fused: bool) {
     let (po, so) = (o_plain.to_f32(g).unwrap(), o_saving.to_f32(g).unwrap());
     assert!(po.iter().zip(&so).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: o differs when saving lse");
     assert!(po.iter().all(|x| x.is_finite()), "{what}: o not written");
+    let arg = |i: usize| (host[ops[i].0].as_slice(), ops[i].1, ops[i].2);
+    let eo = rel_l2(&po, &attention_ref(&a, arg(0), arg(1), arg(2)));
+    assert!(eo < BOUND, "{what}: o rel L2 {eo:.3e} over {BOUND:.0e}");
     let got = stats.to_f32(g).unwrap();
-    let r = lse_ref(&a, (&host[ops[0].0], ops[0].1, ops[0].2), (&host[ops[1].0], ops[1].1, ops[1].2));
+    let r = lse_ref(&a, arg(0), arg(1));
     let mut worst: f64 = 0.0;
     for (row, (pair, want)) in got.chunks(2).zip(&r).enumerate() {
         assert_eq!(pair[1], 0.0, "{what}: row {row}: second column {}", pair[1]);
@@ -372,7 +443,12 @@ fn check_saved_lse(mut a: Attention, amp: f32, path: KernelPath, fused: bool) {
         assert!(e <= LSE_BOUND, "{what}: row {row}: lse2 {} against {want} (error {e:.2e} over {LSE_BOUND:.0e})", pair[0]);
         worst = worst.max(e);
     }
-    eprintln!("{what}: {}: worst lse error {worst:.2e}", saving.label);
+    let moves = match (used, tile) {
+        (KernelPath::Coop, Some(t)) => lazy_moves(&a, arg(0), arg(1), t.bk as usize),
+        _ => 0,
+    };
+    eprintln!("{what}: {}: o rel L2 {eo:.3e}, worst lse error {worst:.2e}, lazy rescales {moves}", saving.label);
+    moves
 }
 
 #[test]
@@ -390,14 +466,15 @@ fn saved_lse() {
             (Attention::new(2, 3, 45, 45, 40, false), 2.0, true),     // fused qkv slices
             (Attention::new(1, 2, 45, 45, 16, true), 2.0, true),
         ] {
-            check_saved_lse(a, amp, path, fused);
+            check_saved_lse(a, amp, 0.0, path, fused);
         }
-        // Every cooperative tile (forced), where it fits.
+        // Every cooperative tile (forced), where the device can run it.
         if path == KernelPath::Coop {
+            let caps = &gpu().caps;
             for tile in CoopTile::ALL {
                 for a in [Attention::new(2, 2, 70, 77, 40, false), Attention::new(1, 1, 50, 45, 80, true)] {
-                    if tile.valid(coop_dp(a.d) as u32, gpu().caps.limits.max_compute_workgroup_storage_size) {
-                        check_saved_lse(Attention { tile: Some(tile), ..a }, 2.0, path, false);
+                    if tile.usable(coop_dp(a.d) as u32, caps.limits.max_compute_workgroup_storage_size, caps.subgroup_barrier) {
+                        check_saved_lse(Attention { tile: Some(tile), ..a }, 2.0, 0.0, path, false);
                     }
                 }
             }
@@ -409,7 +486,50 @@ fn saved_lse() {
 fn saved_lse_unet_4096() {
     // UNet self-attention at 512x512 (one head of 40 over 4096 tokens).
     for path in paths() {
-        check_saved_lse(Attention::new(1, 1, 4096, 4096, 40, false), 2.0, path, false);
+        check_saved_lse(Attention::new(1, 1, 4096, 4096, 40, false), 2.0, 0.0, path, false);
+    }
+}
+
+#[test]
+fn every_coop_tile_forced() {
+    // Every cooperative-matrix tile of both shaders (attention_coop.wgsl, attention_warp.wgsl)
+    // forced, forward and forward saving lse, at shapes with partial query and key blocks:
+    // d 40 (batch 2, 3 heads), 64 causal, 80, 160 (attention_coop.wgsl only), and a long one
+    // (1000 x 1000, d 40) whose keys grow along the sequence so that rows' maxima move by more
+    // than 2^8 after their first block and the lazy rescale runs (counted from the reference
+    // scores: ~2400 times per tile). Only where the device has cooperative matrices and
+    // subgroup barriers (the software GPU of CI has neither).
+    let g = gpu();
+    if !g.caps.coop_16x16_f16_f32 || !g.caps.subgroup_barrier {
+        eprintln!(
+            "no cooperative matrices ({}) or no subgroup barriers ({}) on this device: every_coop_tile_forced skipped",
+            g.caps.coop_16x16_f16_f32, g.caps.subgroup_barrier
+        );
+        return;
+    }
+    let limit = g.caps.limits.max_compute_workgroup_storage_size;
+    let cases = [
+        (Attention::new(2, 3, 150, 170, 40, false), 2.0, 0.0),
+        (Attention::new(2, 2, 77, 77, 64, true), 2.0, 0.0),
+        (Attention::new(2, 2, 130, 77, 80, false), 2.0, 0.0),
+        (Attention::new(1, 2, 50, 30, 160, true), 1.0, 0.0),
+        (Attention::new(1, 2, 1000, 1000, 40, false), 2.0, 3.0),
+    ];
+    let mut seen = Vec::new();
+    for (a, amp, ramp) in cases {
+        for t in CoopTile::ALL {
+            if !t.usable(coop_dp(a.d) as u32, limit, true) {
+                continue;
+            }
+            seen.push(t);
+            let moves = check_saved_lse(Attention { tile: Some(t), ..a }, amp, ramp, KernelPath::Coop, false);
+            if ramp > 0.0 {
+                assert!(moves >= 100, "{a:?} {t:?}: the lazy rescale fired only {moves} times");
+            }
+        }
+    }
+    for t in CoopTile::ALL {
+        assert!(seen.contains(&t), "{t:?} never ran");
     }
 }
 

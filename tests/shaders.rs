@@ -97,6 +97,7 @@ fn uniform_structs_match_wgsl() {
     let at = rust_layout!(AttentionParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, off_q, off_k, off_v, off_o, scale, _pad0, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::Attention, "Params"), at);
     assert_eq!(wgsl_struct(Shader::AttentionCoop, "Params"), at);
+    assert_eq!(wgsl_struct(Shader::AttentionWarp, "Params"), at);
     use atelier::kernels::attention_backward::AttentionBackwardParams;
     let ab = rust_layout!(AttentionBackwardParams { batch, heads, lq, lk, d, causal, bq, bk, ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv, off_q, off_k, off_v, off_o, off_do, off_dq, off_dk, off_dv, scale, splits, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::AttentionBackward, "Params"), ab);
@@ -118,6 +119,24 @@ fn uniform_structs_match_wgsl() {
     assert_eq!(wgsl_struct(Shader::GradOps, "Params"), go);
 }
 
+/// Each entry point of `shader` with the bindings it reaches, sorted.
+fn bindings_reached(shader: Shader) -> Vec<(String, Vec<u32>)> {
+    let (module, info) = parse(shader);
+    let mut out = Vec::new();
+    for (i, ep) in module.entry_points.iter().enumerate() {
+        let fi = info.get_entry_point(i);
+        let mut used: Vec<u32> = module
+            .global_variables
+            .iter()
+            .filter(|(h, _)| !fi[*h].is_empty())
+            .filter_map(|(_, g)| g.binding.as_ref().map(|b| b.binding))
+            .collect();
+        used.sort();
+        out.push((ep.name.clone(), used));
+    }
+    out
+}
+
 /// The bindings each attention-backward entry reaches: wgpu derives a pipeline's bind-group
 /// layout from them, and the launcher binds q, k, v, dout, stats and dq (0..=6) for the dq
 /// entries, also dv (7) for the dk/dv ones, so an entry reaching one more binding fails at
@@ -125,18 +144,23 @@ fn uniform_structs_match_wgsl() {
 #[test]
 fn attention_backward_entries_reach_their_bindings() {
     for shader in [Shader::AttentionBackwardCoop, Shader::AttentionBackwardWarp] {
-        let (module, info) = parse(shader);
-        for (i, ep) in module.entry_points.iter().enumerate() {
-            let fi = info.get_entry_point(i);
-            let mut used: Vec<u32> = module
-                .global_variables
-                .iter()
-                .filter(|(h, _)| !fi[*h].is_empty())
-                .filter_map(|(_, g)| g.binding.as_ref().map(|b| b.binding))
-                .collect();
-            used.sort();
-            let want: Vec<u32> = if ep.name.starts_with("attnb_dq") { (0..=6).collect() } else { (0..=7).collect() };
-            assert_eq!(used, want, "{}: {}", shader.name(), ep.name);
+        for (name, used) in bindings_reached(shader) {
+            let want: Vec<u32> = if name.starts_with("attnb_dq") { (0..=6).collect() } else { (0..=7).collect() };
+            assert_eq!(used, want, "{}: {name}", shader.name());
+        }
+    }
+}
+
+/// The same for the cooperative-matrix attention forwards: the launcher binds q, k, v, o and
+/// lse (o again without SAVE_LSE) at 1..=5 for both shaders' `attn`, so each must reach
+/// exactly 0..=5.
+#[test]
+fn attention_forward_entries_reach_their_bindings() {
+    for shader in [Shader::AttentionCoop, Shader::AttentionWarp] {
+        let eps = bindings_reached(shader);
+        assert_eq!(eps.len(), 1, "{}: one entry point", shader.name());
+        for (name, used) in eps {
+            assert_eq!((name.as_str(), used), ("attn", (0..=5).collect()), "{}", shader.name());
         }
     }
 }

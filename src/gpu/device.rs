@@ -76,7 +76,7 @@ impl std::fmt::Display for KernelPath {
 pub struct Caps {
     pub f16: bool,
     pub subgroups: bool,
-    /// `subgroupBarrier()` in shaders (the warp-owned attention backward kernels).
+    /// `subgroupBarrier()` in shaders (the warp-owned attention kernels, forward and backward).
     pub subgroup_barrier: bool,
     pub timestamps: bool,
     /// The adapter offers 16x16x16 cooperative matrices with f16 inputs and f32 accumulators.

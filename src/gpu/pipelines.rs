@@ -22,6 +22,7 @@ pub enum Shader {
     NormBackward,
     Attention,
     AttentionCoop,
+    AttentionWarp,
     AttentionBackward,
     AttentionBackwardCoop,
     AttentionBackwardWarp,
@@ -33,7 +34,7 @@ pub enum Shader {
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 14] = [
+    pub const ALL: [Shader; 15] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -41,6 +42,7 @@ impl Shader {
         Shader::NormBackward,
         Shader::Attention,
         Shader::AttentionCoop,
+        Shader::AttentionWarp,
         Shader::AttentionBackward,
         Shader::AttentionBackwardCoop,
         Shader::AttentionBackwardWarp,
@@ -60,6 +62,7 @@ impl Shader {
             Shader::NormBackward => "norm_backward",
             Shader::Attention => "attention",
             Shader::AttentionCoop => "attention_coop",
+            Shader::AttentionWarp => "attention_warp",
             Shader::AttentionBackward => "attention_backward",
             Shader::AttentionBackwardCoop => "attention_backward_coop",
             Shader::AttentionBackwardWarp => "attention_backward_warp",
@@ -104,6 +107,7 @@ impl Shader {
             Shader::NormBackward => include_str!("../../shaders/norm_backward.wgsl"),
             Shader::Attention => include_str!("../../shaders/attention.wgsl"),
             Shader::AttentionCoop => include_str!("../../shaders/attention_coop.wgsl"),
+            Shader::AttentionWarp => include_str!("../../shaders/attention_warp.wgsl"),
             Shader::AttentionBackward => include_str!("../../shaders/attention_backward.wgsl"),
             Shader::AttentionBackwardCoop => include_str!("../../shaders/attention_backward_coop.wgsl"),
             Shader::AttentionBackwardWarp => include_str!("../../shaders/attention_backward_warp.wgsl"),
@@ -116,7 +120,10 @@ impl Shader {
 
     /// Whether the shader needs shader-f16 and cooperative matrices (the coop path).
     pub fn needs_coop(self) -> bool {
-        matches!(self, Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionBackwardCoop | Shader::AttentionBackwardWarp)
+        matches!(
+            self,
+            Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionWarp | Shader::AttentionBackwardCoop | Shader::AttentionBackwardWarp
+        )
     }
 }
 

@@ -1,11 +1,16 @@
-//! Launcher for `shaders/attention.wgsl` and `shaders/attention_coop.wgsl`: scaled-dot-product
+//! Launcher for `shaders/attention.wgsl`, `shaders/attention_coop.wgsl` and
+//! `shaders/attention_warp.wgsl`: scaled-dot-product
 //! attention o = softmax(q·kᵀ·scale [+ causal mask])·v per (batch, head), flash-attention
 //! style (key blocks through workgroup memory, online softmax in f32), never materialising
 //! the scores. Two paths: cooperative matrices (tensor cores, 16x16x16 f16 -> f32) where the
 //! device offers them and the padded head dim (d rounded up to 16) is at most
 //! [`COOP_MAX_DP`] with a tile that fits the workgroup-memory limit; else the scalar kernel
 //! (f16 tensors read as packed words, no shader-f16), which also takes d up to [`MAX_D`]
-//! (the VAE's single 512-wide head).
+//! (the VAE's single 512-wide head). On the cooperative path the warp-owned kernel
+//! (attention_warp.wgsl: each subgroup owns 16 query rows, its output accumulators in
+//! registers) takes padded head dims up to [`WARP_MAX_DP`] where the device has subgroup
+//! barriers; attention_coop.wgsl (the running output in workgroup memory) the rest
+//! ([`CoopTile::auto`]).
 //!
 //! Operands are token-major: q [batch, lq, heads·d], k and v [batch, lk, heads·d], o [batch,
 //! lq, heads·d], each an [`Operand`]: a tensor, the element offset of its first value and its
@@ -25,7 +30,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Dispatch, Gpu, KernelPath, PipelineKey, Shader, Tensor};
 
-/// Mirrors `struct Params` in attention.wgsl and attention_coop.wgsl.
+/// Mirrors `struct Params` in attention.wgsl, attention_coop.wgsl and attention_warp.wgsl.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct AttentionParams {
@@ -77,41 +82,73 @@ pub fn coop_dp(d: usize) -> usize {
     d.div_ceil(16) * 16
 }
 
-/// Tile of the cooperative-matrix kernel: `bq` query rows per workgroup, `bk` keys per block
-/// and `warps` subgroups of 32 invocations (4 or 8). The softmax gives each query row
-/// R = 32·warps/bq invocations (2 or 4); each subgroup computes bk/16/(warps·16/bq) score
-/// fragments (at least one).
+/// The largest padded head dim of the warp-owned kernel (5 Q fragments and 5 accumulators
+/// in registers).
+pub const WARP_MAX_DP: u32 = 80;
+
+/// Tile of the cooperative-matrix kernels: `bq` query rows per workgroup, `bk` keys per block
+/// and `warps` subgroups of 32 invocations (4 or 8). attention_coop.wgsl (`warp` false): the
+/// softmax gives each query row R = 32·warps/bq invocations (2 or 4); each subgroup computes
+/// bk/16/(warps·16/bq) score fragments (at least one). attention_warp.wgsl (`warp` true):
+/// each subgroup owns 16 query rows, so bq = 16·warps, and streams blocks of bk keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopTile {
     pub bq: u32,
     pub bk: u32,
     pub warps: u32,
+    pub warp: bool,
 }
 
 const fn coop_tile(bq: u32, bk: u32, warps: u32) -> CoopTile {
-    CoopTile { bq, bk, warps }
+    CoopTile { bq, bk, warps, warp: false }
+}
+
+/// A tile of attention_warp.wgsl: `warps` subgroups of 16 query rows, blocks of `bk` keys.
+const fn warp_tile(bk: u32, warps: u32) -> CoopTile {
+    CoopTile { bq: 16 * warps, bk, warps, warp: true }
 }
 
 impl CoopTile {
-    /// The tiles the launcher tries, taking the first that fits: on the H100, 64x64 with 8
-    /// subgroups is the fastest at d 40 (padded 48, the largest it fits in 48 KiB: 1.12 ms
-    /// for 2x8 heads of 4096x4096, against 1.46 ms with 32x32); 32x32 with 4 subgroups is
-    /// the fastest or level at d 64, 80 and 160, and the smallest (DP <= 160 in 48 KiB).
+    /// The attention_coop.wgsl tiles the launcher tries, taking the first that fits: on the
+    /// H100, 64x64 with 8 subgroups is the fastest at d 40 (padded 48, the largest it fits in
+    /// 48 KiB: 1.12 ms for 2x8 heads of 4096x4096, against 1.46 ms with 32x32); 32x32 with 4
+    /// subgroups is the fastest or level at d 64, 80 and 160, and the smallest (DP <= 160 in
+    /// 48 KiB).
     pub const AUTO: [CoopTile; 2] = [coop_tile(64, 64, 8), coop_tile(32, 32, 4)];
-    /// Every tile the shader supports, for tests and benchmarks (each where it fits).
-    pub const ALL: [CoopTile; 6] = [
+
+    /// The warp-owned tiles the launcher tries first (where the device has subgroup
+    /// barriers), in order: 128 queries x 32-key blocks with 8 subgroups, then 64 x 32 with 4
+    /// (one fits every padded head dim up to 80). H100 (`bench --filter attention
+    /// --all-tiles`, session 8): 4096² d 40 (2 x 8 heads) 0.841 ms (51.0 TFLOP/s) against
+    /// 0.891 for 64 x 32 and 1.088 for coop v1's best; 1024² d 80 0.070 ms (76.7) against
+    /// 0.107 for 64 x 64 and 0.118 for v1; cross 4096 x 77 0.033 ms (v1 0.042); CLIP's 77
+    /// tokens at d 64, causal, 0.011 ms where v1's (64, 32, 8) takes 0.008 (too small to
+    /// keep a rule for).
+    pub const AUTO_WARP: [CoopTile; 2] = [warp_tile(32, 8), warp_tile(32, 4)];
+
+    /// Every tile the shaders support, for tests and benchmarks (each where it fits): six of
+    /// attention_coop.wgsl, three warp-owned ones (64 x 32 and 64 x 64 with 4 subgroups,
+    /// 128 x 32 with 8; 128 x 64 never fits 48 KiB).
+    pub const ALL: [CoopTile; 9] = [
         coop_tile(32, 32, 4),
         coop_tile(32, 64, 4),
         coop_tile(64, 32, 4),
         coop_tile(64, 64, 4),
         coop_tile(64, 32, 8),
         coop_tile(64, 64, 8),
+        warp_tile(32, 4),
+        warp_tile(64, 4),
+        warp_tile(32, 8),
     ];
 
     /// Workgroup memory in bytes at padded head dim `dp`; mirrors the arrays of
     /// attention_coop.wgsl: skv max(bq, bk)·(dp + 8) halves, sp bq·(bk + 8) halves, ss
-    /// bq·(bk + 4) f32, so bq·(dp + 4) f32.
+    /// bq·(bk + 4) f32, so bq·(dp + 4) f32; of attention_warp.wgsl: sk, sv [bk, dp + 8]
+    /// halves each, and per subgroup [16, bk + 4] f32 and [16, bk + 8] halves.
     pub fn shared_bytes(&self, dp: u32) -> u32 {
+        if self.warp {
+            return 4 * self.bk * (dp + 8) + self.warps * 16 * (4 * (self.bk + 4) + 2 * (self.bk + 8));
+        }
         let skv = self.bq.max(self.bk) * (dp / 4 + 2) * 8;
         let sp = self.bq * (self.bk / 4 + 2) * 8;
         let ss = self.bq * (self.bk + 4) * 4;
@@ -120,27 +157,54 @@ impl CoopTile {
     }
 
     /// Whether the shader supports this tile at padded head dim `dp` within `limit` bytes of
-    /// workgroup memory (never more than [`COOP_SHARED_LIMIT`], what the tests validate):
-    /// 2 or 4 invocations per softmax row, whole score fragments per subgroup, and a K or V
-    /// tile of at most 5 words of 8 halves per invocation (its prefetch registers).
+    /// workgroup memory (never more than [`COOP_SHARED_LIMIT`], what the tests validate).
+    /// Both: a K or V tile of at most 5 words of 8 halves per invocation (the prefetch
+    /// registers). attention_coop.wgsl: 2 or 4 invocations per softmax row, whole score
+    /// fragments per subgroup. attention_warp.wgsl: 16 rows per subgroup, 4 or 8 subgroups,
+    /// blocks of 32 or 64 keys, dp <= [`WARP_MAX_DP`].
     pub fn valid(&self, dp: u32, limit: u32) -> bool {
         let wg = self.warps * 32;
+        let fits = dp % 16 == 0
+            && dp >= 16
+            && self.bk * dp / 8 <= 5 * wg
+            && self.shared_bytes(dp) <= limit.min(COOP_SHARED_LIMIT);
+        if self.warp {
+            return fits
+                && [4, 8].contains(&self.warps)
+                && self.bq == 16 * self.warps
+                && [32, 64].contains(&self.bk)
+                && dp <= WARP_MAX_DP;
+        }
         let row_blocks = self.bq / 16;
-        [32, 64].contains(&self.bq)
+        fits && [32, 64].contains(&self.bq)
             && [32, 64].contains(&self.bk)
             && [4, 8].contains(&self.warps)
             && [2, 4].contains(&(wg / self.bq))
             && self.warps % row_blocks == 0
             && (self.bk / 16) % (self.warps / row_blocks) == 0
-            && dp % 16 == 0
-            && dp >= 16
             && dp as usize <= COOP_MAX_DP
-            && self.bk * dp / 8 <= 5 * wg
-            && self.shared_bytes(dp) <= limit.min(COOP_SHARED_LIMIT)
+    }
+
+    /// Whether a device can run this tile at padded head dim `dp`: valid within `limit`, and
+    /// for a warp-owned tile the device has subgroup barriers (`Caps::subgroup_barrier`).
+    pub fn usable(&self, dp: u32, limit: u32, subgroup_barrier: bool) -> bool {
+        (subgroup_barrier || !self.warp) && self.valid(dp, limit)
+    }
+
+    /// The launcher's tile at padded head dim `dp` (None: none is usable): the warp-owned
+    /// ones first ([`CoopTile::AUTO_WARP`]), then attention_coop.wgsl's ([`CoopTile::AUTO`]).
+    pub fn auto(dp: u32, limit: u32, subgroup_barrier: bool) -> Option<CoopTile> {
+        Self::AUTO_WARP.iter().chain(&Self::AUTO).copied().find(|t| t.usable(dp, limit, subgroup_barrier))
     }
 
     /// The pipeline key of this tile at padded head dim `dp`.
     pub fn key(&self, dp: u32) -> PipelineKey {
+        if self.warp {
+            return PipelineKey::new(Shader::AttentionWarp, "attn")
+                .with("BKV", self.bk as i64)
+                .with("WARPS", self.warps as i64)
+                .with("DP", dp as i64);
+        }
         PipelineKey::new(Shader::AttentionCoop, "attn")
             .with("BQ", self.bq as i64)
             .with("BKV", self.bk as i64)
@@ -149,8 +213,9 @@ impl CoopTile {
     }
 }
 
-/// Every cooperative-matrix pipeline the launcher can ask for (each tile at each padded head
-/// dim where it fits 48 KiB), for the shader tests.
+/// Every cooperative-matrix pipeline the launcher can ask for (each tile of both shaders at
+/// each padded head dim where it fits 48 KiB, with and without SAVE_LSE), for the shader
+/// tests.
 pub fn coop_variants() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for dp in (16..=COOP_MAX_DP as u32).step_by(16) {
@@ -204,7 +269,8 @@ pub struct Attention {
     /// Force a path (default: the device's). Cooperative matrices asked for where the device
     /// lacks them or the head dim does not fit run on the scalar kernel (see [`Attention::plan`]).
     pub path: Option<KernelPath>,
-    /// Force a cooperative-matrix tile (default: the first of [`CoopTile::AUTO`] that fits).
+    /// Force a cooperative-matrix tile, of either shader (default: [`CoopTile::auto`]). A
+    /// tile the device cannot run at this head dim is refused by `prepare`.
     pub tile: Option<CoopTile>,
 }
 
@@ -217,7 +283,8 @@ impl Attention {
     /// Which path (and cooperative-matrix tile) this attention runs on `gpu`: cooperative
     /// matrices where asked for (by `path`, else by the device's path) and offered, when the
     /// padded head dim is at most [`COOP_MAX_DP`] and a tile fits the device's workgroup
-    /// memory; the scalar kernel otherwise (e.g. the VAE's d = 512).
+    /// memory (the forced `tile`, else [`CoopTile::auto`]: warp-owned up to padded 80 where
+    /// the device has subgroup barriers); the scalar kernel otherwise (e.g. the VAE's d = 512).
     pub fn plan(&self, gpu: &Gpu) -> (KernelPath, Option<CoopTile>) {
         let coop = match self.path {
             Some(KernelPath::Coop) => gpu.caps.coop_16x16_f16_f32,
@@ -231,7 +298,7 @@ impl Attention {
         let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
         let tile = match self.tile {
             Some(t) => Some(t), // checked in `prepare`
-            None => CoopTile::AUTO.into_iter().find(|t| t.valid(dp as u32, limit)),
+            None => CoopTile::auto(dp as u32, limit, gpu.caps.subgroup_barrier),
         };
         match tile {
             Some(t) => (KernelPath::Coop, Some(t)),
@@ -358,6 +425,11 @@ impl Attention {
                         "attention: cooperative-matrix tile {t:?} does not fit head dim {d} (padded {dp}): {} bytes of workgroup memory, limit {}",
                         t.shared_bytes(dp),
                         limit.min(COOP_SHARED_LIMIT)
+                    )));
+                }
+                if !t.usable(dp, limit, gpu.caps.subgroup_barrier) {
+                    return Err(Error::Usage(format!(
+                        "attention: the warp-owned tile {t:?} needs subgroup barriers (SUBGROUP_BARRIER), which this device does not offer"
                     )));
                 }
                 (t.key(dp), t.bq as usize, t.bk as usize)
