@@ -17,6 +17,11 @@
 //               get_timestep_embedding with flip_sin_to_cos; t is f32 [batch])
 //   embed       y[b, l, :] = tok[ids[b, l], :] + pos[l, :]       (ids u32 [batch, l]; c1 = D, h = L,
 //               w = vocabulary size)
+//   softmax_rows y[r, j] = exp(s[r, j] - max_r) / Σ_j exp(s[r, j] - max_r) for j < c1, 0 for
+//               c1 <= j < c2 (y's row stride, even): s f32 [h, c1] in a, y f16 [h, c2]. One
+//               workgroup of 256 per row (grid folded to 2-D), max and sum by fixed-order
+//               trees in workgroup memory, arithmetic in f32 (the scores of an attention whose
+//               head is too wide for the flash kernels' registers, e.g. the VAE's 512)
 
 struct Params {
     words: u32,   // output words (2 elements each)
@@ -34,6 +39,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<u32>;
 @group(0) @binding(3) var<storage, read> b: array<u32>;
 @group(0) @binding(4) var<storage, read> c: array<u32>;
+
+var<workgroup> red: array<f32, 256>;
 
 fn word_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.y * nwg.x + wg.x) * 256u + lid;
@@ -129,4 +136,45 @@ fn embed(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let id = min(a[tokpos], p.w - 1u);   // ids past the table read its last row, never out of bounds
     let v = unpack2x16float(b[(id * d + j) / 2u]) + unpack2x16float(c[(l * d + j) / 2u]);
     y[u] = pack2x16float(v);
+}
+
+// Reduces red[0..256) into red[0] by max (or sum), in a fixed order; every invocation calls it.
+fn tree(lid: u32, is_max: bool) {
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] = select(red[lid] + red[lid + s], max(red[lid], red[lid + s]), is_max);
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(256)
+fn softmax_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    let row = wg.y * nwg.x + wg.x;
+    if (row >= p.h) { return; }
+    let base = row * p.c1;
+    var m = -3.0e38;
+    for (var j = lid; j < p.c1; j += 256u) {
+        m = max(m, bitcast<f32>(a[base + j]));
+    }
+    red[lid] = m;
+    tree(lid, true);
+    let mx = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var j = lid; j < p.c1; j += 256u) {
+        sum += exp(bitcast<f32>(a[base + j]) - mx);
+    }
+    red[lid] = sum;
+    tree(lid, false);
+    let inv = 1.0 / red[0];
+    for (var w = lid; w < p.c2 / 2u; w += 256u) {
+        let j = 2u * w;
+        var v = vec2<f32>(0.0);
+        if (j < p.c1) { v.x = exp(bitcast<f32>(a[base + j]) - mx) * inv; }
+        if (j + 1u < p.c1) { v.y = exp(bitcast<f32>(a[base + j + 1u]) - mx) * inv; }
+        y[row * (p.c2 / 2u) + w] = pack2x16float(v);
+    }
 }

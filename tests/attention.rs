@@ -8,12 +8,16 @@
 //! self-attention (4096 tokens), q/k/v read out of one fused tensor, every cooperative tile
 //! (and, where the device has subgroup barriers, every tile of both cooperative shaders
 //! forced, forward and saving lse, with a long case where the lazy rescale fires), large
-//! logits (online softmax stability), the saved lse, the path choice and refused shapes.
+//! logits (online softmax stability), the saved lse, the path choice and refused shapes;
+//! and `layers::attention_materialised` (the VAE's 512-wide head on the matmul kernels with
+//! scores in f32 and a row softmax) against the same reference.
 
 mod common;
 
 use atelier::gpu::{DType, KernelPath, Tensor};
 use atelier::kernels::attention::{coop_dp, Attention, CoopTile, Operand, COOP_MAX_DP, COOP_SHARED_LIMIT};
+use atelier::gpu::PlanBuilder;
+use atelier::model::layers::{attention_materialised_chunked, score_chunk};
 use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Outputs are O(0.1..1) weighted means stored as f16 (relative rounding 2^-11, ~3e-4 RMS);
@@ -198,6 +202,39 @@ fn fused_qkv_slices() {
             assert!(e < BOUND, "fused qkv d {d} {}: rel L2 {e:.3e} over {BOUND:.0e}", disp.label);
         }
     }
+}
+
+#[test]
+fn materialised_wide_head() {
+    // Single-head self-attention from a fused [batch·l, 3c] q/k/v tensor, scores materialised
+    // in chunks of query rows (S f32, P f16 rows padded to 8, f32 accumulation): the same
+    // rounding points as the flash kernels, so the same bound. Batch 2 (the second entry's
+    // k and v start mid-tensor), token counts that are not multiples of 8, chunks that do not
+    // divide them, the VAE's 512 and a narrow head, on both paths.
+    let g = gpu();
+    assert_eq!(score_chunk(4096), 4096);
+    assert_eq!(score_chunk(16384), 1024);
+    assert_eq!(score_chunk(100), 100);
+    for (batch, l, c, chunk, amp) in [(2, 150, 512, 64, 0.5), (1, 77, 40, 32, 2.0), (2, 33, 24, 33, 2.0)] {
+        let a = Attention::new(batch, 1, l, l, c, false);
+        let s = seed(&format!("attention materialised {batch}x{l} c {c} chunk {chunk}"));
+        let qkv = input(batch * l * 3 * c, amp, s);
+        let t = upload(&qkv, &[batch * l, 3 * c]);
+        let o = poisoned(&[batch * l, c]);
+        let mut pb = PlanBuilder::new(g);
+        attention_materialised_chunked(&mut pb, &t, &o, batch, l, c, chunk).unwrap();
+        pb.finish().run(g).unwrap();
+        let r = attention_ref(&a, (&qkv, 0, 3 * c), (&qkv, c, 3 * c), (&qkv, 2 * c, 3 * c));
+        let e = rel_l2(&o.to_f32(g).unwrap(), &r);
+        eprintln!("materialised {batch}x{l} c {c} chunk {chunk}: rel L2 {e:.3e}");
+        assert!(e < BOUND, "materialised {batch}x{l} c {c} chunk {chunk}: rel L2 {e:.3e} over {BOUND:.0e}");
+    }
+    // An odd width, and a q/k/v tensor of the wrong size, are refused.
+    let t = upload(&vec![0.0; 2 * 8 * 3 * 5], &[16, 15]);
+    let o = poisoned(&[16, 5]);
+    assert!(attention_materialised_chunked(&mut PlanBuilder::new(g), &t, &o, 2, 8, 5, 8).is_err());
+    let o = poisoned(&[16, 6]);
+    assert!(attention_materialised_chunked(&mut PlanBuilder::new(g), &t, &o, 2, 8, 6, 8).is_err());
 }
 
 #[test]

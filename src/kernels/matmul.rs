@@ -225,6 +225,9 @@ pub struct Matmul {
     /// gradient). Multiples of 8 keep the vector loads.
     pub lda: Option<usize>,
     pub off_a: usize,
+    /// The element where B starts (default 0; a multiple of 8 keeps the vector loads): e.g.
+    /// one batch entry's rows of a wider tensor. Not with a convolution's remapped B.
+    pub off_b: usize,
     /// C's row stride and start element (default N and 0): C may be a column slice of a wider
     /// tensor (one projection's columns of a fused product). With f16 C both must be even, and
     /// so must N. A strided C never splits over K.
@@ -251,6 +254,7 @@ impl Matmul {
             split_k: None,
             lda: None,
             off_a: 0,
+            off_b: 0,
             ldc: None,
             off_c: 0,
         }
@@ -369,7 +373,7 @@ impl Matmul {
         let (lda, ldb) = (self.lda(), if self.trans_b { self.k } else { self.n });
         let vec_ok = match g.flip_b {
             true => self.n % 8 == 0,
-            false => lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0 && self.off_a % 8 == 0,
+            false => lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0 && self.off_a % 8 == 0 && self.off_b % 8 == 0,
         };
         let mut flags = if vec_ok { FLAG_VEC } else { 0 };
         if self.conv.is_some() && g.cin % 8 == 0 {
@@ -413,6 +417,7 @@ impl Matmul {
             stride_c: (self.m * ldc) as u32,
             alpha: self.alpha,
             off_a: self.off_a as u32,
+            off_b: self.off_b as u32,
             off_c: self.off_c as u32,
             ih: g.ih as u32,
             iw: g.iw as u32,
@@ -483,7 +488,10 @@ impl Matmul {
         if self.conv.is_some() && (self.lda.is_some() || self.off_a != 0) {
             return Err(Error::shape(op, "a convolution's gathered A takes no row stride or offset"));
         }
-        let need_b = (self.batch - 1) * self.stride_b + self.k * self.n;
+        if self.conv.is_some_and(|g| g.flip_b) && self.off_b != 0 {
+            return Err(Error::shape(op, "a convolution's remapped B takes no offset"));
+        }
+        let need_b = self.off_b + (self.batch - 1) * self.stride_b + self.k * self.n;
         if a.numel() < need_a {
             return Err(Error::shape(op, format!("A {:?} holds {} values, needs {need_a}", a.shape, a.numel())));
         }

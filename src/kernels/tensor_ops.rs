@@ -121,7 +121,21 @@ pub fn embed(gpu: &Gpu, ids: &Tensor, tok: &Tensor, pos: &Tensor, y: &Tensor, le
 }
 
 /// The entry points, for the shader tests (none has override constants).
-pub const ENTRIES: [&str; 5] = ["upsample2x", "concat", "geglu", "timestep", "embed"];
+pub const ENTRIES: [&str; 6] = ["upsample2x", "concat", "geglu", "timestep", "embed", "softmax_rows"];
+
+/// P [rows, ld] f16 = softmax over each row of S [rows, cols] f32 (in f32), columns cols..ld
+/// of P zero; ld even, at least cols. One workgroup per row.
+pub fn softmax_rows(gpu: &Gpu, s: &Tensor, p: &Tensor, rows: usize, cols: usize, ld: usize) -> Result<Dispatch> {
+    let op = "softmax rows";
+    need(op, s.dtype == DType::F32 && p.dtype == DType::F16, || "S must be f32, P f16".into())?;
+    need(op, rows > 0 && cols > 0 && ld >= cols && ld % 2 == 0 && s.numel() >= rows * cols && p.numel() >= rows * ld, || {
+        format!("S {:?} to P {:?}: {rows} rows of {cols} (P's row stride {ld}: even, at least {cols})", s.shape, p.shape)
+    })?;
+    need(op, rows * ld < u32::MAX as usize && rows * cols < u32::MAX as usize, || "over 2^32 elements".into())?;
+    let params = TensorOpsParams { c1: cols as u32, c2: ld as u32, h: rows as u32, ..Default::default() };
+    let bytes = (rows * (4 * cols + 2 * ld)) as f64;
+    gpu.dispatch(&key("softmax_rows"), &params, &[s, p], grid(rows * 256), 0.0, bytes)
+}
 
 /// Uploads token ids as raw u32 words in a 4-byte tensor (DType::F32 storage, bit patterns
 /// are ids), the form [`embed`] reads.

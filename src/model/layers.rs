@@ -4,10 +4,14 @@
 //! pixels), group norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images
 //! or token-major rows. For training, each layer also records its input gradient through the
 //! frozen weights (`backward_input`, `*_backward`) and the norms save their statistics.
+//! [`attention_materialised`]: single-head attention with a head too wide for the flash
+//! kernels' tensor-core registers (the VAE's 512), on the matmul kernels.
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
+use crate::kernels::grad_ops::{slice_cols, GradOut};
+use crate::kernels::tensor_ops::softmax_rows;
 use crate::kernels::matmul::Matmul;
 use crate::kernels::norm::{self, GroupNorm};
 use crate::kernels::norm_backward::{self, GroupNormBackward};
@@ -177,6 +181,61 @@ impl Conv {
         }
         run_pooled(pb, &conv.backward_input()?, dy, &self.w, None, dx)
     }
+}
+
+/// Query rows of one [`attention_materialised`] chunk: its f32 scores stay within 16 Mi
+/// values (64 MiB), at least 256 rows.
+pub fn score_chunk(l: usize) -> usize {
+    ((16 << 20) / l.max(1)).max(256).min(l.max(1))
+}
+
+/// Single-head self-attention o = softmax(q·kᵀ/√c)·v, q, k, v the column thirds of `qkv`
+/// [batch·l, 3c] (f16), into `o` [batch·l, c] (f16), with the scores materialised in chunks
+/// of query rows on the matmul kernels: S = q·kᵀ/√c (f32), P = softmax(S) (f16, rows padded
+/// to a multiple of 8), o = P·v (f32 accumulation). For heads too wide for the flash
+/// kernels' registers on tensor cores (the VAE's c = 512: the scalar flash kernel ran its
+/// 4096 tokens at 2.5 TFLOP/s on the H100). k and v are first copied dense (the product's B
+/// has no row stride). The same rounding points as the flash kernels (P in f16, f32
+/// accumulation); c even.
+pub fn attention_materialised(pb: &mut PlanBuilder, qkv: &Tensor, o: &Tensor, batch: usize, l: usize, c: usize) -> Result<()> {
+    attention_materialised_chunked(pb, qkv, o, batch, l, c, score_chunk(l))
+}
+
+/// [`attention_materialised`] with `chunk` query rows a chunk (the tests' handle on it).
+pub fn attention_materialised_chunked(pb: &mut PlanBuilder, qkv: &Tensor, o: &Tensor, batch: usize, l: usize, c: usize, chunk: usize) -> Result<()> {
+    let rows = batch * l;
+    if qkv.numel() != rows * 3 * c || o.numel() != rows * c || c % 2 != 0 || rows == 0 || chunk == 0 {
+        return Err(Error::shape("attention", format!("qkv {:?} and o {:?} for batch {batch}, {l} tokens, width {c} (even)", qkv.shape, o.shape)));
+    }
+    let k = pb.f16(&[rows, c], "attention k (dense)")?;
+    let v = pb.f16(&[rows, c], "attention v (dense)")?;
+    pb.run(slice_cols(pb.gpu, qkv, GradOut::set(&k), rows, c, c, 3 * c)?)?;
+    pb.run(slice_cols(pb.gpu, qkv, GradOut::set(&v), rows, 2 * c, c, 3 * c)?)?;
+    let chunk = chunk.min(l);
+    let ldp = l.div_ceil(8) * 8;
+    let s = pb.tensor(&[chunk, l], DType::F32, "attention scores")?;
+    let p = pb.f16(&[chunk, ldp], "attention probabilities")?;
+    for b in 0..batch {
+        for i0 in (0..l).step_by(chunk) {
+            let m = chunk.min(l - i0);
+            let row0 = b * l + i0;
+            // S [m, l] = q[rows] · k_bᵀ / √c.
+            let mut qk = Matmul::new(m, l, c);
+            qk.trans_b = true;
+            qk.alpha = 1.0 / (c as f32).sqrt();
+            (qk.lda, qk.off_a, qk.off_b) = (Some(3 * c), row0 * 3 * c, b * l * c);
+            run_pooled(pb, &qk, qkv, &k, None, &s)?;
+            pb.run(softmax_rows(pb.gpu, &s, &p, m, l, ldp)?)?;
+            // o[rows] = P [m, l] · v_b [l, c].
+            let mut pv = Matmul::new(m, c, l);
+            (pv.lda, pv.off_b, pv.ldc, pv.off_c) = (Some(ldp), b * l * c, Some(c), row0 * c);
+            run_pooled(pb, &pv, &p, &v, None, o)?;
+        }
+    }
+    for t in [k, v, s, p] {
+        pb.free(t);
+    }
+    Ok(())
 }
 
 /// Records a product, its split-K partials (when it splits) taken from the plan's pool.

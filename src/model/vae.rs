@@ -22,7 +22,7 @@ use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::attention::{self, Attention, Operand};
 use crate::kernels::elementwise::{self, Binary, Unary};
 use crate::kernels::tensor_ops;
-use crate::model::layers::{Conv, Linear, Norm, Taps};
+use crate::model::layers::{attention_materialised, Conv, Linear, Norm, Taps};
 use crate::model::unet_blocks::{Hw, ResnetBlock2D, Upsample2D};
 use crate::model::weights::{Prefix, Weights};
 use crate::rng::Rng;
@@ -57,8 +57,14 @@ impl VaeAttention {
         let qkv = self.qkv.apply(pb, &n, "vae attention qkv")?;
         pb.free(n);
         let o = pb.f16(&[batch * l, c], "vae attention out")?;
-        let (q, k, v) = (Operand::slice(&qkv, 0, 3 * c), Operand::slice(&qkv, c, 3 * c), Operand::slice(&qkv, 2 * c, 3 * c));
-        pb.run(Attention::new(batch, 1, l, l, c, false).prepare(pb.gpu, q, k, v, Operand::dense(&o, c))?)?;
+        if c > attention::COOP_MAX_DP {
+            // SD's 512: past the flash kernels' tensor-core registers (the scalar flash kernel
+            // took 13.6 ms of a 35 ms encode on the H100).
+            attention_materialised(pb, &qkv, &o, batch, l, c)?;
+        } else {
+            let (q, k, v) = (Operand::slice(&qkv, 0, 3 * c), Operand::slice(&qkv, c, 3 * c), Operand::slice(&qkv, 2 * c, 3 * c));
+            pb.run(Attention::new(batch, 1, l, l, c, false).prepare(pb.gpu, q, k, v, Operand::dense(&o, c))?)?;
+        }
         pb.free(qkv);
         self.to_out.forward(pb, &o, x, true)?;
         pb.free(o);
