@@ -96,7 +96,9 @@ const fn padded(t: CoopTile) -> CoopTile {
 impl CoopTile {
     /// The tile used by default: chosen by the H100 measurements in docs/PERF.md.
     pub const DEFAULT: CoopTile = padded(tile(128, 256, 8, 2, 32, 1, 8));
-    /// For problems too small for two waves of the default tile, with short K.
+    /// For problems too small for two waves of the default tile, with short K. (BK = 64 for
+    /// this and SMALL_LONG_K, to halve the K steps of the latency-bound batch-1 products, made
+    /// the H100 training step 64.5 -> 75.4 ms; the bench's warm runs agree at K 1280.)
     pub const SMALL: CoopTile = tile(128, 128, 8, 2, 32, 1, 8);
     /// For problems too small for two waves of the default tile, with K ≥ 640 (H100, v4:
     /// 4096x320x1280 55.6 vs 46.9 TFLOP/s with SMALL, 77x3072x768 11.0 vs 7.4, but
@@ -108,8 +110,10 @@ impl CoopTile {
     /// All configurations the launcher may use or the benchmark times. Valid ones: 2 or 4
     /// fragments a subgroup along each axis, 1 to 4 vec-8 entries of each tile an
     /// invocation, shared memory within 48 KiB.
-    pub const ALL: [CoopTile; 18] = [
+    pub const ALL: [CoopTile; 20] = [
         tile(128, 128, 8, 2, 32, 1, 8),
+        tile(128, 128, 8, 2, 64, 1, 8),
+        tile(64, 128, 8, 2, 64, 1, 8),
         padded(tile(128, 128, 8, 2, 32, 1, 8)),
         tile(128, 256, 8, 2, 32, 1, 8),
         padded(tile(128, 256, 8, 2, 32, 1, 8)),
