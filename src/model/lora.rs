@@ -36,7 +36,7 @@
 //!                                           layer's dy·W already)
 //! Parameter gradients accumulate; [`LoraParams::optimizer_step`] zeroes them.
 //!
-//! **Stacked** ([`LoraStack`]): adapters without dropout on the projections of one fused
+//! **Stacked** ([`LoraStack`], in `lora_stack.rs`): adapters without dropout on the projections of one fused
 //! product read the same x and write neighbouring column segments of y, so their products run
 //! as one launch each (`kernels::lora_skinny`'s stacked forms), with h [M, members·r]:
 //!   h   = x·[A_0; A_1; ..]ᵀ                   (one narrow of rank members·r)
@@ -68,6 +68,8 @@ use crate::kernels::lora_skinny as sk;
 use crate::kernels::matmul::Matmul;
 use crate::model::layers::run_pooled;
 use crate::rng::Rng;
+
+pub use crate::model::lora_stack::LoraStack;
 
 /// One adapter to create: the target linear's in and out features, rank, alpha, dropout.
 #[derive(Clone, Debug, PartialEq)]
@@ -112,7 +114,7 @@ pub struct LoraSaved {
     pub xd: Tensor,
     /// A·xd [M, r] f16.
     pub h: Tensor,
-    xd_owned: bool,
+    pub(crate) xd_owned: bool,
 }
 
 impl LoraSaved {
@@ -360,7 +362,7 @@ impl<'a> Adapters<'a> {
 
 /// Records a skinny weight gradient into `g` (a layer's dA or dB view), its partials from the
 /// plan's pool.
-fn run_wgrad(pb: &mut PlanBuilder, wg: &sk::WeightGrad, x: Operand, h: &Tensor, g: &Tensor) -> Result<()> {
+pub(crate) fn run_wgrad(pb: &mut PlanBuilder, wg: &sk::WeightGrad, x: Operand, h: &Tensor, g: &Tensor) -> Result<()> {
     match wg.partials_len() {
         Some(len) => {
             let parts = pb.tensor(&[len], DType::F32, "lora weight-gradient partials")?;
@@ -379,7 +381,7 @@ impl LoraLayer {
         self.spec.rank <= sk::MAX_RANK
     }
 
-    fn rows(&self, op: &str, t: &Tensor, width: usize) -> Result<usize> {
+    pub(crate) fn rows(&self, op: &str, t: &Tensor, width: usize) -> Result<usize> {
         let rows = t.numel() / width;
         if t.dtype != DType::F16 || t.numel() != rows * width || rows == 0 {
             return Err(Error::shape(op, format!("{}: {:?} {} must be f16 rows of {width}", self.spec.name, t.shape, t.dtype)));
@@ -505,104 +507,4 @@ impl LoraLayer {
         }
         Ok(())
     }
-}
-
-/// Adapters on the projections of one fused product that read the same input (q, k, v of a
-/// self-attention; k, v of a cross-attention), run stacked: one launch per product for the
-/// group (see the module notes). Formed only where it computes exactly what the members
-/// would one by one: no dropout (each member has its own mask), equal shapes and scales, A's
-/// and B's back to back in the flat buffers, and a stacked rank the skinny kernels take.
-#[derive(Clone, Debug)]
-pub struct LoraStack<'a> {
-    pub layers: Vec<&'a LoraLayer>,
-}
-
-impl<'a> LoraStack<'a> {
-    /// The stack of `layers` (in their output columns' order), if they can run stacked.
-    pub fn new(layers: Vec<&'a LoraLayer>) -> Option<Self> {
-        let first = *layers.first()?;
-        let s = &first.spec;
-        let g = layers.len();
-        let fits = g >= 2 && s.rank * g <= sk::MAX_RANK && g * s.rank.div_ceil(4) <= 4 && s.n % 2 == 0;
-        let aligned = layers.iter().enumerate().all(|(i, l)| {
-            let t = &l.spec;
-            (t.k, t.n, t.rank, t.dropout) == (s.k, s.n, s.rank, 0.0)
-                && l.scale == first.scale
-                && std::sync::Arc::ptr_eq(&l.a.buffer, &first.a.buffer)
-                && l.off_a == first.off_a + i * s.rank * s.k
-                && l.off_b == first.off_b + i * s.n * s.rank
-        });
-        (fits && aligned).then_some(LoraStack { layers })
-    }
-
-    fn members(&self) -> usize {
-        self.layers.len()
-    }
-
-    fn spec(&self) -> &LoraSpec {
-        &self.layers[0].spec
-    }
-
-    /// A flat view from the first member's, widened to the stack.
-    fn stacked(t: &Tensor, shape: [usize; 2]) -> Tensor {
-        Tensor { shape: shape.to_vec(), ..t.clone() }
-    }
-
-    /// Records the members' forwards: y's columns [i·n, (i+1)·n) of `y` (the first member's
-    /// columns at its offset, row stride y.ld) get member i's scale·B_i·A_i·x. Returns h [M,
-    /// members·r] and x for the backward.
-    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, y: Operand) -> Result<LoraSaved> {
-        let (s, g, l0) = (self.spec(), self.members(), self.layers[0]);
-        let rows = l0.rows("lora forward", x, s.k)?;
-        let (r, n) = (s.rank, s.n);
-        check_slice_cols("lora forward", &s.name, &y, rows, g * n)?;
-        let h = pb.f16(&[rows, g * r], "lora h (stacked)")?;
-        let a16 = Self::stacked(&l0.a16, [g * r, s.k]);
-        let b16 = Self::stacked(&l0.b16, [g * n, r]);
-        pb.run(sk::narrow(pb.gpu, Operand::dense(x, s.k), &a16, true, &h, rows, s.k, g * r, 1.0)?)?;
-        pb.run(sk::widen_stacked(pb.gpu, &h, &b16, y, rows, g * n, r, g, l0.scale, true)?)?;
-        Ok(LoraSaved { xd: x.clone(), h, xd_owned: false })
-    }
-
-    /// Records the members' backwards from dy (their columns, laid out as in the forward):
-    /// dA and dB of every member accumulate (times `grad_scale`), and with `dx` the members'
-    /// input gradients are added into it. Gives the saved tensors back to the pool.
-    pub fn backward(&self, pb: &mut PlanBuilder, saved: LoraSaved, dy: Operand, dx: Option<&Tensor>, grad_scale: f32) -> Result<()> {
-        let (s, g, l0) = (self.spec(), self.members(), self.layers[0]);
-        let (r, n, k) = (s.rank, s.n, s.k);
-        let rows = saved.h.numel() / (g * r);
-        check_slice_cols("lora backward", &s.name, &dy, rows, g * n)?;
-        if dx.map(|t| l0.rows("lora backward", t, k)).transpose()?.is_some_and(|m| m != rows) {
-            return Err(Error::shape("lora backward", format!("{}: dx does not match the forward's {rows} rows", s.name)));
-        }
-        let a16 = Self::stacked(&l0.a16, [g * r, k]);
-        let b16 = Self::stacked(&l0.b16, [g * n, r]);
-        let da = Self::stacked(&l0.da, [g * r, k]);
-        let db = Self::stacked(&l0.db, [g * n, r]);
-        // dB_i [n, r] += scale · dy_iᵀ·h_i; dh_i = scale · dy_i·B_i; dA [g·r, k] += dhᵀ·x.
-        let wdb = sk::WeightGrad::new(rows, g * n, r, l0.scale * grad_scale, false).stacked(g);
-        run_wgrad(pb, &wdb, dy, &saved.h, &db)?;
-        let dh = pb.f16(&[rows, g * r], "lora dh (stacked)")?;
-        pb.run(sk::narrow_stacked(pb.gpu, dy, &b16, &dh, rows, g * n, r, g, l0.scale)?)?;
-        let wda = sk::WeightGrad::new(rows, k, g * r, grad_scale, true);
-        run_wgrad(pb, &wda, Operand::dense(&saved.xd, k), &dh, &da)?;
-        if let Some(dx) = dx {
-            pb.run(sk::widen(pb.gpu, &dh, &a16, false, Operand::dense(dx, k), rows, k, g * r, 1.0, true)?)?;
-        }
-        pb.free(dh);
-        saved.release(pb);
-        Ok(())
-    }
-}
-
-/// `t` as [rows, width] f16 columns with an even offset and stride, in bounds.
-fn check_slice_cols(op: &str, name: &str, t: &Operand, rows: usize, width: usize) -> Result<()> {
-    let end = t.offset + (rows - 1) * t.ld + width;
-    if t.tensor.dtype != DType::F16 || t.ld < width || t.offset % 2 == 1 || t.ld % 2 == 1 || end > t.tensor.numel() {
-        return Err(Error::shape(
-            op,
-            format!("{name}: {:?} {} (offset {}, row stride {}) must hold {rows} f16 rows of {width} at an even offset and stride", t.tensor.shape, t.tensor.dtype, t.offset, t.ld),
-        ));
-    }
-    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod sd15;
 pub mod layers;
 pub mod lora;
 pub mod lora_file;
+mod lora_stack;
 mod lora_keys;
 pub mod unet;
 pub mod unet_blocks;
