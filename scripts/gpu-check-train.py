@@ -149,10 +149,11 @@ def write_png(path, rgb, w, h):
                 + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b""))
 
 
-def loop_check(gm, a, steps=40, images=16):
+def loop_check(gm, a, runs=(40, 200), images=16):
     """End to end: `atelier train` on a folder of 512x512 pictures (caching included) against
     the diffusers train_text_to_image_lora.py loop (VAE encode and CLIP each step, then the
-    training step) on the same model: steps per second."""
+    training step) on the same model: steps per second, for a short run (start-up and the
+    caching epoch weigh most) and a longer one."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
     work = a.work + "-full"
@@ -166,23 +167,26 @@ def loop_check(gm, a, steps=40, images=16):
         write_png(os.path.join(ds, f"img{i:02d}.png"), img.flatten().tolist(), SIZE, SIZE)
         with open(os.path.join(ds, f"img{i:02d}.txt"), "w") as f:
             f.write(f"a painting number {i}, oil on canvas")
-    out = os.path.join(work, "run")
-    subprocess.run(["rm", "-rf", out])
-    t0 = time.time()
-    r = subprocess.run([a.atelier, "train", "--model", work, "--data", ds, "--output", out, "--steps", str(steps),
-                        "--rank", "4", "--alpha", "16"], capture_output=True, text=True)
-    wall = time.time() - t0
-    print(r.stderr[-1500:])
-    rows = [l.split(",") for l in open(os.path.join(out, "log.csv")).read().splitlines()[1:]] if r.returncode == 0 else []
-    at_sps = len(rows) / float(rows[-1][6]) if rows else float("nan")
-    if len(rows) > images + 2:
-        # Where the time goes: the first step builds the plans, the first epoch encodes each
-        # image once (caching), later steps run the UNet step alone.
-        secs = [float(r[6]) for r in rows]
-        later = sorted(b - a for a, b in zip(secs[images:], secs[images + 1:]))
-        print(f"atelier train timeline: step 1 done at {secs[0]:.2f} s, first epoch ({images} steps, caching) at "
-              f"{secs[images - 1]:.2f} s, later steps median {1000 * later[len(later) // 2]:.1f} ms "
-              f"({1 / later[len(later) // 2]:.2f} steps/s)")
+    results = []
+    for steps in runs:
+        out = os.path.join(work, "run")
+        subprocess.run(["rm", "-rf", out])
+        t0 = time.time()
+        r = subprocess.run([a.atelier, "train", "--model", work, "--data", ds, "--output", out, "--steps", str(steps),
+                            "--rank", "4", "--alpha", "16"], capture_output=True, text=True)
+        wall = time.time() - t0
+        print(r.stderr[-1500:])
+        rows = [l.split(",") for l in open(os.path.join(out, "log.csv")).read().splitlines()[1:]] if r.returncode == 0 else []
+        at_sps = len(rows) / float(rows[-1][6]) if rows else float("nan")
+        results.append((steps, len(rows), at_sps, wall))
+        if len(rows) > images + 2:
+            # Where the time goes: the first step builds the plans, the first epoch encodes
+            # each image once (caching), later steps run the UNet step alone.
+            secs = [float(r[6]) for r in rows]
+            later = sorted(b - a for a, b in zip(secs[images:], secs[images + 1:]))
+            print(f"atelier train timeline ({steps} steps): step 1 done at {secs[0]:.2f} s, first epoch ({images} steps, "
+                  f"caching) at {secs[images - 1]:.2f} s, later steps median {1000 * later[len(later) // 2]:.1f} ms "
+                  f"({1 / later[len(later) // 2]:.2f} steps/s)")
 
     te = CLIPTextModel.from_pretrained(os.path.join(work, "text_encoder"), torch_dtype=torch.float16).cuda()
     vae = AutoencoderKL.from_pretrained(os.path.join(work, "vae"), torch_dtype=torch.float16).cuda()
@@ -212,9 +216,10 @@ def loop_check(gm, a, steps=40, images=16):
         step()
     torch.cuda.synchronize()
     torch_sps = 20 / (time.time() - t1)
-    print(f"\nend to end, 512x512 rank 4 batch 1: atelier train {at_sps:.2f} steps/s over {len(rows)} steps (caching of "
-          f"{images} images included; {wall:.1f} s wall with loading), diffusers-style loop {torch_sps:.2f} steps/s "
-          f"(VAE + CLIP + step each time): {at_sps / torch_sps:.2f}x (target 2x)")
+    for steps, done, at_sps, wall in results:
+        print(f"\nend to end, 512x512 rank 4 batch 1, {steps} steps: atelier train {at_sps:.2f} steps/s over {done} steps "
+              f"(caching of {images} images included; {wall:.1f} s wall with loading), diffusers-style loop "
+              f"{torch_sps:.2f} steps/s (VAE + CLIP + step each time): {at_sps / torch_sps:.2f}x (target 2x)")
 
 
 def main():
