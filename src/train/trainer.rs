@@ -383,7 +383,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         step += 1;
         smooth = if smooth.is_nan() { loss } else { 0.95 * smooth + 0.05 * loss };
         let scale = plans.values().next().map(|p| p.unet.loss_scale).unwrap_or(0.0);
-        let row = format!("{step},{loss:.6},{smooth:.6},{lr:.3e},{norm:.5},{scale},{:.2}\n", t_start.elapsed().as_secs_f64());
+        let row = format!("{step},{loss:.6},{smooth:.6},{lr:.3e},{norm:.5},{scale},{:.3}\n", t_start.elapsed().as_secs_f64());
         append_row(&mut log, &a.output.join("log.csv"), &row)?;
         history.push((step, smooth, loss));
         bar.set_note(&format!("loss {smooth:.4}"));
