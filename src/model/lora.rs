@@ -395,7 +395,7 @@ impl LoraLayer {
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, y: Operand) -> Result<LoraSaved> {
         let s = &self.spec;
         let rows = self.rows("lora forward", x, s.k)?;
-        self.check_cols("lora forward", &y, rows)?;
+        check_cols("lora forward", &s.name, &y, rows, s.n)?;
         let (xd, xd_owned) = if s.dropout > 0.0 {
             let xd = pb.f16(&[rows, s.k], "lora dropout(x)")?;
             pb.run(k::dropout(pb.gpu, x, &xd, &self.hyper, self.salt, s.dropout, false)?)?;
@@ -424,21 +424,6 @@ impl LoraLayer {
         Ok(LoraSaved { xd, h, xd_owned })
     }
 
-    /// `t` as [rows, n] columns of an f16 tensor: offset and stride even, in bounds.
-    fn check_cols(&self, op: &str, t: &Operand, rows: usize) -> Result<()> {
-        let n = self.spec.n;
-        let end = t.offset + (rows - 1) * t.ld + n;
-        let strided = t.offset != 0 || t.ld != n;
-        let odd = t.offset % 2 == 1 || t.ld % 2 == 1 || n % 2 == 1;
-        if t.tensor.dtype != DType::F16 || t.ld < n || (strided && odd) || end > t.tensor.numel() {
-            return Err(Error::shape(
-                op,
-                format!("{}: {:?} {} (offset {}, row stride {}) must hold {rows} f16 rows of {n} (a column slice needs even offset, stride and width)", self.spec.name, t.tensor.shape, t.tensor.dtype, t.offset, t.ld),
-            ));
-        }
-        Ok(())
-    }
-
     /// Records the adapter's backward from `dy` [M, n] (possibly columns of a wider tensor):
     /// dA and dB accumulate into the flat gradient buffer, multiplied by `grad_scale` (1 / the
     /// loss scale of f16 activation gradients, so the f32 parameter gradients are the true
@@ -447,7 +432,7 @@ impl LoraLayer {
     pub fn backward(&self, pb: &mut PlanBuilder, saved: LoraSaved, dy: Operand, dx: Option<&Tensor>, grad_scale: f32) -> Result<()> {
         let s = &self.spec;
         let rows = saved.h.numel() / s.rank;
-        self.check_cols("lora backward", &dy, rows)?;
+        check_cols("lora backward", &s.name, &dy, rows, s.n)?;
         if dx.map(|t| self.rows("lora backward", t, s.k)).transpose()?.is_some_and(|r| r != rows) {
             return Err(Error::shape("lora backward", format!("{}: dx {:?} does not match the forward's {rows} rows", s.name, dx.map(|t| t.shape.clone()))));
         }
@@ -507,4 +492,20 @@ impl LoraLayer {
         }
         Ok(())
     }
+}
+
+/// `t` as [rows, width] columns of an f16 tensor, in bounds: a column slice (offset or stride
+/// not the dense ones) needs an even offset, stride and width (the skinny kernels write whole
+/// words). One adapter's output or a stack's.
+pub(crate) fn check_cols(op: &str, name: &str, t: &Operand, rows: usize, width: usize) -> Result<()> {
+    let end = t.offset + (rows - 1) * t.ld + width;
+    let strided = t.offset != 0 || t.ld != width;
+    let odd = t.offset % 2 == 1 || t.ld % 2 == 1 || width % 2 == 1;
+    if t.tensor.dtype != DType::F16 || t.ld < width || (strided && odd) || end > t.tensor.numel() {
+        return Err(Error::shape(
+            op,
+            format!("{name}: {:?} {} (offset {}, row stride {}) must hold {rows} f16 rows of {width} (a column slice needs even offset, stride and width)", t.tensor.shape, t.tensor.dtype, t.offset, t.ld),
+        ));
+    }
+    Ok(())
 }

@@ -4,10 +4,10 @@
 //! single views, and `kernels::lora_skinny` for the stacked kernels.
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, PlanBuilder, Tensor};
+use crate::gpu::{PlanBuilder, Tensor};
 use crate::kernels::attention::Operand;
 use crate::kernels::lora_skinny as sk;
-use crate::model::lora::{run_wgrad, LoraLayer, LoraSaved, LoraSpec};
+use crate::model::lora::{check_cols, run_wgrad, LoraLayer, LoraSaved, LoraSpec};
 
 /// Adapters on the projections of one fused product that read the same input (q, k, v of a
 /// self-attention; k, v of a cross-attention), run stacked: one launch per product for the
@@ -57,7 +57,7 @@ impl<'a> LoraStack<'a> {
         let (s, g, l0) = (self.spec(), self.members(), self.layers[0]);
         let rows = l0.rows("lora forward", x, s.k)?;
         let (r, n) = (s.rank, s.n);
-        check_slice_cols("lora forward", &s.name, &y, rows, g * n)?;
+        check_cols("lora forward", &s.name, &y, rows, g * n)?;
         let h = pb.f16(&[rows, g * r], "lora h (stacked)")?;
         let a16 = Self::stacked(&l0.a16, [g * r, s.k]);
         let b16 = Self::stacked(&l0.b16, [g * n, r]);
@@ -73,7 +73,7 @@ impl<'a> LoraStack<'a> {
         let (s, g, l0) = (self.spec(), self.members(), self.layers[0]);
         let (r, n, k) = (s.rank, s.n, s.k);
         let rows = saved.h.numel() / (g * r);
-        check_slice_cols("lora backward", &s.name, &dy, rows, g * n)?;
+        check_cols("lora backward", &s.name, &dy, rows, g * n)?;
         if dx.map(|t| l0.rows("lora backward", t, k)).transpose()?.is_some_and(|m| m != rows) {
             return Err(Error::shape("lora backward", format!("{}: dx does not match the forward's {rows} rows", s.name)));
         }
@@ -95,16 +95,4 @@ impl<'a> LoraStack<'a> {
         saved.release(pb);
         Ok(())
     }
-}
-
-/// `t` as [rows, width] f16 columns with an even offset and stride, in bounds.
-fn check_slice_cols(op: &str, name: &str, t: &Operand, rows: usize, width: usize) -> Result<()> {
-    let end = t.offset + (rows - 1) * t.ld + width;
-    if t.tensor.dtype != DType::F16 || t.ld < width || t.offset % 2 == 1 || t.ld % 2 == 1 || end > t.tensor.numel() {
-        return Err(Error::shape(
-            op,
-            format!("{name}: {:?} {} (offset {}, row stride {}) must hold {rows} f16 rows of {width} at an even offset and stride", t.tensor.shape, t.tensor.dtype, t.offset, t.ld),
-        ));
-    }
-    Ok(())
 }
