@@ -113,8 +113,8 @@ fn w_at(j: u32, e: u32) -> f32 {
     return 0.0;
 }
 
-// narrow's W(k, j) stored [K, r]: stacked, column j of member j / r is nonzero only in that
-// member's rows (k / seg); one member: W[k, j] for j < r.
+// narrow's W(k, j) stored [K, r] of stacked members without MSPLIT (odd r): column j of
+// member j / r is nonzero only in that member's rows (k / seg).
 fn w_diag(kk: u32, j: u32) -> f32 {
     let g = j / p.r;
     let seg = p.k / max(p.members, 1u);
@@ -230,7 +230,8 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
                 if ((p.flags & W_T) != 0u) {
                     w = vec4<f32>(w_at(j, j * kk + kw), w_at(j + 1u, (j + 1u) * kk + kw),
                                   w_at(j + 2u, (j + 2u) * kk + kw), w_at(j + 3u, (j + 3u) * kk + kw));
-                } else if (msplit) {
+                } else if (msplit || gm == 1u) {
+                    // One member's W [K, r] (g = 0 for a single adapter).
                     let e = (g * kk + kw) * r + j;
                     w = vec4<f32>(w_at(j, e), w_at(j + 1u, e + 1u), w_at(j + 2u, e + 2u), w_at(j + 3u, e + 3u));
                 } else {
