@@ -201,8 +201,17 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             mm.trans_b = trans_b;
             mm.path = Some(path);
             mm.tile = tile;
+            // Unsplit, and (the launcher's tile) split over K where the launcher splits it.
+            mm.split_k = Some(1);
             let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
             emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+            mm.split_k = None;
+            let slices = mm.split(gpu);
+            if tile.is_none() && slices > 1 {
+                let ds = recorded(gpu, &mm, &x, &w, None, &y)?;
+                let label = format!("{path} split-K x{slices} {}", ds[0].label);
+                emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            }
         }
         // The training cases again split over K (f32 partials, then their sum), for tuning
         // `Matmul::split`.

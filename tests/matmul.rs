@@ -202,14 +202,18 @@ fn every_coop_tile() {
         eprintln!("no cooperative matrices on this device: the scalar tests cover it");
         return;
     }
+    // K 100: strides not multiples of 8, the general loads; 296x520x88: every extent a
+    // multiple of 8, the branch-free VEC loads, with partial tiles on all three axes.
     for tile in CoopTile::ALL {
-        for (ta, tb) in [(false, true), (false, false), (true, false)] {
-            let mut c = Case::new(300, 520, 100);
-            c.trans_a = ta;
-            c.trans_b = tb;
-            c.bias = true;
-            let e = run_case(&c, KernelPath::Coop, Some(tile));
-            assert!(e < 1e-3, "{tile:?} ta{ta} tb{tb}: {e:.3e}");
+        for (m, n, k) in [(300, 520, 100), (296, 520, 88)] {
+            for (ta, tb) in [(false, true), (false, false), (true, false)] {
+                let mut c = Case::new(m, n, k);
+                c.trans_a = ta;
+                c.trans_b = tb;
+                c.bias = true;
+                let e = run_case(&c, KernelPath::Coop, Some(tile));
+                assert!(e < 1e-3, "{tile:?} {m}x{n}x{k} ta{ta} tb{tb}: {e:.3e}");
+            }
         }
     }
 }

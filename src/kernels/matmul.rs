@@ -451,10 +451,23 @@ impl Matmul {
         // keys stay as they were.
         let key = if g.transposed { key.with("CONV_T", 1) } else { key };
         let key = if g.flip_b { key.with("B_FLIP", 1) } else { key };
+        let key = if path == KernelPath::Coop && self.whole_words(vec_ok, k) { key.with("VEC", 1) } else { key };
         let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
         let a_elems = if self.lda.is_some() || self.off_a != 0 { self.batch * self.m * self.k } else { a.numel() };
         let bytes = (a_elems * 2 + b.numel() * 2 + self.m * self.n * self.batch * c.dtype.size()) as f64;
         gpu.dispatch(&key, &params, &[a, b, bias.unwrap_or(a), c], groups, self.flops(), bytes)
+    }
+
+    /// Whether every plain operand load of the coop kernel is a whole aligned 16-byte word
+    /// (override VEC): aligned strides and offsets (`vec_ok`), and the contiguous extent of A
+    /// and of B (K per slice `k`, or M / N where stored transposed) a multiple of 8. A gathered
+    /// A (a convolution) has its own loads; with a remapped B (`flip_b`) too, VEC would change
+    /// no load, so those keep the general variant.
+    fn whole_words(&self, vec_ok: bool, k: usize) -> bool {
+        let flip_b = self.conv.is_some_and(|g| g.flip_b);
+        let a_ok = self.conv.is_some() || (if self.trans_a { self.m } else { k }) % 8 == 0;
+        let b_ok = (if self.trans_b { k } else { self.n }) % 8 == 0;
+        vec_ok && !flip_b && a_ok && b_ok
     }
 
     fn check(&self, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor, ldc: usize) -> Result<()> {

@@ -32,6 +32,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
                 keys.push(matmul::scalar_key(ta, tb, out_f32, false));
                 for t in matmul::CoopTile::ALL {
                     keys.push(t.key(ta, tb, out_f32, false));
+                    keys.push(t.key(ta, tb, out_f32, false).with("VEC", 1));
                 }
             }
         }
@@ -41,6 +42,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
         keys.push(matmul::scalar_key(false, true, out_f32, true));
         for t in matmul::CoopTile::ALL {
             keys.push(t.key(false, true, out_f32, true));
+            keys.push(t.key(false, true, out_f32, true).with("VEC", 1));
         }
     }
     // Transposed convolutions (the CONV_T gather) with the weight as given (TRANS_B).
@@ -48,6 +50,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
         keys.push(matmul::scalar_key(false, true, out_f32, true).with("CONV_T", 1));
         for t in matmul::CoopTile::ALL {
             keys.push(t.key(false, true, out_f32, true).with("CONV_T", 1));
+            keys.push(t.key(false, true, out_f32, true).with("CONV_T", 1).with("VEC", 1));
         }
     }
     // Convolutions' input gradients (`Conv2d::backward_input`): the forward weight read
