@@ -287,6 +287,39 @@ fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
     if (CONV) { return conv8(x.x, x.y); }
     return load8(true, base, x.x, x.y, p.m, p.k, p.lda, vec_ok);
 }
+
+// CONV (not CONV_T) with cin % 8 == 0, the gather split in its two halves: the row half of an
+// im2col entry (which image, and the top-left input pixel of its window) is fixed for an
+// invocation's entry over the whole K loop, so it is computed once before it; the column half
+// (tap and channel) is the same for all of an invocation's entries in a K step (their column
+// chunk is t % KE), so it is computed once a step. Each word then costs a bounds test and one
+// index, not the four integer divisions of conv8.
+// Row half of im2col row m: (first pixel of its image, oy·stride - pad, ox·stride - pad); rows
+// past M get a y origin so negative that every tap reads zero.
+fn conv_row(m: u32) -> vec3<i32> {
+    let ohw = p.oh * p.ow;
+    let img = m / ohw;
+    let oy = (m % ohw) / p.ow;
+    let ox = m % p.ow;
+    let y0 = select(-0x40000000, i32(oy * p.stride) - i32(p.pad), m < p.m);
+    return vec3<i32>(i32(img * p.ih * p.iw), y0, i32(ox * p.stride) - i32(p.pad));
+}
+// Column half of im2col column kk (slice-local): (ky, kx, channel, kk inside K).
+fn conv_col(kk: u32) -> vec4<u32> {
+    let kg = kk + kbase;
+    let tap = kg / p.cin;
+    return vec4<u32>(tap / p.ks, tap % p.ks, kg % p.cin, select(0u, 1u, kk < p.k));
+}
+// The A word of entry e from its row half and this step's column half (general gather where
+// cin % 8 != 0).
+fn fetch_a_conv(e: u32, row: vec3<i32>, col: vec4<u32>, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
+    if (!CONV || CONV_T || (p.flags & 8u) == 0u) { return fetch_a(e, m0, k0, base, vec_ok); }
+    let y = row.y + i32(col.x);
+    let x = row.z + i32(col.y);
+    if (col.w == 0u || y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return mat2x4<f16>(); }
+    return a[(p.off_a + (u32(row.x) + u32(y) * p.iw + u32(x)) * p.cin + col.z) >> 3u];
+}
+
 fn fetch_b(e: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
     let x = b_entry(e, n0, k0);
     if (TRANS_B) { return load8(false, base, x.x, x.y, p.n, p.k, p.ldb, vec_ok); }
@@ -394,10 +427,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     var c30 = coop_mat16x16<f32, C>(); var c31 = coop_mat16x16<f32, C>();
     var c32 = coop_mat16x16<f32, C>(); var c33 = coop_mat16x16<f32, C>();
 
-    var ra0 = fetch_a(t, m0, 0u, base_a, vec_ok);
+    // CONV: the row halves of this invocation's A entries (see conv_row), unused otherwise.
+    var cr0 = vec3<i32>(); var cr1 = cr0; var cr2 = cr0; var cr3 = cr0;
+    if (CONV && !CONV_T) {
+        cr0 = conv_row(a_entry(t, m0, 0u).x);
+        if (NA > 1u) { cr1 = conv_row(a_entry(t + WG, m0, 0u).x); }
+        if (NA > 2u) { cr2 = conv_row(a_entry(t + 2u * WG, m0, 0u).x); cr3 = conv_row(a_entry(t + 3u * WG, m0, 0u).x); }
+    }
+    let kq = (t % KE) * 8u;   // this invocation's column chunk in a K-contiguous A tile
+    var cc = vec4<u32>();
+    if (CONV && !CONV_T) { cc = conv_col(kq); }
+    var ra0 = fetch_a_conv(t, cr0, cc, m0, 0u, base_a, vec_ok);
     var ra1 = ra0; var ra2 = ra0; var ra3 = ra0;
-    if (NA > 1u) { ra1 = fetch_a(t + WG, m0, 0u, base_a, vec_ok); }
-    if (NA > 2u) { ra2 = fetch_a(t + 2u * WG, m0, 0u, base_a, vec_ok); ra3 = fetch_a(t + 3u * WG, m0, 0u, base_a, vec_ok); }
+    if (NA > 1u) { ra1 = fetch_a_conv(t + WG, cr1, cc, m0, 0u, base_a, vec_ok); }
+    if (NA > 2u) { ra2 = fetch_a_conv(t + 2u * WG, cr2, cc, m0, 0u, base_a, vec_ok); ra3 = fetch_a_conv(t + 3u * WG, cr3, cc, m0, 0u, base_a, vec_ok); }
     var rb0 = fetch_b(t, n0, 0u, base_b, vec_ok);
     var rb1 = rb0; var rb2 = rb0; var rb3 = rb0;
     if (NB > 1u) { rb1 = fetch_b(t + WG, n0, 0u, base_b, vec_ok); }
@@ -432,9 +475,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         step += 1u;
         let kn = k0 + BK;
         if (kn < p.k) {
-            ra0 = fetch_a(t, m0, kn, base_a, vec_ok);
-            if (NA > 1u) { ra1 = fetch_a(t + WG, m0, kn, base_a, vec_ok); }
-            if (NA > 2u) { ra2 = fetch_a(t + 2u * WG, m0, kn, base_a, vec_ok); ra3 = fetch_a(t + 3u * WG, m0, kn, base_a, vec_ok); }
+            if (CONV && !CONV_T) { cc = conv_col(kn + kq); }
+            ra0 = fetch_a_conv(t, cr0, cc, m0, kn, base_a, vec_ok);
+            if (NA > 1u) { ra1 = fetch_a_conv(t + WG, cr1, cc, m0, kn, base_a, vec_ok); }
+            if (NA > 2u) { ra2 = fetch_a_conv(t + 2u * WG, cr2, cc, m0, kn, base_a, vec_ok); ra3 = fetch_a_conv(t + 3u * WG, cr3, cc, m0, kn, base_a, vec_ok); }
             rb0 = fetch_b(t, n0, kn, base_b, vec_ok);
             if (NB > 1u) { rb1 = fetch_b(t + WG, n0, kn, base_b, vec_ok); }
             if (NB > 2u) { rb2 = fetch_b(t + 2u * WG, n0, kn, base_b, vec_ok); rb3 = fetch_b(t + 3u * WG, n0, kn, base_b, vec_ok); }
