@@ -259,6 +259,20 @@ fn flip8(k: u32, n0: u32, vec_ok: bool) -> mat2x4<f16> {
     return out;
 }
 
+// Entry e of a K-contiguous tile -> (row, chunk). Each subgroup's 32 consecutive entries are
+// 8 rows of KE chunks; with KE = 4 lane l takes row (l % 8) / 4 · 4 + l / 8 and chunk l % 4,
+// so a quarter-warp (what one 16-byte load or store serves at once) holds chunks 0..3 of
+// rows r and r+4: 2 rows of 64 bytes from global memory as before, and in the shared tile
+// (rows 5 chunks apart) 8 different 16-byte bank slots, where rows r and r+1 share one.
+// Other KE: row by row. An invocation's entries (t + i·WG) all get chunk t % KE.
+fn kc_entry(e: u32) -> vec2<u32> {
+    if (KE == 4u) {
+        let l = e % 32u;
+        return vec2<u32>(e / 32u * 8u + (l % 8u) / 4u * 4u + l / 8u, l % 4u);
+    }
+    return vec2<u32>(e / KE, e % KE);
+}
+
 // Tile of A for k0: K-contiguous (!TRANS_A) it is BM rows of BK; else BK rows of BM.
 // Entry e (of BM*BK/8) -> (stored row, stored col0) and its shared index.
 fn a_entry(e: u32, m0: u32, k0: u32) -> vec3<u32> {
@@ -267,8 +281,8 @@ fn a_entry(e: u32, m0: u32, k0: u32) -> vec3<u32> {
         let r = e / per; let q = e % per;
         return vec3<u32>(k0 + r, m0 + q * 8u, r * (per + 1u) + q);
     }
-    let r = e / KE; let q = e % KE;
-    return vec3<u32>(m0 + r, k0 + q * 8u, r * (KE + 1u) + q);
+    let rq = kc_entry(e);
+    return vec3<u32>(m0 + rq.x, k0 + rq.y * 8u, rq.x * (KE + 1u) + rq.y);
 }
 fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
     if (!TRANS_B) {
@@ -276,8 +290,8 @@ fn b_entry(e: u32, n0: u32, k0: u32) -> vec3<u32> {
         let r = e / per; let q = e % per;
         return vec3<u32>(k0 + r, n0 + q * 8u, r * (per + 1u) + q);
     }
-    let r = e / KE; let q = e % KE;
-    return vec3<u32>(n0 + r, k0 + q * 8u, r * (KE + 1u) + q);
+    let rq = kc_entry(e);
+    return vec3<u32>(n0 + rq.x, k0 + rq.y * 8u, rq.x * (KE + 1u) + rq.y);
 }
 
 fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
