@@ -143,10 +143,13 @@ pub const TRAIN_MATMUL_CASES: [(&str, usize, usize, usize, bool); 16] = [
     ("train16_ff_in_dx_256x1280x10240", 256, 1280, 10240, false),
 ];
 
-/// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout).
-pub const CONV_CASES: [(&str, usize, usize, usize, usize); 6] = [
+/// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout); batch
+/// 2 is a guided sampling step, batch 1 the training forward.
+pub const CONV_CASES: [(&str, usize, usize, usize, usize); 8] = [
     ("unet_64x64x320_b2", 2, 64, 320, 320),
+    ("unet_64x64x320_b1", 1, 64, 320, 320),
     ("unet_32x32x640_b2", 2, 32, 640, 640),
+    ("unet_32x32x640_b1", 1, 32, 640, 640),
     ("unet_16x16x1280_b2", 2, 16, 1280, 1280),
     ("unet_8x8x1280_b2", 2, 8, 1280, 1280),
     ("vae_256x256x256", 1, 256, 256, 256),
@@ -252,6 +255,15 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                 let ds = recorded(gpu, &mm, &x, &w, Some(&b), &y)?;
                 let label = format!("{path} split-K x{slices} {}", ds[0].label);
                 emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            }
+            // Every coop tile, unsplit (for tuning the launcher's tile rule).
+            if all_tiles && path == KernelPath::Coop {
+                for t in CoopTile::ALL {
+                    mm.tile = Some(t);
+                    mm.split_k = Some(1);
+                    let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
+                    emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+                }
             }
         }
     }

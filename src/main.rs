@@ -52,8 +52,8 @@ atelier train --model sd15/ --data portraits/ --output runs/p --steps 2000 --res
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
-        /// Time every cooperative-matrix tile at every matmul shape (for tuning), not only at 8192³,
-        /// and every tile of the attention forward and backward.
+        /// Time every cooperative-matrix tile at every matmul and convolution shape (for tuning),
+        /// not only at 8192³, and every tile of the attention forward and backward.
         #[arg(long)]
         all_tiles: bool,
         /// Time the networks of this model (a diffusers folder or a single .safetensors file)

@@ -1,12 +1,14 @@
 //! Op tests for the convolution (implicit GEMM on the matmul shaders, override CONV) against
 //! an f64 CPU reference over NHWC images, on every path the device has: 3x3 stride 1 and 2,
 //! 1x1, channel counts that are and are not multiples of 8, odd sizes, odd cout with f16
-//! output, bias, f32 output, splits over K, and real SD-1.5 shapes. Outputs are NaN-poisoned first.
+//! output, bias, f32 output, splits over K, every coop tile, and real SD-1.5 shapes. Outputs
+//! are NaN-poisoned first.
 
 mod common;
 
-use atelier::gpu::{DType, Recorder, Tensor};
+use atelier::gpu::{DType, KernelPath, Recorder, Tensor};
 use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
+use atelier::kernels::matmul::CoopTile;
 use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Inputs are exact f16 values, products are accumulated in f32 over K ≤ 2880 and the result
@@ -46,7 +48,12 @@ fn reference(c: &Conv2d, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f64>
 
 fn run(c: Conv2d, with_bias: bool, out: DType) {
     let g = gpu();
-    for path in paths() {
+    // A forced tile runs on the coop path only.
+    let paths = match c.tile {
+        Some(_) => paths().into_iter().filter(|&p| p == KernelPath::Coop).collect(),
+        None => paths(),
+    };
+    for path in paths {
         let what = format!("conv {c:?} bias {with_bias} out {out} on {path}");
         let s = seed(&what);
         let x = round_f16(&random(c.batch * c.h * c.w * c.cin, s));
@@ -100,6 +107,18 @@ fn channels_not_multiple_of_8_and_odd_cout() {
 #[test]
 fn sd_shape_64x64x320() {
     run(Conv2d::new(1, 64, 64, 320, 320, 3, 1, 1), true, DType::F16);
+}
+
+#[test]
+fn every_coop_tile() {
+    // Each tile of the cooperative-matrix kernel (the launcher picks among them by shape): the
+    // split gather (row half before the K loop, column half per step) for BK 16, 32 and 64,
+    // partial tiles, stride 2, channels not a multiple of 8 (the general gather).
+    for t in CoopTile::ALL {
+        for c in [Conv2d::new(1, 12, 11, 32, 40, 3, 1, 1), Conv2d::new(2, 13, 12, 16, 24, 3, 2, 1), Conv2d::new(1, 8, 8, 4, 32, 3, 1, 1)] {
+            run(Conv2d { tile: Some(t), ..c }, true, DType::F16);
+        }
+    }
 }
 
 #[test]

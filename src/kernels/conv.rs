@@ -26,7 +26,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{KernelPath, Recorder, Tensor, Gpu};
-use crate::kernels::matmul::{ConvGeom, Matmul};
+use crate::kernels::matmul::{ConvGeom, CoopTile, Matmul};
 
 /// A convolution of fixed shape.
 #[derive(Clone, Copy, Debug)]
@@ -43,12 +43,14 @@ pub struct Conv2d {
     pub path: Option<KernelPath>,
     /// Force a split over K (default: the launcher's choice, see `Matmul::split`).
     pub split_k: Option<usize>,
+    /// Force a cooperative-matrix tile (default: the launcher's choice, see `Matmul::plan`).
+    pub tile: Option<CoopTile>,
 }
 
 impl Conv2d {
     /// A `ks`x`ks` convolution with the given stride and padding.
     pub fn new(batch: usize, h: usize, w: usize, cin: usize, cout: usize, ks: usize, stride: usize, pad: usize) -> Self {
-        Conv2d { batch, h, w, cin, cout, ks, stride, pad, path: None, split_k: None }
+        Conv2d { batch, h, w, cin, cout, ks, stride, pad, path: None, split_k: None, tile: None }
     }
 
     /// Output height and width.
@@ -71,6 +73,7 @@ impl Conv2d {
         mm.trans_b = true;
         mm.path = self.path;
         mm.split_k = self.split_k;
+        mm.tile = self.tile;
         mm.conv = Some(ConvGeom {
             images: self.batch,
             ih: self.h,
