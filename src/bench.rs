@@ -285,6 +285,16 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             let ds = recorded(gpu, &conv.backward_input()?, &dy, &w, None, &dx)?;
             let label = format!("{path} {}", ds[0].label);
             emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            // Every coop tile, unsplit (for tuning the launcher's tile rule).
+            if all_tiles && path == KernelPath::Coop {
+                for t in CoopTile::ALL {
+                    let mut mm = conv.backward_input()?;
+                    mm.tile = Some(t);
+                    mm.split_k = Some(1);
+                    let ds = recorded(gpu, &mm, &dy, &w, None, &dx)?;
+                    emit(time_case(gpu, &ds, full.clone(), format!("{path} {}", ds[0].label), 2e12, slow)?);
+                }
+            }
         }
     }
     // Attention at SD-1.5 shapes on every path the device has (the VAE's d 512 runs the
