@@ -97,6 +97,22 @@ fn recorded(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor
     Ok(rec.into_dispatches())
 }
 
+/// `mm` (path and tile set, no forced split) recorded unsplit, and, with the launcher's tile,
+/// split over K where the launcher splits it: (label, dispatches) for each.
+fn unsplit_and_split(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<(String, Vec<Dispatch>)>> {
+    let path = mm.plan(gpu).0;
+    let mut one = mm.clone();
+    one.split_k = Some(1);
+    let ds = recorded(gpu, &one, a, b, bias, c)?;
+    let mut out = vec![(format!("{path} {}", ds[0].label), ds)];
+    let slices = mm.split(gpu);
+    if mm.tile.is_none() && slices > 1 {
+        let ds = recorded(gpu, mm, a, b, bias, c)?;
+        out.push((format!("{path} split-K x{slices} {}", ds[0].label), ds));
+    }
+    Ok(out)
+}
+
 fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     Tensor::from_f32(gpu, shape, DType::F16, &noise(n, seed), what)
@@ -204,15 +220,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             mm.trans_b = trans_b;
             mm.path = Some(path);
             mm.tile = tile;
-            // Unsplit, and (the launcher's tile) split over K where the launcher splits it.
-            mm.split_k = Some(1);
-            let d = mm.prepare(gpu, &x, &w, None, &y, n)?;
-            emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
-            mm.split_k = None;
-            let slices = mm.split(gpu);
-            if tile.is_none() && slices > 1 {
-                let ds = recorded(gpu, &mm, &x, &w, None, &y)?;
-                let label = format!("{path} split-K x{slices} {}", ds[0].label);
+            for (label, ds) in unsplit_and_split(gpu, &mm, &x, &w, None, &y)? {
                 emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
             }
         }
@@ -244,25 +252,13 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
         for &path in &paths {
             let mut conv = Conv2d::new(batch, size, size, cin, cout, 3, 1, 1);
             conv.path = Some(path);
-            let mut mm = conv.matmul()?;
-            // Unsplit, and split over K where the launcher would split it.
-            mm.split_k = Some(1);
-            let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
-            emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
-            mm.split_k = None;
-            let slices = mm.split(gpu);
-            if slices > 1 {
-                let ds = recorded(gpu, &mm, &x, &w, Some(&b), &y)?;
-                let label = format!("{path} split-K x{slices} {}", ds[0].label);
-                emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
-            }
-            // Every coop tile, unsplit (for tuning the launcher's tile rule).
-            if all_tiles && path == KernelPath::Coop {
-                for t in CoopTile::ALL {
-                    mm.tile = Some(t);
-                    mm.split_k = Some(1);
-                    let d = mm.prepare(gpu, &x, &w, Some(&b), &y, cout)?;
-                    emit(time_case(gpu, std::slice::from_ref(&d), full.clone(), format!("{path} {}", d.label), 2e12, slow)?);
+            let mm = conv.matmul()?;
+            // The launcher's tile, then (tuning the tile rule) every coop tile unsplit.
+            let tiles: &[CoopTile] = if all_tiles && path == KernelPath::Coop { &CoopTile::ALL } else { &[] };
+            for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
+                let mm = Matmul { tile, ..mm.clone() };
+                for (label, ds) in unsplit_and_split(gpu, &mm, &x, &w, Some(&b), &y)? {
+                    emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
                 }
             }
         }
@@ -288,11 +284,10 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             // Every coop tile, unsplit (for tuning the launcher's tile rule).
             if all_tiles && path == KernelPath::Coop {
                 for t in CoopTile::ALL {
-                    let mut mm = conv.backward_input()?;
-                    mm.tile = Some(t);
-                    mm.split_k = Some(1);
-                    let ds = recorded(gpu, &mm, &dy, &w, None, &dx)?;
-                    emit(time_case(gpu, &ds, full.clone(), format!("{path} {}", ds[0].label), 2e12, slow)?);
+                    let mm = Matmul { tile: Some(t), ..conv.backward_input()? };
+                    for (label, ds) in unsplit_and_split(gpu, &mm, &dy, &w, None, &dx)? {
+                        emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                    }
                 }
             }
         }
