@@ -1,6 +1,7 @@
 //! The runtime pieces the op tests do not reach: the recorder's batching keeps launch order
-//! across submits, the profiler times every launch and aggregates them per pipeline key, and
-//! pipeline keys name their variants.
+//! across submits, the profiler times every launch and aggregates them per pipeline key,
+//! pipeline keys name their variants, and a pipeline that fails to compile in the background is
+//! an error where it is recorded.
 
 mod common;
 
@@ -68,4 +69,24 @@ fn pipeline_keys_name_their_variants() {
     let k = PipelineKey::new(Shader::MatmulScalar, "main").with("TRANS_A", 1).with("OUT_F32", 0);
     assert_eq!(k.to_string(), "matmul_scalar.main[TRANS_A=1,OUT_F32=0]");
     assert_eq!(PipelineKey::new(Shader::Elementwise, "unary").to_string(), "elementwise.unary");
+}
+
+/// Pipelines compile on background threads (see `gpu::pipelines::PipelineSlot`): one the
+/// driver refuses (here an override constant the shader lacks) is an error where it is
+/// recorded, naming the pipeline, not a panic on a compile thread; a good pipeline queued
+/// beside it still runs.
+#[test]
+fn background_compile_errors_surface_where_recorded() {
+    let g = gpu();
+    let n = 64;
+    let x = Tensor::from_f32(g, &[n], DType::F32, &vec![1.5; n], "x").unwrap();
+    let y = Tensor::from_f32(g, &[n], DType::F32, &vec![f32::NAN; n], "y").unwrap();
+    let p = atelier::kernels::elementwise::ElementwiseParams { numel: n as u32, b_len: n as u32, alpha: 1.0, ..Default::default() };
+    let bad = PipelineKey::new(Shader::Elementwise, "unary").with("IN_F32", 1).with("OUT_F32", 1).with("NO_SUCH_CONSTANT", 3);
+    let bad = g.dispatch(&bad, &p, &[&x, &y], [1, 1, 1], 0.0, 0.0).expect("the dispatch is made before its pipeline compiles");
+    let good = atelier::kernels::elementwise::unary(g, atelier::kernels::elementwise::Unary::Copy, &x, &y).unwrap();
+    let e = g.run_now(&bad).expect_err("a pipeline with an unknown constant must fail").to_string();
+    assert!(e.contains("creating pipeline elementwise.unary") && e.contains("NO_SUCH_CONSTANT"), "{e}");
+    g.run_now(&good).unwrap();
+    assert!(y.to_f32(g).unwrap().iter().all(|&v| v == 1.5));
 }

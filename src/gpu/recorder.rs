@@ -68,12 +68,14 @@ impl<'a> Recorder<'a> {
         if self.pending.is_empty() || self.capture {
             return Ok(());
         }
+        // Pipelines not yet compiled by the background threads are waited for (or compiled) here.
+        let pipelines = self.pending.iter().map(|d| d.pipeline.get(&self.gpu.device)).collect::<Result<Vec<_>>>()?;
         let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("atelier batch"),
         });
         match self.profiler.as_deref_mut() {
             Some(prof) => {
-                for d in &self.pending {
+                for (d, p) in self.pending.iter().zip(&pipelines) {
                     let (qs, begin, end) = prof.slot(d);
                     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some(&d.label),
@@ -83,7 +85,7 @@ impl<'a> Recorder<'a> {
                             end_of_pass_write_index: Some(end),
                         }),
                     });
-                    pass.set_pipeline(&d.pipeline);
+                    pass.set_pipeline(p);
                     pass.set_bind_group(0, &d.bind_group, &[]);
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                 }
@@ -94,8 +96,8 @@ impl<'a> Recorder<'a> {
                     label: Some("atelier"),
                     timestamp_writes: None,
                 });
-                for d in &self.pending {
-                    pass.set_pipeline(&d.pipeline);
+                for (d, p) in self.pending.iter().zip(&pipelines) {
+                    pass.set_pipeline(p);
                     pass.set_bind_group(0, &d.bind_group, &[]);
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                 }
