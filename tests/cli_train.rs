@@ -254,8 +254,9 @@ fn interrupt_writes_a_checkpoint_and_resumes() {
 /// `--train-text-encoder`: the text encoder's adapters train through the UNet's d(context)
 /// (their B starts at zero, so a nonzero B means gradients reached them), the file has kohya
 /// `lora_te_` keys (or diffusers `text_encoder.` keys) beside the UNet's, a resume from a
-/// checkpoint ends with the same file, and `atelier sample --lora` loads it; merged, the text
-/// encoder's output changes (the te keys are applied, not skipped).
+/// checkpoint ends with the same file, and `atelier sample --lora` loads it and draws what the
+/// run's validation grid showed (with the text encoder's adapters merged: without them the image
+/// differs); merged, the text encoder's output changes (the te keys are applied, not skipped).
 #[test]
 fn trains_the_text_encoder_too() {
     let root = temp("te");
@@ -265,7 +266,8 @@ fn trains_the_text_encoder_too() {
     let d = data.display().to_string();
     let out = root.join("run").display().to_string();
     let te = ["--steps", "8", "--save-every", "4", "--train-text-encoder", "--text-encoder-lr", "2e-3"];
-    let err = run_ok(&train_args(&d, &out, &te));
+    let validation = ["--validation-prompt", "a picture of stripes", "--validation-images", "1", "--validation-steps", "2"];
+    let err = run_ok(&train_args(&d, &out, &[&te[..], &validation[..]].concat()));
     assert!(err.contains("+ 18 on the text encoder"), "{err}");
     let file = root.join("run").join("lora.safetensors");
     let bytes = std::fs::read(&file).unwrap();
@@ -303,11 +305,23 @@ fn trains_the_text_encoder_too() {
     unet_only[2] = &model;
     assert!(!atelier(&unet_only).status.success());
 
-    // atelier sample loads it; merged, the text encoder's output moves.
+    // atelier sample loads it, and draws the last validation grid's image (the grid merges the
+    // text encoder's adapters too); merged, the text encoder's output moves.
     let png = root.join("s.png");
     let model_dir = fixture("tiny-sd");
-    run_ok_with(&["sample", "--model", model_dir.to_str().unwrap(), "--prompt", "a picture of stripes", "--steps", "2", "--lora", file.to_str().unwrap(), "--output", png.to_str().unwrap()]);
-    assert!(png.exists());
+    let args = ["sample", "--model", model_dir.to_str().unwrap(), "--prompt", "a picture of stripes", "--seed", "5", "--steps", "2", "--width", "64", "--height", "64"];
+    run_ok_with(&[&args[..], &["--lora", file.to_str().unwrap(), "--output", png.to_str().unwrap()]].concat());
+    let grid = image::open(root.join("run").join("validation").join("step-000008.png")).unwrap().to_rgb8().into_raw();
+    assert!(image::open(&png).unwrap().to_rgb8().into_raw() == grid, "the last validation grid differs from atelier sample with the LoRA");
+    let unet_only = root.join("unet-only.safetensors");
+    {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let kept: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().filter(|(k, _)| !k.starts_with("lora_te_")).collect();
+        safetensors::serialize_to_file(kept, None, &unet_only).unwrap();
+    }
+    let png2 = root.join("s2.png");
+    run_ok_with(&[&args[..], &["--lora", unet_only.to_str().unwrap(), "--output", png2.to_str().unwrap()]].concat());
+    assert!(image::open(&png2).unwrap().to_rgb8().into_raw() != grid, "without its text-encoder adapters the LoRA draws the same image: the check above proves nothing");
     let g = gpu();
     let embed = |loras: &[(PathBuf, f32)]| {
         let sd = StableDiffusion::load_with_loras(g, &model_dir, &Default::default(), Some(Sd15Config::tiny()), loras).unwrap();

@@ -32,7 +32,7 @@ use crate::kernels::grad_ops::{self, Activation};
 use crate::kernels::{norm, tensor_ops};
 use crate::model::clip::{ClipLayer, ClipTextModel};
 use crate::model::lora::{Adapters, LoraParams, LoraSpec};
-use crate::model::unet_transformer::{adapt, adapt_backward, adapt_fused, copy, Applied};
+use crate::model::unet_transformer::{adapt, adapt_backward, adapt_fused, copy, AdaptableWeight, Applied};
 
 /// The projections of an encoder layer that get adapters, as (module path under the layer,
 /// whether it is in the MLP).
@@ -61,6 +61,23 @@ impl ClipConfig {
             }
         }
         specs
+    }
+}
+
+impl ClipTextModel {
+    /// The weights the text encoder's adapters target (see [`ClipConfig::lora_specs`]), each
+    /// with the module paths of the projections stacked in it (q, k, v share one fused weight):
+    /// what a trainer merges its adapters into to sample with them.
+    pub fn adaptable_weights(&self) -> Vec<AdaptableWeight> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let qkv: Vec<String> = TARGETS[..3].iter().map(|p| module_name(i, p)).collect();
+            out.push(AdaptableWeight::of(&l.qkv, &qkv, false));
+            out.push(AdaptableWeight::of(&l.out_proj, &[module_name(i, TARGETS[3])], false));
+            out.push(AdaptableWeight::of(&l.fc1, &[module_name(i, TARGETS[4])], false));
+            out.push(AdaptableWeight::of(&l.fc2, &[module_name(i, TARGETS[5])], false));
+        }
+        out
     }
 }
 

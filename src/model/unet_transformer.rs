@@ -39,7 +39,8 @@ fn module_path(p: &Prefix) -> String {
 
 /// A frozen weight on the GPU that LoRA adapters may target, and the projections stacked in
 /// it (one for a plain linear; q, k, v or k, v for a fused product): each with its module path
-/// under the UNet, its first row and row count. The weight is [rows, k] f16, row-major; a
+/// under the UNet (or the text encoder, `ClipTextModel::adaptable_weights`), its first row and
+/// row count. The weight is [rows, k] f16, row-major; a
 /// 1x1 convolution's file shape has trailing [1, 1].
 #[derive(Clone, Debug)]
 pub struct AdaptableWeight {
@@ -51,7 +52,7 @@ pub struct AdaptableWeight {
 }
 
 impl AdaptableWeight {
-    fn of(l: &Linear, paths: &[String], conv1x1: bool) -> AdaptableWeight {
+    pub(crate) fn of(l: &Linear, paths: &[String], conv1x1: bool) -> AdaptableWeight {
         let rows = l.n / paths.len();
         let parts = paths.iter().enumerate().map(|(i, p)| (p.clone(), i * rows, rows)).collect();
         AdaptableWeight { tensor: l.w.clone(), k: l.k, conv1x1, parts }

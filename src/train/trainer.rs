@@ -284,7 +284,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
     let mut plans: HashMap<(usize, usize), StepPlans> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
     let te_optimizer = te_lora.as_ref().map(|t| t.optimizer_step(gpu)).transpose()?;
-    let mut validator = Validator::new(gpu, &sd, &sched, &lora, a)?;
+    let mut validator = Validator::new(gpu, &sd, &sched, &lora, te_lora.as_ref(), a)?;
     let mut log = open_log(&a.output.join("log.csv"), step == 0)?;
     let mut history = read_log(&a.output.join("log.csv"));
     let mut smooth = history.last().map(|h| h.1).unwrap_or(f64::NAN);
@@ -305,7 +305,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         && (step == 0 || !v.path(step).exists())
         && step < total
     {
-        validate(gpu, &sd, &sched, &lora, v, step, total, &mut bar)?;
+        validate(gpu, &sd, &sched, &lora, te_lora.as_ref(), v, step, total, &mut bar)?;
         bar.restart();
     }
     let t_start = Instant::now();
@@ -432,7 +432,7 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
             && v.due(step, total)
             && !interrupted
         {
-            validate(gpu, &sd, &sched, &lora, v, step, total, &mut bar)?;
+            validate(gpu, &sd, &sched, &lora, te_lora.as_ref(), v, step, total, &mut bar)?;
             bar.set_note(&format!("loss {smooth:.4}"));
         }
         if interrupted && step < total {
@@ -462,10 +462,10 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
 /// Draws the validation grid of `step`, showing "validation" on the progress bar, and names
 /// the file written.
 #[allow(clippy::too_many_arguments)]
-fn validate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, v: &mut Validator, step: usize, total: usize, bar: &mut Progress) -> Result<()> {
+fn validate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, te_lora: Option<&LoraParams>, v: &mut Validator, step: usize, total: usize, bar: &mut Progress) -> Result<()> {
     bar.set_note("validation");
     bar.update(step, total);
-    let path = v.run(gpu, sd, sched, lora, step, &mut |done, all| {
+    let path = v.run(gpu, sd, sched, lora, te_lora, step, &mut |done, all| {
         bar.set_note(&format!("validation {done}/{all}"));
         bar.update(step, total);
     })?;
@@ -487,11 +487,6 @@ fn check_args(a: &TrainArgs) -> Result<()> {
     }
     if a.text_encoder_lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
         return bad("--text-encoder-lr must be positive".into());
-    }
-    if a.train_text_encoder && !a.validation.prompts.is_empty() {
-        // The validation merge covers the UNet's adapters only: the grids would not show
-        // the text encoder's.
-        return bad("--validation-prompt does not work with --train-text-encoder yet: draw samples from the checkpoints' LoRA files with `atelier sample --lora` instead".into());
     }
     if a.text_encoder_lr.is_some() && !a.train_text_encoder {
         return bad("--text-encoder-lr is for --train-text-encoder; add that flag (or leave the rate out)".into());

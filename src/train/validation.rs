@@ -6,8 +6,9 @@
 //! seed, carrying A1111's `parameters` text of its first cell (as A1111's grids do) plus the
 //! training step and the grid's shape.
 //!
-//! **The model with the adapters.** The adapters are merged into the frozen UNet weights for
-//! the duration of the grid, then the weights are put back bit for bit. The merge is the one
+//! **The model with the adapters.** The adapters are merged into the frozen UNet weights (and,
+//! with `--train-text-encoder`, the text encoder's adapters into its weights) for the duration
+//! of the grid, then the weights are put back bit for bit. The merge is the one
 //! `atelier sample --lora` makes from the LoRA file this run writes: A and B rounded as the file
 //! stores them (f16; for a diffusers file B times alpha/r first), W + alpha/r · B·A formed in
 //! f32 from the model file's own values (re-read from the memory-mapped file, so an f32
@@ -123,6 +124,8 @@ pub fn check(v: &ValidationArgs) -> Result<()> {
 /// One targeted weight: where it lives on the GPU and the adapters of its parts.
 struct Target {
     weight: AdaptableWeight,
+    /// The model file's prefix of its key: `unet` or `text_encoder`.
+    prefix: &'static str,
     /// The bits loaded for training, read back at the first merge.
     original: Option<Vec<u16>>,
 }
@@ -155,7 +158,7 @@ impl Validator {
     /// The validator of run `a` (its `validation` options), or `None` without validation
     /// prompts. Checks the settings against the model (sampler, size, prompts) and that the
     /// grid folder can be written.
-    pub fn new(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, a: &TrainArgs) -> Result<Option<Validator>> {
+    pub fn new(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, te_lora: Option<&LoraParams>, a: &TrainArgs) -> Result<Option<Validator>> {
         let v = &a.validation;
         check(v)?;
         if v.prompts.is_empty() {
@@ -188,19 +191,24 @@ impl Validator {
         }
         images::check_writable_dir(&val.dir)?;
 
-        // The weights the adapters change, each adapter matched to one part of one weight.
-        let names: HashSet<&str> = lora.layers.iter().map(|l| l.spec.name.as_str()).collect();
-        let weights = sd.unet.adaptable_weights();
-        for l in &lora.layers {
-            if !weights.iter().any(|w| w.parts.iter().any(|(p, _, rows)| *p == l.spec.name && *rows == l.spec.n && w.k == l.spec.k)) {
-                return Err(Error::shape("validation", format!("adapter {} ([{}, {}]) matches no weight of the UNet", l.spec.name, l.spec.n, l.spec.k)));
+        // The weights the adapters change, each adapter matched to one part of one weight: the
+        // UNet's, and the text encoder's when it trains too.
+        let sets = [(Some(lora), sd.unet.adaptable_weights(), "unet", "UNet"), (te_lora, sd.clip.adaptable_weights(), "text_encoder", "text encoder")];
+        for (set, weights, prefix, what) in sets {
+            let Some(set) = set else { continue };
+            let names: HashSet<&str> = set.layers.iter().map(|l| l.spec.name.as_str()).collect();
+            for l in &set.layers {
+                if !weights.iter().any(|w| w.parts.iter().any(|(p, _, rows)| *p == l.spec.name && *rows == l.spec.n && w.k == l.spec.k)) {
+                    return Err(Error::shape("validation", format!("adapter {} ([{}, {}]) matches no weight of the {what}", l.spec.name, l.spec.n, l.spec.k)));
+                }
             }
+            val.targets.extend(
+                weights
+                    .into_iter()
+                    .filter(|w| w.parts.iter().any(|(p, _, _)| names.contains(p.as_str())))
+                    .map(|weight| Target { weight, prefix, original: None }),
+            );
         }
-        val.targets = weights
-            .into_iter()
-            .filter(|w| w.parts.iter().any(|(p, _, _)| names.contains(p.as_str())))
-            .map(|weight| Target { weight, original: None })
-            .collect();
         // A1111's model hash of a single-file checkpoint, computed while training starts.
         if model.is_file() {
             let p = model.to_path_buf();
@@ -244,9 +252,10 @@ impl Validator {
 
     /// Draws and writes the grid of `step` with the adapters' current values; `on_call` hears
     /// of every UNet call (done, all) of the grid. Returns the grid's path.
-    pub fn run(&mut self, gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, step: usize, on_call: &mut OnStep) -> Result<PathBuf> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(&mut self, gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, lora: &LoraParams, te_lora: Option<&LoraParams>, step: usize, on_call: &mut OnStep) -> Result<PathBuf> {
         let merged = step > 0;
-        if merged && let Err(e) = self.merge(gpu, sd, lora, step) {
+        if merged && let Err(e) = self.merge(gpu, sd, lora, te_lora, step) {
             self.restore(gpu)?;
             return Err(e);
         }
@@ -286,9 +295,11 @@ impl Validator {
     }
 
     /// Writes W + alpha/r · B·A into every targeted weight (see the module notes).
-    fn merge(&mut self, gpu: &Gpu, sd: &StableDiffusion, lora: &LoraParams, step: usize) -> Result<()> {
-        let flat = lora.params.to_f32(gpu)?;
-        let adapters = export::adapters(lora, &flat, &sd.unet.cfg)?;
+    fn merge(&mut self, gpu: &Gpu, sd: &StableDiffusion, lora: &LoraParams, te_lora: Option<&LoraParams>, step: usize) -> Result<()> {
+        let mut adapters = Vec::new();
+        for set in std::iter::once(lora).chain(te_lora) {
+            adapters.extend(export::adapters(set, &set.params.to_f32(gpu)?, &sd.unet.cfg)?);
+        }
         let by_name: HashMap<&str, &Adapter> = adapters.iter().map(|a| (a.name.as_str(), a)).collect();
         for t in &mut self.targets {
             if t.original.is_none() {
@@ -303,7 +314,7 @@ impl Validator {
                     bits.extend_from_slice(&original[row0 * k..(row0 + rows) * k]);
                     continue;
                 };
-                let key = format!("unet.{name}.weight");
+                let key = format!("{}.{name}.weight", t.prefix);
                 if !self.weights.contains(&key) {
                     return Err(Error::model(self.weights.path(), format!("validation: the model file no longer holds {key}")));
                 }
