@@ -32,6 +32,8 @@ pub struct TrainBench {
     pub width: usize,
     pub rank: usize,
     pub alpha: f32,
+    /// The adapters' input dropout (0: none).
+    pub dropout: f32,
     pub targets: LoraTargets,
     /// Recompute the transformers' forwards at the backward.
     pub recompute: bool,
@@ -72,7 +74,7 @@ pub fn run(gpu: &Gpu, model: &Path, o: &TrainBench) -> Result<()> {
         None => Default::default(),
     };
 
-    let specs = cfg.lora_specs(o.targets, o.rank, o.alpha, 0.0);
+    let specs = cfg.lora_specs(o.targets, o.rank, o.alpha, o.dropout);
     let lora = LoraParams::new(gpu, &specs, 0)?;
     let mut flat = lora.params.to_f32(gpu)?;
     let mut given = 0;
@@ -87,7 +89,15 @@ pub fn run(gpu: &Gpu, model: &Path, o: &TrainBench) -> Result<()> {
         }
     }
     lora.write_params(gpu, &flat)?;
-    println!("{} adapters, rank {}, alpha {} ({} with given values); {:.2} MiB of parameters + gradients + AdamW state", specs.len(), o.rank, o.alpha, given, mib(lora.bytes()));
+    println!(
+        "{} adapters, rank {}, alpha {}, dropout {} ({} with given values); {:.2} MiB of parameters + gradients + AdamW state",
+        specs.len(),
+        o.rank,
+        o.alpha,
+        o.dropout,
+        given,
+        mib(lora.bytes())
+    );
 
     let mut rng = Rng::new(0);
     let nchw = [b, lat_c, lh, lw];

@@ -101,6 +101,9 @@ atelier train --model sd15/ --data portraits/ --output runs/p --steps 2000 --res
         /// LoRA alpha (with --train): the adapters' scale is alpha / rank.
         #[arg(long, default_value_t = 16.0)]
         alpha: f32,
+        /// Dropout on the adapters' input (with --train; 0: none).
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f32,
         /// Which modules get adapters (with --train): attention (to_q, to_k, to_v, to_out.0
         /// of every attention) or transformer (also proj_in, proj_out and the feed-forward,
         /// kohya's default).
@@ -336,9 +339,9 @@ fn main() -> ExitCode {
         Command::Info => info(&opts),
         Command::Sample(s) => sample(&opts, *s),
         Command::Train(t) => train(&opts, *t),
-        Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, targets, recompute, .. } => {
+        Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, dropout, targets, recompute, .. } => {
             targets.parse().and_then(|targets| {
-                let o = TrainBench { batch, height, width, rank, alpha, targets, recompute, repeat, inputs, output, profile };
+                let o = TrainBench { batch, height, width, rank, alpha, dropout, targets, recompute, repeat, inputs, output, profile };
                 bench_train(&opts, &model, o)
             })
         }
