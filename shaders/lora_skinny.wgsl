@@ -52,6 +52,14 @@
 //   wreduce     G[off_out + i] += alpha · Σ_s partials[s·N·r + i] for i < N·r: 64 outputs a
 //               workgroup, 4 lanes each summing every 4th split in order, the four sums
 //               then added in lane order. Deterministic (fixed order, no atomics).
+//   narrow_masked, widen_masked, wgrad_masked: stacked adapters with input dropout, each
+//               member's own mask (the hash of lora.wgsl's dropout: element i = row·K + col of
+//               the dense input x, the step seed from `hyper`, member g's stream drop_salt +
+//               g), applied where x (or the input gradient) meets the member's columns, so
+//               the masked copies of x are never stored: narrow_masked is narrow with W_T (h
+//               [M, G·r] = [xd_0·A_0ᵀ, xd_1·A_1ᵀ, ..], A's stacked [G·r, K]); wgrad_masked is
+//               wgrad with OUT_T (dA [G·r, K] += dhᵀ·xd_g per member's rows); widen_masked is
+//               widen without W_T (dx [M, N] += Σ_g mask_g·scale·(dh_g·A_g)). x, dx dense.
 // Saves nothing for backward.
 
 struct Params {
@@ -67,6 +75,13 @@ struct Params {
     splits: u32,         // wreduce
     numel_out: u32,      // N·r
     members: u32,        // stacked adapters (0 or 1: one)
+    // *_masked entries: member g's dropout stream is drop_salt + g, an element dropped when
+    // (hash >> 8) < drop_threshold, kept ones times drop_scale = 1 / (1 - p); drop_rank: a
+    // member's rank (a multiple of 4, so each vec4 group of the rank is one member's).
+    drop_salt: u32,
+    drop_threshold: u32,
+    drop_scale: f32,
+    drop_rank: u32,
 }
 
 const W_T: u32 = 1u;
@@ -86,6 +101,54 @@ override RV: u32 = 1u;
 @group(0) @binding(2) var<storage, read_write> dst: array<u32>;
 // narrow, widen: W; wgrad: H (wreduce: none).
 @group(0) @binding(3) var<storage, read> wb: array<vec4<u32>>;
+// *_masked: the step's words (lora.wgsl's `hyper`; 0, 1: the dropout seed).
+@group(0) @binding(4) var<storage, read> hyper: array<u32>;
+
+// lora.wgsl's dropout hash (kept identical: the masked kernels regenerate its masks; mirrored
+// on the CPU by kernels::lora::dropout_keep).
+fn mix32(x: u32) -> u32 {
+    var h = x;
+    h ^= h >> 16u;
+    h *= 0x7feb352du;
+    h ^= h >> 15u;
+    h *= 0x846ca68bu;
+    h ^= h >> 16u;
+    return h;
+}
+fn stream_key(seed_lo: u32, seed_hi: u32, salt: u32) -> u32 {
+    return mix32(seed_lo ^ mix32(seed_hi ^ mix32(salt)));
+}
+fn keep_hash(i: u32, key: u32) -> u32 {
+    return mix32(mix32(i ^ key) + key);
+}
+
+// The stream keys of members 0..3 this step (the *_masked entries).
+fn member_keys() -> vec4<u32> {
+    let s = p.drop_salt;
+    return vec4<u32>(stream_key(hyper[0], hyper[1], s), stream_key(hyper[0], hyper[1], s + 1u),
+                     stream_key(hyper[0], hyper[1], s + 2u), stream_key(hyper[0], hyper[1], s + 3u));
+}
+
+// The key of the member that owns vec4 group v of the rank (masked), for a select chain.
+fn group_key(keys: vec4<u32>, v: u32) -> u32 {
+    let g = 4u * v / max(p.drop_rank, 1u);
+    return select(select(select(keys.x, keys.y, g == 1u), keys.z, g == 2u), keys.w, g == 3u);
+}
+
+// x · drop_scale where element i of the stream `key` is kept, else 0 (select: 0, not 0·x).
+fn mask4(x: vec4<f32>, i: vec4<u32>, key: u32) -> vec4<f32> {
+    let h = vec4<u32>(keep_hash(i.x, key), keep_hash(i.y, key), keep_hash(i.z, key), keep_hash(i.w, key));
+    return select(vec4<f32>(0.0), x * p.drop_scale, (h >> vec4<u32>(8u)) >= vec4<u32>(p.drop_threshold));
+}
+
+// An octet of x (elements i0 .. i0 + 8) as vec4 group v's member sees it: unchanged without
+// masks.
+fn group_octet(o: array<vec4<f32>, 2>, masked: bool, keys: vec4<u32>, v: u32, i0: u32) -> array<vec4<f32>, 2> {
+    if (!masked) { return o; }
+    let key = group_key(keys, v);
+    let i = vec4<u32>(i0, i0 + 1u, i0 + 2u, i0 + 3u);
+    return array<vec4<f32>, 2>(mask4(o[0], i, key), mask4(o[1], i + vec4<u32>(4u), key));
+}
 
 // Narrow: lanes of a row group, rows a workgroup, K chunk; wgrad: rows of H per staging;
 // widen: rows an invocation.
@@ -189,6 +252,16 @@ fn a_octet(live: bool, base: u32, k: u32, kk: u32) -> array<vec4<f32>, 2> {
 @compute @workgroup_size(256)
 fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32) {
+    narrow_body(wg, nwg, lid, false, vec4<u32>());
+}
+
+@compute @workgroup_size(256)
+fn narrow_masked(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    narrow_body(wg, nwg, lid, true, member_keys());
+}
+
+fn narrow_body(wg: vec3<u32>, nwg: vec3<u32>, lid: u32, masked: bool, keys: vec4<u32>) {
     let blk = wg.y * nwg.x + wg.x;
     let lane = lid % NL;
     let grp = lid / NL;
@@ -242,11 +315,28 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
         workgroupBarrier();
         let g = lane * 32u;
-        a0 += dot8(xa8[0], xa8[1], g);
-        b0 += dot8(xb8[0], xb8[1], g);
-        if (RV > 1u) { a1 += dot8(xa8[0], xa8[1], g + 1u); b1 += dot8(xb8[0], xb8[1], g + 1u); }
-        if (RV > 2u) { a2 += dot8(xa8[0], xa8[1], g + 2u); b2 += dot8(xb8[0], xb8[1], g + 2u); }
-        if (RV > 3u) { a3 += dot8(xa8[0], xa8[1], g + 3u); b3 += dot8(xb8[0], xb8[1], g + 3u); }
+        // Masked: element (row, k) of the dense x is row·K + k.
+        let ia = row_a * kk + k;
+        let ib = ia + kk;
+        let xa = group_octet(xa8, masked, keys, 0u, ia);
+        let xb = group_octet(xb8, masked, keys, 0u, ib);
+        a0 += dot8(xa[0], xa[1], g);
+        b0 += dot8(xb[0], xb[1], g);
+        if (RV > 1u) {
+            let xa = group_octet(xa8, masked, keys, 1u, ia);
+            let xb = group_octet(xb8, masked, keys, 1u, ib);
+            a1 += dot8(xa[0], xa[1], g + 1u); b1 += dot8(xb[0], xb[1], g + 1u);
+        }
+        if (RV > 2u) {
+            let xa = group_octet(xa8, masked, keys, 2u, ia);
+            let xb = group_octet(xb8, masked, keys, 2u, ib);
+            a2 += dot8(xa[0], xa[1], g + 2u); b2 += dot8(xb[0], xb[1], g + 2u);
+        }
+        if (RV > 3u) {
+            let xa = group_octet(xa8, masked, keys, 3u, ia);
+            let xb = group_octet(xb8, masked, keys, 3u, ib);
+            a3 += dot8(xa[0], xa[1], g + 3u); b3 += dot8(xb[0], xb[1], g + 3u);
+        }
     }
     // Sum the 32 lanes' partials of each (row, j) in lane order, one row of the pair at a
     // time, into outv [NR][16].
@@ -304,6 +394,23 @@ fn narrow(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 // n + 1) of WROWS consecutive rows an invocation, W's 2·r values held in registers.
 @compute @workgroup_size(256)
 fn widen(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    widen_body(wg, lid, false, vec4<u32>());
+}
+
+@compute @workgroup_size(256)
+fn widen_masked(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    widen_body(wg, lid, true, member_keys());
+}
+
+// Masked: vec4 group v's share of the pair (columns n, n + 1 of row `row`) under its member's
+// mask; unchanged without masks.
+fn group_pair(s: vec2<f32>, masked: bool, keys: vec4<u32>, v: u32, i: u32) -> vec2<f32> {
+    if (!masked) { return s; }
+    let m = mask4(vec4<f32>(s, 0.0, 0.0), vec4<u32>(i, i + 1u, i, i), group_key(keys, v));
+    return m.xy;
+}
+
+fn widen_body(wg: vec3<u32>, lid: u32, masked: bool, keys: vec4<u32>) {
     let nn = p.k;
     let r = p.r;
     let n = (wg.x * 64u + lid % 64u) * 2u;
@@ -328,11 +435,13 @@ fn widen(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     let hoff = (n / (nn / gm)) * r;
     for (var row = row0; row < end; row++) {
         let e = row * r * gm + hoff;
+        // Masked (Y dense): element (row, n) of dx is row·N + n.
+        let im = row * nn + n;
         let h0 = hrow4(e, 0u);
-        var s = vec2<f32>(dot(h0, p0), dot(h0, q0));
-        if (RV > 1u) { let h = hrow4(e, 4u); s += vec2<f32>(dot(h, p1), dot(h, q1)); }
-        if (RV > 2u) { let h = hrow4(e, 8u); s += vec2<f32>(dot(h, p2), dot(h, q2)); }
-        if (RV > 3u) { let h = hrow4(e, 12u); s += vec2<f32>(dot(h, p3), dot(h, q3)); }
+        var s = group_pair(vec2<f32>(dot(h0, p0), dot(h0, q0)), masked, keys, 0u, im);
+        if (RV > 1u) { let h = hrow4(e, 4u); s += group_pair(vec2<f32>(dot(h, p1), dot(h, q1)), masked, keys, 1u, im); }
+        if (RV > 2u) { let h = hrow4(e, 8u); s += group_pair(vec2<f32>(dot(h, p2), dot(h, q2)), masked, keys, 2u, im); }
+        if (RV > 3u) { let h = hrow4(e, 12u); s += group_pair(vec2<f32>(dot(h, p3), dot(h, q3)), masked, keys, 3u, im); }
         let o = p.off_out + row * p.lda + n;
         var y = p.alpha * s;
         if (acc) { y += unpack2x16float(dst[o / 2u]); }
@@ -342,6 +451,22 @@ fn widen(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
 
 @compute @workgroup_size(64)
 fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    wgrad_body(wg, lid, false, vec4<u32>());
+}
+
+@compute @workgroup_size(64)
+fn wgrad_masked(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    wgrad_body(wg, lid, true, member_keys());
+}
+
+// Masked: four rows' values of one column of the dense X (first element i, rows N apart)
+// under vec4 group v's member's mask; unchanged without masks.
+fn group_col(x: vec4<f32>, masked: bool, keys: vec4<u32>, v: u32, i: u32, nn: u32) -> vec4<f32> {
+    if (!masked) { return x; }
+    return mask4(x, vec4<u32>(i, i + nn, i + 2u * nn, i + 3u * nn), group_key(keys, v));
+}
+
+fn wgrad_body(wg: vec3<u32>, lid: u32, masked: bool, keys: vec4<u32>) {
     let nn = p.k;
     let r = p.r;
     let n = (wg.x * 64u + lid) * 2u;
@@ -387,11 +512,22 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
                 let xa4 = vec4<f32>(x0.x, x1.x, x2.x, x3.x);
                 let xb4 = vec4<f32>(x0.y, x1.y, x2.y, x3.y);
                 let s = i0 * 4u + gs;
-                a0 += dot4(xa4, s);
-                b0 += dot4(xb4, s);
-                if (RV > 1u) { a1 += dot4(xa4, s + 1u); b1 += dot4(xb4, s + 1u); }
-                if (RV > 2u) { a2 += dot4(xa4, s + 2u); b2 += dot4(xb4, s + 2u); }
-                if (RV > 3u) { a3 += dot4(xa4, s + 3u); b3 += dot4(xb4, s + 3u); }
+                // Masked (X dense): element (row, n) of x is row·N + n.
+                let ix = (c0 + i0) * nn + n;
+                a0 += dot4(group_col(xa4, masked, keys, 0u, ix, nn), s);
+                b0 += dot4(group_col(xb4, masked, keys, 0u, ix + 1u, nn), s);
+                if (RV > 1u) {
+                    a1 += dot4(group_col(xa4, masked, keys, 1u, ix, nn), s + 1u);
+                    b1 += dot4(group_col(xb4, masked, keys, 1u, ix + 1u, nn), s + 1u);
+                }
+                if (RV > 2u) {
+                    a2 += dot4(group_col(xa4, masked, keys, 2u, ix, nn), s + 2u);
+                    b2 += dot4(group_col(xb4, masked, keys, 2u, ix + 1u, nn), s + 2u);
+                }
+                if (RV > 3u) {
+                    a3 += dot4(group_col(xa4, masked, keys, 3u, ix, nn), s + 3u);
+                    b3 += dot4(group_col(xb4, masked, keys, 3u, ix + 1u, nn), s + 3u);
+                }
             }
         }
     }

@@ -14,7 +14,8 @@
 //!   (a `=` instead of `+=` fails); the saved intermediates are poisoned with NaN.
 //! - Stacked adapters (`LoraStack`, the q/k/v of one fused product run as one): the same
 //!   products and roundings as one layer, so the same bounds, member by member; dx sums the
-//!   members' input gradients (one f16 rounding of the sum instead of one per member).
+//!   members' input gradients (one f16 rounding of the sum instead of one per member). With
+//!   dropout the stacked kernels mask x inside (no f16 copy of xd): the bounds without dropout.
 //! - Finite differences (CPU, f64): the LoRA output is linear in each of A, B and x, so
 //!   central differences are exact up to rounding: bound 1e-8 absolute.
 
@@ -220,11 +221,12 @@ fn sd_shape_attention_projection() {
 
 /// `members` adapters of k -> n at rank r on one fused product of width members·n (columns 2
 /// .. of rows of members·n + 6, the rest untouched), stacked, against the reference member
-/// by member: y per segment, dA and dB per member, dx the members' sum.
-fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize) {
+/// by member: y per segment, dA and dB per member, dx the members' sum; with `dropout`, each
+/// member under its own mask (the masked kernels of `kernels::lora_skinny`).
+fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize, dropout: f32) {
     let g = gpu();
-    let specs: Vec<_> = (0..members).map(|i| spec(&format!("p{i}"), k, n, r, 2.0 * r as f32, 0.0)).collect();
-    let seed = seed(&format!("lora stack {members}x {m}x{k}->{n} r{r}"));
+    let specs: Vec<_> = (0..members).map(|i| spec(&format!("p{i}"), k, n, r, 2.0 * r as f32, dropout)).collect();
+    let seed = seed(&format!("lora stack {members}x {m}x{k}->{n} r{r} p{dropout}"));
     let lp = LoraParams::new(g, &specs, seed).unwrap();
     let stack = LoraStack::new(lp.layers.iter().collect()).expect("equal adapters laid out back to back stack");
     let (wn, off) = (members * n, 2);
@@ -239,6 +241,8 @@ fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize) {
         parts.push((round_f16(&a), round_f16(&b)));
     }
     lp.write_params(g, &flat).unwrap();
+    let dropout_seed = seed ^ 99;
+    lp.set_step(g, &AdamW::default(), 1, dropout_seed);
     let x = round_f16(&random(m * k, seed ^ 1));
     let yw = round_f16(&scaled(&random(m * ld, seed ^ 2), 0.05));
     let dyw = round_f16(&random(m * ld, seed ^ 3));
@@ -254,7 +258,12 @@ fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize) {
     stack.backward(&mut pb, saved, Operand::slice(&tdy, off, ld), Some(&tdx), grad_scale).unwrap();
     pb.finish().run(g).unwrap();
     let (y, grads, dx) = (ty.to_f32(g).unwrap(), lp.grads.to_f32(g).unwrap(), tdx.to_f32(g).unwrap());
-    let keep = vec![1.0; m * k];
+    let thr = dropout_threshold(dropout);
+    let keep = |salt: u32| -> Vec<f64> {
+        (0..m * k)
+            .map(|i| if dropout == 0.0 { 1.0 } else if dropout_keep(dropout_seed, salt, i as u32, thr) { 1.0 / (1.0 - dropout as f64) } else { 0.0 })
+            .collect()
+    };
     let mut want_dx: Vec<f64> = f64s(&dx0);
     let check = |what: String, out: &[f32], want: &[f64], bound: f64| {
         let (e, mx) = (rel_l2(out, want), max_rel(out, want));
@@ -265,7 +274,7 @@ fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize) {
     for (i, (l, (a, b))) in lp.layers.iter().zip(&parts).enumerate() {
         let col = |w: &[f32], j: usize, c: usize| w[j * ld + off + i * n + c];
         let dy: Vec<f32> = (0..m).flat_map(|j| (0..n).map(move |c| (j, c))).map(|(j, c)| col(&dyw, j, c)).collect();
-        let rf = reference(&f64s(&x), &f64s(a), &f64s(b), &f64s(&dy), &keep, m, k, n, r, l.scale as f64);
+        let rf = reference(&f64s(&x), &f64s(a), &f64s(b), &f64s(&dy), &keep(l.salt), m, k, n, r, l.scale as f64);
         let yi: Vec<f32> = (0..m).flat_map(|j| (0..n).map(move |c| (j, c))).map(|(j, c)| col(&y, j, c)).collect();
         let want_y: Vec<f64> = (0..m * n).map(|e| col(&yw, e / n, e % n) as f64 + rf.y[e]).collect();
         check(format!("stack {members}: member {i} y"), &yi, &want_y, 1.5e-3);
@@ -284,11 +293,16 @@ fn check_stack(members: usize, m: usize, k: usize, n: usize, r: usize) {
 
 #[test]
 fn stacked_adapters_match_the_reference() {
-    // Self-attention q, k, v (3 members) and cross-attention k, v (2), small and SD-sized.
-    check_stack(3, 5, 64, 32, 4);
-    check_stack(2, 77, 96, 64, 8);
-    check_stack(3, 4096, 320, 320, 4);
-    check_stack(2, 77, 768, 320, 4);
+    // Self-attention q, k, v (3 members) and cross-attention k, v (2), small and SD-sized;
+    // with dropout (each member its own mask), one or many row splits of the dA sums.
+    check_stack(3, 5, 64, 32, 4, 0.0);
+    check_stack(2, 77, 96, 64, 8, 0.0);
+    check_stack(3, 4096, 320, 320, 4, 0.0);
+    check_stack(2, 77, 768, 320, 4, 0.0);
+    check_stack(3, 5, 64, 32, 4, 0.1);
+    check_stack(2, 77, 96, 64, 8, 0.25);
+    check_stack(3, 4096, 320, 320, 4, 0.1);
+    check_stack(4, 300, 64, 32, 4, 0.1);
 }
 
 #[test]
@@ -308,9 +322,14 @@ fn stacks_form_only_where_exact() {
     }
     assert!(LoraStack::new(lp.layers[..3].iter().collect()).is_some());
     assert!(LoraStack::new(lp.layers[1..3].iter().collect()).is_some());
-    // Dropout (a mask per member), a different alpha, a rank too large stacked, one member.
+    // Equal dropout at a rank that is a multiple of 4 stacks (a mask per member in the
+    // kernels); unequal dropout, or dropout at rank 2, does not. A different alpha, a rank too
+    // large stacked, one member: neither.
     let with = |f: &dyn Fn(usize) -> LoraSpec| (0..3).map(f).collect::<Vec<_>>();
-    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 4, 16.0, 0.1))).1);
+    assert!(layers(&with(&|i| spec(&i.to_string(), 320, 320, 4, 16.0, 0.1))).1);
+    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 4, 16.0, if i == 2 { 0.1 } else { 0.0 }))).1);
+    assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 2, 16.0, 0.1))).1);
+    assert!(layers(&with(&|i| spec(&i.to_string(), 320, 320, 2, 16.0, 0.0))).1);
     assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 4, if i == 1 { 8.0 } else { 16.0 }, 0.0))).1);
     assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 8, 16.0, 0.0))).1);
     assert!(!layers(&with(&|i| spec(&i.to_string(), 320, 320, 5, 5.0, 0.0))).1);

@@ -112,7 +112,7 @@ fn uniform_structs_match_wgsl() {
     let lo = rust_layout!(LoraKernelParams { numel, salt, threshold, scale, parts, _pad0, _pad1, _pad2 });
     assert_eq!(wgsl_struct(Shader::Lora, "Params"), lo);
     use atelier::kernels::lora_skinny::SkinnyParams;
-    let ls = rust_layout!(SkinnyParams { rows, k, r, flags, lda, off_a, off_out, alpha, rows_per_split, splits, numel_out, members });
+    let ls = rust_layout!(SkinnyParams { rows, k, r, flags, lda, off_a, off_out, alpha, rows_per_split, splits, numel_out, members, drop_salt, drop_threshold, drop_scale, drop_rank });
     assert_eq!(wgsl_struct(Shader::LoraSkinny, "Params"), ls);
     use atelier::kernels::grad_ops::GradOpsParams;
     let go = rust_layout!(GradOpsParams { n, c1, c2, op, h, w, oh, ow, alpha, flags, _pad0, _pad1 });

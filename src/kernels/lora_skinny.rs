@@ -15,7 +15,9 @@
 //! dA gradient of rank members·r); their outputs are equal column segments of the product,
 //! so [`narrow_stacked`], [`widen_stacked`] and [`WeightGrad::members`] pair segment g with
 //! member g's r columns of H and its B (the members' B's stacked [N, r]): one launch for the
-//! group where each adapter had its own.
+//! group where each adapter had its own. With input dropout, [`narrow_masked`],
+//! [`widen_masked`] and [`WeightGrad::masked`] apply each member's mask ([`Mask`]) where x is
+//! read (h, dA) or dx written, so stacks form with dropout too and no masked x is stored.
 //!
 //! Flops: 2·M·K·r (narrow), 2·M·N·r (widen, weight gradient; the reduce counts none). Bytes: every
 //! operand once, plus the partials written and read.
@@ -62,6 +64,46 @@ pub struct SkinnyParams {
     pub numel_out: u32,
     /// Stacked adapters (0 or 1: one).
     pub members: u32,
+    /// The masked entries' dropout: member 0's stream (member g's is drop_salt + g), the
+    /// drop threshold, 1 / (1 - p), and one member's rank.
+    pub drop_salt: u32,
+    pub drop_threshold: u32,
+    pub drop_scale: f32,
+    pub drop_rank: u32,
+}
+
+/// Input dropout of stacked adapters (the `*_masked` entries): member g's mask is the one
+/// `kernels::lora::dropout` draws for the layer with salt `salt + g` from the step seed in
+/// `hyper`, so a stack computes what its members compute one by one, without storing the
+/// masked inputs. Each member's `rank` must be a multiple of 4.
+#[derive(Clone, Debug)]
+pub struct Mask {
+    pub hyper: Tensor,
+    pub salt: u32,
+    pub p: f32,
+    pub rank: usize,
+}
+
+impl Mask {
+    /// The params' dropout fields, after checking `total` = members·rank and the input `x`
+    /// dense ([rows, cols] from element 0: the mask indexes its elements row·cols + col).
+    fn apply(&self, op: &str, params: &mut SkinnyParams, total: usize, x: &Operand, cols: usize) -> Result<()> {
+        let members = total / self.rank.max(1);
+        if !self.rank.is_multiple_of(4) || members * self.rank != total || !(1..=4).contains(&members) {
+            return Err(Error::shape(op, format!("masked: {total} columns of members of rank {}: need a rank that is a multiple of 4 and 1..=4 members", self.rank)));
+        }
+        if x.offset != 0 || x.ld != cols {
+            return Err(Error::shape(op, format!("masked: the input must be dense [rows, {cols}] (offset {}, row stride {})", x.offset, x.ld)));
+        }
+        if !(0.0..1.0).contains(&self.p) || self.hyper.numel() < crate::kernels::lora::HYPER_WORDS {
+            return Err(Error::shape(op, format!("masked: dropout {} must be in [0, 1), hyper {:?} the step's words", self.p, self.hyper.shape)));
+        }
+        params.drop_salt = self.salt;
+        params.drop_threshold = crate::kernels::lora::dropout_threshold(self.p);
+        params.drop_scale = (1.0 / (1.0 - self.p as f64)) as f32;
+        params.drop_rank = self.rank as u32;
+        Ok(())
+    }
 }
 
 /// The pipeline key of an entry for rank `r` (`wreduce` has one variant).
@@ -74,9 +116,9 @@ pub fn key(entry: &'static str, r: usize) -> PipelineKey {
 pub fn variants() -> Vec<PipelineKey> {
     let mut v = vec![key("wreduce", 1)];
     for r in [4, 8, 12, 16] {
-        v.push(key("narrow", r));
-        v.push(key("wgrad", r));
-        v.push(key("widen", r));
+        for e in ["narrow", "wgrad", "widen", "narrow_masked", "wgrad_masked", "widen_masked"] {
+            v.push(key(e, r));
+        }
     }
     v
 }
@@ -121,7 +163,15 @@ fn check_u32(op: &str, ts: &[&Tensor]) -> Result<()> {
 /// vector loads.
 #[allow(clippy::too_many_arguments)]
 pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usize, k: usize, r: usize, alpha: f32) -> Result<Dispatch> {
-    narrow_impl(gpu, a, w, w_rk, c, m, k, r, 1, alpha)
+    narrow_impl(gpu, a, w, w_rk, c, m, k, r, 1, alpha, None)
+}
+
+/// C [m, r] = alpha · [dropout_0(x)·W_0ᵀ, dropout_1(x)·W_1ᵀ, ..]: [`narrow`] with W stored
+/// [r, k] (the stacked members' A's, r = members · mask.rank) and x dense, each member's
+/// columns reading x under its own mask (the forward's h of stacked adapters with dropout).
+#[allow(clippy::too_many_arguments)]
+pub fn narrow_masked(gpu: &Gpu, x: &Tensor, w: &Tensor, c: &Tensor, m: usize, k: usize, r: usize, alpha: f32, mask: &Mask) -> Result<Dispatch> {
+    narrow_impl(gpu, Operand::dense(x, k), w, true, c, m, k, r, 1, alpha, Some(mask))
 }
 
 /// C [m, members·r] (dense f16) = alpha · A [m, k] · blockdiag(W_0, .. W_members-1): the
@@ -129,7 +179,7 @@ pub fn narrow(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usiz
 /// segment of A's columns (the backward's dh of stacked adapters from their columns of dy).
 #[allow(clippy::too_many_arguments)]
 pub fn narrow_stacked(gpu: &Gpu, a: Operand, w: &Tensor, c: &Tensor, m: usize, k: usize, r: usize, members: usize, alpha: f32) -> Result<Dispatch> {
-    narrow_impl(gpu, a, w, false, c, m, k, r, members, alpha)
+    narrow_impl(gpu, a, w, false, c, m, k, r, members, alpha, None)
 }
 
 /// Stacked members: at least one, r·members within the kernels' rank, k or n split evenly into
@@ -145,7 +195,7 @@ fn check_members(op: &str, r: usize, members: usize, width: usize) -> Result<()>
 }
 
 #[allow(clippy::too_many_arguments)]
-fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usize, k: usize, r: usize, members: usize, alpha: f32) -> Result<Dispatch> {
+fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usize, k: usize, r: usize, members: usize, alpha: f32, mask: Option<&Mask>) -> Result<Dispatch> {
     let op = "lora narrow product";
     check_rank(op, r)?;
     check_members(op, r, members, k)?;
@@ -168,7 +218,7 @@ fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usi
     if msplit {
         flags |= MSPLIT;
     }
-    let params = SkinnyParams {
+    let mut params = SkinnyParams {
         rows: m as u32,
         k: k as u32,
         r: r as u32,
@@ -185,6 +235,10 @@ fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usi
     if msplit {
         grid[2] = members as u32;
     }
+    if let Some(mask) = mask {
+        mask.apply(op, &mut params, r, &a, k)?;
+        return gpu.dispatch_at(&key("narrow_masked", r), &params, &[(1, a.tensor), (2, c), (3, w), (4, &mask.hyper)], grid, flops, bytes);
+    }
     gpu.dispatch(&key("narrow", if msplit { r } else { width }), &params, &[a.tensor, c, w], grid, flops, bytes)
 }
 
@@ -194,7 +248,15 @@ fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usi
 /// row stride and width (pairs are written whole).
 #[allow(clippy::too_many_arguments)]
 pub fn widen(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize, n: usize, r: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
-    widen_impl(gpu, h, w, w_nr, y, m, n, r, 1, alpha, accumulate)
+    widen_impl(gpu, h, w, w_nr, y, m, n, r, 1, alpha, accumulate, None)
+}
+
+/// Y [m, n] (=, or +=) alpha · Σ_g dropout_g(H_g · W_g): [`widen`] with W stored [r, n] (the
+/// stacked members' A's, r = members · mask.rank) and Y dense, each member's product masked
+/// with its own mask before the sum (the backward's dx of stacked adapters with dropout).
+#[allow(clippy::too_many_arguments)]
+pub fn widen_masked(gpu: &Gpu, h: &Tensor, w: &Tensor, y: &Tensor, m: usize, n: usize, r: usize, alpha: f32, accumulate: bool, mask: &Mask) -> Result<Dispatch> {
+    widen_impl(gpu, h, w, false, Operand::dense(y, n), m, n, r, 1, alpha, accumulate, Some(mask))
 }
 
 /// Y [m, n] (=, or += with `accumulate`) alpha · H_g · W_gᵀ on each of the `members` equal
@@ -202,11 +264,11 @@ pub fn widen(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize
 /// W_g [n / members, r] stacked [n, r] (the forward's y += scale·h·Bᵀ of stacked adapters).
 #[allow(clippy::too_many_arguments)]
 pub fn widen_stacked(gpu: &Gpu, h: &Tensor, w: &Tensor, y: Operand, m: usize, n: usize, r: usize, members: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
-    widen_impl(gpu, h, w, true, y, m, n, r, members, alpha, accumulate)
+    widen_impl(gpu, h, w, true, y, m, n, r, members, alpha, accumulate, None)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn widen_impl(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize, n: usize, r: usize, members: usize, alpha: f32, accumulate: bool) -> Result<Dispatch> {
+fn widen_impl(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usize, n: usize, r: usize, members: usize, alpha: f32, accumulate: bool, mask: Option<&Mask>) -> Result<Dispatch> {
     let op = "lora widen product";
     check_rank(op, r)?;
     check_members(op, r, members, n)?;
@@ -228,7 +290,7 @@ fn widen_impl(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usiz
     if accumulate {
         flags |= ACC;
     }
-    let params = SkinnyParams {
+    let mut params = SkinnyParams {
         rows: m as u32,
         k: n as u32,
         r: r as u32,
@@ -242,12 +304,16 @@ fn widen_impl(gpu: &Gpu, h: &Tensor, w: &Tensor, w_nr: bool, y: Operand, m: usiz
     let grid = [n.div_ceil(WIDEN_COLS) as u32, m.div_ceil(WIDEN_ROWS) as u32, 1];
     let flops = 2.0 * (m * n * r) as f64;
     let bytes = (2 * (m * r * members + n * r) + 2 * m * n * if accumulate { 2 } else { 1 }) as f64;
+    if let Some(mask) = mask {
+        mask.apply(op, &mut params, r, &y, n)?;
+        return gpu.dispatch_at(&key("widen_masked", r), &params, &[(1, h), (2, y.tensor), (3, w), (4, &mask.hyper)], grid, flops, bytes);
+    }
     gpu.dispatch(&key("widen", r), &params, &[h, y.tensor, w], grid, flops, bytes)
 }
 
 /// G += alpha · Σ_rows X[row, n]·H[row, j] (n < N, j < r): a LoRA parameter gradient (dB
 /// [n, r] += scale·dyᵀ·h, or with `transposed` dA [r, k] += dhᵀ·xd).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct WeightGrad {
     pub rows: usize,
     /// X's columns.
@@ -261,16 +327,24 @@ pub struct WeightGrad {
     /// Stacked adapters (default 1): X's N columns are `members` equal segments, segment g
     /// paired with H's columns [g·r, (g+1)·r) of rows of members·r (not with `transposed`).
     pub members: usize,
+    /// Stacked adapters with dropout (`transposed` only, X dense): rows [g·rank, (g+1)·rank)
+    /// of dA read X under member g's mask (dA [r, N] += dhᵀ·dropout_g(x)).
+    pub mask: Option<Mask>,
 }
 
 impl WeightGrad {
     pub fn new(rows: usize, n: usize, r: usize, alpha: f32, transposed: bool) -> Self {
-        WeightGrad { rows, n, r, alpha, transposed, force_splits: None, members: 1 }
+        WeightGrad { rows, n, r, alpha, transposed, force_splits: None, members: 1, mask: None }
     }
 
     /// The stacked members' gradient (their dB's stacked [n, r]): see [`WeightGrad::members`].
     pub fn stacked(self, members: usize) -> Self {
         WeightGrad { members, ..self }
+    }
+
+    /// The stacked members' dA with their input dropout: see [`WeightGrad::mask`].
+    pub fn masked(self, mask: Mask) -> Self {
+        WeightGrad { mask: Some(mask), ..self }
     }
 
     /// Rows one split sums: enough splits for ~512 workgroups, but at least 32 rows (and
@@ -338,9 +412,21 @@ impl WeightGrad {
         let grid = [n.div_ceil(WGRAD_COLS) as u32, splits as u32, 1];
         let flops = 2.0 * (rows * n * r) as f64;
         let read = 2 * (rows * n + rows * r * members);
+        let entry = match &self.mask {
+            Some(mask) if self.transposed && members == 1 => {
+                mask.apply(op, &mut params, r, &x, n)?;
+                "wgrad_masked"
+            }
+            Some(_) => return Err(Error::shape(op, "masked: only the [r, N] layout of one (stacked) dA")),
+            None => "wgrad",
+        };
+        let launch = |params: &SkinnyParams, out: &Tensor, bytes: usize| match &self.mask {
+            Some(mask) => gpu.dispatch_at(&key(entry, r), params, &[(1, x.tensor), (2, out), (3, h), (4, &mask.hyper)], grid, flops, bytes as f64),
+            None => gpu.dispatch(&key(entry, r), params, &[x.tensor, out, h], grid, flops, bytes as f64),
+        };
         if splits == 1 {
             params.flags = flags | DIRECT;
-            return Ok(vec![gpu.dispatch(&key("wgrad", r), &params, &[x.tensor, g, h], grid, flops, (read + 8 * nr) as f64)?]);
+            return Ok(vec![launch(&params, g, read + 8 * nr)?]);
         }
         let parts = parts.ok_or_else(|| Error::Usage(format!("{op}: {splits} row splits need a partials tensor")))?;
         if parts.dtype != DType::F32 || parts.numel() < splits * nr {
@@ -348,7 +434,7 @@ impl WeightGrad {
         }
         check_u32(op, &[parts])?;
         params.flags = flags;
-        let d1 = gpu.dispatch(&key("wgrad", r), &params, &[x.tensor, parts, h], grid, flops, (read + 4 * splits * nr) as f64)?;
+        let d1 = launch(&params, parts, read + 4 * splits * nr)?;
         let d2 = gpu.dispatch(&key("wreduce", r), &params, &[parts, g], fold(nr.div_ceil(REDUCE_OUTS)), 0.0, (4 * splits * nr + 8 * nr) as f64)?;
         Ok(vec![d1, d2])
     }

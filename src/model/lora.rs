@@ -36,13 +36,15 @@
 //!                                           layer's dy·W already)
 //! Parameter gradients accumulate; [`LoraParams::optimizer_step`] zeroes them.
 //!
-//! **Stacked** ([`LoraStack`], in `lora_stack.rs`): adapters without dropout on the projections of one fused
+//! **Stacked** ([`LoraStack`], in `lora_stack.rs`): adapters on the projections of one fused
 //! product read the same x and write neighbouring column segments of y, so their products run
 //! as one launch each (`kernels::lora_skinny`'s stacked forms), with h [M, members·r]:
 //!   h   = x·[A_0; A_1; ..]ᵀ                   (one narrow of rank members·r)
 //!   y_g += scale · h_g·B_gᵀ                   (one widen over the segments)
 //!   dB_g += scale · dy_gᵀ·h_g, dh_g = scale · dy_g·B_g   (one wgrad, one narrow)
 //!   dA += dhᵀ·x, dx += dh·[A_0; A_1; ..]      (rank members·r, as one layer)
+//! With dropout (equal p, rank a multiple of 4) the h, dA and dx launches apply each member's
+//! mask as they read x or write dx (`lora_skinny::Mask`): no xd is stored, x stays saved.
 //! At rank ≤ 16 (`kernels::lora_skinny::MAX_RANK`) the rank-wide products (h, dh, dA, dB) use
 //! the skinny kernels of `kernels::lora_skinny` (memory-bound, no K-step latency chain; dA and
 //! dB summed over row splits with a fixed-order reduce); y and dx, wide outputs with K = r,

@@ -1,7 +1,9 @@
 //! [`LoraStack`]: the LoRA adapters of one fused product that read the same input (q, k, v
 //! of a self-attention; k, v of a cross-attention) run as one launch per product instead of
 //! one per adapter. See `model::lora`'s notes for the layout that makes their A's and B's
-//! single views, and `kernels::lora_skinny` for the stacked kernels.
+//! single views, and `kernels::lora_skinny` for the stacked kernels. With input dropout the
+//! members' masks are applied inside the kernels that read x (or write dx), each member with
+//! its own stream (`kernels::lora_skinny::Mask`), so no masked copy of x is stored.
 
 use crate::error::{Error, Result};
 use crate::gpu::{PlanBuilder, Tensor};
@@ -11,9 +13,11 @@ use crate::model::lora::{check_cols, run_wgrad, LoraLayer, LoraSaved, LoraSpec};
 
 /// Adapters on the projections of one fused product that read the same input (q, k, v of a
 /// self-attention; k, v of a cross-attention), run stacked: one launch per product for the
-/// group (see the module notes). Formed only where it computes exactly what the members
-/// would one by one: no dropout (each member has its own mask), equal shapes and scales, A's
-/// and B's back to back in the flat buffers, and a stacked rank the skinny kernels take.
+/// group (see the module notes). Formed only where it computes what the members would one
+/// by one: equal shapes, scales and dropout, A's and B's back to back in the flat buffers
+/// (and dropout streams consecutive), a stacked rank the skinny kernels take, and with
+/// dropout a rank that is a multiple of 4 (each of the masked kernels' vec4 groups one
+/// member's).
 #[derive(Clone, Debug)]
 pub struct LoraStack<'a> {
     pub layers: Vec<&'a LoraLayer>,
@@ -26,15 +30,17 @@ impl<'a> LoraStack<'a> {
         let s = &first.spec;
         let g = layers.len();
         let fits = g >= 2 && s.rank * g <= sk::MAX_RANK && g * s.rank.div_ceil(4) <= 4 && s.n % 2 == 0;
+        let masks_fit = s.dropout == 0.0 || s.rank.is_multiple_of(4);
         let aligned = layers.iter().enumerate().all(|(i, l)| {
             let t = &l.spec;
-            (t.k, t.n, t.rank, t.dropout) == (s.k, s.n, s.rank, 0.0)
+            (t.k, t.n, t.rank, t.dropout) == (s.k, s.n, s.rank, s.dropout)
+                && l.salt == first.salt + i as u32
                 && l.scale == first.scale
                 && std::sync::Arc::ptr_eq(&l.a.buffer, &first.a.buffer)
                 && l.off_a == first.off_a + i * s.rank * s.k
                 && l.off_b == first.off_b + i * s.n * s.rank
         });
-        (fits && aligned).then_some(LoraStack { layers })
+        (fits && masks_fit && aligned).then_some(LoraStack { layers })
     }
 
     fn members(&self) -> usize {
@@ -43,6 +49,12 @@ impl<'a> LoraStack<'a> {
 
     fn spec(&self) -> &LoraSpec {
         &self.layers[0].spec
+    }
+
+    /// The members' input dropout, if any.
+    fn mask(&self) -> Option<sk::Mask> {
+        let (s, l0) = (self.spec(), self.layers[0]);
+        (s.dropout > 0.0).then(|| sk::Mask { hyper: l0.hyper.clone(), salt: l0.salt, p: s.dropout, rank: s.rank })
     }
 
     /// A flat view from the first member's, widened to the stack.
@@ -61,7 +73,10 @@ impl<'a> LoraStack<'a> {
         let h = pb.f16(&[rows, g * r], "lora h (stacked)")?;
         let a16 = Self::stacked(&l0.a16, [g * r, s.k]);
         let b16 = Self::stacked(&l0.b16, [g * n, r]);
-        pb.run(sk::narrow(pb.gpu, Operand::dense(x, s.k), &a16, true, &h, rows, s.k, g * r, 1.0)?)?;
+        match self.mask() {
+            Some(mask) => pb.run(sk::narrow_masked(pb.gpu, x, &a16, &h, rows, s.k, g * r, 1.0, &mask)?)?,
+            None => pb.run(sk::narrow(pb.gpu, Operand::dense(x, s.k), &a16, true, &h, rows, s.k, g * r, 1.0)?)?,
+        }
         pb.run(sk::widen_stacked(pb.gpu, &h, &b16, y, rows, g * n, r, g, l0.scale, true)?)?;
         Ok(LoraSaved { xd: x.clone(), h, xd_owned: false })
     }
@@ -86,10 +101,16 @@ impl<'a> LoraStack<'a> {
         run_wgrad(pb, &wdb, dy, &saved.h, &db)?;
         let dh = pb.f16(&[rows, g * r], "lora dh (stacked)")?;
         pb.run(sk::narrow_stacked(pb.gpu, dy, &b16, &dh, rows, g * n, r, g, l0.scale)?)?;
-        let wda = sk::WeightGrad::new(rows, k, g * r, grad_scale, true);
+        let mut wda = sk::WeightGrad::new(rows, k, g * r, grad_scale, true);
+        if let Some(mask) = self.mask() {
+            wda = wda.masked(mask);
+        }
         run_wgrad(pb, &wda, Operand::dense(&saved.xd, k), &dh, &da)?;
         if let Some(dx) = dx {
-            pb.run(sk::widen(pb.gpu, &dh, &a16, false, Operand::dense(dx, k), rows, k, g * r, 1.0, true)?)?;
+            match self.mask() {
+                Some(mask) => pb.run(sk::widen_masked(pb.gpu, &dh, &a16, dx, rows, k, g * r, 1.0, true, &mask)?)?,
+                None => pb.run(sk::widen(pb.gpu, &dh, &a16, false, Operand::dense(dx, k), rows, k, g * r, 1.0, true)?)?,
+            }
         }
         pb.free(dh);
         saved.release(pb);
