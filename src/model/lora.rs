@@ -25,7 +25,9 @@
 //! plan built once sees a new mask every step.
 //!
 //! **Forward** (`LoraLayer::forward`), x [M, k] f16, y [M, n] f16 (the frozen output):
-//!   xd = dropout(x)            f16 [M, k]  (saved; x itself when p = 0)
+//!   xd = dropout(x)            f16 [M, k]  (saved; x itself when p = 0, and when the skinny
+//!                                           kernels apply the mask as they read x: rank a
+//!                                           multiple of 4, even k, see `lora_skinny::Mask`)
 //!   h  = xd·Aᵀ                 f16 [M, r]  (saved)
 //!   y += scale · h·Bᵀ
 //! **Backward** (`LoraLayer::backward`), dy [M, n] f16:
@@ -54,7 +56,7 @@
 //! ```text
 //!   once:       lp = LoraParams::new(gpu, &specs, seed); opt = lp.optimizer_step(gpu)
 //!   forward:    frozen.forward(pb, x, y); saved[i] = lp.layers[i].forward(pb, x, Operand::dense(y, n))
-//!               (x stays alive until the backward when the layer has no dropout: xd is x)
+//!               (x stays alive until the backward when no dropout(x) is stored: xd is x)
 //!   backward:   dx = dy·W (the frozen layer's input gradient, `=`), then
 //!               lp.layers[i].backward(pb, saved[i], dy, Some(dx), 1/loss scale) (dx +=, dA/dB +=)
 //!   each step:  lp.set_step(gpu, &adamw, t, seed_t); replay the plans (several micro-batches
@@ -383,6 +385,15 @@ impl LoraLayer {
         self.spec.rank <= sk::MAX_RANK
     }
 
+    /// With dropout, the mask the skinny kernels apply as they read x and write dx (rank a
+    /// multiple of 4, even k): no dropout(x) copy and no dropout launches. Else None (the
+    /// dropout kernel makes xd, and masks dh·A).
+    fn mask(&self) -> Option<sk::Mask> {
+        let s = &self.spec;
+        (s.dropout > 0.0 && self.skinny() && s.rank.is_multiple_of(4) && s.k.is_multiple_of(2))
+            .then(|| sk::Mask { hyper: self.hyper.clone(), salt: self.salt, p: s.dropout, rank: s.rank })
+    }
+
     pub(crate) fn rows(&self, op: &str, t: &Tensor, width: usize) -> Result<usize> {
         let rows = t.numel() / width;
         if t.dtype != DType::F16 || t.numel() != rows * width || rows == 0 {
@@ -398,7 +409,8 @@ impl LoraLayer {
         let s = &self.spec;
         let rows = self.rows("lora forward", x, s.k)?;
         check_cols("lora forward", &s.name, &y, rows, s.n)?;
-        let (xd, xd_owned) = if s.dropout > 0.0 {
+        let mask = self.mask();
+        let (xd, xd_owned) = if s.dropout > 0.0 && mask.is_none() {
             let xd = pb.f16(&[rows, s.k], "lora dropout(x)")?;
             pb.run(k::dropout(pb.gpu, x, &xd, &self.hyper, self.salt, s.dropout, false)?)?;
             (xd, true)
@@ -406,7 +418,9 @@ impl LoraLayer {
             (x.clone(), false)
         };
         let h = pb.f16(&[rows, s.rank], "lora h")?;
-        if self.skinny() {
+        if let Some(mask) = &mask {
+            pb.run(sk::narrow_masked(pb.gpu, x, &self.a16, &h, rows, s.k, s.rank, 1.0, mask)?)?;
+        } else if self.skinny() {
             pb.run(sk::narrow(pb.gpu, Operand::dense(&xd, s.k), &self.a16, true, &h, rows, s.k, s.rank, 1.0)?)?;
         } else {
             let mut mm = Matmul::new(rows, s.rank, s.k);
@@ -444,7 +458,10 @@ impl LoraLayer {
             let db = sk::WeightGrad::new(rows, s.n, s.rank, self.scale * grad_scale, false);
             run_wgrad(pb, &db, dy, &saved.h, &self.db)?;
             pb.run(sk::narrow(pb.gpu, dy, &self.b16, false, &dh, rows, s.n, s.rank, self.scale)?)?;
-            let da = sk::WeightGrad::new(rows, s.k, s.rank, grad_scale, true);
+            let mut da = sk::WeightGrad::new(rows, s.k, s.rank, grad_scale, true);
+            if let Some(mask) = self.mask() {
+                da = da.masked(mask); // saved.xd is x itself
+            }
             run_wgrad(pb, &da, Operand::dense(&saved.xd, s.k), &dh, &self.da)?;
         } else {
             // dB [n, r] += scale · dyᵀ·h: A = dy stored [M, n] = [K, M'], B = h [M, r] = [K, N].
@@ -471,7 +488,9 @@ impl LoraLayer {
             let wide = self.skinny() && s.k % 2 == 0;
             let mut mm = Matmul::new(rows, s.k, s.rank);
             let dense = |t| Operand::dense(t, s.k);
-            if s.dropout > 0.0 {
+            if let Some(mask) = self.mask() {
+                pb.run(sk::widen_masked(pb.gpu, &dh, &self.a16, dx, rows, s.k, s.rank, 1.0, true, &mask)?)?;
+            } else if s.dropout > 0.0 {
                 let g = pb.f16(&[rows, s.k], "lora dh·A")?;
                 if wide {
                     pb.run(sk::widen(pb.gpu, &dh, &self.a16, false, dense(&g), rows, s.k, s.rank, 1.0, false)?)?;
