@@ -327,3 +327,42 @@ fn errors_name_the_problem() {
     let e = Dataset::scan(&DatasetOptions { prompts_file: Some(p), ..opts(&bad) }).unwrap_err().to_string();
     assert!(e.contains("p.txt") && e.contains("no prompts"), "{e}");
 }
+
+/// The prefetcher hands over exactly what `Dataset::load` gives for a center crop: images
+/// scheduled ahead (more than its lookahead), one taken before its turn, one never scheduled,
+/// one taken twice (the second time loaded anew), and an image that fails to decode (its error
+/// at its turn, the others unaffected).
+#[test]
+fn prefetched_images_equal_loaded_ones() {
+    use atelier::train::prefetch::{Prefetcher, LOOKAHEAD};
+    let t = Temp::new("prefetch");
+    let root = t.0.join("images");
+    fs::create_dir_all(&root).unwrap();
+    let n = LOOKAHEAD + 6;
+    for i in 0..n {
+        RgbImage::from_fn(40 + i as u32, 36, |x, y| Rgb([(x * 5 + i as u32) as u8, (y * 7) as u8, (i * 11) as u8])).save(root.join(format!("i{i:02}.png"))).unwrap();
+    }
+    let ds = Dataset::scan(&DatasetOptions { caption: Some("x".into()), ..opts(&root) }).unwrap();
+    assert_eq!(ds.len(), n);
+    let direct = |i: usize| ds.load(i, &mut Rng::new(0)).unwrap().pixels;
+    let p = Prefetcher::new(&ds).expect("a thread");
+    p.schedule((0..n - 1).rev());
+    let mut order: Vec<usize> = (0..n - 1).rev().collect();
+    order.swap(2, 9); // one taken before its turn, one after
+    order.push(n - 1); // never scheduled
+    order.push(order[0]); // again
+    for i in order {
+        assert!(p.take(i).unwrap().pixels == direct(i), "image {i} differs from Dataset::load");
+    }
+    drop(p);
+    // A file that stops decoding after the scan: its error comes with its turn.
+    fs::write(root.join("i03.png"), b"not a png any more").unwrap();
+    let p = Prefetcher::new(&ds).unwrap();
+    p.schedule(0..n);
+    for i in 0..n {
+        match p.take(i) {
+            Ok(ex) => assert!(i != 3 && ex.pixels == direct(i)),
+            Err(e) => assert!(i == 3 && e.to_string().contains("i03.png"), "image {i}: {e}"),
+        }
+    }
+}

@@ -63,6 +63,7 @@ use crate::train::checkpoint::{self, TrainState};
 use crate::train::data::{Dataset, DatasetOptions};
 use crate::train::export::{self, LoraFileFormat};
 use crate::train::plot;
+use crate::train::prefetch::Prefetcher;
 use crate::train::schedule::{stream_seed, LrSchedule};
 use crate::train::validation::{ValidationArgs, Validator};
 
@@ -185,6 +186,8 @@ struct Caches {
     /// The on-disk cache (`--cache-dir`) and its sampling plans per latent size.
     disk: Option<DiskCache>,
     samplers: HashMap<[usize; 3], SamplePlan>,
+    /// Images decoded ahead of their first use (center crops without a disk cache).
+    prefetch: Option<Prefetcher>,
 }
 
 /// Runs `atelier train`. A full disk ends it with what to do next.
@@ -279,8 +282,17 @@ fn run_inner(gpu: &Gpu, a: &TrainArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut caches =
-        Caches { latents: HashMap::new(), embeddings: HashMap::new(), encoders: HashMap::new(), clip: None, order: None, disk, samplers: HashMap::new() };
+    let prefetch = (a.data.center_crop && disk.is_none()).then(|| Prefetcher::new(&data)).flatten();
+    let mut caches = Caches {
+        latents: HashMap::new(),
+        embeddings: HashMap::new(),
+        encoders: HashMap::new(),
+        clip: None,
+        order: None,
+        disk,
+        samplers: HashMap::new(),
+        prefetch,
+    };
     let mut plans: HashMap<(usize, usize), StepPlans> = HashMap::new();
     let optimizer = lora.optimizer_step(gpu)?;
     let te_optimizer = te_lora.as_ref().map(|t| t.optimizer_step(gpu)).transpose()?;
@@ -559,7 +571,13 @@ fn write_lora(a: &TrainArgs, adapters: &[export::Adapter], step: usize, data: &D
 fn prepare(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, a: &TrainArgs, acp: &[f64], caches: &mut Caches, k: u64, batches: usize, pred: PredictionType) -> Result<(Inputs, (usize, usize))> {
     let (epoch, pos) = ((k as usize) / batches, (k as usize) % batches);
     if caches.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-        caches.order = Some((epoch, data.epoch_order(epoch, a.seed, a.batch_size)));
+        let order = data.epoch_order(epoch, a.seed, a.batch_size);
+        if let Some(p) = &caches.prefetch {
+            // The images with no latents yet, from this step on, then the epoch's start.
+            let ahead = order[pos..].iter().chain(&order[..pos]).flatten().copied();
+            p.schedule(ahead.filter(|&i| !caches.latents.contains_key(&(i, false)) && !caches.latents.contains_key(&(i, true))));
+        }
+        caches.order = Some((epoch, order));
     }
     let batch = caches.order.as_ref().expect("set above").1[pos].clone();
     let mut rng = Rng::new(stream_seed(a.seed, S_NOISE, k));
@@ -660,7 +678,7 @@ fn latents(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, caches: &mut Caches,
                 plan.run(gpu, &mean, &std, seed)?
             }
             None => {
-                let enc = encode(gpu, sd, data, &mut caches.encoders, index, flip, None, seed)?;
+                let enc = encode(gpu, sd, data, &mut caches.encoders, None, index, flip, None, seed)?;
                 let (mean, std) = (enc.mean.to_f32(gpu)?, enc.std.to_f32(gpu)?);
                 disk.write_latents(&key, shape, &mean, &std);
                 enc.sample.to_f32(gpu)?
@@ -669,7 +687,8 @@ fn latents(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, caches: &mut Caches,
         caches.latents.insert((index, flip), (z.iter().map(|v| v * sf).collect(), h, w));
     }
     if crop_seed.is_some() || !caches.latents.contains_key(&(index, flip)) {
-        let enc = encode(gpu, sd, data, &mut caches.encoders, index, flip, crop_seed, seed)?;
+        let prefetched = caches.prefetch.as_ref().filter(|_| crop_seed.is_none());
+        let enc = encode(gpu, sd, data, &mut caches.encoders, prefetched, index, flip, crop_seed, seed)?;
         let z: Vec<f32> = enc.sample.to_f32(gpu)?.iter().map(|v| v * sf).collect();
         caches.latents.insert((index, flip), (z, enc.h, enc.w));
     }
@@ -678,11 +697,25 @@ fn latents(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, caches: &mut Caches,
 }
 
 /// Encodes image `index` (cropped from `crop_seed`, or centered without one; mirrored with
-/// `flip`) with the noise for `seed`; the outputs are in the returned plan.
+/// `flip`) with the noise for `seed`; the outputs are in the returned plan. A center crop comes
+/// from `prefetched` when given.
 #[allow(clippy::too_many_arguments)]
-fn encode<'e>(gpu: &Gpu, sd: &StableDiffusion, data: &Dataset, encoders: &'e mut Encoders, index: usize, flip: bool, crop_seed: Option<u64>, seed: u64) -> Result<&'e crate::model::vae::EncodePlan> {
+fn encode<'e>(
+    gpu: &Gpu,
+    sd: &StableDiffusion,
+    data: &Dataset,
+    encoders: &'e mut Encoders,
+    prefetched: Option<&Prefetcher>,
+    index: usize,
+    flip: bool,
+    crop_seed: Option<u64>,
+    seed: u64,
+) -> Result<&'e crate::model::vae::EncodePlan> {
     // No flip in the dataset (the loop flips); a center crop draws nothing.
-    let ex = data.load(index, &mut Rng::new(crop_seed.unwrap_or(0)))?;
+    let ex = match (prefetched, crop_seed) {
+        (Some(p), None) => p.take(index)?,
+        _ => data.load(index, &mut Rng::new(crop_seed.unwrap_or(0)))?,
+    };
     let (w, h) = (ex.width, ex.height);
     let pixels = if flip { flip_nhwc(&ex.pixels, h, w, 3) } else { ex.pixels };
     let enc = match encoders.entry((h, w)) {
