@@ -113,6 +113,10 @@ impl CoopTile {
     /// 77.5 vs 50.5 with the default tile, half of whose 256 columns were padding). Never
     /// split over K (those figures are unsplit).
     pub const CONV_MID: CoopTile = tile(128, 128, 8, 2, 64, 1, 8);
+    /// For linears of 128 to 1024 rows below two waves of the default tile (H100, session 10,
+    /// `bench --all-tiles` twice, TFLOP/s against SMALL_LONG_K: 512x1280x1280 60 vs 47,
+    /// 512x1280x5120 71 vs 55, 154x640x768 10.2 vs 6.5, training 256x1280x1280 38 vs 24).
+    pub const ROWS_MID: CoopTile = tile(64, 64, 4, 2, 64, 1, 8);
     /// All configurations the launcher may use or the benchmark times. Valid ones: 2 or 4
     /// fragments a subgroup along each axis, 1 to 4 vec-8 entries of each tile an
     /// invocation, shared memory within 48 KiB.
@@ -351,6 +355,28 @@ impl Matmul {
             };
             if self.conv.is_none() && !self.trans_b && !self.trans_a && self.n <= 320 && self.m >= 2048 {
                 return CoopTile::NARROW;
+            }
+            if self.conv.is_none() {
+                // Linears (H100, session 10, `bench --all-tiles` twice, the two runs within 3%;
+                // TFLOP/s, new tile vs the one before): N ≥ 960 below 640 default tiles but two
+                // waves of 128x128 ones take CONV_MID's 128x128 BK 64 (2048x5120x640 103 vs 90,
+                // 512x10240x1280 101 vs 79, training 1024x5120x640 86 vs 69, 4096x2560x320 74
+                // vs 65, dX 4096x1280x320 67 vs 48; 8192x960x320 74 vs 73).
+                let mid = CoopTile::CONV_MID;
+                let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
+                if self.n >= 960 && tiles < 640 && mid_tiles >= 264 {
+                    return mid;
+                }
+                // Below two waves of the default tile: ROWS_MID for 128 to 1024 rows (K up to
+                // 5120; the training's 256x1280x10240 dX keeps its split); from 2048 rows
+                // CONV_MID for K ≥ 1280 (2048x640x2560 88 vs 69, 4096x320x1280 77 vs 63), else
+                // NARROW (2048x640x640 66 vs 53, 4096x320x320 48 vs 39).
+                if tiles < enough && (128..=1024).contains(&self.m) && self.k <= 5120 {
+                    return CoopTile::ROWS_MID;
+                }
+                if tiles < enough && self.m >= 2048 {
+                    return if self.k >= 1280 { mid } else { CoopTile::NARROW };
+                }
             }
             if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) {
                 let mid = CoopTile::CONV_MID;
