@@ -380,7 +380,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
     }
     // Elementwise at 64 MiB of f16 input (32 Mi elements; 2 MiB on a CPU adapter).
     let n = if slow { 1 << 20 } else { 32 << 20 };
-    let mib = n * 2 >> 20;
+    let mib = (n * 2) >> 20;
     let stems = ["copy_f16", "silu_f16", "gelu_f16", "add_f16", "mul_f16", "cast_f16_f32"];
     if !stems.iter().any(|s| wanted(&format!("elementwise_{s}_{mib}MiB"))) {
         return Ok(out);

@@ -79,13 +79,13 @@ fn time_plan(gpu: &Gpu, plan: &Plan, repeat: usize, profile: bool, name: &str) -
         plan.run(gpu)?;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    if profile {
-        if let Some(mut prof) = Profiler::new(gpu) {
-            let mut rec = Recorder::with_profiler(gpu, Some(&mut prof));
-            plan.record(&mut rec)?;
-            rec.finish()?;
-            println!("\nprofile of one {name} run:\n{}", prof.table());
-        }
+    if profile
+        && let Some(mut prof) = Profiler::new(gpu)
+    {
+        let mut rec = Recorder::with_profiler(gpu, Some(&mut prof));
+        plan.record(&mut rec)?;
+        rec.finish()?;
+        println!("\nprofile of one {name} run:\n{}", prof.table());
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], times[0]))

@@ -192,11 +192,11 @@ pub fn run(gpu: &Gpu, model: &Path, o: &TrainBench) -> Result<()> {
         mib(plan.plan.activation_bytes),
         held as f64 / (1u64 << 30) as f64
     );
-    if o.profile {
-        if let Some(mut prof) = Profiler::new(gpu) {
-            step(o.repeat as u64 + 3, Some(&mut prof))?;
-            println!("\nprofile of one training step:\n{}", prof.table());
-        }
+    if o.profile
+        && let Some(mut prof) = Profiler::new(gpu)
+    {
+        step(o.repeat as u64 + 3, Some(&mut prof))?;
+        println!("\nprofile of one training step:\n{}", prof.table());
     }
     Ok(())
 }

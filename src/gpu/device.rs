@@ -296,11 +296,11 @@ impl Gpu {
                 limit_name: "max_buffer_size",
             });
         }
-        if bytes > l.max_storage_buffer_binding_size as u64 {
+        if bytes > l.max_storage_buffer_binding_size {
             return Err(Error::TooLarge {
                 what: what.to_string(),
                 bytes,
-                limit: l.max_storage_buffer_binding_size as u64,
+                limit: l.max_storage_buffer_binding_size,
                 limit_name: "max_storage_buffer_binding_size",
             });
         }

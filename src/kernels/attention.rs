@@ -164,7 +164,7 @@ impl CoopTile {
     /// blocks of 32 or 64 keys, dp <= [`WARP_MAX_DP`].
     pub fn valid(&self, dp: u32, limit: u32) -> bool {
         let wg = self.warps * 32;
-        let fits = dp % 16 == 0
+        let fits = dp.is_multiple_of(16)
             && dp >= 16
             && self.bk * dp / 8 <= 5 * wg
             && self.shared_bytes(dp) <= limit.min(COOP_SHARED_LIMIT);
@@ -180,8 +180,8 @@ impl CoopTile {
             && [32, 64].contains(&self.bk)
             && [4, 8].contains(&self.warps)
             && [2, 4].contains(&(wg / self.bq))
-            && self.warps % row_blocks == 0
-            && (self.bk / 16) % (self.warps / row_blocks) == 0
+            && self.warps.is_multiple_of(row_blocks)
+            && (self.bk / 16).is_multiple_of(self.warps / row_blocks)
             && dp as usize <= COOP_MAX_DP
     }
 
@@ -330,7 +330,7 @@ impl Attention {
         if x.tensor.dtype != DType::F16 {
             return Err(Error::DType { op: op.into(), detail: format!("{name} must be f16") });
         }
-        if x.offset % 8 != 0 || x.ld % 8 != 0 || x.ld < width {
+        if !x.offset.is_multiple_of(8) || !x.ld.is_multiple_of(8) || x.ld < width {
             return Err(Error::shape(
                 op,
                 format!(

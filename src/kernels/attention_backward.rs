@@ -312,10 +312,10 @@ impl AttentionBackward {
         }
         let limit = gpu.caps.limits.max_compute_workgroup_storage_size;
         let sb = gpu.caps.subgroup_barrier;
-        if let Some((tq, tk)) = self.tiles {
-            if tq.usable(CoopEntry::Dq, dp as u32, limit, sb) && tk.usable(CoopEntry::Dkv, dp as u32, limit, sb) {
-                return (KernelPath::Coop, Some((tq, tk)));
-            }
+        if let Some((tq, tk)) = self.tiles
+            && tq.usable(CoopEntry::Dq, dp as u32, limit, sb) && tk.usable(CoopEntry::Dkv, dp as u32, limit, sb)
+        {
+            return (KernelPath::Coop, Some((tq, tk)));
         }
         match (BwdTile::auto(CoopEntry::Dq, dp as u32, limit, sb), BwdTile::auto(CoopEntry::Dkv, dp as u32, limit, sb)) {
             (Some(tq), Some(tk)) => (KernelPath::Coop, Some((tq, tk))),

@@ -143,7 +143,7 @@ pub fn binary(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor) -> Resu
 pub fn binary_grouped(gpu: &Gpu, op: Binary, a: &Tensor, b: &Tensor, y: &Tensor, groups: usize) -> Result<Dispatch> {
     let n = y.numel();
     check_len("binary", n)?;
-    let bad = groups == 0 || b.numel() == 0 || b.numel() % groups != 0 || n % groups != 0 || {
+    let bad = groups == 0 || b.numel() == 0 || !b.numel().is_multiple_of(groups) || !n.is_multiple_of(groups) || {
         let (per, row) = (n / groups, b.numel() / groups);
         row == 0 || per % row != 0
     };
@@ -184,7 +184,7 @@ pub fn cast(gpu: &Gpu, x: &Tensor, y: &Tensor) -> Result<Dispatch> {
 /// dst[r, c] = src[r, c] for `rows` rows and `cols` columns, with row strides `ld_src` and
 /// `ld_dst` (dst columns cols..ld_dst are zeroed); src and dst may differ in dtype.
 pub fn copy2d(gpu: &Gpu, src: &Tensor, dst: &Tensor, rows: usize, cols: usize, ld_src: usize, ld_dst: usize) -> Result<Dispatch> {
-    let n = rows.checked_mul(ld_dst).unwrap_or(usize::MAX);
+    let n = rows.saturating_mul(ld_dst);
     check_len("copy2d", n)?;
     if rows == 0 || cols == 0 || cols > ld_src || cols > ld_dst || dst.numel() < n || src.numel() < (rows - 1) * ld_src + cols {
         return Err(Error::shape(
@@ -206,7 +206,7 @@ pub fn splitk_sum(gpu: &Gpu, x: &Tensor, slices: usize, bias: Option<&Tensor>, y
     if x.dtype != DType::F32 || bias.is_some_and(|b| b.dtype != DType::F16 || b.numel() != cols) {
         return Err(Error::DType { op: "split-K sum".into(), detail: "partials must be f32, the bias f16 [cols]".into() });
     }
-    if slices == 0 || cols == 0 || cols % 8 != 0 || n % cols != 0 || x.numel() != slices * n {
+    if slices == 0 || cols == 0 || !cols.is_multiple_of(8) || !n.is_multiple_of(cols) || x.numel() != slices * n {
         return Err(Error::shape("split-K sum", format!("x {:?} in {slices} slices to y {:?} of {cols} columns (a multiple of 8)", x.shape, y.shape)));
     }
     let op = bias.is_some() as u32 | (accumulate as u32) << 1;

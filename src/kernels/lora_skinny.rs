@@ -185,7 +185,7 @@ pub fn narrow_stacked(gpu: &Gpu, a: Operand, w: &Tensor, c: &Tensor, m: usize, k
 /// Stacked members: at least one, r·members within the kernels' rank, k or n split evenly into
 /// even segments.
 fn check_members(op: &str, r: usize, members: usize, width: usize) -> Result<()> {
-    if members == 0 || r * members > MAX_RANK || width % members != 0 || (members > 1 && (width / members) % 2 == 1) {
+    if members == 0 || r * members > MAX_RANK || !width.is_multiple_of(members) || (members > 1 && (width / members) % 2 == 1) {
         return Err(Error::shape(
             op,
             format!("{members} stacked adapters of rank {r} over {width} columns: need members·rank <= {MAX_RANK} and equal even segments"),
@@ -210,7 +210,7 @@ fn narrow_impl(gpu: &Gpu, a: Operand, w: &Tensor, w_rk: bool, c: &Tensor, m: usi
     check_u32(op, &[a.tensor, c, w])?;
     // Stacked with an even rank: a workgroup per member (grid z), each over its own K / members
     // columns, writing its r columns (whole words).
-    let msplit = members > 1 && r % 2 == 0;
+    let msplit = members > 1 && r.is_multiple_of(2);
     let mut flags = if w_rk { W_T } else { 0 };
     if a.offset.is_multiple_of(8) && a.ld.is_multiple_of(8) && (!msplit || (k / members).is_multiple_of(8)) {
         flags |= VEC;

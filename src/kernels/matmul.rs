@@ -175,15 +175,15 @@ impl CoopTile {
         let (fm, fn_) = self.frags();
         let wg = self.warps * 32;
         let per = |x: u32| x * self.bk / 8 / wg;
-        self.warps % self.warps_m == 0
+        self.warps.is_multiple_of(self.warps_m)
             && [2, 4].contains(&fm)
             && [2, 4].contains(&fn_)
             && [16, 32, 64].contains(&self.bk)
             && [1, 2].contains(&self.stages)
             && [1, 2, 4].contains(&per(self.bm))
             && [1, 2, 4].contains(&per(self.bn))
-            && self.bm * self.bk / 8 % wg == 0
-            && self.bn * self.bk / 8 % wg == 0
+            && (self.bm * self.bk / 8).is_multiple_of(wg)
+            && (self.bn * self.bk / 8).is_multiple_of(wg)
             && self.shared_bytes() <= 48 * 1024
     }
 
@@ -294,7 +294,7 @@ impl Matmul {
     /// 24.0 -> 39.5 TFLOP/s, 8x8x1280 x16 7.0 -> 27.0; 32x32x640 (160 tiles) is slower split
     /// (50.9 -> 46.7). Batched products never split (the slices are the batch entries).
     pub fn split(&self, gpu: &Gpu) -> usize {
-        if self.n % 8 != 0 || (self.m * self.n) % 8 != 0 || self.batch != 1 || self.strided_c() {
+        if !self.n.is_multiple_of(8) || !(self.m * self.n).is_multiple_of(8) || self.batch != 1 || self.strided_c() {
             return 1;
         }
         if let Some(s) = self.split_k {
@@ -323,7 +323,7 @@ impl Matmul {
             (false, true) => return 1,
         };
         let mut s = 1;
-        while tiles * s < 264 && s < 16 && self.k % (16 * s) == 0 && self.k / (2 * s) >= min_slice {
+        while tiles * s < 264 && s < 16 && self.k.is_multiple_of(16 * s) && self.k / (2 * s) >= min_slice {
             s *= 2;
         }
         s
@@ -401,7 +401,7 @@ impl Matmul {
         self.check(a, b, bias, c, ldc)?;
         let (path, tile) = self.plan(gpu);
         let slices = self.split(gpu);
-        if slices > 1 && (self.k % (8 * slices) != 0 || bias.is_some() || self.accumulate || c.dtype != DType::F32 || ldc != self.n) {
+        if slices > 1 && (!self.k.is_multiple_of(8 * slices) || bias.is_some() || self.accumulate || c.dtype != DType::F32 || ldc != self.n) {
             return Err(Error::Usage(format!(
                 "matmul: a split over K ({slices} slices) writes f32 partials without bias or accumulation, K ({}) a multiple of 8·slices; use Matmul::run",
                 self.k
@@ -415,11 +415,11 @@ impl Matmul {
         // batch stride (the remap takes the split's offset): N % 8 == 0 is all it needs.
         let (lda, ldb) = (self.lda(), if self.trans_b { self.k } else { self.n });
         let vec_ok = match g.flip_b {
-            true => self.n % 8 == 0,
-            false => lda % 8 == 0 && ldb % 8 == 0 && self.stride_a % 8 == 0 && self.stride_b % 8 == 0 && self.off_a % 8 == 0 && self.off_b % 8 == 0,
+            true => self.n.is_multiple_of(8),
+            false => lda % 8 == 0 && ldb % 8 == 0 && self.stride_a.is_multiple_of(8) && self.stride_b.is_multiple_of(8) && self.off_a.is_multiple_of(8) && self.off_b.is_multiple_of(8),
         };
         let mut flags = if vec_ok { FLAG_VEC } else { 0 };
-        if self.conv.is_some() && g.cin % 8 == 0 {
+        if self.conv.is_some() && g.cin.is_multiple_of(8) {
             flags |= FLAG_CONV_VEC;
         }
         if bias.is_some() {
@@ -554,10 +554,10 @@ impl Matmul {
         if b.numel() < need_b {
             return Err(Error::shape(op, format!("B {:?} holds {} values, needs {need_b}", b.shape, b.numel())));
         }
-        if let Some(t) = bias {
-            if t.numel() < self.n {
-                return Err(Error::shape(op, format!("bias {:?} shorter than N={}", t.shape, self.n)));
-            }
+        if let Some(t) = bias
+            && t.numel() < self.n
+        {
+            return Err(Error::shape(op, format!("bias {:?} shorter than N={}", t.shape, self.n)));
         }
         if ldc < self.n || c.numel() < self.off_c + self.batch * self.m * ldc - (ldc - self.n) {
             return Err(Error::shape(op, format!("C {:?} too small for {}x{}x{} (ldc {ldc}, offset {})", c.shape, self.batch, self.m, self.n, self.off_c)));
@@ -600,7 +600,7 @@ impl Matmul {
             let parts = Tensor::empty(gpu, &shape, DType::F32, "split-K partials")?;
             return self.run_split(gpu, rec, a, b, bias, c, &parts);
         }
-        if c.dtype == DType::F32 || self.n % 2 == 0 || self.strided_c() {
+        if c.dtype == DType::F32 || self.n.is_multiple_of(2) || self.strided_c() {
             return rec.run(&self.prepare(gpu, a, b, bias, c, self.ldc.unwrap_or(self.n))?);
         }
         let ld = self.n + 1;

@@ -38,7 +38,7 @@ fn f16s(op: &str, ts: &[&Tensor]) -> Result<()> {
 }
 
 fn words(op: &str, n: usize) -> Result<u32> {
-    need(op, n > 0 && n % 2 == 0 && n < u32::MAX as usize, || format!("{n} output elements: must be even and under 2^32"))?;
+    need(op, n > 0 && n.is_multiple_of(2) && n < u32::MAX as usize, || format!("{n} output elements: must be even and under 2^32"))?;
     Ok((n / 2) as u32)
 }
 
@@ -55,7 +55,7 @@ pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usize, (h, w):
     f16s(op, &[x, y])?;
     let n = batch * h * w * c;
     let on = batch * oh * ow * c;
-    need(op, c % 2 == 0 && x.numel() == n && y.numel() == on && oh >= h && ow >= w && h > 0 && w > 0, || {
+    need(op, c.is_multiple_of(2) && x.numel() == n && y.numel() == on && oh >= h && ow >= w && h > 0 && w > 0, || {
         format!("x {:?} [{batch}, {h}, {w}, {c}] to y {:?} [{batch}, {oh}, {ow}, {c}]: C even, the output no smaller", x.shape, y.shape)
     })?;
     let p = TensorOpsParams {
@@ -74,7 +74,7 @@ pub fn upsample_nearest(gpu: &Gpu, x: &Tensor, y: &Tensor, batch: usize, (h, w):
 pub fn concat(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor, rows: usize, c1: usize, c2: usize) -> Result<Dispatch> {
     let op = "concat";
     f16s(op, &[a, b, y])?;
-    need(op, c1 % 2 == 0 && c2 % 2 == 0 && a.numel() == rows * c1 && b.numel() == rows * c2 && y.numel() == rows * (c1 + c2), || {
+    need(op, c1.is_multiple_of(2) && c2.is_multiple_of(2) && a.numel() == rows * c1 && b.numel() == rows * c2 && y.numel() == rows * (c1 + c2), || {
         format!("a {:?}, b {:?}, y {:?} for {rows} rows of {c1} + {c2} channels (even counts)", a.shape, b.shape, y.shape)
     })?;
     let n = rows * (c1 + c2);
@@ -86,7 +86,7 @@ pub fn concat(gpu: &Gpu, a: &Tensor, b: &Tensor, y: &Tensor, rows: usize, c1: us
 pub fn geglu(gpu: &Gpu, x: &Tensor, y: &Tensor, rows: usize, f: usize) -> Result<Dispatch> {
     let op = "geglu";
     f16s(op, &[x, y])?;
-    need(op, f % 2 == 0 && x.numel() == rows * 2 * f && y.numel() == rows * f, || format!("x {:?}, y {:?} for {rows} rows, f {f}", x.shape, y.shape))?;
+    need(op, f.is_multiple_of(2) && x.numel() == rows * 2 * f && y.numel() == rows * f, || format!("x {:?}, y {:?} for {rows} rows, f {f}", x.shape, y.shape))?;
     let n = rows * f;
     let p = TensorOpsParams { words: words(op, n)?, c1: f as u32, ..Default::default() };
     gpu.dispatch(&key("geglu"), &p, &[x, y], grid(n / 2), 0.0, (n * 6) as f64)
@@ -98,7 +98,7 @@ pub fn timestep_embedding(gpu: &Gpu, t: &Tensor, y: &Tensor, dim: usize, shift: 
     let op = "timestep embedding";
     need(op, t.dtype == DType::F32 && y.dtype == DType::F16, || "t must be f32, y f16".into())?;
     let batch = t.numel();
-    need(op, dim % 2 == 0 && dim >= 4 && y.numel() == batch * dim, || format!("t {:?}, y {:?}, dim {dim}", t.shape, y.shape))?;
+    need(op, dim.is_multiple_of(2) && dim >= 4 && y.numel() == batch * dim, || format!("t {:?}, y {:?}, dim {dim}", t.shape, y.shape))?;
     let n = batch * dim;
     let p = TensorOpsParams { words: words(op, n)?, c1: dim as u32, shift, ..Default::default() };
     gpu.dispatch(&key("timestep"), &p, &[t, y], grid(n / 2), 0.0, (n * 2) as f64)
@@ -128,7 +128,7 @@ pub const ENTRIES: [&str; 6] = ["upsample2x", "concat", "geglu", "timestep", "em
 pub fn softmax_rows(gpu: &Gpu, s: &Tensor, p: &Tensor, rows: usize, cols: usize, ld: usize) -> Result<Dispatch> {
     let op = "softmax rows";
     need(op, s.dtype == DType::F32 && p.dtype == DType::F16, || "S must be f32, P f16".into())?;
-    need(op, rows > 0 && cols > 0 && ld >= cols && ld % 2 == 0 && s.numel() >= rows * cols && p.numel() >= rows * ld, || {
+    need(op, rows > 0 && cols > 0 && ld >= cols && ld.is_multiple_of(2) && s.numel() >= rows * cols && p.numel() >= rows * ld, || {
         format!("S {:?} to P {:?}: {rows} rows of {cols} (P's row stride {ld}: even, at least {cols})", s.shape, p.shape)
     })?;
     need(op, rows * ld < u32::MAX as usize && rows * cols < u32::MAX as usize, || "over 2^32 elements".into())?;

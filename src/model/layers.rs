@@ -204,7 +204,7 @@ pub fn attention_materialised(pb: &mut PlanBuilder, qkv: &Tensor, o: &Tensor, ba
 /// [`attention_materialised`] with `chunk` query rows a chunk (the tests' handle on it).
 pub fn attention_materialised_chunked(pb: &mut PlanBuilder, qkv: &Tensor, o: &Tensor, batch: usize, l: usize, c: usize, chunk: usize) -> Result<()> {
     let rows = batch * l;
-    if qkv.numel() != rows * 3 * c || o.numel() != rows * c || c % 2 != 0 || rows == 0 || chunk == 0 {
+    if qkv.numel() != rows * 3 * c || o.numel() != rows * c || !c.is_multiple_of(2) || rows == 0 || chunk == 0 {
         return Err(Error::shape("attention", format!("qkv {:?} and o {:?} for batch {batch}, {l} tokens, width {c} (even)", qkv.shape, o.shape)));
     }
     let k = pb.f16(&[rows, c], "attention k (dense)")?;

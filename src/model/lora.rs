@@ -200,7 +200,7 @@ pub struct LoraParams {
 /// (see the module notes); any other layer its A, then its B.
 pub fn layout(specs: &[LoraSpec], align: usize) -> (Vec<(usize, usize)>, usize) {
     let up = |x: usize| x.div_ceil(align) * align;
-    let whole = |s: &LoraSpec| (s.rank * s.k) % align == 0 && (s.n * s.rank) % align == 0;
+    let whole = |s: &LoraSpec| (s.rank * s.k).is_multiple_of(align) && (s.n * s.rank).is_multiple_of(align);
     let same = |a: &LoraSpec, b: &LoraSpec| (a.k, a.n, a.rank) == (b.k, b.n, b.rank) && whole(a);
     let mut off = 0;
     let mut v = Vec::with_capacity(specs.len());
@@ -427,7 +427,7 @@ impl LoraLayer {
             mm.trans_b = true;
             run_pooled(pb, &mm, &xd, &self.a16, None, &h)?;
         }
-        if self.skinny() && s.n % 2 == 0 {
+        if self.skinny() && s.n.is_multiple_of(2) {
             pb.run(sk::widen(pb.gpu, &h, &self.b16, true, y, rows, s.n, s.rank, self.scale, true)?)?;
         } else {
             let mut mm = Matmul::new(rows, s.n, s.rank);
@@ -485,7 +485,7 @@ impl LoraLayer {
         }
         if let Some(dx) = dx {
             // dx [M, k] += dropout(dh·A), A [r, k] = [K, N].
-            let wide = self.skinny() && s.k % 2 == 0;
+            let wide = self.skinny() && s.k.is_multiple_of(2);
             let mut mm = Matmul::new(rows, s.k, s.rank);
             let dense = |t| Operand::dense(t, s.k);
             if let Some(mask) = self.mask() {

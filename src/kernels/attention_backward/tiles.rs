@@ -123,7 +123,7 @@ impl BwdTile {
     /// attention_backward_warp.wgsl: 16 rows per subgroup of the owned side, 4 or 8
     /// subgroups, a streamed block of 32 or 64, dp <= [`WARP_MAX_DP`].
     pub fn valid(&self, entry: CoopEntry, dp: u32, limit: u32) -> bool {
-        let fits = dp % 16 == 0 && dp >= 16 && dp as usize <= COOP_MAX_DP && self.shared_bytes(entry, dp) <= limit.min(COOP_SHARED_LIMIT);
+        let fits = dp.is_multiple_of(16) && dp >= 16 && dp as usize <= COOP_MAX_DP && self.shared_bytes(entry, dp) <= limit.min(COOP_SHARED_LIMIT);
         if self.warp {
             let owned = match entry {
                 CoopEntry::Dq => self.bq,
@@ -139,7 +139,7 @@ impl BwdTile {
         fits && [16, 32, 64].contains(&self.bq)
             && [16, 32, 64].contains(&self.bk)
             && [4, 8].contains(&self.warps)
-            && (self.bq * self.bk) % wg == 0
+            && (self.bq * self.bk).is_multiple_of(wg)
             && self.bq * self.bk / wg <= 8
     }
 
