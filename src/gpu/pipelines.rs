@@ -187,6 +187,8 @@ type EntryBindings = HashMap<String, HashMap<u32, BindingKind>>;
 pub struct PipelineSlot {
     key: PipelineKey,
     module: wgpu::ShaderModule,
+    /// The bind-group layout its dispatches' bind groups use, and the pipeline layout of it.
+    bind_layout: wgpu::BindGroupLayout,
     layout: wgpu::PipelineLayout,
     compiled: OnceLock<std::result::Result<wgpu::ComputePipeline, String>>,
 }
@@ -401,8 +403,8 @@ impl Gpu {
             return Ok(p.clone());
         }
         let module = self.module(key.shader)?;
-        let (_, layout) = self.layouts(key.shader, key.entry, bindings)?;
-        let slot = Arc::new(PipelineSlot { key: key.clone(), module, layout, compiled: OnceLock::new() });
+        let (bind_layout, layout) = self.layouts(key.shader, key.entry, bindings)?;
+        let slot = Arc::new(PipelineSlot { key: key.clone(), module, bind_layout, layout, compiled: OnceLock::new() });
         self.pipelines.pipelines.lock().unwrap().insert(id, slot.clone());
         if let Some(jobs) = self.pipelines.workers.get_or_init(|| Workers::start(&self.device)).as_ref().and_then(|w| w.jobs.as_ref()) {
             // A closed queue (workers gone) leaves the compile to the first recording.
@@ -449,7 +451,6 @@ impl Gpu {
         let mut bindings: Vec<u32> = std::iter::once(0).chain(tensors.iter().map(|&(b, _)| b)).collect();
         bindings.sort_unstable();
         let pipeline = self.pipeline(key, &bindings)?;
-        let (layout, _) = self.layouts(key.shader, key.entry, &bindings)?;
         let ubuf = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
             contents: bytemuck::bytes_of(params),
@@ -459,7 +460,7 @@ impl Gpu {
         for &(binding, t) in tensors {
             entries.push(wgpu::BindGroupEntry { binding, resource: t.binding() });
         }
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.bind_layout, entries: &entries });
         Ok(Dispatch { pipeline, bind_group, groups, label: key.to_string().into(), flops, bytes })
     }
 }

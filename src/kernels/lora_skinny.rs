@@ -412,17 +412,17 @@ impl WeightGrad {
         let grid = [n.div_ceil(WGRAD_COLS) as u32, splits as u32, 1];
         let flops = 2.0 * (rows * n * r) as f64;
         let read = 2 * (rows * n + rows * r * members);
-        let entry = match &self.mask {
+        let hyper = match &self.mask {
             Some(mask) if self.transposed && members == 1 => {
                 mask.apply(op, &mut params, r, &x, n)?;
-                "wgrad_masked"
+                Some(&mask.hyper)
             }
             Some(_) => return Err(Error::shape(op, "masked: only the [r, N] layout of one (stacked) dA")),
-            None => "wgrad",
+            None => None,
         };
-        let launch = |params: &SkinnyParams, out: &Tensor, bytes: usize| match &self.mask {
-            Some(mask) => gpu.dispatch_at(&key(entry, r), params, &[(1, x.tensor), (2, out), (3, h), (4, &mask.hyper)], grid, flops, bytes as f64),
-            None => gpu.dispatch(&key(entry, r), params, &[x.tensor, out, h], grid, flops, bytes as f64),
+        let launch = |params: &SkinnyParams, out: &Tensor, bytes: usize| match hyper {
+            Some(hy) => gpu.dispatch_at(&key("wgrad_masked", r), params, &[(1, x.tensor), (2, out), (3, h), (4, hy)], grid, flops, bytes as f64),
+            None => gpu.dispatch(&key("wgrad", r), params, &[x.tensor, out, h], grid, flops, bytes as f64),
         };
         if splits == 1 {
             params.flags = flags | DIRECT;

@@ -209,6 +209,8 @@ impl Matmul {
             // Fewer than ~2 waves of big tiles on a large GPU: use a smaller tile.
             let big = CoopTile::DEFAULT;
             let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
+            let mid = CoopTile::CONV_MID;
+            let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
             // Linears keep the big tile down to about one wave (H100, UNet linears at M 8192:
             // N 320 K 320 35.6 -> 44.3 TFLOP/s, N 960 53.9 -> 68.4, N 320 K 1280 58.9 -> 67.7).
             let enough = match self.conv {
@@ -226,8 +228,6 @@ impl Matmul {
                 // waves of 128x128 ones take CONV_MID's 128x128 BK 64 (2048x5120x640 103 vs 90,
                 // 512x10240x1280 101 vs 79, training 1024x5120x640 86 vs 69, 4096x2560x320 74
                 // vs 65, dX 4096x1280x320 67 vs 48; 8192x960x320 74 vs 73).
-                let mid = CoopTile::CONV_MID;
-                let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
                 if self.n >= 960 && tiles < 640 && mid_tiles >= 264 {
                     return mid;
                 }
@@ -242,12 +242,8 @@ impl Matmul {
                     return if self.k >= 1280 { mid } else { CoopTile::NARROW };
                 }
             }
-            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) {
-                let mid = CoopTile::CONV_MID;
-                let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
-                if (self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64) {
-                    return mid;
-                }
+            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && ((self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64)) {
+                return mid;
             }
             match (tiles < enough, self.k >= 640) {
                 (false, _) => big,

@@ -387,8 +387,9 @@ impl LoraLayer {
 
     /// With dropout, the mask the skinny kernels apply as they read x and write dx (rank a
     /// multiple of 4, even k): no dropout(x) copy and no dropout launches. Else None (the
-    /// dropout kernel makes xd, and masks dh·A).
-    fn mask(&self) -> Option<sk::Mask> {
+    /// dropout kernel makes xd, and masks dh·A). A stack of such layers uses its first
+    /// member's mask (member g's stream follows at salt + g).
+    pub(crate) fn mask(&self) -> Option<sk::Mask> {
         let s = &self.spec;
         (s.dropout > 0.0 && self.skinny() && s.rank.is_multiple_of(4) && s.k.is_multiple_of(2))
             .then(|| sk::Mask { hyper: self.hyper.clone(), salt: self.salt, p: s.dropout, rank: s.rank })

@@ -16,8 +16,8 @@ use crate::model::lora::{check_cols, run_wgrad, LoraLayer, LoraSaved, LoraSpec};
 /// group (see the module notes). Formed only where it computes what the members would one
 /// by one: equal shapes, scales and dropout, A's and B's back to back in the flat buffers
 /// (and dropout streams consecutive), a stacked rank the skinny kernels take, and with
-/// dropout a rank that is a multiple of 4 (each of the masked kernels' vec4 groups one
-/// member's).
+/// dropout a mask the skinny kernels can apply (`LoraLayer::mask`: rank a multiple of 4, so
+/// each of the masked kernels' vec4 groups is one member's, and even k).
 #[derive(Clone, Debug)]
 pub struct LoraStack<'a> {
     pub layers: Vec<&'a LoraLayer>,
@@ -30,7 +30,7 @@ impl<'a> LoraStack<'a> {
         let s = &first.spec;
         let g = layers.len();
         let fits = g >= 2 && s.rank * g <= sk::MAX_RANK && g * s.rank.div_ceil(4) <= 4 && s.n % 2 == 0;
-        let masks_fit = s.dropout == 0.0 || s.rank.is_multiple_of(4);
+        let masks_fit = s.dropout == 0.0 || first.mask().is_some();
         let aligned = layers.iter().enumerate().all(|(i, l)| {
             let t = &l.spec;
             (t.k, t.n, t.rank, t.dropout) == (s.k, s.n, s.rank, s.dropout)
@@ -51,10 +51,10 @@ impl<'a> LoraStack<'a> {
         &self.layers[0].spec
     }
 
-    /// The members' input dropout, if any.
+    /// The members' input dropout, if any (the first member's mask: `new` formed the stack
+    /// only where it exists, with the members' streams consecutive).
     fn mask(&self) -> Option<sk::Mask> {
-        let (s, l0) = (self.spec(), self.layers[0]);
-        (s.dropout > 0.0).then(|| sk::Mask { hyper: l0.hyper.clone(), salt: l0.salt, p: s.dropout, rank: s.rank })
+        self.layers[0].mask()
     }
 
     /// A flat view from the first member's, widened to the stack.
