@@ -306,8 +306,10 @@ fn fetch_a(e: u32, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
 // im2col entry (which image, and the top-left input pixel of its window) is fixed for an
 // invocation's entry over the whole K loop, so it is computed once before it; the column half
 // (tap and channel) is the same for all of an invocation's entries in a K step (their column
-// chunk is t % KE), so it is computed once a step. Each word then costs a bounds test and one
-// index, not the four integer divisions of conv8.
+// chunk is t % KE), so it is computed once a step, by divisions only before the loop and
+// then by moving the channel BK on with a carry into the tap (H100: forward convolutions +3 to
+// +16%, docs/PERF.md conv v5). Each word then costs a bounds test, one index and a select (no
+// branch), not the four integer divisions of conv8.
 // Row half of im2col row m: (first pixel of its image, oy·stride - pad, ox·stride - pad); rows
 // past M get a y origin so negative that every tap reads zero.
 fn conv_row(m: u32) -> vec3<i32> {
@@ -324,14 +326,27 @@ fn conv_col(kk: u32) -> vec4<u32> {
     let tap = kg / p.cin;
     return vec4<u32>(tap / p.ks, tap % p.ks, kg % p.cin, select(0u, 1u, kk < p.k));
 }
+// The column half BK columns on, from this one (kk: the new slice-local column): the channel
+// moves BK on and carries into the tap, so no division after the first step.
+fn conv_col_next(c: vec4<u32>, kk: u32) -> vec4<u32> {
+    var ky = c.x; var kx = c.y; var ci = c.z + BK;
+    while (ci >= p.cin) {
+        ci -= p.cin;
+        kx += 1u;
+        if (kx == p.ks) { kx = 0u; ky += 1u; }
+    }
+    return vec4<u32>(ky, kx, ci, select(0u, 1u, kk < p.k));
+}
 // The A word of entry e from its row half and this step's column half (general gather where
-// cin % 8 != 0).
+// cin % 8 != 0). Branch-free: a tap outside the image reads word 0 and is zeroed by select.
 fn fetch_a_conv(e: u32, row: vec3<i32>, col: vec4<u32>, m0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
     if (!CONV || CONV_T || (p.flags & 8u) == 0u) { return fetch_a(e, m0, k0, base, vec_ok); }
-    let y = row.y + i32(col.x);
-    let x = row.z + i32(col.y);
-    if (col.w == 0u || y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return mat2x4<f16>(); }
-    return a[(p.off_a + (u32(row.x) + u32(y) * p.iw + u32(x)) * p.cin + col.z) >> 3u];
+    let y = u32(row.y + i32(col.x));
+    let x = u32(row.z + i32(col.y));
+    let inside = col.w != 0u && y < p.ih && x < p.iw;
+    let i = select(0u, (p.off_a + (u32(row.x) + y * p.iw + x) * p.cin + col.z) >> 3u, inside);
+    let v = a[i];
+    return mat2x4<f16>(select(vec4<f16>(), v[0], inside), select(vec4<f16>(), v[1], inside));
 }
 
 fn fetch_b(e: u32, n0: u32, k0: u32, base: u32, vec_ok: bool) -> mat2x4<f16> {
@@ -489,7 +504,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         step += 1u;
         let kn = k0 + BK;
         if (kn < p.k) {
-            if (CONV && !CONV_T) { cc = conv_col(kn + kq); }
+            if (CONV && !CONV_T && (p.flags & 8u) != 0u) { cc = conv_col_next(cc, kn + kq); }
             ra0 = fetch_a_conv(t, cr0, cc, m0, kn, base_a, vec_ok);
             if (NA > 1u) { ra1 = fetch_a_conv(t + WG, cr1, cc, m0, kn, base_a, vec_ok); }
             if (NA > 2u) { ra2 = fetch_a_conv(t + 2u * WG, cr2, cc, m0, kn, base_a, vec_ok); ra3 = fetch_a_conv(t + 3u * WG, cr3, cc, m0, kn, base_a, vec_ok); }

@@ -161,7 +161,7 @@ pub const TRAIN_MATMUL_CASES: [(&str, usize, usize, usize, bool); 16] = [
 
 /// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout); batch
 /// 2 is a guided sampling step, batch 1 the training forward.
-pub const CONV_CASES: [(&str, usize, usize, usize, usize); 8] = [
+pub const CONV_CASES: [(&str, usize, usize, usize, usize); 11] = [
     ("unet_64x64x320_b2", 2, 64, 320, 320),
     ("unet_64x64x320_b1", 1, 64, 320, 320),
     ("unet_32x32x640_b2", 2, 32, 640, 640),
@@ -170,6 +170,9 @@ pub const CONV_CASES: [(&str, usize, usize, usize, usize); 8] = [
     ("unet_8x8x1280_b2", 2, 8, 1280, 1280),
     ("vae_256x256x256", 1, 256, 256, 256),
     ("vae_512x512x128", 1, 512, 128, 128),
+    ("vae_64x64x512", 1, 64, 512, 512),
+    ("vae_128x128x512", 1, 128, 512, 512),
+    ("vae_out_512x512x128to3", 1, 512, 128, 3),
 ];
 
 /// 3x3 convolutions' input gradients dX in the LoRA training step (batch 1, 512 px): name,
