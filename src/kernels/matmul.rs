@@ -213,7 +213,11 @@ impl Matmul {
             let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
             // Linears keep the big tile down to about one wave (H100, UNet linears at M 8192:
             // N 320 K 320 35.6 -> 44.3 TFLOP/s, N 960 53.9 -> 68.4, N 320 K 1280 58.9 -> 67.7).
+            // Forward convolutions keep it from about one wave (H100, session 11, after the
+            // gather's carry: VAE 128x128x512 at 256 tiles 105 vs CONV_MID's 94 TFLOP/s, UNet
+            // 64x64x320 batch 2 at 128 tiles 66 vs 62; at 64 tiles CONV_MID wins, 95 vs 56).
             let enough = match self.conv {
+                Some(g) if !g.flip_b && !g.transposed => 128,
                 Some(_) => 264,
                 // Wide outputs keep it down to 64 tiles (training, 256x10240x1280: 127 -> 86 us).
                 None if self.n >= 4096 => 64,
