@@ -122,6 +122,15 @@ fn every_coop_tile() {
 }
 
 #[test]
+fn few_output_channels() {
+    // The VAE's conv_out (3 channels: odd, through the launcher's scratch) and the encoder's (8):
+    // on the cooperative-matrix path these take the 128x32 THIN tile.
+    for cout in [3, 8] {
+        run(Conv2d::new(1, 20, 18, 32, cout, 3, 1, 1), true, DType::F16);
+    }
+}
+
+#[test]
 fn split_over_k() {
     // Forced splits (the launcher splits long-K convolutions with few tiles, e.g. the UNet's
     // 8x8 and 16x16 levels): slices of whole and of partial pixels, stride 2, f32 output.

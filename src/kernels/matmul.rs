@@ -246,6 +246,9 @@ impl Matmul {
                     return if self.k >= 1280 { mid } else { CoopTile::NARROW };
                 }
             }
+            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && self.n <= 32 {
+                return CoopTile::THIN;
+            }
             if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && ((self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64)) {
                 return mid;
             }

@@ -161,7 +161,7 @@ impl GroupNorm {
             &PipelineKey::new(Shader::Norm, "gn_final"),
             &p,
             &[&self.partials, stats],
-            [(self.batch * self.groups).div_ceil(64) as u32, 1, 1],
+            [(self.batch * self.groups) as u32, 1, 1],
             0.0,
             (self.partials.numel() * 4) as f64,
         )?;
