@@ -246,8 +246,14 @@ impl Matmul {
                     return if self.k >= 1280 { mid } else { CoopTile::NARROW };
                 }
             }
-            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && self.n <= 32 {
-                return CoopTile::THIN;
+            // At most 32 output channels: the 128x32 tile where it makes a wave or can be split
+            // over K (H100, session 11: VAE conv_out 512x512 -> 3, 2048 tiles, 674 -> 379 us;
+            // encoder conv_out 64x64 -> 8, split, 63 -> 46 us; but the UNet's conv_out to 4, 64
+            // tiles and no split, 77 -> 116 us, so it keeps CONV_MID).
+            let thin = CoopTile::THIN;
+            let thin_tiles = self.m.div_ceil(thin.bm as usize) * self.batch;
+            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && self.n <= 32 && (thin_tiles >= 132 || self.n.is_multiple_of(8)) {
+                return thin;
             }
             if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && ((self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64)) {
                 return mid;

@@ -55,9 +55,9 @@ impl CoopTile {
     /// `bench --all-tiles` twice, TFLOP/s against SMALL_LONG_K: 512x1280x1280 60 vs 47,
     /// 512x1280x5120 71 vs 55, 154x640x768 10.2 vs 6.5, training 256x1280x1280 38 vs 24).
     pub const ROWS_MID: CoopTile = tile(64, 64, 4, 2, 64, 1, 8);
-    /// For outputs of at most 32 columns (the VAE's conv_out to 3 channels at 512x512, the
-    /// encoder's to 8, the UNet's to 4): 128 rows by 32 columns, one column of 4 subgroups of
-    /// 32x32, so the padding is at most 29 columns, not the 125 of a 128-wide tile.
+    /// For convolutions to at most 32 channels (the VAE's conv_out to 3 channels at 512x512,
+    /// the encoder's to 8): 128 rows by 32 columns, one column of 4 subgroups of 32x32, so the
+    /// padding is at most 29 columns, not the 125 of a 128-wide tile.
     pub const THIN: CoopTile = tile(128, 32, 4, 4, 32, 1, 8);
     /// All configurations the launcher may use or the benchmark times. Valid ones: 2 or 4
     /// fragments a subgroup along each axis, 1 to 4 vec-8 entries of each tile an
