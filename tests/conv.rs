@@ -123,10 +123,12 @@ fn every_coop_tile() {
 
 #[test]
 fn few_output_channels() {
-    // The VAE's conv_out (3 channels: odd, through the launcher's scratch) and the encoder's (8):
-    // on the cooperative-matrix path these take the 128x32 THIN tile.
+    // The VAE's conv_out (3 channels: odd, through the launcher's scratch) and the encoder's (8),
+    // with the launcher's tile and with the 128x32 THIN tile it gives them at full size.
     for cout in [3, 8] {
-        run(Conv2d::new(1, 20, 18, 32, cout, 3, 1, 1), true, DType::F16);
+        let c = Conv2d::new(1, 20, 18, 32, cout, 3, 1, 1);
+        run(c, true, DType::F16);
+        run(Conv2d { tile: Some(CoopTile::THIN), ..c }, true, DType::F16);
     }
 }
 
