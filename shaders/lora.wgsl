@@ -66,26 +66,7 @@ fn unit_index(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.y * nwg.x + wg.x) * 256u + lid;
 }
 
-// A 32-bit integer hash (Wellons' lowbias32): a bijection with good avalanche.
-fn mix32(x: u32) -> u32 {
-    var h = x;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
-
-// The key of one (step seed, layer) stream.
-fn stream_key(seed_lo: u32, seed_hi: u32, salt: u32) -> u32 {
-    return mix32(seed_lo ^ mix32(seed_hi ^ mix32(salt)));
-}
-
-// The random word of element i in a stream.
-fn keep_hash(i: u32, key: u32) -> u32 {
-    return mix32(mix32(i ^ key) + key);
-}
+// mix32, stream_key, keep_hash: shaders/dropout_hash.wgsl, appended to this file.
 
 fn keep_factor(i: u32, key: u32) -> f32 {
     if (i >= p.numel || (keep_hash(i, key) >> 8u) < p.threshold) { return 0.0; }

@@ -104,23 +104,8 @@ override RV: u32 = 1u;
 // *_masked: the step's words (lora.wgsl's `hyper`; 0, 1: the dropout seed).
 @group(0) @binding(4) var<storage, read> hyper: array<u32>;
 
-// lora.wgsl's dropout hash (kept identical: the masked kernels regenerate its masks; mirrored
-// on the CPU by kernels::lora::dropout_keep).
-fn mix32(x: u32) -> u32 {
-    var h = x;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
-fn stream_key(seed_lo: u32, seed_hi: u32, salt: u32) -> u32 {
-    return mix32(seed_lo ^ mix32(seed_hi ^ mix32(salt)));
-}
-fn keep_hash(i: u32, key: u32) -> u32 {
-    return mix32(mix32(i ^ key) + key);
-}
+// mix32, stream_key, keep_hash: shaders/dropout_hash.wgsl, appended to this file (the same
+// hash as lora.wgsl's dropout, so the masks agree).
 
 // The stream keys of members 0..3 this step (the *_masked entries).
 fn member_keys() -> vec4<u32> {

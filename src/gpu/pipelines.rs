@@ -77,7 +77,8 @@ impl Shader {
 
     /// The WGSL source: embedded in the binary, or for kernel work read from
     /// `$ATELIER_SHADER_DIR/<name>.wgsl` when that variable is set and the file exists (read
-    /// once per process; lets one build time several versions of a shader).
+    /// once per process; lets one build time several versions of a shader). Either way the
+    /// shared code of [`Shader::appended`] follows it.
     pub fn source(self) -> &'static str {
         if let Some(s) = self.source_from_dir() {
             return s;
@@ -93,7 +94,7 @@ impl Shader {
         let mut cache = CACHE.get_or_init(Default::default).lock().ok()?;
         *cache.entry(self).or_insert_with(|| {
             let path = std::path::Path::new(&dir).join(format!("{}.wgsl", self.name()));
-            let text = std::fs::read_to_string(&path).ok()?;
+            let text = std::fs::read_to_string(&path).ok()? + self.appended();
             eprintln!("atelier: {} from {}", self.name(), path.display());
             Some(Box::leak(text.into_boxed_str()))
         })
@@ -114,9 +115,18 @@ impl Shader {
             Shader::AttentionBackwardCoop => include_str!("../../shaders/attention_backward_coop.wgsl"),
             Shader::AttentionBackwardWarp => include_str!("../../shaders/attention_backward_warp.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
-            Shader::Lora => include_str!("../../shaders/lora.wgsl"),
-            Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
+            Shader::Lora => concat!(include_str!("../../shaders/lora.wgsl"), include_str!("../../shaders/dropout_hash.wgsl")),
+            Shader::LoraSkinny => concat!(include_str!("../../shaders/lora_skinny.wgsl"), include_str!("../../shaders/dropout_hash.wgsl")),
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
+        }
+    }
+
+    /// WGSL shared by several shaders, appended to this one's file: the dropout hash
+    /// (`shaders/dropout_hash.wgsl`) of the LoRA kernels, whose masks must agree.
+    pub fn appended(self) -> &'static str {
+        match self {
+            Shader::Lora | Shader::LoraSkinny => include_str!("../../shaders/dropout_hash.wgsl"),
+            _ => "",
         }
     }
 
