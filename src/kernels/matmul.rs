@@ -211,13 +211,15 @@ impl Matmul {
             let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
             let mid = CoopTile::CONV_MID;
             let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
+            // A forward convolution (not an input gradient's gather).
+            let forward_conv = self.conv.is_some_and(|g| !g.flip_b && !g.transposed);
             // Linears keep the big tile down to about one wave (H100, UNet linears at M 8192:
             // N 320 K 320 35.6 -> 44.3 TFLOP/s, N 960 53.9 -> 68.4, N 320 K 1280 58.9 -> 67.7).
             // Forward convolutions keep it from about one wave (H100, session 11, after the
             // gather's carry: VAE 128x128x512 at 256 tiles 105 vs CONV_MID's 94 TFLOP/s, UNet
             // 64x64x320 batch 2 at 128 tiles 66 vs 62; at 64 tiles CONV_MID wins, 95 vs 56).
             let enough = match self.conv {
-                Some(g) if !g.flip_b && !g.transposed => 128,
+                Some(_) if forward_conv => 128,
                 Some(_) => 264,
                 // Wide outputs keep it down to 64 tiles (training, 256x10240x1280: 127 -> 86 us).
                 None if self.n >= 4096 => 64,
@@ -252,10 +254,10 @@ impl Matmul {
             // tiles and no split, 77 -> 116 us, so it keeps CONV_MID).
             let thin = CoopTile::THIN;
             let thin_tiles = self.m.div_ceil(thin.bm as usize) * self.batch;
-            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && self.n <= 32 && (thin_tiles >= 132 || self.n.is_multiple_of(8)) {
+            if forward_conv && self.n <= 32 && (thin_tiles >= 132 || self.n.is_multiple_of(8)) {
                 return thin;
             }
-            if self.conv.is_some_and(|g| !g.flip_b && !g.transposed) && ((self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64)) {
+            if forward_conv && ((self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64)) {
                 return mid;
             }
             match (tiles < enough, self.k >= 640) {
