@@ -23,6 +23,10 @@ struct Params {
     beta: f32,       // affine shift
     ld_src: u32,     // copy2d: source row stride
     ld_dst: u32,     // copy2d: destination row stride
+    bias_off: u32,   // splitk_sum: output row r adds row r / bias_rows of a bias matrix
+    bias_rows: u32,  // whose rows are bias_ld elements apart, from element bias_off (a
+    bias_ld: u32,    // per-image bias); bias_rows 1 and bias_ld 0 for one vector
+    _pad0: u32,
 }
 
 override IN_F32: bool = false;
@@ -188,9 +192,10 @@ fn copy2d(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
                    vec4<f32>(src_at(s + 4u), src_at(s + 5u), src_at(s + 6u), src_at(s + 7u))));
 }
 
-// splitk_sum: y[i] = Σ_{s < b_len} x[s·numel + i] (+ bias[i % cols] when op & 1) (+ y[i] when
-// op & 2): the reduction of a convolution split over K into b_len f32 partial products
-// (IN_F32 is true; x2 holds the f16 bias; numel a multiple of 8). 8 elements per invocation.
+// splitk_sum: y[i] = Σ_{s < b_len} x[s·numel + i] (+ bias[r / bias_rows, i % cols] of row
+// r = i / cols when op & 1) (+ y[i] when op & 2): the reduction of a convolution split over K
+// into b_len f32 partial products (IN_F32 is true; x2 holds the f16 bias; numel, cols,
+// bias_off and bias_ld multiples of 8). 8 elements per invocation.
 @compute @workgroup_size(256)
 fn splitk_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
@@ -205,8 +210,8 @@ fn splitk_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     }
     if ((p.op & 1u) != 0u) {
         let i = 8u * u;
-        let c = i % p.cols;
-        // cols is a multiple of 8: the eight columns c..c+8 are one word of the bias.
+        let c = p.bias_off + (i / p.cols / p.bias_rows) * p.bias_ld + i % p.cols;
+        // Every term a multiple of 8: the eight columns are one word of the bias.
         let bw = unpack8(x2[c / 8u]);
         lo += bw.lo;
         hi += bw.hi;

@@ -2,7 +2,8 @@
 // f16 inputs, f32 accumulators.
 //
 // Same contract as matmul_scalar.wgsl (read it first): C[b] = alpha * op(A[b])·op(B[b])
-// (+ bias[n]) (+ C[b] when ACCUMULATE); TRANS_A: A stored [K,M]; TRANS_B: B stored [N,K].
+// (+ bias[m / bias_rows, n]) (+ C[b] when ACCUMULATE); TRANS_A: A stored [K,M]; TRANS_B: B
+// stored [N,K].
 // Global f16 tensors are read as mat2x4<f16> (16 bytes = 8 halves: naga's bitcast cannot
 // turn vec2<u32> into vec4<f16>) with zero fill at the edges, so any M, N, K work; C is written as packed f16 pairs (ldc even) or f32 (OUT_F32).
 // Dispatch: (ceil(N/BN), ceil(M/BM), batch) workgroups of WARPS subgroups of 32 invocations
@@ -56,6 +57,10 @@ struct Params {
     // (image, oy, ox) of the [oh, ow] output, column k = (ky, kx, ci) of a ks x ks window.
     ih: u32, iw: u32, cin: u32, ks: u32,
     stride: u32, pad: u32, oh: u32, ow: u32,
+    // The bias of row m is row m / bias_rows of a bias matrix with rows bias_ld elements apart
+    // (from off_bias): a per-image bias (a resnet's conv1 bias plus its image's time embedding)
+    // with bias_rows = oh·ow; bias_rows = 1 and bias_ld = 0 for one bias vector.
+    bias_rows: u32, bias_ld: u32, _pad0: u32, _pad1: u32,
 }
 
 override WARPS: u32 = 8u;
@@ -397,7 +402,7 @@ fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32
             if (nc + q < p.n) {
                 var v = vec2<f32>(stage[st + lr * 16u + lc + q], stage[st + lr * 16u + lc + q + 1u]) * p.alpha;
                 if (has_bias) {
-                    let bi = p.off_bias + nc + q;
+                    let bi = p.off_bias + (m / p.bias_rows) * p.bias_ld + nc + q;
                     v.x += f32(half_at(bias[bi >> 3u], bi));
                     if (nc + q + 1u < p.n) { v.y += f32(half_at(bias[(bi + 1u) >> 3u], bi + 1u)); }
                 }

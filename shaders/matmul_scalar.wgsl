@@ -1,6 +1,7 @@
 // matmul_scalar.wgsl — tiled scalar matrix product, f16 storage, f32 arithmetic.
 //
-// C[b] = alpha * op(A[b]) · op(B[b]) (+ bias[n]) (+ C[b] when ACCUMULATE), row-major C [M, N].
+// C[b] = alpha * op(A[b]) · op(B[b]) (+ bias[m / bias_rows, n]: one bias vector, or
+// one per image, see Params) (+ C[b] when ACCUMULATE), row-major C [M, N].
 //   op(A)(m, k) = TRANS_A ? A[k*lda + m] : A[m*lda + k]     (A stored [M,K] or [K,M])
 //   op(B)(k, n) = TRANS_B ? B[n*ldb + k] : B[k*ldb + n]     (B stored [N,K] or [K,N])
 // Y = X·Wᵀ + b is TRANS_B; X·W is neither; Xᵀ·Y is TRANS_A.
@@ -46,6 +47,10 @@ struct Params {
     // (image, oy, ox) of the [oh, ow] output, column k = (ky, kx, ci) of a ks x ks window.
     ih: u32, iw: u32, cin: u32, ks: u32,
     stride: u32, pad: u32, oh: u32, ow: u32,
+    // The bias of row m is row m / bias_rows of a bias matrix with rows bias_ld elements apart
+    // (from off_bias): a per-image bias (a resnet's conv1 bias plus its image's time embedding)
+    // with bias_rows = oh·ow; bias_rows = 1 and bias_ld = 0 for one bias vector.
+    bias_rows: u32, bias_ld: u32, _pad0: u32, _pad1: u32,
 }
 
 override TRANS_A: bool = false;
@@ -247,8 +252,8 @@ fn put(is_a: bool, x_contig: bool, t: u32, w: vec4<u32>) {
     }
 }
 
-fn bias_at(n: u32) -> f32 {
-    let i = p.off_bias + n;
+fn bias_at(m: u32, n: u32) -> f32 {
+    let i = p.off_bias + (m / p.bias_rows) * p.bias_ld + n;
     return half_at(bias[i >> 3u], i);
 }
 
@@ -257,10 +262,10 @@ fn emit(m: u32, nb: u32, acc: vec4<f32>, base_c: u32) {
     if (m >= p.m || nb >= p.n) { return; }
     var v = acc * p.alpha;
     if ((p.flags & 1u) != 0u) {
-        v.x += bias_at(nb);
-        if (nb + 1u < p.n) { v.y += bias_at(nb + 1u); }
-        if (nb + 2u < p.n) { v.z += bias_at(nb + 2u); }
-        if (nb + 3u < p.n) { v.w += bias_at(nb + 3u); }
+        v.x += bias_at(m, nb);
+        if (nb + 1u < p.n) { v.y += bias_at(m, nb + 1u); }
+        if (nb + 2u < p.n) { v.z += bias_at(m, nb + 2u); }
+        if (nb + 3u < p.n) { v.w += bias_at(m, nb + 3u); }
     }
     let accumulate = (p.flags & 2u) != 0u;
     let i = base_c + m * p.ldc + nb;

@@ -8,7 +8,7 @@ mod common;
 
 use atelier::gpu::{DType, KernelPath, Recorder, Tensor};
 use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
-use atelier::kernels::matmul::CoopTile;
+use atelier::kernels::matmul::{BiasLayout, CoopTile};
 use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Inputs are exact f16 values, products are accumulated in f32 over K ≤ 2880 and the result
@@ -173,6 +173,55 @@ fn split_over_k() {
         let r: Vec<f64> = reference(&c, &x, &w, Some(&bias)).iter().zip(&y0).map(|(a, &b)| a + b as f64).collect();
         let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
         assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+    }
+}
+
+#[test]
+fn per_image_bias() {
+    // A bias row per image (the UNet's resnets: conv1's bias plus the image's time embedding,
+    // read from one [batch, all resnets' channels] matrix at the resnet's column offset), on
+    // the plain epilogue, a forced coop tile, and a split over K (its sum reads the bias).
+    let g = gpu();
+    let (ld, off) = (40, 16);
+    for (c, split, tile) in [
+        (Conv2d::new(3, 5, 6, 16, 24, 3, 1, 1), None, None),
+        (Conv2d::new(3, 5, 6, 16, 24, 3, 1, 1), Some(3), None),
+        (Conv2d::new(2, 9, 7, 32, 24, 3, 2, 1), None, Some(CoopTile::THIN)),
+    ] {
+        for path in paths() {
+            if tile.is_some() && path != KernelPath::Coop {
+                continue;
+            }
+            let what = format!("per-image bias {c:?} split {split:?} tile {tile:?} on {path}");
+            let sd = seed(&what);
+            let (oh, ow) = c.out_hw();
+            let x = round_f16(&random(c.batch * c.h * c.w * c.cin, sd));
+            let w = round_f16(&random(c.cout * c.cin * 9, sd ^ 1));
+            let bias = round_f16(&random(off + c.batch * ld, sd ^ 2));
+            let tx = Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cin], DType::F16, &x, "x").unwrap();
+            let tw = Tensor::from_f32(g, &[c.cout, 3, 3, c.cin], DType::F16, &conv_weight_to_nhwc(&w, c.cout, c.cin, 3, 3), "w").unwrap();
+            let tb = Tensor::from_f32(g, &[bias.len()], DType::F16, &bias, "bias").unwrap();
+            let ty = Tensor::empty(g, &[c.batch, oh, ow, c.cout], DType::F16, "y").unwrap();
+            ty.fill_words(g, POISON);
+            let mut mm = c.matmul().unwrap();
+            mm.path = Some(path);
+            mm.split_k = split;
+            mm.tile = tile;
+            mm.bias_layout = BiasLayout { off, rows: oh * ow, ld };
+            let mut rec = Recorder::new(g);
+            mm.run(g, &mut rec, &tx, &tw, Some(&tb), &ty).unwrap();
+            rec.finish().unwrap();
+            let mut r = reference(&c, &x, &w, None);
+            for (i, v) in r.iter_mut().enumerate() {
+                let (row, o) = (i / c.cout, i % c.cout);
+                *v += bias[off + row / (oh * ow) * ld + o] as f64;
+            }
+            let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
+            assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+            // One row short of the last image's bias is refused, not read past.
+            let short = Tensor::empty(g, &[off + (c.batch - 1) * ld + c.cout - 1], DType::F16, "short bias").unwrap();
+            assert!(mm.run(g, &mut Recorder::new(g), &tx, &tw, Some(&short), &ty).is_err(), "{what}: short bias accepted");
+        }
     }
 }
 

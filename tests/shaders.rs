@@ -84,7 +84,7 @@ macro_rules! rust_layout {
 fn uniform_structs_match_wgsl() {
     use atelier::kernels::elementwise::ElementwiseParams;
     use atelier::kernels::matmul::MatmulParams;
-    let mm = rust_layout!(MatmulParams { m, n, k, batch, lda, ldb, ldc, flags, stride_a, stride_b, stride_c, alpha, off_a, off_b, off_c, off_bias, ih, iw, cin, ks, stride, pad, oh, ow });
+    let mm = rust_layout!(MatmulParams { m, n, k, batch, lda, ldb, ldc, flags, stride_a, stride_b, stride_c, alpha, off_a, off_b, off_c, off_bias, ih, iw, cin, ks, stride, pad, oh, ow, bias_rows, bias_ld, _pad0, _pad1 });
     assert_eq!(wgsl_struct(Shader::MatmulScalar, "Params"), mm);
     assert_eq!(wgsl_struct(Shader::MatmulCoop, "Params"), mm);
     use atelier::kernels::norm::NormParams;
@@ -106,7 +106,7 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::tensor_ops::TensorOpsParams;
     let to = rust_layout!(TensorOpsParams { words, c1, c2, h, w, shift, oh, ow });
     assert_eq!(wgsl_struct(Shader::TensorOps, "Params"), to);
-    let ew = rust_layout!(ElementwiseParams { numel, b_len, op, cols, alpha, beta, ld_src, ld_dst });
+    let ew = rust_layout!(ElementwiseParams { numel, b_len, op, cols, alpha, beta, ld_src, ld_dst, bias_off, bias_rows, bias_ld, _pad0 });
     assert_eq!(wgsl_struct(Shader::Elementwise, "Params"), ew);
     use atelier::kernels::lora::LoraKernelParams;
     let lo = rust_layout!(LoraKernelParams { numel, salt, threshold, scale, parts, _pad0, _pad1, _pad2 });

@@ -7,6 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 use super::grid;
+use super::matmul::BiasLayout;
 use crate::gpu::{DType, Dispatch, Gpu, PipelineKey, Shader, Tensor};
 
 /// Mirrors `struct Params` in elementwise.wgsl.
@@ -21,6 +22,10 @@ pub struct ElementwiseParams {
     pub beta: f32,
     pub ld_src: u32,
     pub ld_dst: u32,
+    pub bias_off: u32,
+    pub bias_rows: u32,
+    pub bias_ld: u32,
+    pub _pad0: u32,
 }
 
 /// Unary operations.
@@ -198,19 +203,35 @@ pub fn copy2d(gpu: &Gpu, src: &Tensor, dst: &Tensor, rows: usize, cols: usize, l
 }
 
 /// The sum of a split-K product: y [rows, cols] (f16 or f32) = Σ_s x[s] (x f32 [slices, rows,
-/// cols]) + bias [cols] (f16, optional) (+ y with `accumulate`). rows·cols and cols multiples
-/// of 8.
-pub fn splitk_sum(gpu: &Gpu, x: &Tensor, slices: usize, bias: Option<&Tensor>, y: &Tensor, cols: usize, accumulate: bool) -> Result<Dispatch> {
+/// cols]) + the f16 bias (optional, read by its [`BiasLayout`]: one vector [cols], or one row
+/// per group of output rows) (+ y with `accumulate`). rows·cols, cols and the layout's offset
+/// and row stride multiples of 8.
+pub fn splitk_sum(gpu: &Gpu, x: &Tensor, slices: usize, bias: Option<(&Tensor, BiasLayout)>, y: &Tensor, cols: usize, accumulate: bool) -> Result<Dispatch> {
     let n = y.numel();
     check_len("split-K sum", n * slices)?;
-    if x.dtype != DType::F32 || bias.is_some_and(|b| b.dtype != DType::F16 || b.numel() != cols) {
-        return Err(Error::DType { op: "split-K sum".into(), detail: "partials must be f32, the bias f16 [cols]".into() });
+    if x.dtype != DType::F32 || bias.is_some_and(|(b, _)| b.dtype != DType::F16) {
+        return Err(Error::DType { op: "split-K sum".into(), detail: "partials must be f32, the bias f16".into() });
     }
     if slices == 0 || cols == 0 || !cols.is_multiple_of(8) || !n.is_multiple_of(cols) || x.numel() != slices * n {
         return Err(Error::shape("split-K sum", format!("x {:?} in {slices} slices to y {:?} of {cols} columns (a multiple of 8)", x.shape, y.shape)));
     }
+    let layout = bias.map(|(_, l)| l).unwrap_or_default();
+    if let Some((b, l)) = bias
+        && (l.rows == 0 || !l.off.is_multiple_of(8) || !l.ld.is_multiple_of(8) || b.numel() < l.extent(n / cols, cols))
+    {
+        return Err(Error::shape("split-K sum", format!("bias {:?} with layout {l:?} for {} rows of {cols} (offset and row stride multiples of 8)", b.shape, n / cols)));
+    }
     let op = bias.is_some() as u32 | (accumulate as u32) << 1;
-    let p = ElementwiseParams { numel: n as u32, b_len: slices as u32, op, cols: cols as u32, ..Default::default() };
+    let p = ElementwiseParams {
+        numel: n as u32,
+        b_len: slices as u32,
+        op,
+        cols: cols as u32,
+        bias_off: layout.off as u32,
+        bias_rows: layout.rows as u32,
+        bias_ld: layout.ld as u32,
+        ..Default::default()
+    };
     let bytes = (n * (slices * 4 + y.dtype.size() * (1 + accumulate as usize))) as f64;
-    gpu.dispatch(&key("splitk_sum", DType::F32, y.dtype), &p, &[x, y, bias.unwrap_or(x)], grid(n / 8), 0.0, bytes)
+    gpu.dispatch(&key("splitk_sum", DType::F32, y.dtype), &p, &[x, y, bias.map_or(x, |(b, _)| b)], grid(n / 8), 0.0, bytes)
 }

@@ -39,6 +39,35 @@ pub struct MatmulParams {
     pub pad: u32,
     pub oh: u32,
     pub ow: u32,
+    pub bias_rows: u32,
+    pub bias_ld: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
+
+/// Where output row m reads its bias: row m / `rows` of a bias matrix whose rows are `ld`
+/// elements apart, starting at element `off` of the bias tensor. The default (rows 1, ld 0)
+/// is one bias vector [N] for every row; a per-image bias (a resnet's conv1 bias plus its
+/// image's time embedding, one row per image of oh·ow output rows) sets rows to oh·ow. The
+/// split-K sum reads the bias in 8-element words: there off and ld must be multiples of 8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BiasLayout {
+    pub off: usize,
+    pub rows: usize,
+    pub ld: usize,
+}
+
+impl Default for BiasLayout {
+    fn default() -> Self {
+        BiasLayout { off: 0, rows: 1, ld: 0 }
+    }
+}
+
+impl BiasLayout {
+    /// The bias elements a product of `m` rows and `n` columns reads up to (exclusive).
+    pub fn extent(&self, m: usize, n: usize) -> usize {
+        self.off + (m.max(1) - 1) / self.rows.max(1) * self.ld + n
+    }
 }
 
 const FLAG_BIAS: u32 = 1;
@@ -111,6 +140,8 @@ pub struct Matmul {
     /// so must N. A strided C never splits over K.
     pub ldc: Option<usize>,
     pub off_c: usize,
+    /// How rows read the bias (default: one vector [N]).
+    pub bias_layout: BiasLayout,
 }
 
 impl Matmul {
@@ -135,6 +166,7 @@ impl Matmul {
             off_b: 0,
             ldc: None,
             off_c: 0,
+            bias_layout: BiasLayout::default(),
         }
     }
 
@@ -345,6 +377,9 @@ impl Matmul {
             pad: g.pad as u32,
             oh: g.oh as u32,
             ow: g.ow as u32,
+            off_bias: self.bias_layout.off as u32,
+            bias_rows: self.bias_layout.rows as u32,
+            bias_ld: self.bias_layout.ld as u32,
             ..Default::default()
         };
         let out_f32 = c.dtype == DType::F32;
@@ -429,10 +464,14 @@ impl Matmul {
         if b.numel() < need_b {
             return Err(Error::shape(op, format!("B {:?} holds {} values, needs {need_b}", b.shape, b.numel())));
         }
+        let bl = self.bias_layout;
+        if bl.rows == 0 || (bl.ld != 0 && bl.ld < self.n) {
+            return Err(Error::shape(op, format!("bias layout {bl:?}: rows must be at least 1, and the bias's rows 0 (one vector) or at least N={} apart", self.n)));
+        }
         if let Some(t) = bias
-            && t.numel() < self.n
+            && t.numel() < bl.extent(self.m, self.n)
         {
-            return Err(Error::shape(op, format!("bias {:?} shorter than N={}", t.shape, self.n)));
+            return Err(Error::shape(op, format!("bias {:?} too small for {}x{} output rows with layout {bl:?}", t.shape, self.m, self.n)));
         }
         if ldc < self.n || c.numel() < self.off_c + self.batch * self.m * ldc - (ldc - self.n) {
             return Err(Error::shape(op, format!("C {:?} too small for {}x{}x{} (ldc {ldc}, offset {})", c.shape, self.batch, self.m, self.n, self.off_c)));
@@ -465,6 +504,7 @@ impl Matmul {
         mm.accumulate = false;
         mm.split_k = Some(slices);
         rec.run(&mm.prepare(gpu, a, b, None, parts, self.n)?)?;
+        let bias = bias.map(|t| (t, self.bias_layout));
         rec.run(&super::elementwise::splitk_sum(gpu, parts, slices, bias, c, self.n, self.accumulate)?)
     }
 
