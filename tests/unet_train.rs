@@ -204,9 +204,19 @@ fn ten_adamw_steps_follow_pytorch() {
         let loss = plan.loss.to_f32(g).unwrap()[0] as f64;
         let want = want_loss[k] as f64;
         let e = (loss - want).abs() / want;
-        // PyTorch's fp16 run drifts from the float64 one, not monotonically (its error at
-        // each step is in the notes); ours may drift twice as far as it has by this step.
-        let bound = 2.0 * fp16_err[..=k].iter().cloned().fold(0.0, f64::max) + 2e-3;
+        // Step 1 runs from the same parameters: our loss within twice PyTorch fp16's error
+        // there. After it the runs part chaotically: AdamW's first steps move every element by
+        // about ±lr whatever its size, so gradient elements near zero take their sign from
+        // rounding, and the step at which that surfaces in the loss differs from run to run.
+        // PyTorch's own fp16 run shows it (errors 5e-5, 3e-4, 6e-4, 4e-3, 4e-3, 5e-3, 5e-4,
+        // 4e-3, 2e-3, 1.4e-2), and so do ours: the same code with only the convolutions'
+        // summation order changed (split over K in 2 or 3) read 1.36e-2 at step 6 where the
+        // unsplit run read 1.2e-4. So each later step is held to twice the largest drift of
+        // PyTorch's fp16 run over the ten steps (a per-step bound from its running maximum
+        // failed unchanged code under a reordered sum); a wrong optimizer, clipping or loss
+        // scale moves the loss by far more (it also fails the final-parameter check below).
+        let envelope = if k == 0 { fp16_err[0] } else { fp16_err.iter().cloned().fold(0.0, f64::max) };
+        let bound = 2.0 * envelope + 2e-3;
         let (norm, _) = lp.grad_norm(g).unwrap();
         println!("step {}: loss {loss:.6} vs {want:.6} (rel {e:.2e}, bound {bound:.2e}), grad norm {norm:.4}", k + 1);
         assert!(e <= bound, "step {}: loss relative error {e:.3e} over {bound:.3e}", k + 1);

@@ -12,7 +12,7 @@ use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use crate::kernels::grad_ops::{slice_cols, GradOut};
 use crate::kernels::tensor_ops::softmax_rows;
-use crate::kernels::matmul::Matmul;
+use crate::kernels::matmul::{BiasLayout, Matmul};
 use crate::kernels::norm::{self, GroupNorm};
 use crate::kernels::norm_backward::{self, GroupNormBackward};
 use crate::model::weights::Prefix;
@@ -142,7 +142,18 @@ impl Conv {
     }
 
     /// Records y [batch, oh, ow, cout] (=, or += with `accumulate`) from x [batch, h, w, cin].
-    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor, accumulate: bool) -> Result<()> {
+    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: (usize, usize, usize), y: &Tensor, accumulate: bool) -> Result<()> {
+        self.record(pb, x, hw, y, accumulate, &self.b, BiasLayout::default())
+    }
+
+    /// As [`Conv::forward`] (=), with the bias read from `bias` by `layout` instead of the
+    /// layer's own (a resnet's conv1: its bias plus the time embedding, one row per image).
+    pub fn forward_with_bias(&self, pb: &mut PlanBuilder, x: &Tensor, hw: (usize, usize, usize), y: &Tensor, bias: &Tensor, layout: BiasLayout) -> Result<()> {
+        self.record(pb, x, hw, y, false, bias, layout)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor, accumulate: bool, bias: &Tensor, layout: BiasLayout) -> Result<()> {
         let conv = self.shape(batch, h, w);
         let (oh, ow) = self.out_hw(h, w);
         if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
@@ -153,7 +164,8 @@ impl Conv {
             (g.ih, g.iw) = (h, w);
         }
         mm.accumulate = accumulate;
-        run_pooled(pb, &mm, x, &self.w, Some(&self.b), y)
+        mm.bias_layout = layout;
+        run_pooled(pb, &mm, x, &self.w, Some(bias), y)
     }
 
     /// A new tensor [batch, oh, ow, cout] = conv(x).

@@ -11,7 +11,7 @@ use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::tensor_ops;
 use crate::model::layers::{Conv, Linear, Norm, Taps};
-use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, Upsample2D};
+use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, TimeBias, TimeStack, Upsample2D};
 use crate::model::unet_transformer::{AdaptableWeight, Transformer2D};
 use crate::model::weights::Weights;
 
@@ -29,6 +29,8 @@ pub struct UNet2DConditionModel {
     pub cfg: UNetConfig,
     pub(crate) linear_1: Linear,
     pub(crate) linear_2: Linear,
+    /// Every resnet's time projection and conv1 bias, stacked ([`TimeStack`]).
+    pub(crate) resnet_time_proj: Linear,
     pub(crate) conv_in: Conv,
     pub(crate) down: Vec<Level>,
     pub(crate) mid_resnets: [ResnetBlock2D; 2],
@@ -64,7 +66,8 @@ impl UNet2DConditionModel {
         let (t_in, t_dim) = (cfg.time_proj_dim(), cfg.time_embed_dim());
         let (groups, eps, heads, ctx) = (cfg.norm_num_groups, cfg.norm_eps, cfg.num_heads(), cfg.cross_attention_dim);
         let (tl, linear) = (cfg.transformer_layers_per_block, cfg.use_linear_projection);
-        let resnet = |q: &crate::model::weights::Prefix, cin, cout| ResnetBlock2D::load(q, cin, cout, Some(t_dim), groups, eps);
+        let mut stack = TimeStack::new(t_dim);
+        let mut resnet = |q: &crate::model::weights::Prefix, cin, cout| ResnetBlock2D::load(q, cin, cout, Some(&mut stack), groups, eps);
         let transformer = |q: &crate::model::weights::Prefix, c| Transformer2D::load(q, c, heads, ctx, tl, groups, linear);
 
         // Down path; the skip stack's channel counts follow the diffusers module order.
@@ -119,6 +122,7 @@ impl UNet2DConditionModel {
             cfg: cfg.clone(),
             linear_1: Linear::load(&p.at("time_embedding.linear_1"), t_dim, t_in, true)?,
             linear_2: Linear::load(&p.at("time_embedding.linear_2"), t_dim, t_dim, true)?,
+            resnet_time_proj: stack.finish(&p)?,
             conv_in: Conv::load(&p.at("conv_in"), cfg.in_channels, ch[0], 3, 1)?,
             down,
             mid_resnets,
@@ -159,8 +163,8 @@ impl UNet2DConditionModel {
         let context = Tensor::empty(gpu, &[batch, tokens, cfg.cross_attention_dim], DType::F16, "unet context")?;
         let ctx = (&context, tokens);
 
-        let temb_act = self.time_embedding(&mut pb, &timestep, batch, &mut taps)?;
-        let temb = Some(&temb_act);
+        let time_bias = self.time_biases(&mut pb, &timestep, batch, &mut taps)?;
+        let temb = Some(&TimeBias { t: &time_bias, n: self.resnet_time_proj.n });
 
         // Down path: every block output stays alive as a skip until the up path takes it.
         let mut hw: Hw = (batch, height, width);
@@ -225,7 +229,7 @@ impl UNet2DConditionModel {
         let out = Tensor::empty(gpu, &[batch, height, width, cfg.out_channels], DType::F16, "unet out")?;
         self.conv_out.forward(&mut pb, &n, hw, &out, false)?;
         pb.free(n);
-        pb.free(temb_act);
+        pb.free(time_bias);
         Ok(UNetPlan { batch, height, width, sample, timestep, context, out, plan: pb.finish(), taps })
     }
 }
@@ -251,6 +255,15 @@ impl UNet2DConditionModel {
         pb.run(elementwise::unary(gpu, Unary::Silu, &temb, &temb_act)?)?;
         pb.free(temb);
         Ok(temb_act)
+    }
+
+    /// Records the time embedding and from it every resnet's conv1 bias per image, [batch,
+    /// Σ cout] (a new pool tensor; the caller frees it): see [`TimeStack`].
+    pub(crate) fn time_biases(&self, pb: &mut PlanBuilder, timestep: &Tensor, batch: usize, taps: &mut Taps) -> Result<Tensor> {
+        let temb_act = self.time_embedding(pb, timestep, batch, taps)?;
+        let biases = self.resnet_time_proj.apply(pb, &temb_act, "resnets' conv1 biases")?;
+        pb.free(temb_act);
+        Ok(biases)
     }
 }
 

@@ -16,13 +16,58 @@
 
 use crate::error::Result;
 use crate::gpu::{PlanBuilder, Tensor};
-use crate::kernels::elementwise::{self, Binary, Unary};
+use crate::kernels::elementwise::{self, Unary};
+use crate::kernels::matmul::BiasLayout;
 use crate::kernels::{grad_ops, tensor_ops};
 use crate::model::layers::{Conv, Linear, Norm};
 use crate::model::weights::Prefix;
 
 /// An image batch's geometry: (batch, height, width).
 pub type Hw = (usize, usize, usize);
+
+/// The time-embedding projections of a UNet's resnets, stacked while they load into one
+/// linear layer [Σ cout, t]. A resnet adds `time_emb_proj(SiLU(temb))` to conv1's output,
+/// which is a bias per image; the stack's bias holds each resnet's `time_emb_proj.bias` plus
+/// its `conv1.bias`, so one product at the start of a pass gives, per image, every resnet's
+/// whole conv1 bias ([`TimeBias`]), and conv1 adds its row in its epilogue: one launch for
+/// what took a projection, a split-K sum and an add per resnet.
+pub struct TimeStack {
+    k: usize,
+    w: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl TimeStack {
+    /// A stack of projections from the time embedding's width `k`.
+    pub fn new(k: usize) -> Self {
+        TimeStack { k, w: Vec::new(), b: Vec::new() }
+    }
+
+    /// Appends the resnet at `p`'s projection to `cout` channels (its conv1's bias included);
+    /// returns its first column in the stack's output.
+    fn push(&mut self, p: &Prefix, cout: usize) -> Result<usize> {
+        let col = self.b.len();
+        self.w.extend(p.at("time_emb_proj").get_f32("weight", &[cout, self.k])?);
+        let tb = p.at("time_emb_proj").get_f32("bias", &[cout])?;
+        let cb = p.at("conv1").get_f32("bias", &[cout])?;
+        self.b.extend(tb.iter().zip(&cb).map(|(t, c)| t + c));
+        Ok(col)
+    }
+
+    /// Uploads the stack as one linear layer (named under `p`).
+    pub fn finish(self, p: &Prefix) -> Result<Linear> {
+        let n = self.b.len();
+        let w = p.upload("resnets.{time_emb_proj}.weight", &[n, self.k], &self.w)?;
+        let b = p.upload("resnets.{time_emb_proj + conv1}.bias", &[n], &self.b)?;
+        Ok(Linear { w, b: Some(b), n, k: self.k })
+    }
+}
+
+/// Every resnet's conv1 bias per image: the [`TimeStack`]'s output [batch, n].
+pub struct TimeBias<'a> {
+    pub t: &'a Tensor,
+    pub n: usize,
+}
 
 /// `ResnetBlock2D`: GroupNorm+SiLU, conv 3x3, (+ time embedding projection), GroupNorm+SiLU,
 /// conv 3x3, plus the input (through a 1x1 `conv_shortcut` when the width changes).
@@ -32,7 +77,8 @@ pub struct ResnetBlock2D {
     groups: usize,
     norm1: Norm,
     conv1: Conv,
-    time_emb_proj: Option<Linear>,
+    /// The first column of this resnet's conv1 bias in the [`TimeBias`] rows (UNet resnets).
+    time_col: Option<usize>,
     norm2: Norm,
     conv2: Conv,
     conv_shortcut: Option<Linear>,
@@ -58,48 +104,49 @@ impl ResnetSaved {
 }
 
 impl ResnetBlock2D {
-    /// `temb`: the time embedding width, for the UNet's resnets (None in the VAE).
-    pub fn load(p: &Prefix, cin: usize, cout: usize, temb: Option<usize>, groups: usize, eps: f32) -> Result<Self> {
+    /// `temb`: the stack the UNet's resnets add their time projection to (None in the VAE).
+    pub fn load(p: &Prefix, cin: usize, cout: usize, temb: Option<&mut TimeStack>, groups: usize, eps: f32) -> Result<Self> {
         Ok(ResnetBlock2D {
             cin,
             cout,
             groups,
             norm1: Norm::load(&p.at("norm1"), cin, eps)?,
             conv1: Conv::load(&p.at("conv1"), cin, cout, 3, 1)?,
-            time_emb_proj: temb.map(|t| Linear::load(&p.at("time_emb_proj"), cout, t, true)).transpose()?,
+            time_col: temb.map(|t| t.push(p, cout)).transpose()?,
             norm2: Norm::load(&p.at("norm2"), cout, eps)?,
             conv2: Conv::load(&p.at("conv2"), cout, cout, 3, 1)?,
             conv_shortcut: if cin != cout { Some(Linear::load_1x1(&p.at("conv_shortcut"), cout, cin)?) } else { None },
         })
     }
 
-    /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb_act` is SiLU(time
-    /// embedding) [batch, t] when the block has a time projection.
-    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.run(pb, x, hw, temb_act, false)?.0)
+    /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb` holds conv1's bias
+    /// per image when the block has a time projection.
+    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&TimeBias>) -> Result<Tensor> {
+        Ok(self.run(pb, x, hw, temb, false)?.0)
     }
 
     /// The training forward: as [`ResnetBlock2D::forward`], keeping x (moved in) and what the
     /// backward reads.
-    pub fn forward_train(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb_act: Option<&Tensor>) -> Result<(Tensor, ResnetSaved)> {
-        let (out, kept) = self.run(pb, &x, hw, temb_act, true)?;
+    pub fn forward_train(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb: Option<&TimeBias>) -> Result<(Tensor, ResnetSaved)> {
+        let (out, kept) = self.run(pb, &x, hw, temb, true)?;
         let (c1, stats1, stats2) = kept.expect("saving run keeps its tensors");
         Ok((out, ResnetSaved { x, hw, c1, stats1, stats2 }))
     }
 
     #[allow(clippy::type_complexity)]
-    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb_act: Option<&Tensor>, save: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
+    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&TimeBias>, save: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
         let (b, h, w) = hw;
         let (n1, stats1) = self.norm1.group_saving(pb, x, b, self.groups, true, save, "resnet norm1")?;
-        let mut c1 = self.conv1.apply(pb, &n1, hw, "resnet conv1")?;
+        let c1 = match (self.time_col, temb) {
+            (Some(col), Some(tb)) => {
+                let c1 = pb.f16(&[b, h, w, self.cout], "resnet conv1 + temb")?;
+                let layout = BiasLayout { off: col, rows: h * w, ld: tb.n };
+                self.conv1.forward_with_bias(pb, &n1, hw, &c1, tb.t, layout)?;
+                c1
+            }
+            _ => self.conv1.apply(pb, &n1, hw, "resnet conv1")?,
+        };
         pb.free(n1);
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb_act) {
-            let tp = proj.apply(pb, t, "resnet time_emb_proj")?;
-            let sum = pb.f16(&c1.shape, "resnet conv1 + temb")?;
-            pb.run(elementwise::binary_grouped(pb.gpu, Binary::Add { alpha: 1.0 }, &c1, &tp, &sum, b)?)?;
-            pb.free(tp);
-            pb.free(std::mem::replace(&mut c1, sum));
-        }
         let (n2, stats2) = self.norm2.group_saving(pb, &c1, b, self.groups, true, save, "resnet norm2")?;
         let out = pb.f16(&[b, h, w, self.cout], "resnet out")?;
         match &self.conv_shortcut {

@@ -24,7 +24,7 @@ use crate::kernels::tensor_ops;
 use crate::model::layers::Taps;
 use crate::model::lora::{Adapters, LoraParams, LoraSpec};
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::unet_blocks::{Hw, ResnetSaved};
+use crate::model::unet_blocks::{Hw, ResnetSaved, TimeBias};
 use crate::model::unet_transformer::{ContextGrad, Transformer2D, TransformerSaved};
 
 /// Which modules of the UNet get adapters.
@@ -198,8 +198,8 @@ impl UNet2DConditionModel {
         let pred = Tensor::empty(gpu, &[batch, height, width, cfg.out_channels], DType::F16, "unet prediction")?;
         let loss = Tensor::empty(gpu, &[1], DType::F32, "unet loss")?;
         let ctx = (&context, tokens);
-        let temb_act = self.time_embedding(&mut pb, &timestep, batch, &mut Taps::default())?;
-        let temb = Some(&temb_act);
+        let time_bias = self.time_biases(&mut pb, &timestep, batch, &mut Taps::default())?;
+        let temb = Some(&TimeBias { t: &time_bias, n: self.resnet_time_proj.n });
         let mut up_sizes: Vec<(Hw, Hw)> = Vec::new();
 
         // ---- Forward ----
@@ -271,7 +271,7 @@ impl UNet2DConditionModel {
         let out_stats = out_stats.expect("saving norm");
         self.conv_out.forward(&mut pb, &n, hw, &pred, false)?;
         pb.free(n);
-        pb.free(temb_act);
+        pb.free(time_bias);
         let saved_bytes = pb.live_bytes();
 
         // ---- Loss: mean((pred - target)²), its gradient at the loss scale ----
