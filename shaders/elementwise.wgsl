@@ -210,7 +210,8 @@ fn splitk_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     }
     if ((p.op & 1u) != 0u) {
         let i = 8u * u;
-        let c = p.bias_off + (i / p.cols / p.bias_rows) * p.bias_ld + i % p.cols;
+        var c = p.bias_off + i % p.cols;
+        if (p.bias_ld != 0u) { c += (i / p.cols / p.bias_rows) * p.bias_ld; }
         // Every term a multiple of 8: the eight columns are one word of the bias.
         let bw = unpack8(x2[c / 8u]);
         lo += bw.lo;

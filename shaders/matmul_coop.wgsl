@@ -73,6 +73,9 @@ override STAGES: u32 = 1u;
 // (H100, 8192³: 127 -> 153 TFLOP/s; the branchy general path costs that much even where it
 // never leaves the fast branch).
 override VEC: bool = false;
+// The bias is read per row group (Params' bias_rows, bias_ld): a resnet's conv1 with its time
+// embedding. Without it the epilogue reads one bias vector.
+override PER_IMAGE_BIAS: bool = false;
 
 override TRANS_A: bool = false;
 override TRANS_B: bool = true;
@@ -398,11 +401,15 @@ fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32
         let has_bias = (p.flags & 1u) != 0u;
         let accumulate = (p.flags & 2u) != 0u;
         let row = base_c + m * p.ldc;
+        // This row's bias (a per-image one only in the PER_IMAGE_BIAS variant: the division
+        // cost the VAE decode 2% in every epilogue).
+        var bias0 = p.off_bias + nc;
+        if (PER_IMAGE_BIAS) { bias0 += (m / p.bias_rows) * p.bias_ld; }
         for (var q = 0u; q < 8u; q += 2u) {
             if (nc + q < p.n) {
                 var v = vec2<f32>(stage[st + lr * 16u + lc + q], stage[st + lr * 16u + lc + q + 1u]) * p.alpha;
                 if (has_bias) {
-                    let bi = p.off_bias + (m / p.bias_rows) * p.bias_ld + nc + q;
+                    let bi = bias0 + q;
                     v.x += f32(half_at(bias[bi >> 3u], bi));
                     if (nc + q + 1u < p.n) { v.y += f32(half_at(bias[(bi + 1u) >> 3u], bi + 1u)); }
                 }

@@ -59,6 +59,7 @@ override OUT_F32: bool = false;
 override CONV: bool = false;
 override CONV_T: bool = false;
 override B_FLIP: bool = false;
+override PER_IMAGE_BIAS: bool = false;   // the bias read per row group (bias_rows, bias_ld)
 
 @group(0) @binding(0) var<uniform> p: Params;
 
@@ -252,8 +253,7 @@ fn put(is_a: bool, x_contig: bool, t: u32, w: vec4<u32>) {
     }
 }
 
-fn bias_at(m: u32, n: u32) -> f32 {
-    let i = p.off_bias + (m / p.bias_rows) * p.bias_ld + n;
+fn bias_at(i: u32) -> f32 {
     return half_at(bias[i >> 3u], i);
 }
 
@@ -262,10 +262,13 @@ fn emit(m: u32, nb: u32, acc: vec4<f32>, base_c: u32) {
     if (m >= p.m || nb >= p.n) { return; }
     var v = acc * p.alpha;
     if ((p.flags & 1u) != 0u) {
-        v.x += bias_at(m, nb);
-        if (nb + 1u < p.n) { v.y += bias_at(m, nb + 1u); }
-        if (nb + 2u < p.n) { v.z += bias_at(m, nb + 2u); }
-        if (nb + 3u < p.n) { v.w += bias_at(m, nb + 3u); }
+        // This row's bias (per image only in the PER_IMAGE_BIAS variant).
+        var bi = p.off_bias + nb;
+        if (PER_IMAGE_BIAS) { bi += (m / p.bias_rows) * p.bias_ld; }
+        v.x += bias_at(bi);
+        if (nb + 1u < p.n) { v.y += bias_at(bi + 1u); }
+        if (nb + 2u < p.n) { v.z += bias_at(bi + 2u); }
+        if (nb + 3u < p.n) { v.w += bias_at(bi + 3u); }
     }
     let accumulate = (p.flags & 2u) != 0u;
     let i = base_c + m * p.ldc + nb;

@@ -400,6 +400,7 @@ impl Matmul {
         // keys stay as they were.
         let key = if g.transposed { key.with("CONV_T", 1) } else { key };
         let key = if g.flip_b { key.with("B_FLIP", 1) } else { key };
+        let key = if bias.is_some() && self.bias_layout.ld != 0 { key.with("PER_IMAGE_BIAS", 1) } else { key };
         let key = if path == KernelPath::Coop && self.whole_words(vec_ok, k) { key.with("VEC", 1) } else { key };
         let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
         let a_elems = if self.lda.is_some() || self.off_a != 0 { self.batch * self.m * self.k } else { a.numel() };
