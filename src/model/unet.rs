@@ -11,7 +11,7 @@ use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::tensor_ops;
 use crate::model::layers::{Conv, Linear, Norm, Taps};
-use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, TimeBias, TimeStack, Upsample2D};
+use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, TimeStack, Upsample2D};
 use crate::model::unet_transformer::{AdaptableWeight, Transformer2D};
 use crate::model::weights::Weights;
 
@@ -164,7 +164,7 @@ impl UNet2DConditionModel {
         let ctx = (&context, tokens);
 
         let time_bias = self.time_biases(&mut pb, &timestep, batch, &mut taps)?;
-        let temb = Some(&TimeBias { t: &time_bias, n: self.resnet_time_proj.n });
+        let temb = Some(&time_bias);
 
         // Down path: every block output stays alive as a skip until the up path takes it.
         let mut hw: Hw = (batch, height, width);

@@ -29,7 +29,7 @@ pub type Hw = (usize, usize, usize);
 /// linear layer [Σ cout, t]. A resnet adds `time_emb_proj(SiLU(temb))` to conv1's output,
 /// which is a bias per image; the stack's bias holds each resnet's `time_emb_proj.bias` plus
 /// its `conv1.bias`, so one product at the start of a pass gives, per image, every resnet's
-/// whole conv1 bias ([`TimeBias`]), and conv1 adds its row in its epilogue: one launch for
+/// whole conv1 bias ([batch, Σ cout]), and conv1 adds its row in its epilogue: one launch for
 /// what took a projection, a split-K sum and an add per resnet.
 pub struct TimeStack {
     k: usize,
@@ -63,12 +63,6 @@ impl TimeStack {
     }
 }
 
-/// Every resnet's conv1 bias per image: the [`TimeStack`]'s output [batch, n].
-pub struct TimeBias<'a> {
-    pub t: &'a Tensor,
-    pub n: usize,
-}
-
 /// `ResnetBlock2D`: GroupNorm+SiLU, conv 3x3, (+ time embedding projection), GroupNorm+SiLU,
 /// conv 3x3, plus the input (through a 1x1 `conv_shortcut` when the width changes).
 pub struct ResnetBlock2D {
@@ -77,7 +71,7 @@ pub struct ResnetBlock2D {
     groups: usize,
     norm1: Norm,
     conv1: Conv,
-    /// The first column of this resnet's conv1 bias in the [`TimeBias`] rows (UNet resnets).
+    /// The first column of this resnet's conv1 bias in the [`TimeStack`]'s output (UNet resnets).
     time_col: Option<usize>,
     norm2: Norm,
     conv2: Conv,
@@ -119,29 +113,30 @@ impl ResnetBlock2D {
         })
     }
 
-    /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb` holds conv1's bias
-    /// per image when the block has a time projection.
-    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&TimeBias>) -> Result<Tensor> {
+    /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb` is the
+    /// [`TimeStack`]'s output [batch, Σ cout] (conv1's bias per image) when the block has a
+    /// time projection.
+    pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&Tensor>) -> Result<Tensor> {
         Ok(self.run(pb, x, hw, temb, false)?.0)
     }
 
     /// The training forward: as [`ResnetBlock2D::forward`], keeping x (moved in) and what the
     /// backward reads.
-    pub fn forward_train(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb: Option<&TimeBias>) -> Result<(Tensor, ResnetSaved)> {
+    pub fn forward_train(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb: Option<&Tensor>) -> Result<(Tensor, ResnetSaved)> {
         let (out, kept) = self.run(pb, &x, hw, temb, true)?;
         let (c1, stats1, stats2) = kept.expect("saving run keeps its tensors");
         Ok((out, ResnetSaved { x, hw, c1, stats1, stats2 }))
     }
 
     #[allow(clippy::type_complexity)]
-    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&TimeBias>, save: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
+    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&Tensor>, save: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
         let (b, h, w) = hw;
         let (n1, stats1) = self.norm1.group_saving(pb, x, b, self.groups, true, save, "resnet norm1")?;
         let c1 = match (self.time_col, temb) {
             (Some(col), Some(tb)) => {
                 let c1 = pb.f16(&[b, h, w, self.cout], "resnet conv1 + temb")?;
-                let layout = BiasLayout { off: col, rows: h * w, ld: tb.n };
-                self.conv1.forward_with_bias(pb, &n1, hw, &c1, tb.t, layout)?;
+                let layout = BiasLayout { off: col, rows: h * w, ld: tb.numel() / b };
+                self.conv1.forward_with_bias(pb, &n1, hw, &c1, tb, layout)?;
                 c1
             }
             _ => self.conv1.apply(pb, &n1, hw, "resnet conv1")?,

@@ -24,7 +24,7 @@ use crate::kernels::tensor_ops;
 use crate::model::layers::Taps;
 use crate::model::lora::{Adapters, LoraParams, LoraSpec};
 use crate::model::unet::UNet2DConditionModel;
-use crate::model::unet_blocks::{Hw, ResnetSaved, TimeBias};
+use crate::model::unet_blocks::{Hw, ResnetSaved};
 use crate::model::unet_transformer::{ContextGrad, Transformer2D, TransformerSaved};
 
 /// Which modules of the UNet get adapters.
@@ -199,7 +199,7 @@ impl UNet2DConditionModel {
         let loss = Tensor::empty(gpu, &[1], DType::F32, "unet loss")?;
         let ctx = (&context, tokens);
         let time_bias = self.time_biases(&mut pb, &timestep, batch, &mut Taps::default())?;
-        let temb = Some(&TimeBias { t: &time_bias, n: self.resnet_time_proj.n });
+        let temb = Some(&time_bias);
         let mut up_sizes: Vec<(Hw, Hw)> = Vec::new();
 
         // ---- Forward ----
