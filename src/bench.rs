@@ -161,13 +161,17 @@ pub const TRAIN_MATMUL_CASES: [(&str, usize, usize, usize, bool); 16] = [
 
 /// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout); batch
 /// 2 is a guided sampling step, batch 1 the training forward.
-pub const CONV_CASES: [(&str, usize, usize, usize, usize); 11] = [
+pub const CONV_CASES: [(&str, usize, usize, usize, usize); 14] = [
     ("unet_64x64x320_b2", 2, 64, 320, 320),
     ("unet_64x64x320_b1", 1, 64, 320, 320),
     ("unet_32x32x640_b2", 2, 32, 640, 640),
     ("unet_32x32x640_b1", 1, 32, 640, 640),
     ("unet_16x16x1280_b2", 2, 16, 1280, 1280),
     ("unet_8x8x1280_b2", 2, 8, 1280, 1280),
+    // The up blocks' first convolutions, on the skip connection's concatenation.
+    ("unet_16x16x2560to1280_b2", 2, 16, 2560, 1280),
+    ("unet_8x8x2560to1280_b2", 2, 8, 2560, 1280),
+    ("unet_32x32x1920to640_b2", 2, 32, 1920, 640),
     ("vae_256x256x256", 1, 256, 256, 256),
     ("vae_512x512x128", 1, 512, 128, 128),
     ("vae_64x64x512", 1, 64, 512, 512),
@@ -262,6 +266,22 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                 let mm = Matmul { tile, ..mm.clone() };
                 for (label, ds) in unsplit_and_split(gpu, &mm, &x, &w, Some(&b), &y)? {
                     emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                }
+            }
+            // Below two waves of 128x128 tiles: the tiles the split rule may pick, with every
+            // split (the sum included), for tuning it.
+            let mid_tiles = mm.m.div_ceil(128) * mm.n.div_ceil(128);
+            if all_tiles && path == KernelPath::Coop && mid_tiles < 264 {
+                for t in [CoopTile::CONV_MID, CoopTile::NARROW, CoopTile::ROWS_MID, CoopTile::DEFAULT] {
+                    for s in [2, 4, 8, 16] {
+                        if !mm.k.is_multiple_of(16 * s) {
+                            continue;
+                        }
+                        let mm = Matmul { tile: Some(t), split_k: Some(s), ..mm.clone() };
+                        let ds = recorded(gpu, &mm, &x, &w, Some(&b), &y)?;
+                        let label = format!("{path} split-K x{s} {}", ds[0].label);
+                        emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                    }
                 }
             }
         }
