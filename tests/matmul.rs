@@ -187,7 +187,7 @@ fn batched_and_broadcast_weights() {
 
 #[test]
 fn coop_tiles_are_supported_configurations() {
-    for t in CoopTile::ALL.iter().chain([&CoopTile::DEFAULT, &CoopTile::SMALL, &CoopTile::SMALL_LONG_K]) {
+    for t in CoopTile::ALL.iter().chain([&CoopTile::DEFAULT, &CoopTile::SMALL, &CoopTile::SMALL_LONG_K, &CoopTile::LARGE]) {
         assert!(t.valid(), "{t:?}: {} bytes of shared memory", t.shared_bytes());
     }
     // And the check refuses what the shader can't do.

@@ -202,7 +202,22 @@ impl Matmul {
             KernelPath::Scalar => (128, 128),
         };
         let tiles = self.m.div_ceil(bm) * self.n.div_ceil(bn);
-        if tiles >= 120 || (path == KernelPath::Coop && tile == CoopTile::CONV_MID) {
+        let forward_conv = self.conv.is_some_and(|g| !g.flip_b && !g.transposed);
+        if path == KernelPath::Coop && tile == CoopTile::CONV_MID {
+            // Forward convolutions below half a wave of CONV_MID tiles split 8 ways from K 11520
+            // (slices of 1440 and more), else 2 ways. H100, session 13, every tile with every
+            // split, batch 2 (us, the 64x128 tile split as before -> CONV_MID split): 16x16
+            // 1280 -> 1280 306 -> 273 (x2 264, x4 282), 16x16 2560 -> 1280 561 -> 439 (x16 461),
+            // 8x8 1280 -> 1280 111 -> 94 (x16 120), 8x8 2560 -> 1280 183 -> 156 (x16 185),
+            // batch 1 32x32 640 -> 640 175 -> 146 (x4 168). More slices write more f32 partials
+            // and wait on more epilogues.
+            if !forward_conv || tiles >= 64 {
+                return 1;
+            }
+            let s = if self.k >= 8 * 1440 { 8 } else { 2 };
+            return if self.k.is_multiple_of(16 * s) && self.k / s >= 512 { s } else { 1 };
+        }
+        if tiles >= 120 {
             return 1;
         }
         let min_slice = match (self.conv.is_some(), self.m > 64) {
@@ -260,6 +275,12 @@ impl Matmul {
             if self.conv.is_none() && !self.trans_b && !self.trans_a && self.n <= 320 && self.m >= 2048 {
                 return CoopTile::NARROW;
             }
+            // Y = X·Wᵀ linears of 8192 rows and more that would take the default tile or
+            // CONV_MID (below): LARGE (measured on this layout only).
+            let large_rows = self.conv.is_none() && self.trans_b && !self.trans_a && self.m >= 8192;
+            if large_rows && (tiles >= enough || (self.n >= 960 && tiles < 640 && mid_tiles >= 264)) {
+                return CoopTile::LARGE;
+            }
             if self.conv.is_none() {
                 // Linears (H100, session 10, `bench --all-tiles` twice, the two runs within 3%;
                 // TFLOP/s, new tile vs the one before): N ≥ 960 below 640 default tiles but two
@@ -289,7 +310,9 @@ impl Matmul {
             if forward_conv && self.n <= 32 && (thin_tiles >= 132 || self.n.is_multiple_of(8)) {
                 return thin;
             }
-            if forward_conv && ((self.n <= 128 && mid_tiles >= 132) || (tiles < enough && mid_tiles >= 64)) {
+            // Below a wave of default tiles CONV_MID, split over K by `split` when it makes less
+            // than half a wave itself (the UNet's 16x16 and 8x8 levels).
+            if forward_conv && ((self.n <= 128 && mid_tiles >= 132) || tiles < enough) {
                 return mid;
             }
             match (tiles < enough, self.k >= 640) {

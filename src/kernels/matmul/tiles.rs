@@ -48,13 +48,20 @@ impl CoopTile {
     /// For forward convolutions below two waves of the default tile, or with at most 128
     /// output channels (H100, session 9, TFLOP/s against the tile used before: UNet 3x3
     /// 64x64x320 b2 58.3 vs 48.7, b1 57.0 vs 48.3, 32x32x640 b2 59.2 vs 49.0; VAE 512x512x128
-    /// 77.5 vs 50.5 with the default tile, half of whose 256 columns were padding). Never
-    /// split over K (those figures are unsplit).
+    /// 77.5 vs 50.5 with the default tile, half of whose 256 columns were padding). Split
+    /// over K only below half a wave of its tiles (`Matmul::split`).
     pub const CONV_MID: CoopTile = tile(128, 128, 8, 2, 64, 1, 8);
     /// For linears of 128 to 1024 rows below two waves of the default tile (H100, session 10,
     /// `bench --all-tiles` twice, TFLOP/s against SMALL_LONG_K: 512x1280x1280 60 vs 47,
     /// 512x1280x5120 71 vs 55, 154x640x768 10.2 vs 6.5, training 256x1280x1280 38 vs 24).
     pub const ROWS_MID: CoopTile = tile(64, 64, 4, 2, 64, 1, 8);
+    /// For Y = X·Wᵀ linears of 8192 rows and more: 128x128 with four subgroups of 64x64, two
+    /// workgroups an SM. H100, session 13, TFLOP/s against the tile before (DEFAULT or
+    /// CONV_MID): 8192³ 168–174 vs 154–157, 8192x2560x320 80.0 vs 77.0, 8192x960x320 76.5 vs
+    /// 74.8, 8192x320x1280 90.4 vs 88.9 (session 10's sweep agrees); 4096³ 159 vs 142, but at
+    /// 2048 rows it loses (2048x5120x640 98 vs 106), and the training's 4096-row products
+    /// have no measurement with it.
+    pub const LARGE: CoopTile = tile(128, 128, 4, 2, 32, 1, 8);
     /// For convolutions to at most 32 channels (the VAE's conv_out to 3 channels at 512x512,
     /// the encoder's to 8): 128 rows by 32 columns, one column of 4 subgroups of 32x32, so the
     /// padding is at most 29 columns, not the 125 of a 128-wide tile.
