@@ -75,32 +75,34 @@ impl Shader {
         }
     }
 
-    /// The WGSL source: embedded in the binary, or for kernel work read from
+    /// The WGSL source: the shader's file embedded in the binary, or for kernel work read from
     /// `$ATELIER_SHADER_DIR/<name>.wgsl` when that variable is set and the file exists (read
-    /// once per process; lets one build time several versions of a shader). Either way the
-    /// shared code of [`Shader::appended`] follows it.
+    /// once per process; lets one build time several versions of a shader), followed either
+    /// way by the shared code of [`Shader::appended`].
     pub fn source(self) -> &'static str {
-        if let Some(s) = self.source_from_dir() {
-            return s;
-        }
-        self.embedded_source()
-    }
-
-    fn source_from_dir(self) -> Option<&'static str> {
         use std::collections::HashMap;
-        use std::sync::{Mutex, OnceLock};
-        static CACHE: OnceLock<Mutex<HashMap<Shader, Option<&'static str>>>> = OnceLock::new();
-        let dir = std::env::var_os("ATELIER_SHADER_DIR")?;
-        let mut cache = CACHE.get_or_init(Default::default).lock().ok()?;
-        *cache.entry(self).or_insert_with(|| {
-            let path = std::path::Path::new(&dir).join(format!("{}.wgsl", self.name()));
-            let text = std::fs::read_to_string(&path).ok()? + self.appended();
-            eprintln!("atelier: {} from {}", self.name(), path.display());
-            Some(Box::leak(text.into_boxed_str()))
+        use std::sync::{Mutex, OnceLock, PoisonError};
+        static CACHE: OnceLock<Mutex<HashMap<Shader, &'static str>>> = OnceLock::new();
+        let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(PoisonError::into_inner);
+        cache.entry(self).or_insert_with(|| match (self.file_from_dir(), self.appended()) {
+            (None, "") => self.embedded_source(),
+            (own, shared) => {
+                let own = own.unwrap_or_else(|| self.embedded_source().to_string());
+                Box::leak((own + shared).into_boxed_str())
+            }
         })
     }
 
-    /// The WGSL source embedded in the binary.
+    /// The shader's file from `$ATELIER_SHADER_DIR`, when set and there.
+    fn file_from_dir(self) -> Option<String> {
+        let dir = std::env::var_os("ATELIER_SHADER_DIR")?;
+        let path = std::path::Path::new(&dir).join(format!("{}.wgsl", self.name()));
+        let text = std::fs::read_to_string(&path).ok()?;
+        eprintln!("atelier: {} from {}", self.name(), path.display());
+        Some(text)
+    }
+
+    /// The shader's own file as embedded in the binary (without [`Shader::appended`]).
     pub fn embedded_source(self) -> &'static str {
         match self {
             Shader::MatmulScalar => include_str!("../../shaders/matmul_scalar.wgsl"),
@@ -115,8 +117,8 @@ impl Shader {
             Shader::AttentionBackwardCoop => include_str!("../../shaders/attention_backward_coop.wgsl"),
             Shader::AttentionBackwardWarp => include_str!("../../shaders/attention_backward_warp.wgsl"),
             Shader::TensorOps => include_str!("../../shaders/tensor_ops.wgsl"),
-            Shader::Lora => concat!(include_str!("../../shaders/lora.wgsl"), include_str!("../../shaders/dropout_hash.wgsl")),
-            Shader::LoraSkinny => concat!(include_str!("../../shaders/lora_skinny.wgsl"), include_str!("../../shaders/dropout_hash.wgsl")),
+            Shader::Lora => include_str!("../../shaders/lora.wgsl"),
+            Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
         }
     }
