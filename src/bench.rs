@@ -270,9 +270,10 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             }
             // Below two waves of 128x128 tiles: the tiles the split rule may pick, with every
             // split (the sum included), for tuning it.
-            let mid_tiles = mm.m.div_ceil(128) * mm.n.div_ceil(128);
+            let mid = CoopTile::CONV_MID;
+            let mid_tiles = mm.m.div_ceil(mid.bm as usize) * mm.n.div_ceil(mid.bn as usize);
             if all_tiles && path == KernelPath::Coop && mid_tiles < 264 {
-                for t in [CoopTile::CONV_MID, CoopTile::NARROW, CoopTile::ROWS_MID, CoopTile::DEFAULT] {
+                for t in [mid, CoopTile::NARROW, CoopTile::ROWS_MID, CoopTile::DEFAULT] {
                     for s in [2, 4, 8, 16] {
                         if !mm.k.is_multiple_of(16 * s) {
                             continue;

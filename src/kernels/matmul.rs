@@ -175,6 +175,11 @@ impl Matmul {
         self.lda.unwrap_or(if self.trans_a { self.m } else { self.k })
     }
 
+    /// Whether this is a forward convolution (not an input gradient's gather).
+    fn forward_conv(&self) -> bool {
+        self.conv.is_some_and(|g| !g.flip_b && !g.transposed)
+    }
+
     /// Whether C is a strided view (then no split over K).
     fn strided_c(&self) -> bool {
         self.ldc.is_some_and(|l| l != self.n) || self.off_c != 0
@@ -202,7 +207,6 @@ impl Matmul {
             KernelPath::Scalar => (128, 128),
         };
         let tiles = self.m.div_ceil(bm) * self.n.div_ceil(bn);
-        let forward_conv = self.conv.is_some_and(|g| !g.flip_b && !g.transposed);
         if path == KernelPath::Coop && tile == CoopTile::CONV_MID {
             // Forward convolutions below half a wave of CONV_MID tiles split 8 ways from K 11520
             // (slices of 1440 and more), else 2 ways. H100, session 13, every tile with every
@@ -211,7 +215,7 @@ impl Matmul {
             // 8x8 1280 -> 1280 111 -> 94 (x16 120), 8x8 2560 -> 1280 183 -> 156 (x16 185),
             // batch 1 32x32 640 -> 640 175 -> 146 (x4 168). More slices write more f32 partials
             // and wait on more epilogues.
-            if !forward_conv || tiles >= 64 {
+            if !self.forward_conv() || tiles >= 64 {
                 return 1;
             }
             let s = if self.k >= 8 * 1440 { 8 } else { 2 };
@@ -258,8 +262,7 @@ impl Matmul {
             let tiles = self.m.div_ceil(big.bm as usize) * self.n.div_ceil(big.bn as usize) * self.batch;
             let mid = CoopTile::CONV_MID;
             let mid_tiles = self.m.div_ceil(mid.bm as usize) * self.n.div_ceil(mid.bn as usize) * self.batch;
-            // A forward convolution (not an input gradient's gather).
-            let forward_conv = self.conv.is_some_and(|g| !g.flip_b && !g.transposed);
+            let forward_conv = self.forward_conv();
             // Linears keep the big tile down to about one wave (H100, UNet linears at M 8192:
             // N 320 K 320 35.6 -> 44.3 TFLOP/s, N 960 53.9 -> 68.4, N 320 K 1280 58.9 -> 67.7).
             // Forward convolutions keep it from about one wave (H100, session 11, after the
