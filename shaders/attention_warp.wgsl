@@ -29,8 +29,9 @@
 //     their latency hides behind this block's products)
 //   S = Q·Kᵀ [16, BKV] (f32) -> its ss slice; subgroupBarrier
 //   lanes: online softmax of the slice, lane pair r owning row r, lane j of it every other
-//     column (ordered so the 32 lanes hit 32 different banks); scores scaled by
-//     scale·log2(e), masked by select. As attention_coop.wgsl: the reference max m moves
+//     column (ordered so the 32 lanes hit 32 different banks), read once into registers;
+//     scores scaled by scale·log2(e), masked by select only in blocks that reach past the
+//     row's last visible key. As attention_coop.wgsl: the reference max m moves
 //     only when the block's max passes it by more than LAZY = 8 (then l, l32 and the row of
 //     O are multiplied by alpha = exp2(m - m_new)), so P = exp2(s - m) <= 2^8; P rounded to
 //     f16 -> its sp slice, l summing the rounded values; subgroupBarrier
@@ -70,8 +71,10 @@
 // Registers per invocation: NQF <= 5 f16 Q fragments (4 words each), NQF f32 accumulators
 // (8 words each), NLD <= 5 prefetch words of 8 halves (4 registers) for each of K and V
 // (BKV·DP/8 <= 5·32·W: 40 registers at W 4, B 64, DP 80; 12 at W 4, B 32, DP 48): about 100
-// at most with the S accumulator and operands in flight. The softmax keeps no scores in
-// registers (it reads its half row of the slice twice: the max, then exp2).
+// at most with the S accumulator and operands in flight, and the softmax's BKV/2 scores
+// (16 at B 32). Reading the slice once into registers instead of twice (the max, then exp2),
+// with the lane's columns as two bases plus constants and no mask in full blocks, took the
+// d 40 self-attention from 0.86 to 0.61 ms on the H100 (session 14; docs/PERF.md).
 // Saved for backward (override SAVE_LSE, for training; default false): as attention_coop.wgsl,
 // lse2 = m + log2(l32) per query row into lse [batch·heads·lq] of vec2 (lse2, 0), written by
 // lane j = 0 of the row's pair. l32 is a second running sum, of the f32 probabilities before
@@ -208,12 +211,14 @@ fn put_v(e: u32, w: mat2x4<f16>) {
     }
 }
 
-// Column of the softmax's step i (of BKV/2) for lane j of a row pair whose row has bit 3
-// `half`: lane j takes columns = j (mod 2); SLD = 4 (mod 32), so rows r and r + 8 share banks
-// and take the other half of each group of 4 columns first (attention_coop.wgsl's score_col
-// at R = 2).
-fn score_col(i: u32, j: u32, half: u32) -> u32 {
-    return (i / 2u) * 4u + (j + 2u * (i + half)) % 4u;
+// Column of the softmax's step i (of BKV/2) for a lane whose columns in each group of 4 are
+// c0 (even steps) and c1 (odd steps): lane j of a row pair takes columns = j (mod 2); SLD = 4
+// (mod 32), so rows r and r + 8 share banks and take the other half of each group of 4 first
+// (attention_coop.wgsl's score_col at R = 2): c0 = (j + 2·(r / 8 % 2)) % 4, c1 = (c0 + 2) % 4.
+// Computed from c0 and c1 so that, with the step loops unrolled, each column is one of two
+// lane bases plus a constant.
+fn score_col(i: u32, c0: u32, c1: u32) -> u32 {
+    return (i / 2u) * 4u + select(c0, c1, (i & 1u) == 1u);
 }
 
 // The accumulator `acc` with row r multiplied by the alpha of lane pair r, through the
@@ -294,7 +299,8 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     // Softmax role: lane pair r owns row r (query qi), lane j of it the columns score_col(.., j, ..).
     let r = lane / 2u;
     let j = lane % 2u;
-    let half = (r >> 3u) & 1u;
+    let c0 = (j + 2u * ((r >> 3u) & 1u)) % 4u;   // see score_col
+    let c1 = (c0 + 2u) % 4u;
     let qi = qw + r;
     var vis = p.lk;                     // row r sees keys < vis
     if (p.causal != 0u) { vis = min(vis, qi + 1u); }
@@ -335,11 +341,23 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
 
         // Online softmax of row r: keys k0 + c with c < lim are visible to it.
         let lim = vis - min(vis, k0);
+        // The lane's BKV/2 scores are read once, into registers (a private array indexed by
+        // the unrolled step), in log2 units; the mask is applied (NEG) only in blocks that
+        // reach past the row's last visible key, so that exp2(x - m) is 0 there.
         let srow = sbase + r * SLD;
+        var x: array<f32, 32>;   // BKV/2 <= 32
         var mx = NEG;
-        for (var i = 0u; i < BKV / 2u; i++) {
-            let c = score_col(i, j, half);
-            mx = max(mx, select(NEG, ss[srow + c] * sl, c < lim));
+        if (lim >= BKV) {
+            for (var i = 0u; i < BKV / 2u; i++) {
+                x[i] = ss[srow + score_col(i, c0, c1)] * sl;
+                mx = max(mx, x[i]);
+            }
+        } else {
+            for (var i = 0u; i < BKV / 2u; i++) {
+                let c = score_col(i, c0, c1);
+                x[i] = select(NEG, ss[srow + c] * sl, c < lim);
+                mx = max(mx, x[i]);
+            }
         }
         mx = max(mx, subgroupShuffleXor(mx, 1u));
         // The reference max m moves only when the block's max passes it by more than LAZY
@@ -356,11 +374,11 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         }
         var sum = 0.0;
         var sum32 = 0.0;
+        let prow = pbase + r * PLD;
         for (var i = 0u; i < BKV / 2u; i++) {
-            let c = score_col(i, j, half);
-            let e = select(0.0, exp2(ss[srow + c] * sl - m), c < lim);
+            let e = exp2(x[i] - m);   // m is finite: key 0 is visible to every row
             let ph = f16(e);
-            sp[pbase + r * PLD + c] = ph;
+            sp[prow + score_col(i, c0, c1)] = ph;
             sum += f32(ph);
             if (SAVE_LSE) { sum32 += e; }
         }
