@@ -11,7 +11,7 @@ fn main() {
         }
     };
     println!("{}", gpu.describe());
-    if let Err(e) = atelier::bench::run_all(&gpu, filter.as_deref(), false, std::env::args().any(|a| a == "--all-tiles")) {
+    if let Err(e) = atelier::bench::run_all(&gpu, filter.as_deref(), false, std::env::args().any(|a| a == "--all-tiles"), std::env::args().any(|a| a == "--cold")) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -97,20 +97,56 @@ fn recorded(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor
     Ok(rec.into_dispatches())
 }
 
+/// The launches of `mm` once with each of the weights `bs` in turn (see [`Weights`]).
+fn recorded_each(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<Dispatch>> {
+    let mut ds = Vec::new();
+    for b in &bs.0 {
+        ds.extend(recorded(gpu, mm, a, b, bias, c)?);
+    }
+    Ok(ds)
+}
+
 /// `mm` (path and tile set, no forced split) recorded unsplit, and, with the launcher's tile,
 /// split over K where the launcher splits it: (label, dispatches) for each.
-fn unsplit_and_split(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<(String, Vec<Dispatch>)>> {
+fn unsplit_and_split(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<(String, Vec<Dispatch>)>> {
     let path = mm.plan(gpu).0;
     let mut one = mm.clone();
     one.split_k = Some(1);
-    let ds = recorded(gpu, &one, a, b, bias, c)?;
+    let ds = recorded_each(gpu, &one, a, bs, bias, c)?;
     let mut out = vec![(format!("{path} {}", ds[0].label), ds)];
     let slices = mm.split(gpu);
     if mm.tile.is_none() && slices > 1 {
-        let ds = recorded(gpu, mm, a, b, bias, c)?;
+        let ds = recorded_each(gpu, mm, a, bs, bias, c)?;
         out.push((format!("{path} split-K x{slices} {}", ds[0].label), ds));
     }
     Ok(out)
+}
+
+/// A product's weights: one tensor, or with `cold` enough copies (of the same values) that
+/// launches reading them in turn find none in the GPU's L2 cache, as a model step does (its
+/// weights are read once a step; the bench's single copy stays cached from one repetition to
+/// the next). Cases timed with them report the time of one launch.
+struct Weights(Vec<Tensor>);
+
+/// Bytes of weights [`Weights::new`] spreads over when cold: twice the H100's 50 MiB L2.
+const COLD_BYTES: usize = 100 << 20;
+
+impl Weights {
+    fn new(gpu: &Gpu, shape: &[usize], seed: u64, what: &str, cold: bool) -> Result<Weights> {
+        let one = random_f16(gpu, shape, seed, what)?;
+        let copies = if cold { COLD_BYTES.div_ceil(2 * one.numel()).clamp(1, 64) } else { 1 };
+        let mut all = vec![one];
+        for _ in 1..copies {
+            all.push(random_f16(gpu, shape, seed, what)?);
+        }
+        Ok(Weights(all))
+    }
+
+    /// `r` (timed over one launch set per copy) for one launch set.
+    fn per_launch(&self, mut r: BenchResult) -> BenchResult {
+        r.ms /= self.0.len() as f64;
+        r
+    }
 }
 
 fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
@@ -192,8 +228,9 @@ pub const CONV_DX_CASES: [(&str, usize, usize, usize, usize, usize); 5] = [
 /// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
 /// The cooperative-matrix matmul is timed with every tile of `CoopTile::ALL` at 8192³, and at
 /// every case when `all_tiles` (for tuning the tile choice), as are the attention forward's
-/// and backward's tiles.
-pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) -> Result<Vec<BenchResult>> {
+/// and backward's tiles. With `cold`, the matmul and convolution cases read their
+/// weights from memory rather than the L2 cache (see [`Weights`]).
+pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, cold: bool) -> Result<Vec<BenchResult>> {
     let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
     let mut out = Vec::new();
     let mut emit = |r: BenchResult| {
@@ -216,7 +253,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             continue;
         }
         let x = random_f16(gpu, &[m, k], 1, "bench x")?;
-        let w = random_f16(gpu, &[n * k], 2, "bench w")?;
+        let w = Weights::new(gpu, &[n * k], 2, "bench w", cold)?;
         let y = Tensor::empty(gpu, &[m, n], DType::F16, "bench y")?;
         let mut variants: Vec<(KernelPath, Option<CoopTile>)> = paths.iter().map(|&p| (p, None)).collect();
         if (all_tiles || name == "square_8192") && paths.contains(&KernelPath::Coop) {
@@ -228,7 +265,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             mm.path = Some(path);
             mm.tile = tile;
             for (label, ds) in unsplit_and_split(gpu, &mm, &x, &w, None, &y)? {
-                emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
             }
         }
         // The training cases again split over K (f32 partials, then their sum), for tuning
@@ -241,9 +278,9 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                 if mm.split(gpu) < 2 || k % (16 * s) != 0 {
                     continue;
                 }
-                let ds = recorded(gpu, &mm, &x, &w, None, &y)?;
+                let ds = recorded_each(gpu, &mm, &x, &w, None, &y)?;
                 let label = format!("split-K x{s} {}", ds[0].label);
-                emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
             }
         }
     }
@@ -253,7 +290,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             continue;
         }
         let x = random_f16(gpu, &[batch, size, size, cin], 5, "bench conv x")?;
-        let w = random_f16(gpu, &[cout, 3, 3, cin], 6, "bench conv w")?;
+        let w = Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench conv w", cold)?;
         let b = random_f16(gpu, &[cout], 7, "bench conv b")?;
         let y = Tensor::empty(gpu, &[batch, size, size, cout], DType::F16, "bench conv y")?;
         for &path in &paths {
@@ -265,7 +302,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
                 let mm = Matmul { tile, ..mm.clone() };
                 for (label, ds) in unsplit_and_split(gpu, &mm, &x, &w, Some(&b), &y)? {
-                    emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                    emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
                 }
             }
             // Below two waves of 128x128 tiles: the tiles the split rule may pick, with every
@@ -279,9 +316,9 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
                             continue;
                         }
                         let mm = Matmul { tile: Some(t), split_k: Some(s), ..mm.clone() };
-                        let ds = recorded(gpu, &mm, &x, &w, Some(&b), &y)?;
+                        let ds = recorded_each(gpu, &mm, &x, &w, Some(&b), &y)?;
                         let label = format!("{path} split-K x{s} {}", ds[0].label);
-                        emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                        emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
                     }
                 }
             }
@@ -297,20 +334,20 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool) ->
             continue;
         }
         let dy = random_f16(gpu, &[batch, oh, ow, cout], 5, "bench conv dy")?;
-        let w = random_f16(gpu, &[cout, 3, 3, cin], 6, "bench conv w")?;
+        let w = Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench conv w", cold)?;
         let dx = Tensor::empty(gpu, &[batch, size, size, cin], DType::F16, "bench conv dx")?;
         for &path in &paths {
             let mut conv = conv;
             conv.path = Some(path);
-            let ds = recorded(gpu, &conv.backward_input()?, &dy, &w, None, &dx)?;
+            let ds = recorded_each(gpu, &conv.backward_input()?, &dy, &w, None, &dx)?;
             let label = format!("{path} {}", ds[0].label);
-            emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
             // Every coop tile, unsplit (for tuning the launcher's tile rule).
             if all_tiles && path == KernelPath::Coop {
                 for t in CoopTile::ALL {
                     let mm = Matmul { tile: Some(t), ..conv.backward_input()? };
                     for (label, ds) in unsplit_and_split(gpu, &mm, &dy, &w, None, &dx)? {
-                        emit(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                        emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
                     }
                 }
             }

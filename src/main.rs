@@ -56,6 +56,10 @@ atelier train --model sd15/ --data portraits/ --output runs/p --steps 2000 --res
         /// not only at 8192³, and every tile of the attention forward and backward.
         #[arg(long)]
         all_tiles: bool,
+        /// Read the matmul and convolution weights from memory, not the L2 cache, as a model
+        /// step does (each launch takes the next of enough copies to fill 100 MiB).
+        #[arg(long)]
+        cold: bool,
         /// Time the networks of this model (a diffusers folder or a single .safetensors file)
         /// instead of the kernels.
         #[arg(long, value_name = "PATH")]
@@ -349,7 +353,7 @@ fn main() -> ExitCode {
             let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
             bench_model(&opts, &model, &o)
         }
-        Command::Bench { filter, json, all_tiles, .. } => bench(&opts, filter.as_deref(), json, all_tiles),
+        Command::Bench { filter, json, all_tiles, cold, .. } => bench(&opts, filter.as_deref(), json, all_tiles, cold),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -404,12 +408,12 @@ fn info(opts: &GpuOptions) -> atelier::Result<()> {
     Ok(())
 }
 
-fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool) -> atelier::Result<()> {
+fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool, cold: bool) -> atelier::Result<()> {
     let gpu = Gpu::new(opts)?;
     if !json {
         println!("{}", gpu.describe());
     }
-    let results = atelier::bench::run_all(&gpu, filter, json, all_tiles)?;
+    let results = atelier::bench::run_all(&gpu, filter, json, all_tiles, cold)?;
     if json {
         for r in &results {
             println!("{}", r.json());
