@@ -296,7 +296,7 @@ fn attn(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     }
     var o0 = coop_mat16x16<f32, C>(); var o1 = o0; var o2 = o0; var o3 = o0; var o4 = o0;
 
-    // Softmax role: lane pair r owns row r (query qi), lane j of it the columns score_col(.., j, ..).
+    // Softmax role: lane pair r owns row r (query qi), lane j of it the columns score_col(.., c0, c1).
     let r = lane / 2u;
     let j = lane % 2u;
     let c0 = (j + 2u * ((r >> 3u) & 1u)) % 4u;   // see score_col
