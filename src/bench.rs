@@ -132,14 +132,13 @@ struct Weights(Vec<Tensor>);
 const COLD_BYTES: usize = 100 << 20;
 
 impl Weights {
+    /// As [`random_f16`] (the values made once), uploaded once or, with `cold`, as often as
+    /// [`COLD_BYTES`] asks (at most 64 times).
     fn new(gpu: &Gpu, shape: &[usize], seed: u64, what: &str, cold: bool) -> Result<Weights> {
-        let one = random_f16(gpu, shape, seed, what)?;
-        let copies = if cold { COLD_BYTES.div_ceil(2 * one.numel()).clamp(1, 64) } else { 1 };
-        let mut all = vec![one];
-        for _ in 1..copies {
-            all.push(random_f16(gpu, shape, seed, what)?);
-        }
-        Ok(Weights(all))
+        let n: usize = shape.iter().product();
+        let values = noise(n, seed);
+        let copies = if cold { COLD_BYTES.div_ceil(2 * n).clamp(1, 64) } else { 1 };
+        (0..copies).map(|_| Tensor::from_f32(gpu, shape, DType::F16, &values, what)).collect::<Result<_>>().map(Weights)
     }
 
     /// `r` (timed over one launch set per copy) for one launch set.
