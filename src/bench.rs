@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use crate::error::Result;
-use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Recorder, Tensor};
+use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Profiler, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
 use crate::kernels::attention::{coop_dp, Attention, CoopTile as AttentionTile, Operand};
 use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads, BwdTile, CoopEntry};
@@ -76,6 +76,22 @@ pub fn time_dispatch(gpu: &Gpu, ds: &[Dispatch], reps: usize, batches: usize) ->
         times.push(t.elapsed().as_secs_f64() / reps as f64);
     }
     times.sort_by(f64::total_cmp);
+    // ATELIER_BENCH_TIMESTAMPS=1: one more batch, each launch timed by the profiler as a model
+    // profile times it, to set the two kinds of figure side by side.
+    if std::env::var("ATELIER_BENCH_TIMESTAMPS").is_ok_and(|v| v == "1")
+        && let Some(mut prof) = Profiler::new(gpu)
+    {
+        let mut rec = Recorder::with_profiler(gpu, Some(&mut prof));
+        for _ in 0..reps {
+            for d in ds {
+                rec.run(d)?;
+            }
+        }
+        rec.finish()?;
+        let (n, ns) = prof.stats.values().fold((0, 0.0), |(n, t), s| (n + s.count, t + s.total_ns));
+        let per_set = ns * 1e-3 / n.max(1) as f64 * ds.len() as f64;
+        eprintln!("timestamps: {per_set:.1} us a launch ({n} launches; wall clock {:.1} us)", times[times.len() / 2] * 1e6);
+    }
     Ok(times[times.len() / 2])
 }
 

@@ -30,6 +30,10 @@ pub struct Profiler {
     /// Rows per launch shape (workgroups and flops) as well as per pipeline: set by
     /// ATELIER_PROFILE_SHAPES=1, for finding which of a kernel's launches are slow.
     by_shape: bool,
+    /// Every launch runs twice, the second timed as a row of its own (label + " again"): set
+    /// by ATELIER_PROFILE_REPEAT=1, for telling what a launch costs after its predecessor from
+    /// what it costs after itself. Outputs are wrong (in-place launches apply twice).
+    pub(crate) repeat: bool,
     pub stats: HashMap<String, KernelStats>,
 }
 
@@ -65,22 +69,25 @@ impl Profiler {
             slots: Vec::new(),
             period_ns: gpu.queue.get_timestamp_period() as f64,
             by_shape: std::env::var("ATELIER_PROFILE_SHAPES").is_ok_and(|v| v == "1"),
+            repeat: std::env::var("ATELIER_PROFILE_REPEAT").is_ok_and(|v| v == "1"),
             stats: HashMap::new(),
         })
     }
 
+    /// Dispatches that fit before the query set must be resolved.
     pub(crate) fn free_slots(&self) -> usize {
-        PAIRS as usize - self.slots.len()
+        (PAIRS as usize - self.slots.len()) / if self.repeat { 2 } else { 1 }
     }
 
-    /// Takes the next pair of query indices for `d`.
-    pub(crate) fn slot(&mut self, d: &Dispatch) -> (&wgpu::QuerySet, u32, u32) {
+    /// Takes the next pair of query indices for `d` (its repeat when `again`).
+    pub(crate) fn slot(&mut self, d: &Dispatch, again: bool) -> (&wgpu::QuerySet, u32, u32) {
         let i = self.slots.len() as u32;
         let label = if self.by_shape {
             format!("{} groups {:?} {:.3} GFLOP {:.1} MB", d.label, d.groups, d.flops / 1e9, d.bytes / 1e6).into()
         } else {
             d.label.clone()
         };
+        let label = if again { format!("{label} again").into() } else { label };
         self.slots.push((label, d.flops, d.bytes));
         (&self.query_set, 2 * i, 2 * i + 1)
     }

@@ -75,19 +75,22 @@ impl<'a> Recorder<'a> {
         });
         match self.profiler.as_deref_mut() {
             Some(prof) => {
+                let runs: &[bool] = if prof.repeat { &[false, true] } else { &[false] };
                 for (d, p) in self.pending.iter().zip(&pipelines) {
-                    let (qs, begin, end) = prof.slot(d);
-                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some(&d.label),
-                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                            query_set: qs,
-                            beginning_of_pass_write_index: Some(begin),
-                            end_of_pass_write_index: Some(end),
-                        }),
-                    });
-                    pass.set_pipeline(p);
-                    pass.set_bind_group(0, &d.bind_group, &[]);
-                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                    for &again in runs {
+                        let (qs, begin, end) = prof.slot(d, again);
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some(&d.label),
+                            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                query_set: qs,
+                                beginning_of_pass_write_index: Some(begin),
+                                end_of_pass_write_index: Some(end),
+                            }),
+                        });
+                        pass.set_pipeline(p);
+                        pass.set_bind_group(0, &d.bind_group, &[]);
+                        pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                    }
                 }
                 prof.resolve(&mut enc);
             }
