@@ -213,9 +213,20 @@ fn load_do(q0: u32, base: u32, t: u32) {
     }
 }
 
-// Whether query qi may see key kj (both in range, causal mask).
-fn visible(qi: u32, kj: u32) -> bool {
-    return qi < p.lq && kj < p.lk && !(p.causal != 0u && kj > qi);
+// Query qi sees the keys below key_limit(qi): lk, causal qi + 1, none past lq.
+fn key_limit(qi: u32) -> u32 {
+    if (qi >= p.lq) { return 0u; }
+    if (p.causal != 0u) { return min(p.lk, qi + 1u); }
+    return p.lk;
+}
+
+// attnb_dq_warp: the column of step i (of BLK/2) for lane j of the pair owning row r, half =
+// bit 3 of r. Lane j takes the columns = j (mod 2); rows r and r + 8 are 8·SLD = 32 (mod 32)
+// words apart, so rows with bit 3 set take each pair of steps in the other order (i ^ 1):
+// their column is 2 off, in another bank, both in the f32 S slice and in the f16 P slice
+// (PLD/2 = 20 words a row: rows r and r + 8 share a bank there too).
+fn dq_col(i: u32, j: u32, half: u32) -> u32 {
+    return 2u * (i ^ half) + j;
 }
 
 // Lane `lane`'s octet of the 16x16 f32 block a subgroup stored at ss[sbase] (row stride
@@ -282,9 +293,10 @@ fn attnb_dq_warp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     }
     var dq0 = coop_mat16x16<f32, C>(); var dq1 = dq0; var dq2 = dq0; var dq3 = dq0; var dq4 = dq0;
 
-    // Softmax role: lane pair r owns row r (query qi), lane j of it the columns 2i + j.
+    // Softmax role: lane pair r owns row r (query qi), lane j of it the columns dq_col(i, ..).
     let r = lane / 2u;
     let j = lane % 2u;
+    let half = (r >> 3u) & 1u;
     let qi = qw + r;
     var lse = 0.0;
     var dd = 0.0;
@@ -293,6 +305,7 @@ fn attnb_dq_warp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
         lse = st.x;
         dd = st.y;
     }
+    let vis = key_limit(qi);            // row r sees keys < vis
 
     var kend = p.lk;
     if (p.causal != 0u) { kend = min(kend, q0 + 16u * WARPS); }
@@ -312,14 +325,22 @@ fn attnb_dq_warp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             store_s(acc, sbase + cb * 16u);
         }
         sync_sub();
-        for (var i = 0u; i < 32u; i++) {
-            if (i < BLK / 2u) {
-                let c = 2u * i + j;
-                var pij = 0.0;
-                if (visible(qi, k0 + c)) {
-                    pij = exp2(min(ss[sbase + r * SLD + c] * sl - lse, 0.0));
+        // P of row r: keys k0 + c with c < lim are visible to it; the mask (a select) only in
+        // blocks that reach past its last visible key.
+        let lim = vis - min(vis, k0);
+        let srow = sbase + r * SLD;
+        if (lim >= BLK) {
+            for (var i = 0u; i < 32u; i++) {
+                if (i < BLK / 2u) {
+                    pr[i] = exp2(min(ss[srow + dq_col(i, j, half)] * sl - lse, 0.0));
                 }
-                pr[i] = pij;
+            }
+        } else {
+            for (var i = 0u; i < 32u; i++) {
+                if (i < BLK / 2u) {
+                    let c = dq_col(i, j, half);
+                    pr[i] = select(0.0, exp2(min(ss[srow + c] * sl - lse, 0.0)), c < lim);
+                }
             }
         }
         sync_sub();
@@ -334,10 +355,11 @@ fn attnb_dq_warp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             store_s(acc, sbase + cb * 16u);
         }
         sync_sub();
+        let prow = pbase + r * PLD;
         for (var i = 0u; i < 32u; i++) {
             if (i < BLK / 2u) {
-                let c = 2u * i + j;
-                sp[pbase + r * PLD + c] = f16(pr[i] * (ss[sbase + r * SLD + c] - dd));
+                let c = dq_col(i, j, half);
+                sp[prow + c] = f16(pr[i] * (ss[srow + c] - dd));
             }
         }
         sync_sub();
@@ -438,17 +460,34 @@ fn attnb_dkv_warp(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
                 dd[u] = st.y;
             }
         }
-        for (var n = 0u; n < 32u; n++) {
-            if (n < 16u * (BLK / 32u)) {
-                let rr = n % 16u;
-                let u = n / 16u;
-                let c = lane + 32u * u;
-                var pij = 0.0;
-                if (visible(q0 + c, kw + rr)) {
-                    pij = exp2(min(ss[sbase + rr * SLD + c] * sl - lse[u], 0.0));
+        // Key kw + rr is visible to query q0 + c (c = lane + 32u) when rr < lim[u]; the mask
+        // (a select) only when some of the lane's queries miss some of the subgroup's keys.
+        var lim = vec2<u32>(16u);
+        for (var u = 0u; u < BLK / 32u; u++) {
+            let vis = key_limit(q0 + lane + 32u * u);
+            lim[u] = vis - min(vis, kw);
+        }
+        if (min(lim.x, lim.y) >= 16u) {
+            for (var n = 0u; n < 32u; n++) {
+                if (n < 16u * (BLK / 32u)) {
+                    let rr = n % 16u;
+                    let u = n / 16u;
+                    let c = lane + 32u * u;
+                    let pij = exp2(min(ss[sbase + rr * SLD + c] * sl - lse[u], 0.0));
+                    pr[n] = pij;
+                    sp[pbase + rr * PLD + c] = f16(pij);
                 }
-                pr[n] = pij;
-                sp[pbase + rr * PLD + c] = f16(pij);
+            }
+        } else {
+            for (var n = 0u; n < 32u; n++) {
+                if (n < 16u * (BLK / 32u)) {
+                    let rr = n % 16u;
+                    let u = n / 16u;
+                    let c = lane + 32u * u;
+                    let pij = select(0.0, exp2(min(ss[sbase + rr * SLD + c] * sl - lse[u], 0.0)), rr < lim[u]);
+                    pr[n] = pij;
+                    sp[pbase + rr * PLD + c] = f16(pij);
+                }
             }
         }
         sync_sub();
