@@ -3,7 +3,8 @@
 `atelier sample` on the same full-size SD-1.5 architecture with seeded random weights (made by
 scripts/gpu-check-models.py's builder), the same initial latents, prompt, sampler and steps.
 
-Prints both wall times (model already loaded: prompt to decoded image, after one warm-up run),
+Prints both wall times (model already loaded: prompt to decoded image, after one warm-up run;
+atelier's after a warm-up process too),
 both peak GPU memory figures, and the relative L2 difference of the final latents (random weights
 amplify f16 differences over the steps, so this is a sanity check, not an accuracy bound: the
 accuracy of the pipeline is tested against diffusers on the tiny model in tests/pipeline.rs).
@@ -94,6 +95,12 @@ def main():
            "--steps", str(a.steps), "--guidance", str(a.guidance), "--width", str(a.size), "--height", str(a.size),
            "--sampler", "dpmpp_2m", "--seed", "77", "--init-noise", noise_path, "--output", out_dir,
            "--save-latents", lat_path, "--num-images", str(a.repeat + 1), "--profile"]
+    # A warm-up process first, as diffusers had its warm-up run: it fills the NVIDIA driver's
+    # shader cache (~/.nv/ComputeCache), so the timed process's text encoder, which runs once
+    # for all its images and is charged to each, is not timed compiling its pipelines (0.49 s
+    # of a 1.27 s figure on a fresh machine, session 14).
+    warm = cmd[:cmd.index("--init-noise")] + ["--output", os.path.join(a.work, "atelier-warmup.png"), "--num-images", "1"]
+    subprocess.run(warm, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop, peak = threading.Event(), [0]
@@ -123,6 +130,10 @@ def main():
         w, *plans = (float(x) for x in mem.groups())
         print(f"{'atelier, tensors only':<28}{'':>18}{(w + max(plans)) / 1024:>14.2f} GiB (weights + the largest plan; "
               f"comparable to torch's allocated figure)")
+    text_s = re.search(r"\(text ([0-9.]+) s", text)
+    if text_s:
+        print(f"atelier's text encoder: {float(text_s.group(1)):.3f} s of each image's figure (the prompt is encoded once "
+              f"for the process's {a.repeat + 1} images)")
     print(f"speed-up {torch_s / atelier_s:.2f}x; final latents differ by {diff:.2e} (relative L2, random weights)")
 
 
