@@ -221,10 +221,10 @@ fn key_limit(qi: u32) -> u32 {
 }
 
 // attnb_dq_warp: the column of step i (of BLK/2) for lane j of the pair owning row r, half =
-// bit 3 of r. Lane j takes the columns = j (mod 2); rows r and r + 8 are 8·SLD = 32 (mod 32)
+// bit 3 of r. Lane j takes the columns = j (mod 2); rows r and r + 8 are 8·SLD ≡ 0 (mod 32)
 // words apart, so rows with bit 3 set take each pair of steps in the other order (i ^ 1):
 // their column is 2 off, in another bank, both in the f32 S slice and in the f16 P slice
-// (PLD/2 = 20 words a row: rows r and r + 8 share a bank there too).
+// (PLD/2 words a row, 8·PLD/2 ≡ 0 (mod 32) too).
 fn dq_col(i: u32, j: u32, half: u32) -> u32 {
     return 2u * (i ^ half) + j;
 }

@@ -52,47 +52,40 @@ pub fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Times `d`: a few warm-up launches, then `batches` batches of `reps` launches each;
-/// returns the median seconds per launch.
-pub fn time_dispatch(gpu: &Gpu, ds: &[Dispatch], reps: usize, batches: usize) -> Result<f64> {
-    // Warm-up: one batch (the clocks ramp up after the idle of building the next case).
-    let mut rec = Recorder::new(gpu);
-    for _ in 0..reps.max(3) {
+/// Runs `ds` `reps` times over through `rec` and waits for them.
+fn run_reps(mut rec: Recorder, ds: &[Dispatch], reps: usize) -> Result<()> {
+    for _ in 0..reps {
         for d in ds {
             rec.run(d)?;
         }
     }
-    rec.finish()?;
+    rec.finish()
+}
+
+/// Times `d`: a few warm-up launches, then `batches` batches of `reps` launches each;
+/// returns the median seconds per launch.
+pub fn time_dispatch(gpu: &Gpu, ds: &[Dispatch], reps: usize, batches: usize) -> Result<f64> {
+    // Warm-up: one batch (the clocks ramp up after the idle of building the next case).
+    run_reps(Recorder::new(gpu), ds, reps.max(3))?;
     let mut times = Vec::with_capacity(batches);
     for _ in 0..batches {
         let t = Instant::now();
-        let mut rec = Recorder::new(gpu);
-        for _ in 0..reps {
-            for d in ds {
-                rec.run(d)?;
-            }
-        }
-        rec.finish()?;
+        run_reps(Recorder::new(gpu), ds, reps)?;
         times.push(t.elapsed().as_secs_f64() / reps as f64);
     }
     times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
     // ATELIER_BENCH_TIMESTAMPS=1: one more batch, each launch timed by the profiler as a model
     // profile times it, to set the two kinds of figure side by side.
     if std::env::var("ATELIER_BENCH_TIMESTAMPS").is_ok_and(|v| v == "1")
         && let Some(mut prof) = Profiler::new(gpu)
     {
-        let mut rec = Recorder::with_profiler(gpu, Some(&mut prof));
-        for _ in 0..reps {
-            for d in ds {
-                rec.run(d)?;
-            }
-        }
-        rec.finish()?;
+        run_reps(Recorder::with_profiler(gpu, Some(&mut prof)), ds, reps)?;
         let (n, ns) = prof.stats.values().fold((0, 0.0), |(n, t), s| (n + s.count, t + s.total_ns));
         let per_set = ns * 1e-3 / n.max(1) as f64 * ds.len() as f64;
-        eprintln!("timestamps: {per_set:.1} us a launch ({n} launches; wall clock {:.1} us)", times[times.len() / 2] * 1e6);
+        eprintln!("timestamps: {per_set:.1} us a launch ({n} launches; wall clock {:.1} us)", median * 1e6);
     }
-    Ok(times[times.len() / 2])
+    Ok(median)
 }
 
 /// Times a compute-bound launch with about `work` flops per batch of repetitions (1 to 200

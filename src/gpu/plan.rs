@@ -119,9 +119,10 @@ impl Plan {
     /// Queues the whole pass into `rec` (less the launches ATELIER_SKIP_LAUNCHES names, a
     /// diagnostic: see the README).
     pub fn record(&self, rec: &mut Recorder) -> Result<()> {
-        let skip = std::env::var("ATELIER_SKIP_LAUNCHES").ok();
+        static SKIP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let skip = SKIP.get_or_init(|| std::env::var("ATELIER_SKIP_LAUNCHES").ok());
         for d in &self.dispatches {
-            if let Some(s) = &skip
+            if let Some(s) = skip
                 && format!("{} groups {:?}", d.label, d.groups).contains(s.as_str())
             {
                 continue;

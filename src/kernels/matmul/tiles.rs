@@ -59,8 +59,9 @@ impl CoopTile {
     /// workgroups an SM. H100, session 13, TFLOP/s against the tile before (DEFAULT or
     /// CONV_MID): 8192³ 168–174 vs 154–157, 8192x2560x320 80.0 vs 77.0, 8192x960x320 76.5 vs
     /// 74.8, 8192x320x1280 90.4 vs 88.9 (session 10's sweep agrees); 4096³ 159 vs 142, but at
-    /// 2048 rows it loses (2048x5120x640 98 vs 106), and the training's 4096-row products
-    /// have no measurement with it.
+    /// 2048 rows it loses (2048x5120x640 98 vs 106), and at the training's 4096-row forward
+    /// linears too (session 15: 4096x320x320 34 vs NARROW's 45–49, 4096x320x1280 57 vs
+    /// CONV_MID's 78; 4096x960x320 68 vs 66).
     pub const LARGE: CoopTile = tile(128, 128, 4, 2, 32, 1, 8);
     /// For convolutions to at most 32 channels (the VAE's conv_out to 3 channels at 512x512,
     /// the encoder's to 8): 128 rows by 32 columns, one column of 4 subgroups of 32x32, so the
