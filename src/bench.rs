@@ -489,3 +489,41 @@ pub fn row(r: &BenchResult) -> String {
     };
     format!("{:<42} {:>10.3} ms {}  {}", r.name, r.ms, rate, r.path)
 }
+
+/// `bench --pipeline-stats`: what the driver reports of every pipeline `gpu` has made so far,
+/// one line each (a JSON object each with `json`); with `ir_dir` its internal representations,
+/// where it shares any, as text files there (named after the pipeline's label).
+pub fn print_pipeline_stats(gpu: &Gpu, ir_dir: Option<&std::path::Path>, json: bool) -> Result<()> {
+    let name = gpu.adapter.get_info().name;
+    let reports = crate::gpu::driver_stats::pipeline_statistics(&name, &gpu.pipeline_keys(), ir_dir.is_some())?;
+    if !json {
+        println!("\ndriver statistics of {} pipelines ({name}):", reports.len());
+    }
+    for r in &reports {
+        if json {
+            let stats: serde_json::Map<String, serde_json::Value> =
+                r.statistics.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+            let o = serde_json::json!({ "pipeline": r.pipeline, "executable": r.executable, "subgroup_size": r.subgroup_size, "statistics": stats });
+            println!("{o}");
+        } else {
+            let stats: Vec<String> = r.statistics.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("{}  [{}, subgroup {}]  {}", r.pipeline, r.executable, r.subgroup_size, stats.join(", "));
+        }
+    }
+    let Some(dir) = ir_dir else { return Ok(()) };
+    std::fs::create_dir_all(dir).map_err(|e| crate::error::Error::io(dir, e))?;
+    let mut written = 0;
+    for r in &reports {
+        let stem: String = r.pipeline.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '=' { c } else { '_' }).collect();
+        for (i, (kind, text)) in r.representations.iter().enumerate() {
+            let file = dir.join(format!("{stem}.{i}.txt"));
+            std::fs::write(&file, format!("{} / {} / {kind}\n{text}\n", r.pipeline, r.executable))
+                .map_err(|e| crate::error::Error::io(&file, e))?;
+            written += 1;
+        }
+    }
+    if !json {
+        println!("{written} internal representations written to {}", dir.display());
+    }
+    Ok(())
+}

@@ -117,6 +117,14 @@ atelier train --model sd15/ --data portraits/ --output runs/p --steps 2000 --res
         /// activations (with --train): less memory, more time.
         #[arg(long)]
         recompute: bool,
+        /// After the run, compile every pipeline it used again and print what the driver reports
+        /// of each (registers, spills, ...; Vulkan drivers with VK_KHR_pipeline_executable_properties).
+        #[arg(long)]
+        pipeline_stats: bool,
+        /// With --pipeline-stats: also write the driver's internal representations of each
+        /// pipeline, where it shares them, as text files in this folder.
+        #[arg(long, value_name = "DIR", requires = "pipeline_stats")]
+        pipeline_ir: Option<PathBuf>,
     },
 }
 
@@ -339,6 +347,10 @@ fn parse_lora(s: &str) -> Result<(PathBuf, f32), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let opts = GpuOptions::from_env().with_adapter(cli.adapter.clone());
+    let stats = match &cli.command {
+        Command::Bench { pipeline_stats: true, pipeline_ir, .. } => Some(pipeline_ir.clone()),
+        _ => None,
+    };
     let result = match cli.command {
         Command::Info => info(&opts),
         Command::Sample(s) => sample(&opts, *s),
@@ -346,14 +358,14 @@ fn main() -> ExitCode {
         Command::Bench { model: Some(model), train: true, batch, width, height, repeat, inputs, output, profile, rank, alpha, dropout, targets, recompute, .. } => {
             targets.parse().and_then(|targets| {
                 let o = TrainBench { batch, height, width, rank, alpha, dropout, targets, recompute, repeat, inputs, output, profile };
-                bench_train(&opts, &model, o)
+                bench_train(&opts, &model, o, &stats)
             })
         }
         Command::Bench { model: Some(model), batch, vae_batch, width, height, repeat, inputs, output, encode, profile, .. } => {
             let o = ModelBench { batch, vae_batch, height, width, repeat, inputs, output, profile, encode };
-            bench_model(&opts, &model, &o)
+            bench_model(&opts, &model, &o, &stats)
         }
-        Command::Bench { filter, json, all_tiles, cold, .. } => bench(&opts, filter.as_deref(), json, all_tiles, cold),
+        Command::Bench { filter, json, all_tiles, cold, .. } => bench(&opts, filter.as_deref(), json, all_tiles, cold, &stats),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -408,7 +420,18 @@ fn info(opts: &GpuOptions) -> atelier::Result<()> {
     Ok(())
 }
 
-fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool, cold: bool) -> atelier::Result<()> {
+/// `bench --pipeline-stats [--pipeline-ir DIR]`: `Some(DIR)` when asked for.
+type StatsRequest = Option<Option<PathBuf>>;
+
+/// Prints the driver's statistics of every pipeline `gpu` has made, when asked for.
+fn pipeline_stats(gpu: &Gpu, stats: &StatsRequest, json: bool) -> atelier::Result<()> {
+    match stats {
+        Some(ir) => atelier::bench::print_pipeline_stats(gpu, ir.as_deref(), json),
+        None => Ok(()),
+    }
+}
+
+fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool, cold: bool, stats: &StatsRequest) -> atelier::Result<()> {
     let gpu = Gpu::new(opts)?;
     if !json {
         println!("{}", gpu.describe());
@@ -425,23 +448,24 @@ fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool, c
             filter.unwrap_or("")
         )));
     }
-    Ok(())
+    pipeline_stats(&gpu, stats, json)
 }
 
-fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench) -> atelier::Result<()> {
+fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench, stats: &StatsRequest) -> atelier::Result<()> {
     let gpu = Gpu::new(opts)?;
     println!("{}", gpu.describe());
     let t0 = std::time::Instant::now();
     let sd = atelier::model::sd15::StableDiffusion::load(&gpu, model, &Default::default(), None)?;
     println!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
     atelier::bench_models::run(&gpu, &sd, o)?;
-    Ok(())
+    pipeline_stats(&gpu, stats, false)
 }
 
-fn bench_train(opts: &GpuOptions, model: &Path, o: TrainBench) -> atelier::Result<()> {
+fn bench_train(opts: &GpuOptions, model: &Path, o: TrainBench, stats: &StatsRequest) -> atelier::Result<()> {
     let gpu = Gpu::new(opts)?;
     println!("{}", gpu.describe());
-    atelier::bench_train::run(&gpu, model, &o)
+    atelier::bench_train::run(&gpu, model, &o)?;
+    pipeline_stats(&gpu, stats, false)
 }
 
 fn train(opts: &GpuOptions, t: TrainCli) -> atelier::Result<()> {

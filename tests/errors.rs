@@ -165,6 +165,23 @@ fn cli_bench_json_prints_one_object_per_line() {
 }
 
 #[test]
+fn cli_bench_pipeline_stats_reports_or_says_why() {
+    // Drivers with VK_KHR_pipeline_executable_properties (NVIDIA's) report each pipeline the
+    // run made; others (lavapipe in CI) must say that the driver lacks it, not fail obscurely.
+    let o = cli(&["bench", "--filter", "elementwise_copy", "--pipeline-stats"], &[]);
+    let out = text(&o.stdout);
+    if o.status.success() {
+        let head = out.lines().find(|l| l.starts_with("driver statistics of ")).unwrap_or_else(|| panic!("no statistics header:\n{out}"));
+        assert!(!head.starts_with("driver statistics of 0 "), "no pipeline reported:\n{out}");
+        let row = out.lines().find(|l| l.starts_with("elementwise.unary")).unwrap_or_else(|| panic!("the copy's pipeline is not reported:\n{out}"));
+        assert!(row.contains("subgroup "), "no executable properties: {row}");
+    } else {
+        assert_clean_failure(&o, "GPU error: pipeline statistics");
+        assert!(text(&o.stderr).contains("VK_KHR_pipeline_executable_properties"), "does not name what the driver lacks:\n{}", text(&o.stderr));
+    }
+}
+
+#[test]
 fn cli_help_lists_the_commands() {
     let o = cli(&["--help"], &[]);
     let out = text(&o.stdout);

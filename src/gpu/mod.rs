@@ -1,7 +1,8 @@
 //! The GPU runtime: device and capabilities, tensors, the pipeline cache, the recorder and
-//! the timestamp profiler.
+//! the timestamp profiler; the driver's pipeline statistics for kernel work.
 
 pub mod device;
+pub mod driver_stats;
 pub mod pipelines;
 pub mod plan;
 pub mod profiler;

@@ -175,9 +175,30 @@ impl std::fmt::Display for PipelineKey {
 
 /// How a shader declares one of its bindings (all are buffers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum BindingKind {
+pub(crate) enum BindingKind {
     Uniform,
     Storage { read_only: bool },
+}
+
+/// Per entry point of a parsed and validated `shader`, the group-0 bindings it uses and how
+/// (two entries may declare one binding number differently).
+pub(crate) fn entry_bindings(shader: Shader, parsed: &naga::Module, info: &naga::valid::ModuleInfo) -> Result<EntryBindings> {
+    let mut bindings = HashMap::new();
+    for (i, ep) in parsed.entry_points.iter().enumerate() {
+        let uses = info.get_entry_point(i);
+        let mut kinds = HashMap::new();
+        for (h, var) in parsed.global_variables.iter() {
+            let Some(b) = var.binding.as_ref().filter(|b| b.group == 0 && !uses[h].is_empty()) else { continue };
+            let kind = match var.space {
+                naga::AddressSpace::Uniform => BindingKind::Uniform,
+                naga::AddressSpace::Storage { access } => BindingKind::Storage { read_only: !access.contains(naga::StorageAccess::STORE) },
+                other => return Err(Error::Gpu(format!("shader {}: binding {} in {other:?} (only buffers are supported)", shader.name(), b.binding))),
+            };
+            kinds.insert(b.binding, kind);
+        }
+        bindings.insert(ep.name.clone(), kinds);
+    }
+    Ok(bindings)
 }
 
 /// The binding numbers a dispatch binds, sorted.
@@ -186,7 +207,7 @@ type Bindings = Vec<u32>;
 type Layouts = (wgpu::BindGroupLayout, wgpu::PipelineLayout);
 
 /// Per entry point, each group-0 binding it uses and how.
-type EntryBindings = HashMap<String, HashMap<u32, BindingKind>>;
+pub(crate) type EntryBindings = HashMap<String, HashMap<u32, BindingKind>>;
 
 /// One compute pipeline, compiled off the recording thread where possible: plans prepare all
 /// their dispatches before the first is recorded, so the cache's worker threads compile a
@@ -316,6 +337,14 @@ impl Gpu {
         Ok(self.module_and_bindings(shader)?.0)
     }
 
+    /// The keys of every pipeline made so far on this device, sorted by label.
+    pub fn pipeline_keys(&self) -> Vec<PipelineKey> {
+        let mut keys: Vec<PipelineKey> = self.pipelines.pipelines.lock().unwrap().keys().map(|(k, _)| k.clone()).collect();
+        keys.sort_by_key(|k| k.to_string());
+        keys.dedup();
+        keys
+    }
+
     /// The module, and how each of its entry points uses each group-0 binding (for explicit
     /// layouts).
     fn module_and_bindings(&self, shader: Shader) -> Result<(wgpu::ShaderModule, Arc<EntryBindings>)> {
@@ -332,26 +361,10 @@ impl Gpu {
         let source = shader.source();
         let parsed = naga::front::wgsl::parse_str(source)
             .map_err(|e| Error::Gpu(format!("compiling shader {}: {}", shader.name(), e.emit_to_string(source))))?;
-        // Per entry point, the group-0 globals it uses (two entries may declare one binding
-        // number differently).
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::empty(), naga::valid::Capabilities::all())
             .validate(&parsed)
             .map_err(|e| Error::Gpu(format!("compiling shader {}: {}", shader.name(), e.emit_to_string(source))))?;
-        let mut bindings = HashMap::new();
-        for (i, ep) in parsed.entry_points.iter().enumerate() {
-            let uses = info.get_entry_point(i);
-            let mut kinds = HashMap::new();
-            for (h, var) in parsed.global_variables.iter() {
-                let Some(b) = var.binding.as_ref().filter(|b| b.group == 0 && !uses[h].is_empty()) else { continue };
-                let kind = match var.space {
-                    naga::AddressSpace::Uniform => BindingKind::Uniform,
-                    naga::AddressSpace::Storage { access } => BindingKind::Storage { read_only: !access.contains(naga::StorageAccess::STORE) },
-                    other => return Err(Error::Gpu(format!("shader {}: binding {} in {other:?} (only buffers are supported)", shader.name(), b.binding))),
-                };
-                kinds.insert(b.binding, kind);
-            }
-            bindings.insert(ep.name.clone(), kinds);
-        }
+        let bindings = entry_bindings(shader, &parsed, &info)?;
         let checks = if self.caps.shader_checks {
             wgpu::ShaderRuntimeChecks::checked()
         } else {
