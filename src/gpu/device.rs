@@ -98,11 +98,21 @@ pub struct AdapterReport {
     pub coop: Vec<wgpu::CooperativeMatrixProperties>,
 }
 
+/// The process's one wgpu instance, made on first use and kept to the end. Destroying the
+/// last Vulkan instance lets the loader unload the driver, and NVIDIA's driver leaves
+/// per-thread destructors behind in threads that used it: a thread that dropped a `Gpu`
+/// (a test's) then crashed at its exit, jumping into the unloaded library (H100, driver 580,
+/// whenever pipelines had been compiled on the background threads).
 fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends: wgpu::Backends::PRIMARY,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    })
+    static INSTANCE: std::sync::OnceLock<wgpu::Instance> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| {
+            wgpu::Instance::new(wgpu::InstanceDescriptor {
+                backends: wgpu::Backends::PRIMARY,
+                ..wgpu::InstanceDescriptor::new_without_display_handle()
+            })
+        })
+        .clone()
 }
 
 fn rank(t: wgpu::DeviceType) -> u32 {
