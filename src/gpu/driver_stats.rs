@@ -7,12 +7,14 @@
 //! bounding, division checks or workgroup-memory zeroing) and compiled again on a second,
 //! plain Vulkan device of the same GPU, with the flags that ask the driver to keep the figures.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::ffi::CString;
 
 use ash::vk;
 
 use crate::error::{Error, Result};
-use crate::gpu::pipelines::{BindingKind, PipelineKey, entry_bindings};
+use crate::gpu::pipelines::{BindingKind, EntryBindings, PipelineKey, Shader, entry_bindings};
 
 /// What the driver reports for one executable of one pipeline.
 pub struct ExecutableReport {
@@ -68,9 +70,14 @@ pub fn pipeline_statistics(adapter_name: &str, keys: &[PipelineKey], with_ir: bo
         .map_err(vk_err("creating a Vulkan instance"))?;
     let instance = Instance { raw, _entry: entry };
     let device = open(&instance, adapter_name)?;
+    let mut parsed: HashMap<Shader, Parsed> = HashMap::new();
     let mut out = Vec::new();
     for key in keys {
-        out.extend(report(&device, key, with_ir)?);
+        let p = match parsed.entry(key.shader) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Parsed::new(key.shader)?),
+        };
+        out.extend(report(&device, key, p, with_ir)?);
     }
     drop(device);
     Ok(out)
@@ -162,27 +169,38 @@ fn spv_options() -> naga::back::spv::Options<'static> {
     }
 }
 
-/// The SPIR-V words of `key`'s pipeline and its group-0 bindings.
-fn spirv(key: &PipelineKey) -> Result<(Vec<u32>, Vec<(u32, BindingKind)>)> {
-    let shader = key.shader;
-    let source = shader.source();
+/// A shader parsed and validated once for all the pipelines of it, and its entries' bindings.
+struct Parsed {
+    module: naga::Module,
+    info: naga::valid::ModuleInfo,
+    bindings: EntryBindings,
+}
+
+impl Parsed {
+    fn new(shader: Shader) -> Result<Parsed> {
+        let source = shader.source();
+        let fail = |what: String| Error::Gpu(format!("pipeline statistics: shader {}: {what}", shader.name()));
+        let module = naga::front::wgsl::parse_str(source).map_err(|e| fail(e.emit_to_string(source)))?;
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .map_err(|e| fail(e.emit_to_string(source)))?;
+        let bindings = entry_bindings(shader, &module, &info)?;
+        Ok(Parsed { module, info, bindings })
+    }
+}
+
+/// The SPIR-V words of `key`'s pipeline (of its shader `parsed`) and its group-0 bindings.
+fn spirv(key: &PipelineKey, parsed: &Parsed) -> Result<(Vec<u32>, Vec<(u32, BindingKind)>)> {
     let fail = |what: String| Error::Gpu(format!("pipeline statistics: {key}: {what}"));
-    let module = naga::front::wgsl::parse_str(source).map_err(|e| fail(e.emit_to_string(source)))?;
-    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-        .validate(&module)
-        .map_err(|e| fail(e.emit_to_string(source)))?;
-    let mut kinds: Vec<(u32, BindingKind)> = entry_bindings(shader, &module, &info)?
-        .remove(key.entry)
-        .ok_or_else(|| fail("no such entry point".into()))?
-        .into_iter()
-        .collect();
+    let mut kinds: Vec<(u32, BindingKind)> =
+        parsed.bindings.get(key.entry).ok_or_else(|| fail("no such entry point".into()))?.iter().map(|(&n, &k)| (n, k)).collect();
     kinds.sort_by_key(|k| k.0);
     let mut constants = naga::back::PipelineConstants::default();
     for &(name, value) in &key.overrides {
         constants.insert(name.to_string(), value as f64);
     }
     let stage = naga::ShaderStage::Compute;
-    let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((stage, key.entry)), &constants)
+    let (module, info) = naga::back::pipeline_constants::process_overrides(&parsed.module, &parsed.info, Some((stage, key.entry)), &constants)
         .map_err(|e| fail(e.to_string()))?;
     let pipeline = naga::back::spv::PipelineOptions { shader_stage: stage, entry_point: key.entry.to_string() };
     let words = naga::back::spv::write_vec(&module, &info, &spv_options(), Some(&pipeline)).map_err(|e| fail(e.to_string()))?;
@@ -190,8 +208,8 @@ fn spirv(key: &PipelineKey) -> Result<(Vec<u32>, Vec<(u32, BindingKind)>)> {
 }
 
 /// Compiles `key`'s pipeline on `dev` and reads what the driver reports of it.
-fn report(dev: &Device, key: &PipelineKey, with_ir: bool) -> Result<Vec<ExecutableReport>> {
-    let (words, kinds) = spirv(key)?;
+fn report(dev: &Device, key: &PipelineKey, parsed: &Parsed, with_ir: bool) -> Result<Vec<ExecutableReport>> {
+    let (words, kinds) = spirv(key, parsed)?;
     let d = &dev.raw;
     let bindings: Vec<vk::DescriptorSetLayoutBinding> = kinds
         .iter()
