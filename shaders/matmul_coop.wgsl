@@ -388,47 +388,75 @@ fn stage_store(m: coop_mat16x16<f32, C>, at: u32) {
     coopStoreT(m, &stage[at], 16u);
 }
 
-// Writes one 16x16 accumulator at tile rows m.., columns n.. through the staging tile.
+// The bias of columns n, n + 1 at element bi, bi + 1 (0 past N).
+fn bias_pair(bi: u32, n: u32) -> vec2<f32> {
+    var v = vec2<f32>();
+    if (n < p.n) { v.x = f32(half_at(bias[bi >> 3u], bi)); }
+    if (n + 1u < p.n) { v.y = f32(half_at(bias[(bi + 1u) >> 3u], bi + 1u)); }
+    return v;
+}
+
+// What C holds at columns n, n + 1 of the row starting at element `row` (accumulate; 0 past
+// N). f16: the packed pair (a pair whose first column is in range may read its pad column).
+fn c_pair(row: u32, n: u32) -> vec2<f32> {
+    if (n >= p.n) { return vec2<f32>(); }
+    if (OUT_F32) {
+        var v = vec2<f32>(bitcast<f32>(c[row + n]), 0.0);
+        if (n + 1u < p.n) { v.y = bitcast<f32>(c[row + n + 1u]); }
+        return v;
+    }
+    return unpack2x16float(c[(row + n) >> 1u]);
+}
+
+// Writes columns n, n + 1 (v) of the row starting at element `row`; nothing past N.
+fn put_c(row: u32, n: u32, v: vec2<f32>) {
+    if (n >= p.n) { return; }
+    if (OUT_F32) {
+        c[row + n] = bitcast<u32>(v.x);
+        if (n + 1u < p.n) { c[row + n + 1u] = bitcast<u32>(v.y); }
+    } else {
+        c[(row + n) >> 1u] = pack2x16float(v);
+    }
+}
+
+// Writes one 16x16 accumulator at tile rows m.., columns n.. through the staging tile: lane
+// pair r writes row r, lane j of it columns 8j .. 8j + 8. Its global reads (bias, and C when
+// accumulating) are issued before the staging store and barrier, so that their latency
+// overlaps them instead of following them: each emit is a dependent chain, sixteen of them
+// in a row for a 64x64 subgroup tile, and with K 320 (the UNet's short linears) the
+// epilogue is a large share of the launch.
 // Called in uniform control flow by every subgroup (it holds workgroup barriers).
 fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32, base_c: u32) {
-    stage_store(acc, st);
-    workgroupBarrier();
     let lr = lane / 2u;
     let lc = (lane % 2u) * 8u;
     let m = m_base + lr;
     let nc = n_base + lc;
-    if (m < p.m) {
-        let has_bias = (p.flags & 1u) != 0u;
-        let accumulate = (p.flags & 2u) != 0u;
-        let row = base_c + m * p.ldc;
-        // This row's bias (a per-image one only in the PER_IMAGE_BIAS variant: the division
-        // cost the VAE decode 2% in every epilogue).
-        var bias0 = p.off_bias + nc;
-        if (PER_IMAGE_BIAS) { bias0 += (m / p.bias_rows) * p.bias_ld; }
-        for (var q = 0u; q < 8u; q += 2u) {
-            if (nc + q < p.n) {
-                var v = vec2<f32>(stage[st + lr * 16u + lc + q], stage[st + lr * 16u + lc + q + 1u]) * p.alpha;
-                if (has_bias) {
-                    let bi = bias0 + q;
-                    v.x += f32(half_at(bias[bi >> 3u], bi));
-                    if (nc + q + 1u < p.n) { v.y += f32(half_at(bias[(bi + 1u) >> 3u], bi + 1u)); }
-                }
-                if (OUT_F32) {
-                    var o0 = v.x;
-                    if (accumulate) { o0 += bitcast<f32>(c[row + nc + q]); }
-                    c[row + nc + q] = bitcast<u32>(o0);
-                    if (nc + q + 1u < p.n) {
-                        var o1 = v.y;
-                        if (accumulate) { o1 += bitcast<f32>(c[row + nc + q + 1u]); }
-                        c[row + nc + q + 1u] = bitcast<u32>(o1);
-                    }
-                } else {
-                    let w = (row + nc + q) >> 1u;
-                    if (accumulate) { v += unpack2x16float(c[w]); }
-                    c[w] = pack2x16float(v);
-                }
-            }
+    let live = m < p.m;
+    let row = base_c + m * p.ldc;
+    // Bias plus (accumulate) the previous C, per column pair.
+    var add0 = vec2<f32>(); var add1 = vec2<f32>(); var add2 = vec2<f32>(); var add3 = vec2<f32>();
+    if (live) {
+        if ((p.flags & 1u) != 0u) {
+            // This row's bias (a per-image one only in the PER_IMAGE_BIAS variant: the
+            // division cost the VAE decode 2% in every epilogue).
+            var bi = p.off_bias + nc;
+            if (PER_IMAGE_BIAS) { bi += (m / p.bias_rows) * p.bias_ld; }
+            add0 = bias_pair(bi, nc); add1 = bias_pair(bi + 2u, nc + 2u);
+            add2 = bias_pair(bi + 4u, nc + 4u); add3 = bias_pair(bi + 6u, nc + 6u);
         }
+        if ((p.flags & 2u) != 0u) {
+            add0 += c_pair(row, nc); add1 += c_pair(row, nc + 2u);
+            add2 += c_pair(row, nc + 4u); add3 += c_pair(row, nc + 6u);
+        }
+    }
+    stage_store(acc, st);
+    workgroupBarrier();
+    if (live) {
+        let s = st + lr * 16u + lc;
+        put_c(row, nc, vec2<f32>(stage[s], stage[s + 1u]) * p.alpha + add0);
+        put_c(row, nc + 2u, vec2<f32>(stage[s + 2u], stage[s + 3u]) * p.alpha + add1);
+        put_c(row, nc + 4u, vec2<f32>(stage[s + 4u], stage[s + 5u]) * p.alpha + add2);
+        put_c(row, nc + 6u, vec2<f32>(stage[s + 6u], stage[s + 7u]) * p.alpha + add3);
     }
     workgroupBarrier();
 }
