@@ -86,6 +86,9 @@ impl Request {
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
     pub text: f64,
+    /// Of `text`: building the CLIP plan (its pipelines are compiled, or taken from the
+    /// driver's cache, the first time a process needs them).
+    pub text_plan: f64,
     pub encode: f64,
     pub denoise: f64,
     pub decode: f64,
@@ -204,7 +207,8 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
     let guided = req.guidance > 1.0;
 
     // Text: [uncond chunks..., cond chunks...] through CLIP in one batch.
-    let (context, tokens, prompt_chunks, clip_bytes) = encode_prompts(gpu, sd, req, guided)?;
+    let (context, tokens, prompt_chunks, clip_bytes, text_plan) = encode_prompts(gpu, sd, req, guided)?;
+    timings.text_plan = text_plan;
     timings.plan_bytes[0] = clip_bytes;
     let width = sd.config.clip.hidden_size;
     timings.text = t0.elapsed().as_secs_f64();
@@ -290,7 +294,7 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
             {
                 profile.push(("one UNet call".to_string(), table));
             }
-            plan.plan.run(gpu)?;
+            plan.plan.submit(gpu)?;
             let out = plan.out.to_f32(gpu)?;
             let cond = &out[(b - g) * latent..];
             let eps: Vec<f32> = if guided {
@@ -332,7 +336,7 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
             {
                 profile.push(("one VAE decode".to_string(), table));
             }
-            dec.plan.run(gpu)?;
+            dec.plan.submit(gpu)?;
             images.push(to_rgb8(&dec.image.to_f32(gpu)?));
             timings.per_image[k].1 = t_image.elapsed().as_secs_f64();
         }
@@ -345,8 +349,8 @@ pub fn generate(gpu: &Gpu, sd: &StableDiffusion, sched: &SchedulerConfig, req: &
 /// CLIP outputs of the negative and the positive prompt, each [tokens, width] with
 /// tokens = 77 · chunks (the shorter padded with empty-prompt chunks, as A1111 does); only the
 /// positive when unguided. Returns (values, tokens, positive prompt's chunks, the CLIP plan's
-/// activation bytes).
-fn encode_prompts(gpu: &Gpu, sd: &StableDiffusion, req: &Request, guided: bool) -> Result<(Vec<f32>, usize, usize, u64)> {
+/// activation bytes, the seconds its build took).
+fn encode_prompts(gpu: &Gpu, sd: &StableDiffusion, req: &Request, guided: bool) -> Result<(Vec<f32>, usize, usize, u64, f64)> {
     let tok = &sd.tokenizer;
     let mut pos = tok.encode_chunks(&req.prompt)?;
     let prompt_chunks = pos.len();
@@ -360,9 +364,11 @@ fn encode_prompts(gpu: &Gpu, sd: &StableDiffusion, req: &Request, guided: bool) 
     let k = pos.len();
     let seqs: Vec<u32> = neg.iter().chain(&pos).flatten().copied().collect();
     let n = seqs.len() / crate::tokenizer::MAX_LEN;
+    let t = Instant::now();
     let clip = sd.clip.plan(gpu, n, req.clip_skip, false)?;
+    let built = t.elapsed().as_secs_f64();
     clip.run(gpu, &seqs)?;
-    Ok((clip.out.to_f32(gpu)?, k * crate::tokenizer::MAX_LEN, prompt_chunks, clip.plan.activation_bytes))
+    Ok((clip.out.to_f32(gpu)?, k * crate::tokenizer::MAX_LEN, prompt_chunks, clip.plan.activation_bytes, built))
 }
 
 /// One profiled replay of a plan, as a table (None where the GPU has no timestamp queries).

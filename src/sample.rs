@@ -340,9 +340,10 @@ pub fn run(gpu: &Gpu, a: &SampleArgs) -> Result<()> {
             );
             for (k, (denoise, decode)) in t.per_image.iter().enumerate() {
                 println!(
-                    "image {k} done in {:.3} s (text {:.3} s, {} denoising {:.3} s, decode {:.3} s)",
+                    "image {k} done in {:.3} s (text {:.3} s with its plan's build {:.3} s, {} denoising {:.3} s, decode {:.3} s)",
                     t.text + denoise + decode,
                     t.text,
+                    t.text_plan,
                     if req.batch_size > 1 { "its batch's" } else { "its" },
                     denoise,
                     decode

@@ -139,6 +139,14 @@ impl Plan {
         rec.finish()
     }
 
+    /// Queues the whole pass without waiting: what is submitted next (a readback of its
+    /// output, say, which then waits) runs after it. One wait a step instead of two.
+    pub fn submit(&self, gpu: &Gpu) -> Result<()> {
+        let mut rec = Recorder::new(gpu);
+        self.record(&mut rec)?;
+        rec.submit()
+    }
+
     /// Flops of one replay (for TFLOP/s figures).
     pub fn flops(&self) -> f64 {
         self.dispatches.iter().map(|d| d.flops).sum()
