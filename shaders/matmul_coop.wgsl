@@ -423,8 +423,8 @@ fn put_c(row: u32, n: u32, v: vec2<f32>) {
 // pair r writes row r, lane j of it columns 8j .. 8j + 8. Its global reads (bias, and C when
 // accumulating) are issued before the staging store and barrier, so that their latency
 // overlaps them instead of following them: each emit is a dependent chain, sixteen of them
-// in a row for a 64x64 subgroup tile, and with K 320 (the UNet's short linears) the
-// epilogue is a large share of the launch.
+// in a row for a 64x64 subgroup tile, which weighs most where K is short (H100: the UNet's
+// 8192x320x320 product +5% in the bench; docs/PERF.md, matmul session 17).
 // Called in uniform control flow by every subgroup (it holds workgroup barriers).
 fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32, base_c: u32) {
     let lr = lane / 2u;
