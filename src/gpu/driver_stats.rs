@@ -14,7 +14,7 @@ use std::ffi::CString;
 use ash::vk;
 
 use crate::error::{Error, Result};
-use crate::gpu::pipelines::{BindingKind, EntryBindings, PipelineKey, Shader, entry_bindings};
+use crate::gpu::pipelines::{BindingKind, ParsedShader, PipelineKey, Shader};
 
 /// What the driver reports for one executable of one pipeline.
 pub struct ExecutableReport {
@@ -70,12 +70,14 @@ pub fn pipeline_statistics(adapter_name: &str, keys: &[PipelineKey], with_ir: bo
         .map_err(vk_err("creating a Vulkan instance"))?;
     let instance = Instance { raw, _entry: entry };
     let device = open(&instance, adapter_name)?;
-    let mut parsed: HashMap<Shader, Parsed> = HashMap::new();
+    // Each shader parsed and validated (every check, as before SPIR-V is written from it)
+    // once for all its pipelines.
+    let mut parsed: HashMap<Shader, ParsedShader> = HashMap::new();
     let mut out = Vec::new();
     for key in keys {
         let p = match parsed.entry(key.shader) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(Parsed::new(key.shader)?),
+            Entry::Vacant(e) => e.insert(ParsedShader::new(key.shader, naga::valid::ValidationFlags::all())?),
         };
         out.extend(report(&device, key, p, with_ir)?);
     }
@@ -169,28 +171,8 @@ fn spv_options() -> naga::back::spv::Options<'static> {
     }
 }
 
-/// A shader parsed and validated once for all the pipelines of it, and its entries' bindings.
-struct Parsed {
-    module: naga::Module,
-    info: naga::valid::ModuleInfo,
-    bindings: EntryBindings,
-}
-
-impl Parsed {
-    fn new(shader: Shader) -> Result<Parsed> {
-        let source = shader.source();
-        let fail = |what: String| Error::Gpu(format!("pipeline statistics: shader {}: {what}", shader.name()));
-        let module = naga::front::wgsl::parse_str(source).map_err(|e| fail(e.emit_to_string(source)))?;
-        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-            .validate(&module)
-            .map_err(|e| fail(e.emit_to_string(source)))?;
-        let bindings = entry_bindings(shader, &module, &info)?;
-        Ok(Parsed { module, info, bindings })
-    }
-}
-
 /// The SPIR-V words of `key`'s pipeline (of its shader `parsed`) and its group-0 bindings.
-fn spirv(key: &PipelineKey, parsed: &Parsed) -> Result<(Vec<u32>, Vec<(u32, BindingKind)>)> {
+fn spirv(key: &PipelineKey, parsed: &ParsedShader) -> Result<(Vec<u32>, Vec<(u32, BindingKind)>)> {
     let fail = |what: String| Error::Gpu(format!("pipeline statistics: {key}: {what}"));
     let mut kinds: Vec<(u32, BindingKind)> =
         parsed.bindings.get(key.entry).ok_or_else(|| fail("no such entry point".into()))?.iter().map(|(&n, &k)| (n, k)).collect();
@@ -208,7 +190,7 @@ fn spirv(key: &PipelineKey, parsed: &Parsed) -> Result<(Vec<u32>, Vec<(u32, Bind
 }
 
 /// Compiles `key`'s pipeline on `dev` and reads what the driver reports of it.
-fn report(dev: &Device, key: &PipelineKey, parsed: &Parsed, with_ir: bool) -> Result<Vec<ExecutableReport>> {
+fn report(dev: &Device, key: &PipelineKey, parsed: &ParsedShader, with_ir: bool) -> Result<Vec<ExecutableReport>> {
     let (words, kinds) = spirv(key, parsed)?;
     let d = &dev.raw;
     let bindings: Vec<vk::DescriptorSetLayoutBinding> = kinds

@@ -180,9 +180,32 @@ pub(crate) enum BindingKind {
     Storage { read_only: bool },
 }
 
+/// A shader's source parsed and validated by naga, and how each of its entry points uses
+/// each group-0 binding: what the pipeline cache's explicit layouts and the driver statistics
+/// (`driver_stats`) are made from.
+pub(crate) struct ParsedShader {
+    pub module: naga::Module,
+    pub info: naga::valid::ModuleInfo,
+    pub bindings: EntryBindings,
+}
+
+impl ParsedShader {
+    /// Parses `shader`'s source and validates it with `flags`.
+    pub(crate) fn new(shader: Shader, flags: naga::valid::ValidationFlags) -> Result<ParsedShader> {
+        let source = shader.source();
+        let fail = |what: String| Error::Gpu(format!("compiling shader {}: {what}", shader.name()));
+        let module = naga::front::wgsl::parse_str(source).map_err(|e| fail(e.emit_to_string(source)))?;
+        let info = naga::valid::Validator::new(flags, naga::valid::Capabilities::all())
+            .validate(&module)
+            .map_err(|e| fail(e.emit_to_string(source)))?;
+        let bindings = entry_bindings(shader, &module, &info)?;
+        Ok(ParsedShader { module, info, bindings })
+    }
+}
+
 /// Per entry point of a parsed and validated `shader`, the group-0 bindings it uses and how
 /// (two entries may declare one binding number differently).
-pub(crate) fn entry_bindings(shader: Shader, parsed: &naga::Module, info: &naga::valid::ModuleInfo) -> Result<EntryBindings> {
+fn entry_bindings(shader: Shader, parsed: &naga::Module, info: &naga::valid::ModuleInfo) -> Result<EntryBindings> {
     let mut bindings = HashMap::new();
     for (i, ep) in parsed.entry_points.iter().enumerate() {
         let uses = info.get_entry_point(i);
@@ -358,13 +381,8 @@ impl Gpu {
                 shader.name()
             )));
         }
+        let bindings = ParsedShader::new(shader, naga::valid::ValidationFlags::empty())?.bindings;
         let source = shader.source();
-        let parsed = naga::front::wgsl::parse_str(source)
-            .map_err(|e| Error::Gpu(format!("compiling shader {}: {}", shader.name(), e.emit_to_string(source))))?;
-        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::empty(), naga::valid::Capabilities::all())
-            .validate(&parsed)
-            .map_err(|e| Error::Gpu(format!("compiling shader {}: {}", shader.name(), e.emit_to_string(source))))?;
-        let bindings = entry_bindings(shader, &parsed, &info)?;
         let checks = if self.caps.shader_checks {
             wgpu::ShaderRuntimeChecks::checked()
         } else {
