@@ -134,9 +134,8 @@ impl Plan {
 
     /// Runs the whole pass and waits for it.
     pub fn run(&self, gpu: &Gpu) -> Result<()> {
-        let mut rec = Recorder::new(gpu);
-        self.record(&mut rec)?;
-        rec.finish()
+        self.submit(gpu)?;
+        gpu.wait()
     }
 
     /// Queues the whole pass without waiting: what is submitted next (a readback of its
