@@ -1,6 +1,6 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
 //! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes
-//! and their input gradients at the training step's shapes,
+//! (direct, and by Winograd F(2x2, 3x3)) and their input gradients at the training step's shapes,
 //! attention at UNet, CLIP and VAE shapes (every cooperative-matrix tile with `all_tiles`) and
 //! its backward at the training step's shapes,
 //! elementwise ops at 64 MiB. Each case is
@@ -15,7 +15,8 @@ use crate::kernels::elementwise::{self, Binary, Unary};
 use crate::kernels::attention::{coop_dp, Attention, CoopTile as AttentionTile, Operand};
 use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads, BwdTile, CoopEntry};
 use crate::kernels::conv::Conv2d;
-use crate::kernels::matmul::{CoopTile, Matmul};
+use crate::kernels::matmul::{BiasLayout, CoopTile, Matmul};
+use crate::kernels::winograd::Winograd;
 
 /// One measured case.
 #[derive(Clone, Debug)]
@@ -329,6 +330,39 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, co
                         emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
                     }
                 }
+            }
+        }
+    }
+    // The same convolutions by Winograd F(2x2, 3x3) where the channels allow: the input
+    // transform, the product batched over the 16 positions and the output transform, timed
+    // together. TFLOP/s are the direct convolution's flops over that time, so the rows
+    // compare with conv3x3_'s; with `all_tiles` the product also on every coop tile.
+    for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
+        let full = format!("winograd3x3_{name}");
+        if !wanted(&full) || !Winograd::supports(cin, cout) || (slow && batch * size * size * cout * 4 * cin > 1 << 31) {
+            continue;
+        }
+        let wc = Winograd::new(batch, size, size, cin, cout)?;
+        let x = random_f16(gpu, &[batch, size, size, cin], 5, "bench winograd x")?;
+        let u = Weights::new(gpu, &[16, cout, cin], 6, "bench winograd u", cold)?;
+        let b = random_f16(gpu, &[cout], 7, "bench winograd b")?;
+        let y = Tensor::empty(gpu, &[batch, size, size, cout], DType::F16, "bench winograd y")?;
+        let v = Tensor::empty(gpu, &wc.v_shape(), DType::F16, "bench winograd V")?;
+        let m = Tensor::empty(gpu, &wc.m_shape(), DType::F32, "bench winograd M")?;
+        for &path in &paths {
+            let tiles: &[CoopTile] = if all_tiles && path == KernelPath::Coop { &CoopTile::ALL } else { &[] };
+            for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
+                let c = Winograd { path: Some(path), tile, ..wc };
+                let mut ds = Vec::new();
+                for uw in &u.0 {
+                    let mut rec = Recorder::capture(gpu);
+                    c.run(gpu, &mut rec, &x, uw, Some((&b, BiasLayout::default())), &y, false, &v, &m)?;
+                    ds.extend(rec.into_dispatches());
+                }
+                let label = format!("{path} winograd, {}", ds[1].label);
+                let mut r = u.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
+                emit(r);
             }
         }
     }

@@ -455,7 +455,7 @@ fn bench_model(opts: &GpuOptions, model: &Path, o: &ModelBench, stats: &StatsReq
     let gpu = Gpu::new(opts)?;
     println!("{}", gpu.describe());
     let t0 = std::time::Instant::now();
-    let sd = atelier::model::sd15::StableDiffusion::load(&gpu, model, &Default::default(), None)?;
+    let sd = atelier::model::sd15::StableDiffusion::load(&gpu, model, &atelier::model::weights::LoadOptions::inference(), None)?;
     println!("{} ({:.1} s)", sd.report, t0.elapsed().as_secs_f64());
     atelier::bench_models::run(&gpu, &sd, o)?;
     pipeline_stats(&gpu, stats, false)

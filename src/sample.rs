@@ -274,7 +274,7 @@ pub fn run(gpu: &Gpu, a: &SampleArgs) -> Result<()> {
 
     // The model (with the LoRAs merged into its weights) and its scheduler configuration.
     let t_load = Instant::now();
-    let sd = StableDiffusion::load_with_loras(gpu, &a.model, &LoadOptions::default(), None, &a.loras)?;
+    let sd = StableDiffusion::load_with_loras(gpu, &a.model, &LoadOptions::inference(), None, &a.loras)?;
     let sched = match a.model.is_dir() {
         true => SchedulerConfig::from_model_dir(&a.model)?,
         false => SchedulerConfig::v1_5(),

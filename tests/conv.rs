@@ -9,42 +9,12 @@ mod common;
 use atelier::gpu::{DType, KernelPath, Recorder, Tensor};
 use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use atelier::kernels::matmul::{BiasLayout, CoopTile};
-use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
+use common::{conv_reference as reference, gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Inputs are exact f16 values, products are accumulated in f32 over K ≤ 2880 and the result
 /// is rounded once to f16 (~3e-4 relative, RMS): 1e-3 is that with margin, no more. A wrong
 /// tap, channel or padding rule is off by O(1).
 const BOUND: f64 = 1e-3;
-
-/// conv over x [b, h, w, cin] with PyTorch-layout weight [cout, cin, ks, ks], in f64.
-fn reference(c: &Conv2d, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
-    let (oh, ow) = c.out_hw();
-    let mut y = vec![0.0; c.batch * oh * ow * c.cout];
-    for b in 0..c.batch {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                for o in 0..c.cout {
-                    let mut acc = bias.map_or(0.0, |v| v[o] as f64);
-                    for ky in 0..c.ks {
-                        for kx in 0..c.ks {
-                            let iy = (oy * c.stride + ky) as isize - c.pad as isize;
-                            let ix = (ox * c.stride + kx) as isize - c.pad as isize;
-                            if iy < 0 || ix < 0 || iy >= c.h as isize || ix >= c.w as isize {
-                                continue;
-                            }
-                            let xb = ((b * c.h + iy as usize) * c.w + ix as usize) * c.cin;
-                            for i in 0..c.cin {
-                                acc += x[xb + i] as f64 * w[((o * c.cin + i) * c.ks + ky) * c.ks + kx] as f64;
-                            }
-                        }
-                    }
-                    y[((b * oh + oy) * ow + ox) * c.cout + o] = acc;
-                }
-            }
-        }
-    }
-    y
-}
 
 fn run(c: Conv2d, with_bias: bool, out: DType) {
     let g = gpu();

@@ -117,6 +117,9 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::grad_ops::GradOpsParams;
     let go = rust_layout!(GradOpsParams { n, c1, c2, op, h, w, oh, ow, alpha, flags, _pad0, _pad1 });
     assert_eq!(wgsl_struct(Shader::GradOps, "Params"), go);
+    use atelier::kernels::winograd::WinogradParams;
+    let wi = rust_layout!(WinogradParams { batch, h, w, c, th, tw, tiles, flags, off_bias, bias_ld, _pad0, _pad1 });
+    assert_eq!(wgsl_struct(Shader::Winograd, "Params"), wi);
 }
 
 /// Each entry point of `shader` with the bindings it reaches, sorted.

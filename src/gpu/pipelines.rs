@@ -32,11 +32,12 @@ pub enum Shader {
     Lora,
     LoraSkinny,
     GradOps,
+    Winograd,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 15] = [
+    pub const ALL: [Shader; 16] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -52,6 +53,7 @@ impl Shader {
         Shader::Lora,
         Shader::LoraSkinny,
         Shader::GradOps,
+        Shader::Winograd,
     ];
 
     /// File stem under `shaders/`.
@@ -72,6 +74,7 @@ impl Shader {
             Shader::Lora => "lora",
             Shader::LoraSkinny => "lora_skinny",
             Shader::GradOps => "grad_ops",
+            Shader::Winograd => "winograd",
         }
     }
 
@@ -120,6 +123,7 @@ impl Shader {
             Shader::Lora => include_str!("../../shaders/lora.wgsl"),
             Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
+            Shader::Winograd => include_str!("../../shaders/winograd.wgsl"),
         }
     }
 

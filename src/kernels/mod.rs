@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod norm;
 pub mod norm_backward;
 pub mod tensor_ops;
+pub mod winograd;
 
 use crate::gpu::{PipelineKey, Shader};
 
@@ -99,5 +100,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     keys.extend(lora::variants());
     keys.extend(lora_skinny::variants());
     keys.extend(grad_ops::variants());
+    keys.push(winograd::key("input"));
+    keys.push(winograd::key("output"));
     keys
 }

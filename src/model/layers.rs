@@ -13,6 +13,7 @@ use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use crate::kernels::grad_ops::{slice_cols, GradOut};
 use crate::kernels::tensor_ops::softmax_rows;
 use crate::kernels::matmul::{BiasLayout, Matmul};
+use crate::kernels::winograd::{transform_weight, Winograd, POSITIONS};
 use crate::kernels::norm::{self, GroupNorm};
 use crate::kernels::norm_backward::{self, GroupNormBackward};
 use crate::model::weights::Prefix;
@@ -101,6 +102,7 @@ impl Linear {
 
 /// A square 2-D convolution with bias over NHWC images.
 pub struct Conv {
+    /// The weight [cout, ks, ks, cin], or with `winograd` its transform U [16, cout, cin].
     pub w: Tensor,
     pub b: Tensor,
     pub cin: usize,
@@ -110,16 +112,25 @@ pub struct Conv {
     /// Padding of one pixel on the bottom and right only (the VAE encoder's downsamplers:
     /// `F.pad(x, (0, 1, 0, 1))` then padding 0); else ks/2 on every side.
     pub pad_end_only: bool,
+    /// Runs by Winograd F(2x2, 3x3) (`kernels::winograd`) from the transformed weight: a 3x3
+    /// stride-1 convolution loaded under a prefix that wants it ([`Prefix::wants_winograd`]).
+    /// Forward only: it has no input gradient.
+    pub winograd: bool,
 }
 
 impl Conv {
-    /// `<p>.weight` [cout, cin, ks, ks] (reordered to [cout, ks, ks, cin]) and `<p>.bias`;
-    /// padding ks/2.
+    /// `<p>.weight` [cout, cin, ks, ks] (reordered to [cout, ks, ks, cin], or transformed for
+    /// Winograd where `p` wants it and the shape allows) and `<p>.bias`; padding ks/2.
     pub fn load(p: &Prefix, cin: usize, cout: usize, ks: usize, stride: usize) -> Result<Conv> {
         let w = p.get_f32("weight", &[cout, cin, ks, ks])?;
+        let b = p.get("bias", &[cout])?;
+        if ks == 3 && stride == 1 && p.wants_winograd() && Winograd::supports(cin, cout) {
+            let u = p.upload("weight (Winograd)", &[POSITIONS, cout, cin], &transform_weight(&w, cout, cin))?;
+            return Ok(Conv { w: u, b, cin, cout, ks, stride, pad_end_only: false, winograd: true });
+        }
         let w = conv_weight_to_nhwc(&w, cout, cin, ks, ks);
         let w = p.upload("weight", &[cout, ks, ks, cin], &w)?;
-        Ok(Conv { w, b: p.get("bias", &[cout])?, cin, cout, ks, stride, pad_end_only: false })
+        Ok(Conv { w, b, cin, cout, ks, stride, pad_end_only: false, winograd: false })
     }
 
     /// As [`Conv::load`], padded by one pixel at the bottom and right only.
@@ -159,6 +170,15 @@ impl Conv {
         if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
+        if self.winograd {
+            let wc = Winograd::new(batch, h, w, self.cin, self.cout)?;
+            let v = pb.tensor(&wc.v_shape(), DType::F16, "winograd V")?;
+            let m = pb.tensor(&wc.m_shape(), DType::F32, "winograd M")?;
+            wc.run(pb.gpu, &mut pb.rec, x, &self.w, Some((bias, layout)), y, accumulate, &v, &m)?;
+            pb.free(v);
+            pb.free(m);
+            return Ok(());
+        }
         let mut mm = conv.matmul()?;
         if let (true, Some(g)) = (self.pad_end_only, mm.conv.as_mut()) {
             (g.ih, g.iw) = (h, w);
@@ -185,6 +205,9 @@ impl Conv {
     pub fn backward_input(&self, pb: &mut PlanBuilder, dy: &Tensor, (batch, h, w): (usize, usize, usize), dx: &Tensor) -> Result<()> {
         if self.pad_end_only {
             return Err(Error::shape("conv2d backward", "end-only padding (the VAE encoder's downsamplers) has no input gradient here"));
+        }
+        if self.winograd {
+            return Err(Error::Usage("conv2d backward: a convolution loaded in Winograd form (inference) has no input gradient; load the weights without LoadOptions::winograd to train".into()));
         }
         let conv = self.shape(batch, h, w);
         let (oh, ow) = conv.out_hw();

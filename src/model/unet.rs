@@ -69,13 +69,16 @@ impl UNet2DConditionModel {
         let mut stack = TimeStack::new(t_dim);
         let mut resnet = |q: &crate::model::weights::Prefix, cin, cout| ResnetBlock2D::load(q, cin, cout, Some(&mut stack), groups, eps);
         let transformer = |q: &crate::model::weights::Prefix, c| Transformer2D::load(q, c, heads, ctx, tl, groups, linear);
+        // The 3x3 convolutions of every level but the lowest-resolution one (where the mid
+        // block runs) go by Winograd when the weights were opened for it.
+        let wino = |level: usize| level + 1 < ch.len();
 
         // Down path; the skip stack's channel counts follow the diffusers module order.
         let mut skips = vec![ch[0]];
         let mut down = Vec::new();
         let mut cin = ch[0];
         for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let q = p.at("down_blocks").at(i);
+            let q = p.at("down_blocks").at(i).winograd(wino(i));
             let (cout, last) = (ch[i], i + 1 == ch.len());
             let mut level = Level { resnets: Vec::new(), attentions: Vec::new(), down: None, up: None };
             for j in 0..cfg.layers_per_block {
@@ -101,8 +104,8 @@ impl UNet2DConditionModel {
         let mut up = Vec::new();
         let mut prev = c_mid;
         for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let q = p.at("up_blocks").at(i);
             let level_index = ch.len() - 1 - i;
+            let q = p.at("up_blocks").at(i).winograd(wino(level_index));
             let cout = ch[level_index];
             let mut level = Level { resnets: Vec::new(), attentions: Vec::new(), down: None, up: None };
             for j in 0..=cfg.layers_per_block {
@@ -114,7 +117,8 @@ impl UNet2DConditionModel {
                 prev = cout;
             }
             if level_index > 0 {
-                level.up = Some(Upsample2D::load(&q.at("upsamplers.0"), cout)?);
+                // Its convolution runs at the next level up.
+                level.up = Some(Upsample2D::load(&q.at("upsamplers.0").winograd(wino(level_index - 1)), cout)?);
             }
             up.push(level);
         }
@@ -131,6 +135,15 @@ impl UNet2DConditionModel {
             conv_norm_out: Norm::load(&p.at("conv_norm_out"), ch[0], eps)?,
             conv_out: Conv::load(&p.at("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
         })
+    }
+
+    /// How many of its 3x3 convolutions run by Winograd (loaded with
+    /// [`LoadOptions::winograd`](crate::model::weights::LoadOptions::winograd)).
+    pub fn winograd_convs(&self) -> usize {
+        let levels = self.down.iter().chain(&self.up);
+        let resnets = levels.clone().flat_map(|l| &l.resnets).chain(&self.mid_resnets);
+        let ups = levels.filter_map(|l| l.up.as_ref()).filter(|u| u.conv.winograd).count();
+        resnets.map(|r| r.winograd_convs()).sum::<usize>() + ups + self.conv_in.winograd as usize + self.conv_out.winograd as usize
     }
 
     /// The weights LoRA adapters may target (every transformer's projections), in module order

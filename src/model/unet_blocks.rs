@@ -113,6 +113,11 @@ impl ResnetBlock2D {
         })
     }
 
+    /// How many of its convolutions run by Winograd (0 to 2).
+    pub fn winograd_convs(&self) -> usize {
+        self.conv1.winograd as usize + self.conv2.winograd as usize
+    }
+
     /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb` is the
     /// [`TimeStack`]'s output [batch, Σ cout] (conv1's bias per image) when the block has a
     /// time projection.

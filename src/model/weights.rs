@@ -67,6 +67,21 @@ pub struct LoadOptions {
     pub prefer_fp16: bool,
     /// Block structure used to convert single-file (LDM) key names.
     pub layout: LdmLayout,
+    /// Keep the 3x3 stride-1 convolutions that a model's loader marks (`Prefix::winograd`)
+    /// as their Winograd transform instead of the weight, for the faster forward of
+    /// `kernels::winograd`. For inference only: such a layer has no input gradient (training
+    /// loads without it).
+    pub winograd: bool,
+}
+
+impl LoadOptions {
+    /// The options for inference (sampling, `bench --model`): convolutions in Winograd form
+    /// where the loaders mark them, unless the environment sets `ATELIER_WINOGRAD=0` (to
+    /// compare with the direct convolutions).
+    pub fn inference() -> LoadOptions {
+        let off = std::env::var("ATELIER_WINOGRAD").is_ok_and(|v| v == "0");
+        LoadOptions { winograd: !off, ..Default::default() }
+    }
 }
 
 /// Which layout the weights came in.
@@ -140,6 +155,8 @@ pub struct Weights {
     ignored: usize,
     /// The block structure the names were converted with (also names kohya LoRA keys).
     layout: LdmLayout,
+    /// [`LoadOptions::winograd`].
+    winograd: bool,
     /// LoRAs added, in order: (file, user scale, weights it changes).
     loras: Vec<(PathBuf, f32, usize)>,
     /// Atelier name -> the LoRA changes merged into it when it is read.
@@ -296,6 +313,11 @@ impl Weights {
         &self.layout
     }
 
+    /// Whether convolutions the loaders mark are kept in Winograd form ([`LoadOptions::winograd`]).
+    pub fn winograd(&self) -> bool {
+        self.winograd
+    }
+
     /// Registers a LoRA, opened for these weights by [`LoraFile::open`], to be merged with the
     /// user scale `scale` into every weight it changes as that weight is read:
     /// W' = W + scale * alpha/r * up·down. Call it before loading the model (an error once any
@@ -343,7 +365,7 @@ impl Weights {
 
     /// A name prefix builder: `weights.prefix(gpu, "unet.down_blocks.0").get("resnets.0.conv1.weight", ..)`.
     pub fn prefix<'a>(&'a self, gpu: &'a Gpu, prefix: &str) -> Prefix<'a> {
-        Prefix { weights: self, gpu, prefix: prefix.trim_end_matches('.').to_string() }
+        Prefix { weights: self, gpu, prefix: prefix.trim_end_matches('.').to_string(), winograd: false }
     }
 
     /// Names asked for so far that the files do not hold.

@@ -75,3 +75,33 @@ pub fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
     }
     (num / den.max(1e-300)).sqrt()
 }
+
+/// conv over x [b, h, w, cin] with PyTorch-layout weight [cout, cin, ks, ks], in f64.
+pub fn conv_reference(c: &atelier::kernels::conv::Conv2d, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+    let (oh, ow) = c.out_hw();
+    let mut y = vec![0.0; c.batch * oh * ow * c.cout];
+    for b in 0..c.batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..c.cout {
+                    let mut acc = bias.map_or(0.0, |v| v[o] as f64);
+                    for ky in 0..c.ks {
+                        for kx in 0..c.ks {
+                            let iy = (oy * c.stride + ky) as isize - c.pad as isize;
+                            let ix = (ox * c.stride + kx) as isize - c.pad as isize;
+                            if iy < 0 || ix < 0 || iy >= c.h as isize || ix >= c.w as isize {
+                                continue;
+                            }
+                            let xb = ((b * c.h + iy as usize) * c.w + ix as usize) * c.cin;
+                            for i in 0..c.cin {
+                                acc += x[xb + i] as f64 * w[((o * c.cin + i) * c.ks + ky) * c.ks + kx] as f64;
+                            }
+                        }
+                    }
+                    y[((b * oh + oy) * ow + ox) * c.cout + o] = acc;
+                }
+            }
+        }
+    }
+    y
+}

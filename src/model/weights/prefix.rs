@@ -13,12 +13,28 @@ pub struct Prefix<'a> {
     pub(super) weights: &'a Weights,
     pub(super) gpu: &'a Gpu,
     pub(super) prefix: String,
+    /// The loader marks the convolutions under this prefix for Winograd form (see
+    /// [`Prefix::winograd`]); inherited by longer prefixes.
+    pub(super) winograd: bool,
 }
 
 impl<'a> Prefix<'a> {
     /// A longer prefix: `w.at("resnets").at(0)` is `<prefix>.resnets.0`.
     pub fn at(&self, sub: impl fmt::Display) -> Prefix<'a> {
-        Prefix { weights: self.weights, gpu: self.gpu, prefix: self.name(&sub.to_string()) }
+        Prefix { weights: self.weights, gpu: self.gpu, prefix: self.name(&sub.to_string()), winograd: self.winograd }
+    }
+
+    /// This prefix with its 3x3 stride-1 convolutions marked (`on`) for Winograd form or not:
+    /// a model's loader marks the blocks where it pays. They are kept so only when the weights
+    /// were opened with [`LoadOptions::winograd`](super::LoadOptions::winograd)
+    /// ([`Prefix::wants_winograd`]).
+    pub fn winograd(&self, on: bool) -> Prefix<'a> {
+        Prefix { winograd: on, ..self.clone() }
+    }
+
+    /// Whether convolutions under this prefix are to be kept in Winograd form.
+    pub fn wants_winograd(&self) -> bool {
+        self.winograd && self.weights.winograd()
     }
 
     /// The full name of a key under this prefix.
