@@ -12,7 +12,11 @@
 // The sum over input channels at each of the 16 positions ξ = 4i + j of the transformed tile
 // is a matrix product: M[ξ] [tiles, cout] = V[ξ] [tiles, cin] · U[ξ] [cout, cin]ᵀ, run as one
 // product batched over ξ on the matmul shaders (f32 out). U = G g Gᵀ is computed once when the
-// weights load (kernels::winograd::transform_weight). The entries here:
+// weights load (kernels::winograd::transform_weight), or for large weights before each use by
+// the `weight` entry, so that they stay in memory at 9/16 of its size. The entries here:
+//   weight  U[ξ, o, c] = (G g Gᵀ)[i, j] for the filter g = W[o, :, :, c] of the weight W
+//           [cout, 3, 3, cin] (f16, read through x; U f16 [16, cout, cin] through v; c = cin,
+//           tiles = cout).
 //   input   V[ξ, t, c] = (Bᵀ d B)[i, j] for channel c of tile t; V f16 [16, tiles, c].
 //   output  y[b, 2ty + i, 2tx + j, c] (=, or += with flags bit 2) = (Aᵀ M[., t, c] A)[i, j]
 //           + bias (flags bit 1; bias[off_bias + b·bias_ld + c], bias_ld 0 for one vector) for
@@ -100,6 +104,44 @@ fn input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     col_b(1u, t, q, r0[1], r1[1], r2[1], r3[1]);
     col_b(2u, t, q, r0[2], r1[2], r2[2], r3[2]);
     col_b(3u, t, q, r0[3], r1[3], r2[3], r3[3]);
+}
+
+// G·(f0, f1, f2): (f0, (f0 + f1 + f2) / 2, (f0 - f1 + f2) / 2, f2).
+fn g3(f0: vec4<f32>, f1: vec4<f32>, f2: vec4<f32>) -> array<vec4<f32>, 4> {
+    return array<vec4<f32>, 4>(f0, 0.5 * (f0 + f1 + f2), 0.5 * (f0 - f1 + f2), f2);
+}
+
+// Four input channels of tap (ky, kx) of output channel o's filter.
+fn tap(o: u32, ky: u32, kx: u32, q: u32) -> vec4<f32> {
+    return unpack4(x[((o * 3u + ky) * 3u + kx) * (p.c / 4u) + q]);
+}
+
+// Row i of (G g) Gᵀ, written at positions 4i .. 4i + 3 (put_v's tile index is the output
+// channel o here).
+fn put_u(i: u32, o: u32, q: u32, r: array<vec4<f32>, 4>) {
+    put_v(4u * i, o, q, r[0]);
+    put_v(4u * i + 1u, o, q, r[1]);
+    put_v(4u * i + 2u, o, q, r[2]);
+    put_v(4u * i + 3u, o, q, r[3]);
+}
+
+@compute @workgroup_size(256)
+fn weight(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let u = unit(wg, nwg, lid);
+    let cq = p.c / 4u;
+    if (u >= p.tiles * cq) { return; }
+    let q = u % cq;
+    let o = u / cq;
+    // G g: each filter column (kx) transformed along y, giving rows i = 0..3.
+    let c0 = g3(tap(o, 0u, 0u, q), tap(o, 1u, 0u, q), tap(o, 2u, 0u, q));
+    let c1 = g3(tap(o, 0u, 1u, q), tap(o, 1u, 1u, q), tap(o, 2u, 1u, q));
+    let c2 = g3(tap(o, 0u, 2u, q), tap(o, 1u, 2u, q), tap(o, 2u, 2u, q));
+    // (G g) Gᵀ: each row i transformed along x.
+    put_u(0u, o, q, g3(c0[0], c1[0], c2[0]));
+    put_u(1u, o, q, g3(c0[1], c1[1], c2[1]));
+    put_u(2u, o, q, g3(c0[2], c1[2], c2[2]));
+    put_u(3u, o, q, g3(c0[3], c1[3], c2[3]));
 }
 
 // Row i of M (positions 4i .. 4i + 3) transformed along x: (m0 + m1 + m2, m1 - m2 - m3).

@@ -17,6 +17,7 @@ use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads, BwdT
 use crate::kernels::conv::Conv2d;
 use crate::kernels::matmul::{BiasLayout, CoopTile, Matmul};
 use crate::kernels::winograd::Winograd;
+use crate::model::layers::WINOGRAD_KEEP_MAX;
 
 /// One measured case.
 #[derive(Clone, Debug)]
@@ -335,8 +336,10 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, co
     }
     // The same convolutions by Winograd F(2x2, 3x3) where the channels allow: the input
     // transform, the product batched over the 16 positions and the output transform, timed
-    // together. TFLOP/s are the direct convolution's flops over that time, so the rows
-    // compare with conv3x3_'s; with `all_tiles` the product also on every coop tile.
+    // together, and for weights the models keep untransformed (over WINOGRAD_KEEP_MAX channel
+    // pairs) once more with the weight transform before them, as the models run them.
+    // TFLOP/s are the direct convolution's flops over that time, so the rows compare with
+    // conv3x3_'s; with `all_tiles` the product also on every coop tile.
     for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
         let full = format!("winograd3x3_{name}");
         if !wanted(&full) || !Winograd::supports(cin, cout) || (slow && batch * size * size * cout * 4 * cin > 1 << 31) {
@@ -349,6 +352,10 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, co
         let y = Tensor::empty(gpu, &[batch, size, size, cout], DType::F16, "bench winograd y")?;
         let v = Tensor::empty(gpu, &wc.v_shape(), DType::F16, "bench winograd V")?;
         let m = Tensor::empty(gpu, &wc.m_shape(), DType::F32, "bench winograd M")?;
+        let made = match cin * cout > WINOGRAD_KEEP_MAX {
+            true => Some((Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench winograd w", cold)?, Tensor::empty(gpu, &[16, cout, cin], DType::F16, "bench winograd U")?)),
+            false => None,
+        };
         for &path in &paths {
             let tiles: &[CoopTile] = if all_tiles && path == KernelPath::Coop { &CoopTile::ALL } else { &[] };
             for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
@@ -361,6 +368,18 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, co
                 }
                 let label = format!("{path} winograd, {}", ds[1].label);
                 let mut r = u.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+                r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
+                emit(r);
+                let Some((w, u_made)) = made.as_ref().filter(|_| tile.is_none()) else { continue };
+                let mut ds = Vec::new();
+                for wt in &w.0 {
+                    let mut rec = Recorder::capture(gpu);
+                    rec.run(&c.weight(gpu, wt, u_made)?)?;
+                    c.run(gpu, &mut rec, &x, u_made, Some((&b, BiasLayout::default())), &y, false, &v, &m)?;
+                    ds.extend(rec.into_dispatches());
+                }
+                let label = format!("{path} winograd, U made each time, {}", ds[2].label);
+                let mut r = w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
                 r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
                 emit(r);
             }

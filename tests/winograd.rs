@@ -1,14 +1,14 @@
-//! Op tests for the Winograd F(2x2, 3x3) convolution (`kernels::winograd`: weight transform,
-//! input and output transforms, the product batched over the 16 positions) against the f64
-//! CPU reference of a direct 3x3 convolution, on every path the device has: odd image sizes
-//! (partial tiles), batches, one bias vector, a bias row per image, accumulation onto y, the
-//! real UNet shapes, and every coop tile for the product. The output and both scratch
-//! tensors are NaN-poisoned first.
+//! Op tests for the Winograd F(2x2, 3x3) convolution (`kernels::winograd`: weight transform
+//! on the CPU or the GPU, input and output transforms, the product batched over the 16
+//! positions) against the f64 CPU reference of a direct 3x3 convolution, on every path the
+//! device has: odd image sizes (partial tiles), batches, one bias vector, a bias row per
+//! image, accumulation onto y, the real UNet shapes, and every coop tile for the product. The
+//! output and every scratch tensor are NaN-poisoned first.
 
 mod common;
 
 use atelier::gpu::{DType, KernelPath, Recorder, Tensor};
-use atelier::kernels::conv::Conv2d;
+use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
 use atelier::kernels::matmul::{BiasLayout, CoopTile};
 use atelier::kernels::winograd::{transform_weight, Winograd};
 use common::{conv_reference, gpu, paths, random, rel_l2, round_f16, seed, POISON};
@@ -34,13 +34,19 @@ enum Bias {
 }
 
 fn run(c: Winograd, bias: Bias, accumulate: bool) {
+    run_u(c, bias, accumulate, false);
+}
+
+/// As `run`; with `gpu_u`, U is made on the GPU from the weight (`Winograd::weight`, the
+/// large layers' form) instead of on the CPU.
+fn run_u(c: Winograd, bias: Bias, accumulate: bool, gpu_u: bool) {
     let g = gpu();
     let paths = match c.tile {
         Some(_) => paths().into_iter().filter(|&p| p == KernelPath::Coop).collect(),
         None => paths(),
     };
     for path in paths {
-        let what = format!("winograd {c:?} bias {bias:?} accumulate {accumulate} on {path}");
+        let what = format!("winograd {c:?} bias {bias:?} accumulate {accumulate} U on the GPU {gpu_u} on {path}");
         let s = seed(&what);
         let n_y = c.batch * c.h * c.w * c.cout;
         let x = round_f16(&random(c.batch * c.h * c.w * c.cin, s));
@@ -52,7 +58,18 @@ fn run(c: Winograd, bias: Bias, accumulate: bool) {
         let bv = round_f16(&random(b_len, s ^ 2));
         let y0 = round_f16(&random(n_y, s ^ 3));
         let tx = Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cin], DType::F16, &x, "x").unwrap();
-        let tu = Tensor::from_f32(g, &[16, c.cout, c.cin], DType::F16, &transform_weight(&w, c.cout, c.cin), "U").unwrap();
+        let tu = if gpu_u {
+            let wn = conv_weight_to_nhwc(&w, c.cout, c.cin, 3, 3);
+            let tw = Tensor::from_f32(g, &[c.cout, 3, 3, c.cin], DType::F16, &wn, "w").unwrap();
+            let tu = Tensor::empty(g, &[16, c.cout, c.cin], DType::F16, "U").unwrap();
+            tu.fill_words(g, POISON);
+            let mut rec = Recorder::new(g);
+            rec.run(&c.weight(g, &tw, &tu).unwrap()).unwrap();
+            rec.finish().unwrap();
+            tu
+        } else {
+            Tensor::from_f32(g, &[16, c.cout, c.cin], DType::F16, &transform_weight(&w, c.cout, c.cin), "U").unwrap()
+        };
         let tb = Tensor::from_f32(g, &[b_len], DType::F16, &bv, "bias").unwrap();
         let ty = Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cout], DType::F16, &y0, "y").unwrap();
         if !accumulate {
@@ -118,6 +135,29 @@ fn sd_shapes() {
 }
 
 #[test]
+fn weight_transform_on_the_gpu() {
+    // The same U as the CPU's transform_weight (both f32 arithmetic on f16 weights, one f16
+    // rounding: equal but for a rounding step where the two f32 sums differ in the last bit),
+    // and the convolution through it.
+    let g = gpu();
+    let c = wino(1, 4, 4, 24, 40);
+    let s = seed("weight transform");
+    let w = round_f16(&random(c.cout * c.cin * 9, s));
+    let tw = Tensor::from_f32(g, &[c.cout, 3, 3, c.cin], DType::F16, &conv_weight_to_nhwc(&w, c.cout, c.cin, 3, 3), "w").unwrap();
+    let tu = Tensor::empty(g, &[16, c.cout, c.cin], DType::F16, "U").unwrap();
+    tu.fill_words(g, POISON);
+    let mut rec = Recorder::new(g);
+    rec.run(&c.weight(g, &tw, &tu).unwrap()).unwrap();
+    rec.finish().unwrap();
+    let want = round_f16(&transform_weight(&w, c.cout, c.cin));
+    for (i, (&a, &b)) in tu.to_f32(g).unwrap().iter().zip(&want).enumerate() {
+        assert!((a - b).abs() <= b.abs() * 1e-3 + 1e-7, "U[{i}]: GPU {a}, CPU {b}");
+    }
+    run_u(wino(2, 7, 9, 16, 24), Bias::Vector, false, true);
+    run_u(wino(2, 16, 16, 1280, 640), Bias::PerImage { off: 8, ld: 656 }, true, true);
+}
+
+#[test]
 fn every_coop_tile() {
     // The product on each tile of the cooperative-matrix kernel (a batched Y = X·Wᵀ with f32
     // output), with partial tiles along every axis.
@@ -138,7 +178,8 @@ fn refuses_what_it_cannot_run() {
     let y = Tensor::empty(g, &[2, 4, 4, 8], DType::F16, "y").unwrap();
     let b = Tensor::empty(g, &[40], DType::F16, "bias").unwrap();
     let odd = BiasLayout { off: 3, rows: 16, ld: 16 };
-    let e = c.output(g, &m, Some((&b, odd)), &y, false).err().expect("odd bias offset refused").to_string();
+    let Err(e) = c.output(g, &m, Some((&b, odd)), &y, false) else { panic!("an odd bias offset is refused") };
+    let e = e.to_string();
     assert!(e.contains("even"), "{e}");
     let short = BiasLayout { off: 8, rows: 16, ld: 32 };
     assert!(c.output(g, &m, Some((&b, short)), &y, false).is_err(), "a bias too small for the batch is refused");

@@ -100,6 +100,7 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     keys.extend(lora::variants());
     keys.extend(lora_skinny::variants());
     keys.extend(grad_ops::variants());
+    keys.push(winograd::key("weight"));
     keys.push(winograd::key("input"));
     keys.push(winograd::key("output"));
     keys

@@ -6,9 +6,12 @@
 //! Each 2x2 block of output pixels costs 16·cin·cout multiplications instead of the direct
 //! convolution's 36·cin·cout. The price: the transformed input V (f16 [16, tiles, cin], about
 //! 4x the input) and the f32 products M ([16, tiles, cout], about 8x the output) go through
-//! memory, and the weight is kept transformed (U, f16 [16, cout, cin], 16/9 of the weight),
-//! which replaces it: a layer loaded this way runs forward only (`model::layers::Conv`).
-//! Flops reported for the product are its own (2·16·tiles·cin·cout).
+//! memory, and the product reads the transformed weight U (f16 [16, cout, cin], 16/9 of the
+//! weight): transformed once when the weights load and kept instead of the weight (a layer
+//! loaded so runs forward only), or for large weights made from the weight before each use
+//! ([`Winograd::weight`], into scratch), which costs a pass over both but keeps the model's
+//! memory (`model::layers::Conv`). Flops reported for the product are its own
+//! (2·16·tiles·cin·cout).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -165,6 +168,16 @@ impl Winograd {
             return Err(Error::shape("winograd conv", format!("{what} {:?} {}: want {numel} elements of {dtype}", t.shape, t.dtype)));
         }
         Ok(())
+    }
+
+    /// The weight transform on the GPU: U [16, cout, cin] f16 from the weight [cout, 3, 3, cin]
+    /// f16 (as [`transform_weight`] on the CPU, which takes PyTorch's layout).
+    pub fn weight(&self, gpu: &Gpu, w: &Tensor, u: &Tensor) -> Result<Dispatch> {
+        self.check("weight", w, DType::F16, self.cout * 9 * self.cin)?;
+        self.check("U", u, DType::F16, POSITIONS * self.cout * self.cin)?;
+        let p = WinogradParams { c: self.cin as u32, tiles: self.cout as u32, ..Default::default() };
+        let bytes = (w.numel() * 2 + u.numel() * 2) as f64;
+        gpu.dispatch_at(&key("weight"), &p, &[(1, w), (2, u)], grid(self.cout * self.cin / 4), 0.0, bytes)
     }
 
     /// The input transform: V [16, tiles, cin] f16 from x [batch, h, w, cin] f16.

@@ -1,8 +1,9 @@
 //! The layers the three networks are made of, loaded from weights and recorded into a plan:
 //! linear (optionally several projections fused into one product), 2-D convolution (weights
 //! reordered to [cout, ks, ks, cin] at load, 1x1 convolutions run as linears over NHWC
-//! pixels), group norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images
-//! or token-major rows. For training, each layer also records its input gradient through the
+//! pixels, 3x3 ones at inference by Winograd F(2x2, 3x3) where the loader marks them), group
+//! norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images or token-major
+//! rows. For training, each layer also records its input gradient through the
 //! frozen weights (`backward_input`, `*_backward`) and the norms save their statistics.
 //! [`attention_materialised`]: single-head attention with a head too wide for the flash
 //! kernels' tensor-core registers (the VAE's 512), on the matmul kernels.
@@ -100,9 +101,31 @@ impl Linear {
     }
 }
 
+/// How a [`Conv`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvForm {
+    /// Implicit GEMM on the weight [cout, ks, ks, cin] (matmul shaders, override CONV).
+    Direct,
+    /// Winograd F(2x2, 3x3) (`kernels::winograd`) from its transformed weight U [16, cout,
+    /// cin], kept instead of the weight: forward only.
+    Winograd,
+    /// Winograd F(2x2, 3x3) from a U made from the weight [cout, 3, 3, cin] before each use:
+    /// for large weights, whose U would take 16/9 of their memory.
+    WinogradFromWeight,
+}
+
+/// Winograd convolutions keep their transformed weight (16/9 of the weight's memory) up to
+/// this many (input, output) channel pairs, and make it before each use above. SD-1.5's UNet:
+/// the 64x64 and 32x32 levels' weights (up to 640 -> 1280) are kept transformed (+90 MiB),
+/// the 16x16 level's (191 M weights, and the 32x32 level's 1280 -> 1280 and 1920 -> 640) are
+/// transformed each time: +~0.45 ms a batch-2 call on the H100, where keeping them would take
+/// +345 MiB (docs/PERF.md).
+pub const WINOGRAD_KEEP_MAX: usize = 640 * 1280;
+
 /// A square 2-D convolution with bias over NHWC images.
 pub struct Conv {
-    /// The weight [cout, ks, ks, cin], or with `winograd` its transform U [16, cout, cin].
+    /// The weight [cout, ks, ks, cin], or in the `Winograd` form its transform U [16, cout,
+    /// cin].
     pub w: Tensor,
     pub b: Tensor,
     pub cin: usize,
@@ -112,10 +135,9 @@ pub struct Conv {
     /// Padding of one pixel on the bottom and right only (the VAE encoder's downsamplers:
     /// `F.pad(x, (0, 1, 0, 1))` then padding 0); else ks/2 on every side.
     pub pad_end_only: bool,
-    /// Runs by Winograd F(2x2, 3x3) (`kernels::winograd`) from the transformed weight: a 3x3
-    /// stride-1 convolution loaded under a prefix that wants it ([`Prefix::wants_winograd`]).
-    /// Forward only: it has no input gradient.
-    pub winograd: bool,
+    /// Direct, or by Winograd for a 3x3 stride-1 convolution loaded under a prefix that wants
+    /// it ([`Prefix::wants_winograd`]).
+    pub form: ConvForm,
 }
 
 impl Conv {
@@ -124,13 +146,17 @@ impl Conv {
     pub fn load(p: &Prefix, cin: usize, cout: usize, ks: usize, stride: usize) -> Result<Conv> {
         let w = p.get_f32("weight", &[cout, cin, ks, ks])?;
         let b = p.get("bias", &[cout])?;
+        let mut form = ConvForm::Direct;
         if ks == 3 && stride == 1 && p.wants_winograd() && Winograd::supports(cin, cout) {
-            let u = p.upload("weight (Winograd)", &[POSITIONS, cout, cin], &transform_weight(&w, cout, cin))?;
-            return Ok(Conv { w: u, b, cin, cout, ks, stride, pad_end_only: false, winograd: true });
+            if cin * cout <= WINOGRAD_KEEP_MAX {
+                let u = p.upload("weight (Winograd)", &[POSITIONS, cout, cin], &transform_weight(&w, cout, cin))?;
+                return Ok(Conv { w: u, b, cin, cout, ks, stride, pad_end_only: false, form: ConvForm::Winograd });
+            }
+            form = ConvForm::WinogradFromWeight;
         }
         let w = conv_weight_to_nhwc(&w, cout, cin, ks, ks);
         let w = p.upload("weight", &[cout, ks, ks, cin], &w)?;
-        Ok(Conv { w, b, cin, cout, ks, stride, pad_end_only: false, winograd: false })
+        Ok(Conv { w, b, cin, cout, ks, stride, pad_end_only: false, form })
     }
 
     /// As [`Conv::load`], padded by one pixel at the bottom and right only.
@@ -170,13 +196,22 @@ impl Conv {
         if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
-        if self.winograd {
+        if self.form != ConvForm::Direct {
             let wc = Winograd::new(batch, h, w, self.cin, self.cout)?;
+            let made = match self.form {
+                ConvForm::WinogradFromWeight => {
+                    let u = pb.f16(&[POSITIONS, self.cout, self.cin], "winograd U")?;
+                    pb.run(wc.weight(pb.gpu, &self.w, &u)?)?;
+                    Some(u)
+                }
+                _ => None,
+            };
             let v = pb.tensor(&wc.v_shape(), DType::F16, "winograd V")?;
             let m = pb.tensor(&wc.m_shape(), DType::F32, "winograd M")?;
-            wc.run(pb.gpu, &mut pb.rec, x, &self.w, Some((bias, layout)), y, accumulate, &v, &m)?;
-            pb.free(v);
-            pb.free(m);
+            wc.run(pb.gpu, &mut pb.rec, x, made.as_ref().unwrap_or(&self.w), Some((bias, layout)), y, accumulate, &v, &m)?;
+            for t in [v, m].into_iter().chain(made) {
+                pb.free(t);
+            }
             return Ok(());
         }
         let mut mm = conv.matmul()?;
@@ -206,7 +241,7 @@ impl Conv {
         if self.pad_end_only {
             return Err(Error::shape("conv2d backward", "end-only padding (the VAE encoder's downsamplers) has no input gradient here"));
         }
-        if self.winograd {
+        if self.form == ConvForm::Winograd {
             return Err(Error::Usage("conv2d backward: a convolution loaded in Winograd form (inference) has no input gradient; load the weights without LoadOptions::winograd to train".into()));
         }
         let conv = self.shape(batch, h, w);

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::tensor_ops;
-use crate::model::layers::{Conv, Linear, Norm, Taps};
+use crate::model::layers::{Conv, ConvForm, Linear, Norm, Taps};
 use crate::model::unet_blocks::{Downsample2D, Hw, ResnetBlock2D, TimeStack, Upsample2D};
 use crate::model::unet_transformer::{AdaptableWeight, Transformer2D};
 use crate::model::weights::Weights;
@@ -142,8 +142,8 @@ impl UNet2DConditionModel {
     pub fn winograd_convs(&self) -> usize {
         let levels = self.down.iter().chain(&self.up);
         let resnets = levels.clone().flat_map(|l| &l.resnets).chain(&self.mid_resnets);
-        let ups = levels.filter_map(|l| l.up.as_ref()).filter(|u| u.conv.winograd).count();
-        resnets.map(|r| r.winograd_convs()).sum::<usize>() + ups + self.conv_in.winograd as usize + self.conv_out.winograd as usize
+        let convs = levels.filter_map(|l| l.up.as_ref()).map(|u| &u.conv).chain([&self.conv_in, &self.conv_out]);
+        resnets.map(|r| r.winograd_convs()).sum::<usize>() + convs.filter(|c| c.form != ConvForm::Direct).count()
     }
 
     /// The weights LoRA adapters may target (every transformer's projections), in module order

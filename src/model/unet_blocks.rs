@@ -19,7 +19,7 @@ use crate::gpu::{PlanBuilder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::matmul::BiasLayout;
 use crate::kernels::{grad_ops, tensor_ops};
-use crate::model::layers::{Conv, Linear, Norm};
+use crate::model::layers::{Conv, ConvForm, Linear, Norm};
 use crate::model::weights::Prefix;
 
 /// An image batch's geometry: (batch, height, width).
@@ -115,7 +115,7 @@ impl ResnetBlock2D {
 
     /// How many of its convolutions run by Winograd (0 to 2).
     pub fn winograd_convs(&self) -> usize {
-        self.conv1.winograd as usize + self.conv2.winograd as usize
+        [&self.conv1, &self.conv2].iter().filter(|c| c.form != ConvForm::Direct).count()
     }
 
     /// A new tensor [batch, h, w, cout] from x [batch, h, w, cin]; `temb` is the

@@ -67,10 +67,11 @@ pub struct LoadOptions {
     pub prefer_fp16: bool,
     /// Block structure used to convert single-file (LDM) key names.
     pub layout: LdmLayout,
-    /// Keep the 3x3 stride-1 convolutions that a model's loader marks (`Prefix::winograd`)
-    /// as their Winograd transform instead of the weight, for the faster forward of
-    /// `kernels::winograd`. For inference only: such a layer has no input gradient (training
-    /// loads without it).
+    /// Run the 3x3 stride-1 convolutions that a model's loader marks (`Prefix::winograd`) by
+    /// Winograd F(2x2, 3x3) (`kernels::winograd`): their weights kept transformed instead of
+    /// as loaded, or made so before each use where large (`model::layers::ConvForm`). For
+    /// inference only: a weight kept transformed has no input gradient (training loads
+    /// without it).
     pub winograd: bool,
 }
 
