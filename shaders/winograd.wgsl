@@ -1,5 +1,6 @@
-// winograd.wgsl — the two transforms of a 3x3 convolution (stride 1, padding 1) computed by
-// Winograd's F(2x2, 3x3) (Lavin and Gray, 2015), around one batched matrix product.
+// winograd.wgsl — the transforms of a 3x3 convolution (stride 1, padding 1) computed by
+// Winograd's F(2x2, 3x3) (Lavin and Gray, 2015): the input's and the output's, around one
+// batched matrix product, and the weight's.
 //
 // The output is cut into tiles of 2x2 pixels, tile t = (b·th + ty)·tw + tx of image b
 // (th = ceil(h/2), tw = ceil(w/2)); tile t reads the 4x4 input patch d whose top-left pixel is
@@ -13,7 +14,7 @@
 // is a matrix product: M[ξ] [tiles, cout] = V[ξ] [tiles, cin] · U[ξ] [cout, cin]ᵀ, run as one
 // product batched over ξ on the matmul shaders (f32 out). U = G g Gᵀ is computed once when the
 // weights load (kernels::winograd::transform_weight), or for large weights before each use by
-// the `weight` entry, so that they stay in memory at 9/16 of its size. The entries here:
+// the `weight` entry, so that the model keeps them at 9/16 of U's size. The entries here:
 //   weight  U[ξ, o, c] = (G g Gᵀ)[i, j] for the filter g = W[o, :, :, c] of the weight W
 //           [cout, 3, 3, cin] (f16, read through x; U f16 [16, cout, cin] through v; c = cin,
 //           tiles = cout).
@@ -25,7 +26,8 @@
 //
 // Layout: channels-last f16 tensors read and written as pairs of packed u32 words (four
 // channels, unpack2x16float: no shader-f16 needed); c a multiple of 4. Each invocation owns
-// four channels of one tile: u = (wg.y·num_wg.x + wg.x)·256 + local index, u < tiles·c/4.
+// four channels of one tile (of one output channel's filter in `weight`): u = (wg.y·num_wg.x
+// + wg.x)·256 + local index, u < tiles·c/4.
 // Arithmetic is f32. Saves nothing for backward.
 
 struct Params {
@@ -35,7 +37,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// input: x [batch, h, w, c] and V.
+// input: x [batch, h, w, c] and V; weight: W and U.
 @group(0) @binding(1) var<storage, read> x: array<vec2<u32>>;
 @group(0) @binding(2) var<storage, read_write> v: array<vec2<u32>>;
 // output: M, y [batch, h, w, c] and the bias (f16, read as words of two).

@@ -312,7 +312,7 @@ fn trains_the_text_encoder_too() {
     let png = root.join("s.png");
     let model_dir = fixture("tiny-sd");
     let args = ["sample", "--model", model_dir.to_str().unwrap(), "--prompt", "a picture of stripes", "--seed", "5", "--steps", "2", "--width", "64", "--height", "64"];
-    run_ok_with(&[&args[..], &["--lora", file.to_str().unwrap(), "--output", png.to_str().unwrap()]].concat());
+    sample_direct(&[&args[..], &["--lora", file.to_str().unwrap(), "--output", png.to_str().unwrap()]].concat());
     let grid = image::open(root.join("run").join("validation").join("step-000008.png")).unwrap().to_rgb8().into_raw();
     assert!(image::open(&png).unwrap().to_rgb8().into_raw() == grid, "the last validation grid differs from atelier sample with the LoRA");
     let unet_only = root.join("unet-only.safetensors");
@@ -322,7 +322,7 @@ fn trains_the_text_encoder_too() {
         safetensors::serialize_to_file(kept, None, &unet_only).unwrap();
     }
     let png2 = root.join("s2.png");
-    run_ok_with(&[&args[..], &["--lora", unet_only.to_str().unwrap(), "--output", png2.to_str().unwrap()]].concat());
+    sample_direct(&[&args[..], &["--lora", unet_only.to_str().unwrap(), "--output", png2.to_str().unwrap()]].concat());
     assert!(image::open(&png2).unwrap().to_rgb8().into_raw() != grid, "without its text-encoder adapters the LoRA draws the same image: the check above proves nothing");
     let g = gpu();
     let embed = |loras: &[(PathBuf, f32)]| {
@@ -354,6 +354,14 @@ fn run_ok_with(args: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "atelier {args:?} failed:\n{err}");
     err
+}
+
+/// `atelier sample` with the UNet's convolutions run directly (ATELIER_WINOGRAD=0), as the
+/// training process's validation grids run them: the two then agree bit for bit (by default
+/// sample runs them by Winograd, whose roundings differ).
+fn sample_direct(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_atelier")).args(args).env("ATELIER_WINOGRAD", "0").output().expect("running atelier");
+    assert!(out.status.success(), "atelier {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn files_in(dir: &Path) -> usize {
@@ -538,7 +546,7 @@ fn validation_grids_match_sample_and_leave_training_unchanged() {
     let model = fixture("tiny-sd").display().to_string();
     let (lora, png) = (with.join("lora.safetensors").display().to_string(), root.join("sample.png").display().to_string());
     let args = ["sample", "--model", &model, "--prompt", "a red square", "--seed", "6", "--steps", "2", "--width", "64", "--height", "64", "--lora", &lora, "--output", &png];
-    run_ok_with(&args);
+    sample_direct(&args);
     let img = image::open(&png).unwrap().to_rgb8().into_raw();
     assert!(img == cell(&grids[2], 1, 1, 64), "grid cell (1, 1) differs from atelier sample {args:?}");
 

@@ -196,7 +196,13 @@ impl Conv {
         if x.numel() != batch * h * w * self.cin || y.numel() != batch * oh * ow * self.cout {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
-        if self.form != ConvForm::Direct {
+        // The Winograd scratch (V, about 4x the input; the f32 products M, 8x the output) must
+        // fit storage bindings; a convolution that still has its weight runs directly where it
+        // would not.
+        let tiles = batch * h.div_ceil(2) * w.div_ceil(2);
+        let scratch = (POSITIONS * tiles * (2 * self.cin).max(4 * self.cout)) as u64;
+        let fits = scratch <= pb.gpu.caps.limits.max_storage_buffer_binding_size;
+        if self.form == ConvForm::Winograd || (self.form == ConvForm::WinogradFromWeight && fits) {
             let wc = Winograd::new(batch, h, w, self.cin, self.cout)?;
             let made = match self.form {
                 ConvForm::WinogradFromWeight => {
@@ -206,8 +212,8 @@ impl Conv {
                 }
                 _ => None,
             };
-            let v = pb.tensor(&wc.v_shape(), DType::F16, "winograd V")?;
-            let m = pb.tensor(&wc.m_shape(), DType::F32, "winograd M")?;
+            let v = pb.tensor(&wc.v_shape(), DType::F16, "winograd V (ATELIER_WINOGRAD=0 runs without it)")?;
+            let m = pb.tensor(&wc.m_shape(), DType::F32, "winograd M (ATELIER_WINOGRAD=0 runs without it)")?;
             wc.run(pb.gpu, &mut pb.rec, x, made.as_ref().unwrap_or(&self.w), Some((bias, layout)), y, accumulate, &v, &m)?;
             for t in [v, m].into_iter().chain(made) {
                 pb.free(t);

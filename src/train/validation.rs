@@ -14,7 +14,9 @@
 //! f32 from the model file's own values (re-read from the memory-mapped file, so an f32
 //! checkpoint merges before its f16 rounding, as at load) and rounded to f16 once. A grid cell is
 //! therefore the image `atelier sample --lora <that step's LoRA file>` gives with the same
-//! prompt, seed and settings. Step 0 samples the base model (B starts at zero: the merge is
+//! prompt, seed and settings, bit for bit with `ATELIER_WINOGRAD=0`: the training process runs
+//! the UNet's convolutions directly (it needs their weights as loaded), where `sample` by
+//! default runs most of them by Winograd F(2x2, 3x3), whose f16 roundings differ slightly. Step 0 samples the base model (B starts at zero: the merge is
 //! the identity).
 //!
 //! **Training is untouched.** The loaded f16 bits of every targeted weight are read back once
