@@ -49,6 +49,11 @@ fn unit(wg: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wg.y * nwg.x + wg.x) * 256u + lid;
 }
 
+// Tile t -> (image, tile row, tile column).
+fn tile_at(t: u32) -> vec3<u32> {
+    return vec3<u32>(t / (p.tw * p.th), (t / p.tw) % p.th, t % p.tw);
+}
+
 fn unpack4(q: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
 }
@@ -93,11 +98,10 @@ fn input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if (u >= p.tiles * cq) { return; }
     let q = u % cq;
     let t = u / cq;
-    let tx = t % p.tw;
-    let ty = (t / p.tw) % p.th;
-    let b = t / (p.tw * p.th);
-    let y0 = i32(2u * ty) - 1;
-    let x0 = i32(2u * tx) - 1;
+    let at = tile_at(t);
+    let b = at.x;
+    let y0 = i32(2u * at.y) - 1;
+    let x0 = i32(2u * at.z) - 1;
     let r0 = row_b(b, y0, x0, q);
     let r1 = row_b(b, y0 + 1, x0, q);
     let r2 = row_b(b, y0 + 2, x0, q);
@@ -173,9 +177,10 @@ fn output(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
     if (u >= p.tiles * cq) { return; }
     let q = u % cq;
     let t = u / cq;
-    let tx = t % p.tw;
-    let ty = (t / p.tw) % p.th;
-    let b = t / (p.tw * p.th);
+    let at = tile_at(t);
+    let b = at.x;
+    let ty = at.y;
+    let tx = at.z;
     var add = vec4<f32>(0.0);
     if ((p.flags & 1u) != 0u) {
         let e = p.off_bias + b * p.bias_ld + 4u * q;   // even: the launcher checks

@@ -356,32 +356,32 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, co
             true => Some((Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench winograd w", cold)?, Tensor::empty(gpu, &[16, cout, cin], DType::F16, "bench winograd U")?)),
             false => None,
         };
+        // `c` once per tensor of `ws`: each a kept U, or (`made`) a weight transformed into
+        // `made` before the convolution.
+        let time = |c: &Winograd, ws: &Weights, made: Option<&Tensor>| -> Result<BenchResult> {
+            let mut ds = Vec::new();
+            for t in &ws.0 {
+                let mut rec = Recorder::capture(gpu);
+                if let Some(u) = made {
+                    rec.run(&c.weight(gpu, t, u)?)?;
+                }
+                c.run(gpu, &mut rec, &x, made.unwrap_or(t), Some((&b, BiasLayout::default())), &y, false, &v, &m)?;
+                ds.extend(rec.into_dispatches());
+            }
+            let (what, product) = if made.is_some() { ("U made each time, ", &ds[2]) } else { ("", &ds[1]) };
+            let label = format!("{} winograd, {what}{}", c.product().plan(gpu).0, product.label);
+            let mut r = ws.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
+            Ok(r)
+        };
         for &path in &paths {
             let tiles: &[CoopTile] = if all_tiles && path == KernelPath::Coop { &CoopTile::ALL } else { &[] };
             for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
                 let c = Winograd { path: Some(path), tile, ..wc };
-                let mut ds = Vec::new();
-                for uw in &u.0 {
-                    let mut rec = Recorder::capture(gpu);
-                    c.run(gpu, &mut rec, &x, uw, Some((&b, BiasLayout::default())), &y, false, &v, &m)?;
-                    ds.extend(rec.into_dispatches());
+                emit(time(&c, &u, None)?);
+                if let Some((w, u_made)) = made.as_ref().filter(|_| tile.is_none()) {
+                    emit(time(&c, w, Some(u_made))?);
                 }
-                let label = format!("{path} winograd, {}", ds[1].label);
-                let mut r = u.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
-                r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
-                emit(r);
-                let Some((w, u_made)) = made.as_ref().filter(|_| tile.is_none()) else { continue };
-                let mut ds = Vec::new();
-                for wt in &w.0 {
-                    let mut rec = Recorder::capture(gpu);
-                    rec.run(&c.weight(gpu, wt, u_made)?)?;
-                    c.run(gpu, &mut rec, &x, u_made, Some((&b, BiasLayout::default())), &y, false, &v, &m)?;
-                    ds.extend(rec.into_dispatches());
-                }
-                let label = format!("{path} winograd, U made each time, {}", ds[2].label);
-                let mut r = w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
-                r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
-                emit(r);
             }
         }
     }

@@ -12,42 +12,12 @@ mod common;
 
 use atelier::gpu::{DType, Recorder, Tensor};
 use atelier::kernels::conv::{conv_weight_to_nhwc, Conv2d};
-use common::{gpu, paths, random, rel_l2, round_f16, seed, POISON};
+use common::{conv_reference, gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
 /// Inputs are exact f16 values, products are accumulated in f32 over K = ks²·cout ≤ 2880 and
 /// the result is rounded once to f16 (~3e-4 relative, RMS): 1e-3 is that with margin, as for
 /// the forward. A wrong tap, flip, parity or channel order is off by O(1).
 const BOUND: f64 = 1e-3;
-
-/// y = conv(x) over x [b, h, w, cin] with PyTorch-layout weight [cout, cin, ks, ks], in f64.
-fn forward(c: &Conv2d, x: &[f64], w: &[f32]) -> Vec<f64> {
-    let (oh, ow) = c.out_hw();
-    let mut y = vec![0.0; c.batch * oh * ow * c.cout];
-    for b in 0..c.batch {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                for o in 0..c.cout {
-                    let mut acc = 0.0;
-                    for ky in 0..c.ks {
-                        for kx in 0..c.ks {
-                            let iy = (oy * c.stride + ky) as isize - c.pad as isize;
-                            let ix = (ox * c.stride + kx) as isize - c.pad as isize;
-                            if iy < 0 || ix < 0 || iy >= c.h as isize || ix >= c.w as isize {
-                                continue;
-                            }
-                            let xb = ((b * c.h + iy as usize) * c.w + ix as usize) * c.cin;
-                            for i in 0..c.cin {
-                                acc += x[xb + i] * w[((o * c.cin + i) * c.ks + ky) * c.ks + kx] as f64;
-                            }
-                        }
-                    }
-                    y[((b * oh + oy) * ow + ox) * c.cout + o] = acc;
-                }
-            }
-        }
-    }
-    y
-}
 
 /// dX [b, h, w, cin] for dY [b, oh, ow, cout] in scatter form: every forward tap sends
 /// dY·W back to the input pixel it read, in f64.
@@ -143,7 +113,7 @@ fn reference_matches_finite_differences() {
         let x: Vec<f64> = random(c.batch * c.h * c.w * c.cin, s).iter().map(|&v| v as f64).collect();
         let w = random(c.cout * c.cin * c.ks * c.ks, s ^ 1);
         let dy = random(c.batch * oh * ow * c.cout, s ^ 2);
-        let loss = |x: &[f64]| forward(&c, x, &w).iter().zip(&dy).map(|(a, &b)| a * b as f64).sum::<f64>();
+        let loss = |x: &[f64]| conv_reference(&c, x, &w, None).iter().zip(&dy).map(|(a, &b)| a * b as f64).sum::<f64>();
         let r = reference(&c, &dy, &w);
         let eps = 1e-3;
         let mut worst: f64 = 0.0;

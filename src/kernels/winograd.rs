@@ -113,6 +113,12 @@ impl Winograd {
         [POSITIONS, self.tiles(), self.cout]
     }
 
+    /// Bytes of the larger scratch tensor (V f16 or M f32), which must fit a storage binding.
+    pub fn largest_scratch(&self) -> u64 {
+        let n = |s: [usize; 3]| s.iter().product::<usize>();
+        (2 * n(self.v_shape())).max(4 * n(self.m_shape())) as u64
+    }
+
     /// The product M[ξ] = V[ξ]·U[ξ]ᵀ, batched over the 16 positions, on the coop tile of
     /// [`Winograd::coop_tile`] unless one is forced.
     pub fn product(&self) -> Matmul {

@@ -197,13 +197,14 @@ impl Conv {
             return Err(Error::shape("conv2d", format!("x {:?}, y {:?} for {batch}x{h}x{w}, {} -> {}", x.shape, y.shape, self.cin, self.cout)));
         }
         // The Winograd scratch (V, about 4x the input; the f32 products M, 8x the output) must
-        // fit storage bindings; a convolution that still has its weight runs directly where it
-        // would not.
-        let tiles = batch * h.div_ceil(2) * w.div_ceil(2);
-        let scratch = (POSITIONS * tiles * (2 * self.cin).max(4 * self.cout)) as u64;
-        let fits = scratch <= pb.gpu.caps.limits.max_storage_buffer_binding_size;
-        if self.form == ConvForm::Winograd || (self.form == ConvForm::WinogradFromWeight && fits) {
-            let wc = Winograd::new(batch, h, w, self.cin, self.cout)?;
+        // fit the device's buffer limits; a convolution that still has its weight runs directly
+        // where it would not.
+        let wc = match self.form {
+            ConvForm::Direct => None,
+            _ => Some(Winograd::new(batch, h, w, self.cin, self.cout)?),
+        };
+        let fits = |wc: &Winograd| pb.gpu.check_size("winograd scratch", wc.largest_scratch()).is_ok();
+        if let Some(wc) = wc.filter(|wc| self.form == ConvForm::Winograd || fits(wc)) {
             let made = match self.form {
                 ConvForm::WinogradFromWeight => {
                     let u = pb.f16(&[POSITIONS, self.cout, self.cin], "winograd U")?;

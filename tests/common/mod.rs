@@ -76,8 +76,9 @@ pub fn rel_l2(out: &[f32], reference: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
-/// conv over x [b, h, w, cin] with PyTorch-layout weight [cout, cin, ks, ks], in f64.
-pub fn conv_reference(c: &atelier::kernels::conv::Conv2d, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+/// conv over x [b, h, w, cin] (f32, or f64 for finite differences) with PyTorch-layout weight
+/// [cout, cin, ks, ks], plus an optional bias, in f64.
+pub fn conv_reference<X: Copy + Into<f64>>(c: &atelier::kernels::conv::Conv2d, x: &[X], w: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
     let (oh, ow) = c.out_hw();
     let mut y = vec![0.0; c.batch * oh * ow * c.cout];
     for b in 0..c.batch {
@@ -94,7 +95,7 @@ pub fn conv_reference(c: &atelier::kernels::conv::Conv2d, x: &[f32], w: &[f32], 
                             }
                             let xb = ((b * c.h + iy as usize) * c.w + ix as usize) * c.cin;
                             for i in 0..c.cin {
-                                acc += x[xb + i] as f64 * w[((o * c.cin + i) * c.ks + ky) * c.ks + kx] as f64;
+                                acc += x[xb + i].into() * w[((o * c.cin + i) * c.ks + ky) * c.ks + kx] as f64;
                             }
                         }
                     }
