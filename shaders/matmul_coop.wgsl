@@ -43,6 +43,12 @@
 // word when N % 8 == 0, flags bit 4; else one by one) with row k starting at element
 // ((co·ks + ks-1-ty)·ks + ks-1-tx)·N of W; rows k ≥ K and columns n ≥ N read zero. A split
 // over K offsets k by kbase (B's batch stride is unused).
+// PHASES (override, with CONV; default off, and then folded away): a nearest 2x upsample
+// followed by a 3x3 convolution (padding 1), run on the small image as its four output phases
+// (kernels::conv::Upsample2xConv): batch entry z is the phase (a, b) = (z >> 1, z & 1), the
+// output pixels (2i + a, 2j + b), each a 2x2 convolution of the input with padding (1 - a,
+// 1 - b) before and its own summed weight (B's batch stride apart). Row m = (image, i, j) of
+// the [ih, iw] grid writes C's pixel (image, 2i + a, 2j + b) of [2ih, 2iw] (ldc: cout).
 // Saves nothing for backward.
 
 enable f16;
@@ -83,6 +89,7 @@ override OUT_F32: bool = false;
 override CONV: bool = false;
 override CONV_T: bool = false;
 override B_FLIP: bool = false;
+override PHASES: bool = false;
 override BM: u32 = 128u;
 override BN: u32 = 128u;
 override WARPS_M: u32 = 2u;
@@ -103,6 +110,8 @@ override GROUP_M: u32 = 0u;
 // remap adds kbase itself; C gets one f32 slice per z, summed by the launcher). Set once per
 // invocation in main.
 var<private> kbase: u32;
+// PHASES: this invocation's output phase (the batch index); set once in main.
+var<private> phase: u32;
 @group(0) @binding(1) var<storage, read> a: array<mat2x4<f16>>;
 @group(0) @binding(2) var<storage, read> b: array<mat2x4<f16>>;
 @group(0) @binding(3) var<storage, read> bias: array<mat2x4<f16>>;
@@ -162,6 +171,13 @@ fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, 
     return out;
 }
 
+// The gather's padding before the first row and column: the convolution's, or with PHASES
+// the phase's (1 - a, 1 - b).
+fn pad_yx() -> vec2<u32> {
+    if (PHASES) { return vec2<u32>(1u - (phase >> 1u), 1u - (phase & 1u)); }
+    return vec2<u32>(p.pad);
+}
+
 // One input value of the implicit im2col matrix at (m, k); 0 outside the image or the matrix.
 fn conv_el(m: u32, k: u32) -> f16 {
     if (m >= p.m || k >= p.k) { return 0.0h; }
@@ -171,8 +187,8 @@ fn conv_el(m: u32, k: u32) -> f16 {
     let ox = m % p.ow;
     let ci = (k + kbase) % p.cin;
     let tap = (k + kbase) / p.cin;
-    let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
-    let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+    let y = i32(oy * p.stride + tap / p.ks) - i32(pad_yx().x);
+    let x = i32(ox * p.stride + tap % p.ks) - i32(pad_yx().y);
     if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return 0.0h; }
     let i = p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci;
     return half_at(a[i >> 3u], i);
@@ -188,8 +204,8 @@ fn conv8(m: u32, k0: u32) -> mat2x4<f16> {
         let ox = m % p.ow;
         let ci = (k0 + kbase) % p.cin;
         let tap = (k0 + kbase) / p.cin;
-        let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
-        let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+        let y = i32(oy * p.stride + tap / p.ks) - i32(pad_yx().x);
+        let x = i32(ox * p.stride + tap % p.ks) - i32(pad_yx().y);
         if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return mat2x4<f16>(); }
         return a[(p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci) >> 3u];
     }
@@ -325,8 +341,8 @@ fn conv_row(m: u32) -> vec3<i32> {
     let img = m / ohw;
     let oy = (m % ohw) / p.ow;
     let ox = m % p.ow;
-    let y0 = select(-0x40000000, i32(oy * p.stride) - i32(p.pad), m < p.m);
-    return vec3<i32>(i32(img * p.ih * p.iw), y0, i32(ox * p.stride) - i32(p.pad));
+    let y0 = select(-0x40000000, i32(oy * p.stride) - i32(pad_yx().x), m < p.m);
+    return vec3<i32>(i32(img * p.ih * p.iw), y0, i32(ox * p.stride) - i32(pad_yx().y));
 }
 // Column half of im2col column kk (slice-local): (ky, kx, channel, kk inside K).
 fn conv_col(kk: u32) -> vec4<u32> {
@@ -419,6 +435,16 @@ fn put_c(row: u32, n: u32, v: vec2<f32>) {
     }
 }
 
+// Where row m of C starts, from the batch entry's start: m·ldc, or with PHASES the pixel (2i,
+// 2j) of the 2x image for m = (image·ih + i)·iw + j (the phase's own offset is in base_c).
+fn c_row(m: u32) -> u32 {
+    if (PHASES) {
+        let q = m / p.ow;
+        return (4u * q * p.ow + 2u * (m - q * p.ow)) * p.ldc;
+    }
+    return m * p.ldc;
+}
+
 // Writes one 16x16 accumulator at tile rows m.., columns n.. through the staging tile: lane
 // pair r writes row r, lane j of it columns 8j .. 8j + 8. Its global reads (bias, and C when
 // accumulating) are issued before the staging store and barrier, so that their latency
@@ -432,7 +458,7 @@ fn emit(acc: coop_mat16x16<f32, C>, m_base: u32, n_base: u32, st: u32, lane: u32
     let m = m_base + lr;
     let nc = n_base + lc;
     let live = m < p.m;
-    let row = base_c + m * p.ldc;
+    let row = base_c + c_row(m);
     // Bias plus (accumulate) the previous C, per column pair.
     var add0 = vec2<f32>(); var add1 = vec2<f32>(); var add2 = vec2<f32>(); var add3 = vec2<f32>();
     if (live) {
@@ -482,6 +508,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let n0 = tn * BN;
     let base_a = p.off_a + bz * p.stride_a;
     if (CONV) { kbase = bz * p.stride_a; }
+    if (PHASES) { phase = bz; }
     let base_b = p.off_b + bz * p.stride_b;
     let vec_ok = (p.flags & 4u) != 0u;
     let wm = (sid / warps_n) * (BM / WARPS_M);
@@ -590,7 +617,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         workgroupBarrier();
     }
 
-    let base_c = p.off_c + bz * p.stride_c;
+    var base_c = p.off_c + bz * p.stride_c;
+    if (PHASES) { base_c = p.off_c + ((bz >> 1u) * 2u * p.ow + (bz & 1u)) * p.ldc; }
     let st = sid * 256u;
     let mb = m0 + wm;
     let nb = n0 + wn;

@@ -36,6 +36,12 @@
 // word when N % 8 == 0, flags bit 4; else one by one) with row k starting at element
 // ((co·ks + ks-1-ty)·ks + ks-1-tx)·N of W; rows k ≥ K and columns n ≥ N read zero. A split
 // over K offsets k by kbase (B's batch stride is unused).
+// PHASES (override, with CONV; default off, and then folded away): a nearest 2x upsample
+// followed by a 3x3 convolution (padding 1), run on the small image as its four output phases
+// (kernels::conv::Upsample2xConv): batch entry z is the phase (a, b) = (z >> 1, z & 1), the
+// output pixels (2i + a, 2j + b), each a 2x2 convolution of the input with padding (1 - a,
+// 1 - b) before and its own summed weight (B's batch stride apart). Row m = (image, i, j) of
+// the [ih, iw] grid writes C's pixel (image, 2i + a, 2j + b) of [2ih, 2iw] (ldc: cout).
 // Saves nothing for backward.
 
 struct Params {
@@ -59,6 +65,7 @@ override OUT_F32: bool = false;
 override CONV: bool = false;
 override CONV_T: bool = false;
 override B_FLIP: bool = false;
+override PHASES: bool = false;
 override PER_IMAGE_BIAS: bool = false;   // the bias read per row group (bias_rows, bias_ld)
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -68,6 +75,8 @@ override PER_IMAGE_BIAS: bool = false;   // the bias read per row group (bias_ro
 // remap adds kbase itself; C gets one f32 slice per z, summed by the launcher). Set once per
 // invocation in main.
 var<private> kbase: u32;
+// PHASES: this invocation's output phase (the batch index); set once in main.
+var<private> phase: u32;
 @group(0) @binding(1) var<storage, read> a: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> b: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<vec4<u32>>;
@@ -109,6 +118,13 @@ fn load8(is_a: bool, base: u32, r: u32, c0: u32, rows: u32, cols: u32, ld: u32, 
                      pk(is_a, base, r, c0 + 4u, rows, cols, ld), pk(is_a, base, r, c0 + 6u, rows, cols, ld));
 }
 
+// The gather's padding before the first row and column: the convolution's, or with PHASES
+// the phase's (1 - a, 1 - b).
+fn pad_yx() -> vec2<u32> {
+    if (PHASES) { return vec2<u32>(1u - (phase >> 1u), 1u - (phase & 1u)); }
+    return vec2<u32>(p.pad);
+}
+
 // One input value of the implicit im2col matrix at (m, k); 0 outside the image or the matrix.
 fn conv_el(m: u32, k: u32) -> f32 {
     if (m >= p.m || k >= p.k) { return 0.0; }
@@ -118,8 +134,8 @@ fn conv_el(m: u32, k: u32) -> f32 {
     let ox = m % p.ow;
     let ci = (k + kbase) % p.cin;
     let tap = (k + kbase) / p.cin;
-    let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
-    let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+    let y = i32(oy * p.stride + tap / p.ks) - i32(pad_yx().x);
+    let x = i32(ox * p.stride + tap % p.ks) - i32(pad_yx().y);
     if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return 0.0; }
     let i = p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci;
     return half_at(a[i >> 3u], i);
@@ -135,8 +151,8 @@ fn conv8(m: u32, k0: u32) -> vec4<u32> {
         let ox = m % p.ow;
         let ci = (k0 + kbase) % p.cin;
         let tap = (k0 + kbase) / p.cin;
-        let y = i32(oy * p.stride + tap / p.ks) - i32(p.pad);
-        let x = i32(ox * p.stride + tap % p.ks) - i32(p.pad);
+        let y = i32(oy * p.stride + tap / p.ks) - i32(pad_yx().x);
+        let x = i32(ox * p.stride + tap % p.ks) - i32(pad_yx().y);
         if (y < 0 || x < 0 || y >= i32(p.ih) || x >= i32(p.iw)) { return vec4<u32>(0u); }
         return a[(p.off_a + ((img * p.ih + u32(y)) * p.iw + u32(x)) * p.cin + ci) >> 3u];
     }
@@ -257,6 +273,16 @@ fn bias_at(i: u32) -> f32 {
     return half_at(bias[i >> 3u], i);
 }
 
+// Where row m of C starts, from the batch entry's start: m·ldc, or with PHASES the pixel (2i,
+// 2j) of the 2x image for m = (image·ih + i)·iw + j (the phase's own offset is in base_c).
+fn c_row(m: u32) -> u32 {
+    if (PHASES) {
+        let q = m / p.ow;
+        return (4u * q * p.ow + 2u * (m - q * p.ow)) * p.ldc;
+    }
+    return m * p.ldc;
+}
+
 // Writes 4 results of row m starting at column nb (a multiple of 4).
 fn emit(m: u32, nb: u32, acc: vec4<f32>, base_c: u32) {
     if (m >= p.m || nb >= p.n) { return; }
@@ -271,7 +297,7 @@ fn emit(m: u32, nb: u32, acc: vec4<f32>, base_c: u32) {
         if (nb + 3u < p.n) { v.w += bias_at(bi + 3u); }
     }
     let accumulate = (p.flags & 2u) != 0u;
-    let i = base_c + m * p.ldc + nb;
+    let i = base_c + c_row(m) + nb;
     if (OUT_F32) {
         if (accumulate) { v.x += bitcast<f32>(c[i]); }
         c[i] = bitcast<u32>(v.x);
@@ -308,6 +334,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let n0 = wg.x * BN;
     let base_a = p.off_a + bz * p.stride_a;
     if (CONV) { kbase = bz * p.stride_a; }
+    if (PHASES) { phase = bz; }
     let base_b = p.off_b + bz * p.stride_b;
     let vec_ok = (p.flags & 4u) != 0u;
     let tx = t % 16u;
@@ -346,7 +373,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     }
 
     // Rows ty*4+i and 64+ty*4+i, columns tx*4.. and 64+tx*4..
-    let base_c = p.off_c + bz * p.stride_c;
+    var base_c = p.off_c + bz * p.stride_c;
+    if (PHASES) { base_c = p.off_c + ((bz >> 1u) * 2u * p.ow + (bz & 1u)) * p.ldc; }
     let r0 = m0 + ty * 4u;
     let r1 = m0 + 64u + ty * 4u;
     let n_lo = n0 + tx * 4u;

@@ -1,6 +1,6 @@
 //! The kernel benchmarks behind `atelier bench` and `cargo bench`: matmul at SD-1.5 shapes and
-//! at 4096³ / 8192³ on every path the device has, 3x3 convolutions at UNet and VAE shapes
-//! (direct, and by Winograd F(2x2, 3x3)) and their input gradients at the training step's shapes,
+//! at 4096³ / 8192³ on every path the device has, the convolutions (`bench_conv`: 3x3 at UNet
+//! and VAE shapes, direct and by Winograd, the VAE decoder's upsamplers, the input gradients),
 //! attention at UNet, CLIP and VAE shapes (every cooperative-matrix tile with `all_tiles`) and
 //! its backward at the training step's shapes,
 //! elementwise ops at 64 MiB. Each case is
@@ -14,10 +14,7 @@ use crate::gpu::{DType, Dispatch, Gpu, KernelPath, Profiler, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Binary, Unary};
 use crate::kernels::attention::{coop_dp, Attention, CoopTile as AttentionTile, Operand};
 use crate::kernels::attention_backward::{AttentionBackward, AttentionGrads, BwdTile, CoopEntry};
-use crate::kernels::conv::Conv2d;
-use crate::kernels::matmul::{BiasLayout, CoopTile, Matmul};
-use crate::kernels::winograd::Winograd;
-use crate::model::layers::WINOGRAD_KEEP_MAX;
+use crate::kernels::matmul::{CoopTile, Matmul};
 
 /// One measured case.
 #[derive(Clone, Debug)]
@@ -92,7 +89,7 @@ pub fn time_dispatch(gpu: &Gpu, ds: &[Dispatch], reps: usize, batches: usize) ->
 
 /// Times a compute-bound launch with about `work` flops per batch of repetitions (1 to 200
 /// launches; one launch in one batch on a CPU adapter) and reports it under `name` and `path`.
-fn time_case(gpu: &Gpu, ds: &[Dispatch], name: String, path: String, work: f64, slow: bool) -> Result<BenchResult> {
+pub(crate) fn time_case(gpu: &Gpu, ds: &[Dispatch], name: String, path: String, work: f64, slow: bool) -> Result<BenchResult> {
     let flops: f64 = ds.iter().map(|d| d.flops).sum();
     let bytes: f64 = ds.iter().map(|d| d.bytes).sum();
     let reps = if slow { 1 } else { ((work / flops.max(1.0)) as usize).clamp(1, 200) };
@@ -102,14 +99,14 @@ fn time_case(gpu: &Gpu, ds: &[Dispatch], name: String, path: String, work: f64, 
 
 /// The launches of `mm` as [`Matmul::run`] records them: the product, or when it splits over
 /// K its f32 partials and their sum.
-fn recorded(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<Dispatch>> {
+pub(crate) fn recorded(gpu: &Gpu, mm: &Matmul, a: &Tensor, b: &Tensor, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<Dispatch>> {
     let mut rec = Recorder::capture(gpu);
     mm.run(gpu, &mut rec, a, b, bias, c)?;
     Ok(rec.into_dispatches())
 }
 
 /// The launches of `mm` once with each of the weights `bs` in turn (see [`Weights`]).
-fn recorded_each(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<Dispatch>> {
+pub(crate) fn recorded_each(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<Dispatch>> {
     let mut ds = Vec::new();
     for b in &bs.0 {
         ds.extend(recorded(gpu, mm, a, b, bias, c)?);
@@ -119,7 +116,7 @@ fn recorded_each(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<
 
 /// `mm` (path and tile set, no forced split) recorded unsplit, and, with the launcher's tile,
 /// split over K where the launcher splits it: (label, dispatches) for each.
-fn unsplit_and_split(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<(String, Vec<Dispatch>)>> {
+pub(crate) fn unsplit_and_split(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Option<&Tensor>, c: &Tensor) -> Result<Vec<(String, Vec<Dispatch>)>> {
     let path = mm.plan(gpu).0;
     let mut one = mm.clone();
     one.split_k = Some(1);
@@ -137,7 +134,7 @@ fn unsplit_and_split(gpu: &Gpu, mm: &Matmul, a: &Tensor, bs: &Weights, bias: Opt
 /// launches reading them in turn find none in the GPU's L2 cache, as a model step does (its
 /// weights are read once a step; the bench's single copy stays cached from one repetition to
 /// the next). Cases timed with them report the time of one launch.
-struct Weights(Vec<Tensor>);
+pub(crate) struct Weights(pub(crate) Vec<Tensor>);
 
 /// Bytes of weights [`Weights::new`] spreads over when cold: twice the H100's 50 MiB L2.
 const COLD_BYTES: usize = 100 << 20;
@@ -145,7 +142,7 @@ const COLD_BYTES: usize = 100 << 20;
 impl Weights {
     /// As [`random_f16`] (the values made once), uploaded once or, with `cold`, as often as
     /// [`COLD_BYTES`] asks (at most 64 times).
-    fn new(gpu: &Gpu, shape: &[usize], seed: u64, what: &str, cold: bool) -> Result<Weights> {
+    pub(crate) fn new(gpu: &Gpu, shape: &[usize], seed: u64, what: &str, cold: bool) -> Result<Weights> {
         let n: usize = shape.iter().product();
         let values = noise(n, seed);
         let copies = if cold { COLD_BYTES.div_ceil(2 * n).clamp(1, 64) } else { 1 };
@@ -153,13 +150,13 @@ impl Weights {
     }
 
     /// `r` (timed over one launch set per copy) for one launch set.
-    fn per_launch(&self, mut r: BenchResult) -> BenchResult {
+    pub(crate) fn per_launch(&self, mut r: BenchResult) -> BenchResult {
         r.ms /= self.0.len() as f64;
         r
     }
 }
 
-fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
+pub(crate) fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     Tensor::from_f32(gpu, shape, DType::F16, &noise(n, seed), what)
 }
@@ -203,36 +200,6 @@ pub const TRAIN_MATMUL_CASES: [(&str, usize, usize, usize, bool); 16] = [
     ("train16_ff_in_fwd_256x10240x1280", 256, 10240, 1280, true),
     ("train16_proj_dx_256x1280x1280", 256, 1280, 1280, false),
     ("train16_ff_in_dx_256x1280x10240", 256, 1280, 10240, false),
-];
-
-/// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout); batch
-/// 2 is a guided sampling step, batch 1 the training forward.
-pub const CONV_CASES: [(&str, usize, usize, usize, usize); 14] = [
-    ("unet_64x64x320_b2", 2, 64, 320, 320),
-    ("unet_64x64x320_b1", 1, 64, 320, 320),
-    ("unet_32x32x640_b2", 2, 32, 640, 640),
-    ("unet_32x32x640_b1", 1, 32, 640, 640),
-    ("unet_16x16x1280_b2", 2, 16, 1280, 1280),
-    ("unet_8x8x1280_b2", 2, 8, 1280, 1280),
-    // The up blocks' first convolutions, on the skip connection's concatenation.
-    ("unet_16x16x2560to1280_b2", 2, 16, 2560, 1280),
-    ("unet_8x8x2560to1280_b2", 2, 8, 2560, 1280),
-    ("unet_32x32x1920to640_b2", 2, 32, 1920, 640),
-    ("vae_256x256x256", 1, 256, 256, 256),
-    ("vae_512x512x128", 1, 512, 128, 128),
-    ("vae_64x64x512", 1, 64, 512, 512),
-    ("vae_128x128x512", 1, 128, 512, 512),
-    ("vae_out_512x512x128to3", 1, 512, 128, 3),
-];
-
-/// 3x3 convolutions' input gradients dX in the LoRA training step (batch 1, 512 px): name,
-/// batch, input size, cin, cout, stride (2: a downsampler, the CONV_T gather).
-pub const CONV_DX_CASES: [(&str, usize, usize, usize, usize, usize); 5] = [
-    ("unet_64x64x320", 1, 64, 320, 320, 1),
-    ("unet_32x32x640", 1, 32, 640, 640, 1),
-    ("unet_16x16x1280", 1, 16, 1280, 1280, 1),
-    ("unet_8x8x1280", 1, 8, 1280, 1280, 1),
-    ("unet_down_64x64x320_s2", 1, 64, 320, 320, 2),
 ];
 
 /// Runs every case whose name contains `filter`; prints each row as it goes unless `quiet`.
@@ -294,126 +261,7 @@ pub fn run_all(gpu: &Gpu, filter: Option<&str>, quiet: bool, all_tiles: bool, co
             }
         }
     }
-    for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
-        let full = format!("conv3x3_{name}");
-        if !wanted(&full) || (slow && batch * size * size * cout * 9 * cin > 1 << 31) {
-            continue;
-        }
-        let x = random_f16(gpu, &[batch, size, size, cin], 5, "bench conv x")?;
-        let w = Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench conv w", cold)?;
-        let b = random_f16(gpu, &[cout], 7, "bench conv b")?;
-        let y = Tensor::empty(gpu, &[batch, size, size, cout], DType::F16, "bench conv y")?;
-        for &path in &paths {
-            let mut conv = Conv2d::new(batch, size, size, cin, cout, 3, 1, 1);
-            conv.path = Some(path);
-            let mm = conv.matmul()?;
-            // The launcher's tile, then (tuning the tile rule) every coop tile unsplit.
-            let tiles: &[CoopTile] = if all_tiles && path == KernelPath::Coop { &CoopTile::ALL } else { &[] };
-            for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
-                let mm = Matmul { tile, ..mm.clone() };
-                for (label, ds) in unsplit_and_split(gpu, &mm, &x, &w, Some(&b), &y)? {
-                    emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
-                }
-            }
-            // Below two waves of 128x128 tiles: the tiles the split rule may pick, with every
-            // split (the sum included), for tuning it.
-            let mid = CoopTile::CONV_MID;
-            let mid_tiles = mm.m.div_ceil(mid.bm as usize) * mm.n.div_ceil(mid.bn as usize);
-            if all_tiles && path == KernelPath::Coop && mid_tiles < 264 {
-                for t in [mid, CoopTile::NARROW, CoopTile::ROWS_MID, CoopTile::DEFAULT] {
-                    for s in [2, 4, 8, 16] {
-                        if !mm.k.is_multiple_of(16 * s) {
-                            continue;
-                        }
-                        let mm = Matmul { tile: Some(t), split_k: Some(s), ..mm.clone() };
-                        let ds = recorded_each(gpu, &mm, &x, &w, Some(&b), &y)?;
-                        let label = format!("{path} split-K x{s} {}", ds[0].label);
-                        emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
-                    }
-                }
-            }
-        }
-    }
-    // The same convolutions by Winograd F(2x2, 3x3) where the channels allow: the input
-    // transform, the product batched over the 16 positions and the output transform, timed
-    // together, and for weights the models keep untransformed (over WINOGRAD_KEEP_MAX channel
-    // pairs) once more with the weight transform before them, as the models run them.
-    // TFLOP/s are the direct convolution's flops over that time, so the rows compare with
-    // conv3x3_'s; with `all_tiles` the product also on every coop tile.
-    for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
-        let full = format!("winograd3x3_{name}");
-        if !wanted(&full) || !Winograd::supports(cin, cout) || (slow && batch * size * size * cout * 4 * cin > 1 << 31) {
-            continue;
-        }
-        let wc = Winograd::new(batch, size, size, cin, cout)?;
-        let x = random_f16(gpu, &[batch, size, size, cin], 5, "bench winograd x")?;
-        let u = Weights::new(gpu, &[16, cout, cin], 6, "bench winograd u", cold)?;
-        let b = random_f16(gpu, &[cout], 7, "bench winograd b")?;
-        let y = Tensor::empty(gpu, &[batch, size, size, cout], DType::F16, "bench winograd y")?;
-        let v = Tensor::empty(gpu, &wc.v_shape(), DType::F16, "bench winograd V")?;
-        let m = Tensor::empty(gpu, &wc.m_shape(), DType::F32, "bench winograd M")?;
-        let made = match cin * cout > WINOGRAD_KEEP_MAX {
-            true => Some((Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench winograd w", cold)?, Tensor::empty(gpu, &[16, cout, cin], DType::F16, "bench winograd U")?)),
-            false => None,
-        };
-        // `c` once per tensor of `ws`: each a kept U, or (`made`) a weight transformed into
-        // `made` before the convolution.
-        let time = |c: &Winograd, ws: &Weights, made: Option<&Tensor>| -> Result<BenchResult> {
-            let mut ds = Vec::new();
-            for t in &ws.0 {
-                let mut rec = Recorder::capture(gpu);
-                if let Some(u) = made {
-                    rec.run(&c.weight(gpu, t, u)?)?;
-                }
-                c.run(gpu, &mut rec, &x, made.unwrap_or(t), Some((&b, BiasLayout::default())), &y, false, &v, &m)?;
-                ds.extend(rec.into_dispatches());
-            }
-            let (what, product) = if made.is_some() { ("U made each time, ", &ds[2]) } else { ("", &ds[1]) };
-            let label = format!("{} winograd, {what}{}", c.product().plan(gpu).0, product.label);
-            let mut r = ws.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
-            r.tflops = c.direct_flops() / (r.ms * 1e-3) / 1e12;
-            Ok(r)
-        };
-        for &path in &paths {
-            let tiles: &[CoopTile] = if all_tiles && path == KernelPath::Coop { &CoopTile::ALL } else { &[] };
-            for tile in std::iter::once(None).chain(tiles.iter().map(|&t| Some(t))) {
-                let c = Winograd { path: Some(path), tile, ..wc };
-                emit(time(&c, &u, None)?);
-                if let Some((w, u_made)) = made.as_ref().filter(|_| tile.is_none()) {
-                    emit(time(&c, w, Some(u_made))?);
-                }
-            }
-        }
-    }
-    // Convolutions' dX, the forward weight read through the flipped B_FLIP remap, as the
-    // training step records it (split over K where the launcher splits).
-    for &(name, batch, size, cin, cout, stride) in CONV_DX_CASES.iter() {
-        let full = format!("conv3x3_dx_{name}");
-        let conv = Conv2d::new(batch, size, size, cin, cout, 3, stride, 1);
-        let (oh, ow) = conv.out_hw();
-        if !wanted(&full) || (slow && batch * oh * ow * cout * 9 * cin > 1 << 31) {
-            continue;
-        }
-        let dy = random_f16(gpu, &[batch, oh, ow, cout], 5, "bench conv dy")?;
-        let w = Weights::new(gpu, &[cout, 3, 3, cin], 6, "bench conv w", cold)?;
-        let dx = Tensor::empty(gpu, &[batch, size, size, cin], DType::F16, "bench conv dx")?;
-        for &path in &paths {
-            let mut conv = conv;
-            conv.path = Some(path);
-            let ds = recorded_each(gpu, &conv.backward_input()?, &dy, &w, None, &dx)?;
-            let label = format!("{path} {}", ds[0].label);
-            emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
-            // Every coop tile, unsplit (for tuning the launcher's tile rule).
-            if all_tiles && path == KernelPath::Coop {
-                for t in CoopTile::ALL {
-                    let mm = Matmul { tile: Some(t), ..conv.backward_input()? };
-                    for (label, ds) in unsplit_and_split(gpu, &mm, &dy, &w, None, &dx)? {
-                        emit(w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?));
-                    }
-                }
-            }
-        }
-    }
+    crate::bench_conv::run(gpu, &wanted, &mut emit, &paths, slow, all_tiles, cold)?;
     // Attention at SD-1.5 shapes on every path the device has (the VAE's d 512 runs the
     // scalar kernel on both: the label says which pipeline ran); with `all_tiles` every
     // cooperative-matrix tile the device can run (both shaders) after the launcher's.

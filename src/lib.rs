@@ -2,6 +2,7 @@
 //! arithmetic) for inference and LoRA training on any Vulkan / Metal / DX12 GPU.
 
 pub mod bench;
+pub mod bench_conv;
 pub mod bench_models;
 pub mod bench_train;
 pub mod config;

@@ -444,7 +444,7 @@ fn bench(opts: &GpuOptions, filter: Option<&str>, json: bool, all_tiles: bool, c
     }
     if results.is_empty() {
         return Err(atelier::Error::Usage(format!(
-            "no benchmark matches {:?}; names start with matmul_, conv3x3_, winograd3x3_, attention_ or elementwise_",
+            "no benchmark matches {:?}; names start with matmul_, conv3x3_, winograd3x3_, upsample3x3_, attention_ or elementwise_",
             filter.unwrap_or("")
         )));
     }

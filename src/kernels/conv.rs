@@ -23,9 +23,12 @@
 //!   cin] (no W').
 //!
 //! Split over K works as in the forward (the gathers take the slice offset).
+//!
+//! [`Upsample2xConv`]: a nearest 2x upsample and a 3x3 convolution in one product, as the
+//! four output phases' 2x2 convolutions of the small image (override PHASES).
 
 use crate::error::{Error, Result};
-use crate::gpu::{KernelPath, Recorder, Tensor, Gpu};
+use crate::gpu::{DType, KernelPath, Recorder, Tensor, Gpu};
 use crate::kernels::matmul::{ConvGeom, CoopTile, Matmul};
 
 /// A convolution of fixed shape.
@@ -86,6 +89,7 @@ impl Conv2d {
             ow,
             transposed: false,
             flip_b: false,
+            phases: false,
         });
         Ok(mm)
     }
@@ -147,6 +151,7 @@ impl Conv2d {
             ow: self.w,
             transposed: self.stride > 1,
             flip_b: true,
+            phases: false,
         });
         Ok(mm)
     }
@@ -167,6 +172,118 @@ impl Conv2d {
         }
         self.backward_input()?.run(gpu, rec, dy, w, None, dx)
     }
+}
+
+/// A nearest 2x upsample followed by a 3x3 convolution (stride 1, padding 1), the VAE
+/// decoder's upsamplers, computed from the small image: output pixel (2i + a, 2j + b) sees
+/// input rows i - 1 + a and i + a (and columns likewise), the 3x3 taps that fall on the same
+/// input pixel summed into one ([`upsample_conv_weight`]). So each of the four output phases
+/// (a, b) is a 2x2 convolution of the small image with its own weight: 4/9 of the
+/// multiplications, and the 4x larger upsampled image is never written or read. Run as one
+/// product whose batch entries are the phases (override PHASES): M = batch·h·w, N = cout,
+/// K = 4·cin, flops 2·4·M·N·K. Forward only.
+#[derive(Clone, Copy, Debug)]
+pub struct Upsample2xConv {
+    pub batch: usize,
+    /// The small image's size (the output is 2h x 2w).
+    pub h: usize,
+    pub w: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// Force a path (default: the device's).
+    pub path: Option<KernelPath>,
+    /// Force a cooperative-matrix tile (default: the launcher's choice, see `Matmul::plan`).
+    pub tile: Option<CoopTile>,
+}
+
+impl Upsample2xConv {
+    pub fn new(batch: usize, h: usize, w: usize, cin: usize, cout: usize) -> Self {
+        Upsample2xConv { batch, h, w, cin, cout, path: None, tile: None }
+    }
+
+    /// The product it runs as.
+    pub fn matmul(&self) -> Result<Matmul> {
+        if self.batch == 0 || self.h == 0 || self.w == 0 || self.cin == 0 || self.cout == 0 {
+            return Err(Error::shape("upsample conv", format!("empty convolution {self:?}")));
+        }
+        if self.cout % 2 == 1 {
+            return Err(Error::shape("upsample conv", format!("{} output channels: the phases write pixel pairs of channels, so cout must be even", self.cout)));
+        }
+        let m = self.batch * self.h * self.w;
+        let mut mm = Matmul::new(m, self.cout, 4 * self.cin);
+        mm.trans_b = true;
+        mm.batch = 4;
+        mm.stride_a = 0;
+        mm.stride_b = self.cout * 4 * self.cin;
+        mm.path = self.path;
+        mm.tile = self.tile;
+        mm.conv = Some(ConvGeom {
+            images: self.batch,
+            ih: self.h,
+            iw: self.w,
+            cin: self.cin,
+            ks: 2,
+            stride: 1,
+            pad: 0,
+            oh: self.h,
+            ow: self.w,
+            transposed: false,
+            flip_b: false,
+            phases: true,
+        });
+        Ok(mm)
+    }
+
+    /// The multiplications of the upsample-then-convolve it replaces (2·(4·M)·N·9·cin), to
+    /// compare its time with the direct convolution's.
+    pub fn direct_flops(&self) -> f64 {
+        2.0 * (4 * self.batch * self.h * self.w) as f64 * self.cout as f64 * (9 * self.cin) as f64
+    }
+
+    /// Records y = conv3x3(upsample2x(x)) + bias: x [batch, h, w, cin], weight [4, cout, 2, 2,
+    /// cin] from [`upsample_conv_weight`], bias [cout], y [batch, 2h, 2w, cout], all f16.
+    pub fn run(&self, gpu: &Gpu, rec: &mut Recorder, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, y: &Tensor) -> Result<()> {
+        let want_x = [self.batch, self.h, self.w, self.cin];
+        let want_w = [4, self.cout, 2, 2, self.cin];
+        let want_y = [self.batch, 2 * self.h, 2 * self.w, self.cout];
+        if x.numel() != want_x.iter().product::<usize>() || weight.shape != want_w || y.numel() != want_y.iter().product::<usize>() || y.dtype != DType::F16 {
+            return Err(Error::shape(
+                "upsample conv",
+                format!("x {:?} (want {want_x:?}), weight {:?} (want {want_w:?}), y {:?} {} (want {want_y:?} f16)", x.shape, weight.shape, y.shape, y.dtype),
+            ));
+        }
+        self.matmul()?.run(gpu, rec, x, weight, bias, y)
+    }
+}
+
+/// The four phase weights [4, cout, 2, 2, cin] of [`Upsample2xConv`] from a PyTorch 3x3
+/// weight [cout, cin, 3, 3]: phase (a, b) = 2a + b, tap (ty, tx) sums the taps (ky, kx) whose
+/// rows fall on its input row (a = 0: ty 0 takes ky 0, ty 1 takes ky 1 and 2; a = 1: ty 0
+/// takes ky 0 and 1, ty 1 takes ky 2) and likewise for the columns. Summed in f32.
+pub fn upsample_conv_weight(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    const ROWS: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
+    let mut out = vec![0.0; 4 * cout * 4 * cin];
+    for a in 0..2 {
+        for b in 0..2 {
+            for o in 0..cout {
+                for ty in 0..2 {
+                    for tx in 0..2 {
+                        let at = ((((2 * a + b) * cout + o) * 2 + ty) * 2 + tx) * cin;
+                        for i in 0..cin {
+                            let mut sum = 0.0;
+                            for &ky in ROWS[a][ty] {
+                                for &kx in ROWS[b][tx] {
+                                    sum += w[((o * cin + i) * 3 + ky) * 3 + kx];
+                                }
+                            }
+                            out[at + i] = sum;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Reorders a PyTorch conv weight [cout, cin, kh, kw] into [cout, kh, kw, cin].

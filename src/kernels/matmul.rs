@@ -97,6 +97,11 @@ pub struct ConvGeom {
     /// n] for k = (ty·ks + tx)·cin + co, the B of a convolution's input gradient, so no
     /// flipped copy of W is built.
     pub flip_b: bool,
+    /// A nearest 2x upsample then this 3x3 convolution, run as its four output phases
+    /// (override PHASES, `kernels::conv::Upsample2xConv`): the product's batch entries are the
+    /// phases, each a 2x2 gather (ks 2) of the [ih, iw] input (= oh, ow) with the phase's
+    /// padding, writing every other pixel of C [images, 2ih, 2iw, N].
+    pub phases: bool,
 }
 
 /// A matrix product to launch. Build with [`Matmul::new`], then set options.
@@ -341,7 +346,7 @@ impl Matmul {
             )));
         }
         let k_slice = self.k / slices;
-        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0, transposed: false, flip_b: false });
+        let g = self.conv.unwrap_or(ConvGeom { images: 0, ih: 0, iw: 0, cin: 1, ks: 0, stride: 0, pad: 0, oh: 0, ow: 0, transposed: false, flip_b: false, phases: false });
         // Vector (16-byte) loads need every 8-element group aligned: row strides, batch
         // strides and offsets multiples of 8. With B_FLIP the only tensor they apply to is B
         // (A is gathered, under flag 8), whose rows start at multiples of N in W, with no
@@ -426,6 +431,7 @@ impl Matmul {
         // keys stay as they were.
         let key = if g.transposed { key.with("CONV_T", 1) } else { key };
         let key = if g.flip_b { key.with("B_FLIP", 1) } else { key };
+        let key = if g.phases { key.with("PHASES", 1) } else { key };
         let key = if bias.is_some() && self.bias_layout.ld != 0 { key.with("PER_IMAGE_BIAS", 1) } else { key };
         let key = if path == KernelPath::Coop && self.whole_words(vec_ok, k) { key.with("VEC", 1) } else { key };
         let groups = [(self.n as u32).div_ceil(bn), (self.m as u32).div_ceil(bm), batch as u32];
@@ -458,7 +464,9 @@ impl Matmul {
             Some(g) => {
                 // B is the weight [N, K] (TRANS_B), or with flip_b the forward weight [cin, ks,
                 // ks, N] read through the remap (not TRANS_B; its size, K·N, is checked below).
-                if self.trans_a || self.trans_b == g.flip_b || self.batch != 1 || g.images * g.oh * g.ow != self.m || g.ks * g.ks * g.cin != self.k {
+                let batch = if g.phases { 4 } else { 1 };
+                let phases_ok = !g.phases || (g.ks == 2 && g.stride == 1 && !g.flip_b && !g.transposed && (g.ih, g.iw) == (g.oh, g.ow) && self.stride_a == 0 && !self.strided_c());
+                if self.trans_a || self.trans_b == g.flip_b || self.batch != batch || !phases_ok || g.images * g.oh * g.ow != self.m || g.ks * g.ks * g.cin != self.k {
                     return Err(Error::shape(
                         op,
                         format!("convolution {g:?} does not match the product {}x{}x{} (trans_a {}, trans_b {})", self.m, self.n, self.k, self.trans_a, self.trans_b),

@@ -52,6 +52,12 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
         keys.push(t.key(false, true, false, true).with("PER_IMAGE_BIAS", 1));
         keys.push(t.key(false, true, false, true).with("PER_IMAGE_BIAS", 1).with("VEC", 1));
     }
+    // Upsample-then-convolve as four phase convolutions (`conv::Upsample2xConv`, f16 out).
+    keys.push(matmul::scalar_key(false, true, false, true).with("PHASES", 1));
+    for t in matmul::CoopTile::ALL {
+        keys.push(t.key(false, true, false, true).with("PHASES", 1));
+        keys.push(t.key(false, true, false, true).with("PHASES", 1).with("VEC", 1));
+    }
     // Transposed convolutions (the CONV_T gather) with the weight as given (TRANS_B).
     for out_f32 in [false, true] {
         keys.push(matmul::scalar_key(false, true, out_f32, true).with("CONV_T", 1));

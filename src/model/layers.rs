@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, PlanBuilder, Tensor};
-use crate::kernels::conv::{conv_weight_to_nhwc, Conv2d};
+use crate::kernels::conv::{conv_weight_to_nhwc, upsample_conv_weight, Conv2d, Upsample2xConv};
 use crate::kernels::grad_ops::{slice_cols, GradOut};
 use crate::kernels::tensor_ops::softmax_rows;
 use crate::kernels::matmul::{BiasLayout, Matmul};
@@ -112,6 +112,10 @@ pub enum ConvForm {
     /// Winograd F(2x2, 3x3) from a U made from the weight [cout, 3, 3, cin] before each use:
     /// for large weights, whose U would take 16/9 of their memory.
     WinogradFromWeight,
+    /// The convolution after a nearest 2x upsample, kept as its four phase weights [4, cout,
+    /// 2, 2, cin] (`kernels::conv::Upsample2xConv`): run by [`Conv::upsample2x`] on the small
+    /// image, forward only.
+    UpsamplePhases,
 }
 
 /// Winograd convolutions keep their transformed weight (16/9 of the weight's memory) up to
@@ -159,6 +163,26 @@ impl Conv {
         Ok(Conv { w, b, cin, cout, ks, stride, pad_end_only: false, form })
     }
 
+    /// A 3x3 convolution that follows a nearest 2x upsample (`<p>.weight` [c, c, 3, 3], `<p>.bias`),
+    /// kept as its four phase weights (16/9 of the weight) for [`Conv::upsample2x`]: for
+    /// inference (the VAE decoder's upsamplers), it has no input gradient.
+    pub fn load_upsample_phases(p: &Prefix, c: usize) -> Result<Conv> {
+        let w = p.get_f32("weight", &[c, c, 3, 3])?;
+        let b = p.get("bias", &[c])?;
+        let w = p.upload("weight (upsample phases)", &[4, c, 2, 2, c], &upsample_conv_weight(&w, c, c))?;
+        Ok(Conv { w, b, cin: c, cout: c, ks: 3, stride: 1, pad_end_only: false, form: ConvForm::UpsamplePhases })
+    }
+
+    /// Records y [batch, 2h, 2w, cout] = this convolution of x [batch, h, w, cin] upsampled
+    /// 2x (nearest), from a convolution loaded by [`Conv::load_upsample_phases`]: the four
+    /// phase convolutions of the small image, no upsampled image.
+    pub fn upsample2x(&self, pb: &mut PlanBuilder, x: &Tensor, (batch, h, w): (usize, usize, usize), y: &Tensor) -> Result<()> {
+        if self.form != ConvForm::UpsamplePhases {
+            return Err(Error::Usage("conv2d: upsample2x needs a convolution loaded by Conv::load_upsample_phases".into()));
+        }
+        Upsample2xConv::new(batch, h, w, self.cin, self.cout).run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
+    }
+
     /// As [`Conv::load`], padded by one pixel at the bottom and right only.
     pub fn load_end_pad(p: &Prefix, cin: usize, cout: usize, ks: usize, stride: usize) -> Result<Conv> {
         Ok(Conv { pad_end_only: true, ..Conv::load(p, cin, cout, ks, stride)? })
@@ -201,7 +225,8 @@ impl Conv {
         // where it would not.
         let wc = match self.form {
             ConvForm::Direct => None,
-            _ => Some(Winograd::new(batch, h, w, self.cin, self.cout)?),
+            ConvForm::UpsamplePhases => return Err(Error::Usage("conv2d: a convolution kept as upsample phase weights runs only by Conv::upsample2x".into())),
+            ConvForm::Winograd | ConvForm::WinogradFromWeight => Some(Winograd::new(batch, h, w, self.cin, self.cout)?),
         };
         let fits = |wc: &Winograd| pb.gpu.check_size("winograd scratch", wc.largest_scratch()).is_ok();
         if let Some(wc) = wc.filter(|wc| self.form == ConvForm::Winograd || fits(wc)) {
@@ -250,6 +275,9 @@ impl Conv {
         }
         if self.form == ConvForm::Winograd {
             return Err(Error::Usage("conv2d backward: a convolution loaded in Winograd form (inference) has no input gradient; load the weights without LoadOptions::winograd to train".into()));
+        }
+        if self.form == ConvForm::UpsamplePhases {
+            return Err(Error::Usage("conv2d backward: a convolution kept as upsample phase weights (the VAE decoder's, inference) has no input gradient".into()));
         }
         let conv = self.shape(batch, h, w);
         let (oh, ow) = conv.out_hw();

@@ -14,7 +14,7 @@
 //! the output gradient it was given. No weight gradient is computed here: these layers are
 //! frozen in LoRA training.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{PlanBuilder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::matmul::BiasLayout;
@@ -233,10 +233,25 @@ impl Upsample2D {
         Ok(Upsample2D { conv: Conv::load(&p.at("conv"), c, c, 3, 1)? })
     }
 
+    /// For inference only (the VAE decoder's upsamplers): the convolution kept as its four
+    /// phase weights and run on the small image (`Conv::upsample2x`), without the upsampled
+    /// image: 4/9 of the work. Exact 2x only; no backward.
+    pub fn load_phases(p: &Prefix, c: usize) -> Result<Self> {
+        Ok(Upsample2D { conv: Conv::load_upsample_phases(&p.at("conv"), c)? })
+    }
+
     /// A new tensor [batch, oh, ow, c] from x [batch, h, w, c]. The backward needs nothing
     /// saved (the convolution is frozen, the upsampling linear).
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, (b, h, w): Hw, (oh, ow): (usize, usize)) -> Result<Tensor> {
         let c = self.conv.cin;
+        if self.conv.form == ConvForm::UpsamplePhases {
+            if (oh, ow) != (2 * h, 2 * w) {
+                return Err(Error::shape("upsample", format!("{h}x{w} to {oh}x{ow}: the phase form upsamples exactly 2x")));
+            }
+            let y = pb.f16(&[b, oh, ow, self.conv.cout], "upsample conv")?;
+            self.conv.upsample2x(pb, x, (b, h, w), &y)?;
+            return Ok(y);
+        }
         let up = pb.f16(&[b, oh, ow, c], "upsampled")?;
         pb.run(tensor_ops::upsample_nearest(pb.gpu, x, &up, b, (h, w), (oh, ow), c)?)?;
         let y = self.conv.apply(pb, &up, (b, oh, ow), "upsample conv")?;

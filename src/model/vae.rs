@@ -9,7 +9,8 @@
 //! 1x1 products (the two row halves of `quant_conv`) so each lands in a dense tensor.
 //! Decoder: `post_quant_conv` (1x1), `conv_in`, the mid block, per level over the reversed
 //! widths `layers_per_block + 1` resnets and, on all but the last, a nearest 2x upsample and
-//! a 3x3 convolution; GroupNorm+SiLU; `conv_out` to the image.
+//! a 3x3 convolution (run together as the convolution's four output phases over the small
+//! image, `kernels::conv::Upsample2xConv`); GroupNorm+SiLU; `conv_out` to the image.
 //!
 //! The decoder takes z as given (the caller divides the UNet's latents by `scaling_factor`)
 //! and gives `decode(z).sample` before any clamping. The encoder's plan ends with the
@@ -197,7 +198,7 @@ impl AutoencoderKL {
         for (i, &c) in ch.iter().rev().enumerate() {
             let b = d.at("up_blocks").at(i);
             let rs = (0..=cfg.layers_per_block).map(|j| resnet(&b.at("resnets").at(j), if j == 0 { cin } else { c }, c)).collect::<Result<_>>()?;
-            let up = if i + 1 < ch.len() { Some(Upsample2D::load(&b.at("upsamplers.0"), c)?) } else { None };
+            let up = if i + 1 < ch.len() { Some(Upsample2D::load_phases(&b.at("upsamplers.0"), c)?) } else { None };
             dec_levels.push((rs, up));
             cin = c;
         }
