@@ -11,8 +11,10 @@
 //             invocation t reads channel octets t % (C/8) (+256, ...) of rows lane, lane +
 //             lanes, ... (lanes = 256 / (C/8)), so a subgroup reads consecutive words of a row.
 //             Each keeps per-channel shifted sums (shift = its first value: little
-//             cancellation), turns them into (count, mean, M2) and the groups are merged with
-//             Chan's formula into one (count, mean, M2) per (item, block, group).
+//             cancellation), four rows a step with their loads issued together (H100, VAE
+//             decode: 0.1–0.35 ms less than one row a step), turns them into (count, mean,
+//             M2) and the groups are merged with Chan's formula into one (count, mean, M2)
+//             per (item, block, group).
 //   gn_final  grid (batch·groups), 64 invocations: one workgroup per (item, group) merges
 //             its blocks (each invocation every 64th, then a tree in workgroup memory: one
 //             invocation per (item, group) walking all blocks took up to 44 us at the VAE's
@@ -95,9 +97,25 @@ fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
             var s1 = s;
             var s2 = s;
             var n = 0.0;
-            for (var r = r0 + lane; r < r1; r += lanes) {
+            var r = r0 + lane;
+            if (r < r1) { s = unpack8(src[base + r * oct + o]); n = 1.0; r += lanes; }
+            // Four rows a step: their loads issued together.
+            for (; r + 3u * lanes < r1; r += 4u * lanes) {
+                let w0 = src[base + r * oct + o];
+                let w1 = src[base + (r + lanes) * oct + o];
+                let w2 = src[base + (r + 2u * lanes) * oct + o];
+                let w3 = src[base + (r + 3u * lanes) * oct + o];
+                let v0 = unpack8(w0); let v1 = unpack8(w1); let v2 = unpack8(w2); let v3 = unpack8(w3);
+                let a0 = v0.lo - s.lo; let b0 = v0.hi - s.hi;
+                let a1 = v1.lo - s.lo; let b1 = v1.hi - s.hi;
+                let a2 = v2.lo - s.lo; let b2 = v2.hi - s.hi;
+                let a3 = v3.lo - s.lo; let b3 = v3.hi - s.hi;
+                s1.lo += (a0 + a1) + (a2 + a3); s1.hi += (b0 + b1) + (b2 + b3);
+                s2.lo += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3); s2.hi += (b0 * b0 + b1 * b1) + (b2 * b2 + b3 * b3);
+                n += 4.0;
+            }
+            for (; r < r1; r += lanes) {
                 let v = unpack8(src[base + r * oct + o]);
-                if (n == 0.0) { s = v; }
                 let dl = v.lo - s.lo;
                 let dh = v.hi - s.hi;
                 s1.lo += dl; s1.hi += dh;

@@ -163,7 +163,7 @@ pub(crate) fn random_f16(gpu: &Gpu, shape: &[usize], seed: u64, what: &str) -> R
 
 /// The matmul cases: (name, M, N, K), Y = X·Wᵀ. The UNet's linears at 512x512 with batch 2
 /// (one guided step: M = 2 · tokens) at each level, CLIP's MLP, and square products.
-pub const MATMUL_CASES: [(&str, usize, usize, usize); 14] = [
+pub const MATMUL_CASES: [(&str, usize, usize, usize); 16] = [
     ("unet64_proj_8192x320x320", 8192, 320, 320),
     ("unet64_qkv_8192x960x320", 8192, 960, 320),
     ("unet64_ff_in_8192x2560x320", 8192, 2560, 320),
@@ -176,6 +176,9 @@ pub const MATMUL_CASES: [(&str, usize, usize, usize); 14] = [
     ("unet16_ff_out_512x1280x5120", 512, 1280, 5120),
     ("unet_cross_kv_154x640x768", 154, 640, 768),
     ("clip_mlp_154x3072x768", 154, 3072, 768),
+    // The VAE decoder's 1x1 shortcuts at 512x512 (512 -> 256 at 256x256, 256 -> 128 at 512x512).
+    ("vae_shortcut_65536x256x512", 65536, 256, 512),
+    ("vae_shortcut_262144x128x256", 262144, 128, 256),
     ("square_4096", 4096, 4096, 4096),
     ("square_8192", 8192, 8192, 8192),
 ];

@@ -32,12 +32,16 @@ pub const CONV_CASES: [(&str, usize, usize, usize, usize); 14] = [
     ("vae_out_512x512x128to3", 1, 512, 128, 3),
 ];
 
-/// The VAE decoder's upsamplers at 512x512 (nearest 2x, then a 3x3 convolution, c -> c):
-/// (name, batch, size before upsampling, c).
-pub const UPSAMPLE_CASES: [(&str, usize, usize, usize); 3] = [
+/// Upsamplers (nearest 2x, then a 3x3 convolution, c -> c) at 512x512: the VAE decoder's, and
+/// the UNet's at batch 2 (which run by Winograd at inference; the rows compare the phase form
+/// with it): (name, batch, size before upsampling, c).
+pub const UPSAMPLE_CASES: [(&str, usize, usize, usize); 6] = [
     ("vae_64to128x512", 1, 64, 512),
     ("vae_128to256x512", 1, 128, 512),
     ("vae_256to512x256", 1, 256, 256),
+    ("unet_32to64x640_b2", 2, 32, 640),
+    ("unet_16to32x1280_b2", 2, 16, 1280),
+    ("unet_8to16x1280_b2", 2, 8, 1280),
 ];
 
 /// 3x3 convolutions' input gradients dX in the LoRA training step (batch 1, 512 px): name,
@@ -145,7 +149,7 @@ for &(name, batch, size, cin, cout) in CONV_CASES.iter() {
         }
     }
 }
-// The VAE decoder's upsamplers (nearest 2x, then a 3x3 convolution) as the four phase
+// The upsamplers (nearest 2x, then a 3x3 convolution) as the four phase
 // convolutions of the small image, and as the upsample launch and the direct convolution
 // of the 2x image they replace. TFLOP/s are the direct convolution's flops over the time.
 for &(name, batch, size, c) in UPSAMPLE_CASES.iter() {

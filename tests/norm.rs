@@ -104,6 +104,9 @@ fn group_norm_sd_shapes() {
     run_group_norm(2, 64 * 64, 320, 32, true, 0.0); // UNet down block 0 at 512x512
     run_group_norm(1, 8 * 8, 2560, 32, true, 0.0); // widest concat in the up blocks
     run_group_norm(1, 16 * 16, 1920, 32, false, 0.0); // more than 256 words per row
+    // VAE-like: 113 rows a block over 16 lanes, 7 or 8 rows an invocation (the first, one
+    // four-row step, then the rest one by one), off a nonzero mean.
+    run_group_norm(1, 512 * 16 * 7 + 3, 128, 32, true, 3.0);
 }
 
 #[test]
