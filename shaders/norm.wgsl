@@ -97,10 +97,14 @@ fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
             var s1 = s;
             var s2 = s;
             var n = 0.0;
-            var r = r0 + lane;
-            if (r < r1) { s = unpack8(src[base + r * oct + o]); n = 1.0; r += lanes; }
-            // Four rows a step: their loads issued together.
-            for (; r + 3u * lanes < r1; r += 4u * lanes) {
+            // This invocation's rows first + i·lanes, i < nr: the first sets the shift, then
+            // four a step with their loads issued together, then the rest one by one.
+            let first = r0 + lane;
+            let nr = select(0u, (r1 - first + lanes - 1u) / lanes, first < r1);
+            if (nr > 0u) { s = unpack8(src[base + first * oct + o]); n = 1.0; }
+            let steps = select(0u, (nr - 1u) / 4u, nr > 0u);
+            for (var q = 0u; q < steps; q++) {
+                let r = first + (1u + 4u * q) * lanes;
                 let w0 = src[base + r * oct + o];
                 let w1 = src[base + (r + lanes) * oct + o];
                 let w2 = src[base + (r + 2u * lanes) * oct + o];
@@ -114,8 +118,8 @@ fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
                 s2.lo += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3); s2.hi += (b0 * b0 + b1 * b1) + (b2 * b2 + b3 * b3);
                 n += 4.0;
             }
-            for (; r < r1; r += lanes) {
-                let v = unpack8(src[base + r * oct + o]);
+            for (var i = 1u + 4u * steps; i < nr; i++) {
+                let v = unpack8(src[base + (first + i * lanes) * oct + o]);
                 let dl = v.lo - s.lo;
                 let dh = v.hi - s.hi;
                 s1.lo += dl; s1.hi += dh;
