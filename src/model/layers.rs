@@ -1,7 +1,8 @@
 //! The layers the three networks are made of, loaded from weights and recorded into a plan:
 //! linear (optionally several projections fused into one product), 2-D convolution (weights
 //! reordered to [cout, ks, ks, cin] at load, 1x1 convolutions run as linears over NHWC
-//! pixels, 3x3 ones at inference by Winograd F(2x2, 3x3) where the loader marks them), group
+//! pixels, 3x3 ones at inference by Winograd F(2x2, 3x3) where the loader marks them, or
+//! kept as an upsampler's four phase weights: the VAE decoder's), group
 //! norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images or token-major
 //! rows. For training, each layer also records its input gradient through the
 //! frozen weights (`backward_input`, `*_backward`) and the norms save their statistics.
