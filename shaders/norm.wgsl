@@ -10,11 +10,14 @@
 //   gn_stats  grid (nblocks, batch), 256 invocations: rows [blk·block, +block) of one item;
 //             invocation t reads channel octets t % (C/8) (+256, ...) of rows lane, lane +
 //             lanes, ... (lanes = 256 / (C/8)), so a subgroup reads consecutive words of a row.
-//             Each keeps per-channel shifted sums (shift = its first value: little
-//             cancellation), four rows a step with their loads issued together (H100, VAE
-//             decode: 0.1–0.35 ms less than one row a step), turns them into (count, mean,
-//             M2) and the groups are merged with Chan's formula into one (count, mean, M2)
-//             per (item, block, group).
+//             Each keeps per-channel sums shifted by the block's first row (little
+//             cancellation; one shift per channel, so the lanes' sums add up), four rows a
+//             step with their loads issued together (H100, VAE decode: 0.1–0.35 ms less than
+//             one row a step); then one invocation per channel adds its lanes' sums into
+//             (mean, M2), and one per group merges its channels (equal counts: no division)
+//             into one (count, mean, M2) per (item, block, group). (Each lane's own shift and
+//             a Chan merge per lane and channel, 64 dependent merges by one invocation per
+//             group, was the slower form: docs/PERF.md, group norm.)
 //   gn_final  grid (batch·groups), 64 invocations: one workgroup per (item, group) merges
 //             its blocks (each invocation every 64th, then a tree in workgroup memory: one
 //             invocation per (item, group) walking all blocks took up to 44 us at the VAE's
@@ -71,10 +74,26 @@ fn merge(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
     return vec3<f32>(n, a.y + d * f, a.z + b.z + d * d * a.x * f);
 }
 
-// Per (lane, channel) summaries: lanes·C <= max(2048, C) <= MAX_C.
-var<workgroup> sh_mean: array<f32, MAX_C>;
-var<workgroup> sh_m2: array<f32, MAX_C>;
-var<workgroup> sh_n: array<f32, 256>;             // rows seen per lane
+// Per (lane, channel) shifted sums (lanes·C <= max(2048, C) <= MAX_C), then per channel
+// (mean, M2) in lane 0's slots; the shift per channel.
+var<workgroup> sh_s1: array<f32, MAX_C>;
+var<workgroup> sh_s2: array<f32, MAX_C>;
+var<workgroup> sh_shift: array<f32, MAX_C>;
+
+// Eight values into sh_s1, sh_s2 or sh_shift at i.. (explicit stores: a private array indexed
+// at run time would go to local memory; a workgroup pointer cannot be passed).
+fn put_s1(i: u32, v: Oct) {
+    sh_s1[i] = v.lo.x; sh_s1[i + 1u] = v.lo.y; sh_s1[i + 2u] = v.lo.z; sh_s1[i + 3u] = v.lo.w;
+    sh_s1[i + 4u] = v.hi.x; sh_s1[i + 5u] = v.hi.y; sh_s1[i + 6u] = v.hi.z; sh_s1[i + 7u] = v.hi.w;
+}
+fn put_s2(i: u32, v: Oct) {
+    sh_s2[i] = v.lo.x; sh_s2[i + 1u] = v.lo.y; sh_s2[i + 2u] = v.lo.z; sh_s2[i + 3u] = v.lo.w;
+    sh_s2[i + 4u] = v.hi.x; sh_s2[i + 5u] = v.hi.y; sh_s2[i + 6u] = v.hi.z; sh_s2[i + 7u] = v.hi.w;
+}
+fn put_shift(i: u32, v: Oct) {
+    sh_shift[i] = v.lo.x; sh_shift[i + 1u] = v.lo.y; sh_shift[i + 2u] = v.lo.z; sh_shift[i + 3u] = v.lo.w;
+    sh_shift[i + 4u] = v.hi.x; sh_shift[i + 5u] = v.hi.y; sh_shift[i + 6u] = v.hi.z; sh_shift[i + 7u] = v.hi.w;
+}
 
 @compute @workgroup_size(256)
 fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -86,25 +105,20 @@ fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
     let r0 = blk * p.block;
     let r1 = min(r0 + p.block, p.rows);
     let base = b * p.rows * oct;   // in words
-    if (t < lanes) {
-        var n = 0.0;
-        for (var r = r0 + t; r < r1; r += lanes) { n += 1.0; }
-        sh_n[t] = n;
-    }
     if (lane < lanes) {
         for (var o = t % oct; o < oct; o += 256u) {
-            var s = Oct(vec4<f32>(0.0), vec4<f32>(0.0));
-            var s1 = s;
-            var s2 = s;
-            var n = 0.0;
-            // This invocation's rows first + i·lanes, i < nr: the first sets the shift, then
-            // four a step with their loads issued together, then the rest one by one.
+            // The shift is the block's first row, the same for every lane of a channel, so
+            // the lanes' sums add up without a merge.
+            let s = unpack8(src[base + r0 * oct + o]);
+            var s1 = Oct(vec4<f32>(0.0), vec4<f32>(0.0));
+            var s2 = s1;
+            // This invocation's rows first + i·lanes, i < nr: four a step with their loads
+            // issued together, then the rest one by one.
             let first = r0 + lane;
             let nr = select(0u, (r1 - first + lanes - 1u) / lanes, first < r1);
-            if (nr > 0u) { s = unpack8(src[base + first * oct + o]); n = 1.0; }
-            let steps = select(0u, (nr - 1u) / 4u, nr > 0u);
+            let steps = nr / 4u;
             for (var q = 0u; q < steps; q++) {
-                let r = first + (1u + 4u * q) * lanes;
+                let r = first + 4u * q * lanes;
                 let w0 = src[base + r * oct + o];
                 let w1 = src[base + (r + lanes) * oct + o];
                 let w2 = src[base + (r + 2u * lanes) * oct + o];
@@ -116,40 +130,48 @@ fn gn_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
                 let a3 = v3.lo - s.lo; let b3 = v3.hi - s.hi;
                 s1.lo += (a0 + a1) + (a2 + a3); s1.hi += (b0 + b1) + (b2 + b3);
                 s2.lo += (a0 * a0 + a1 * a1) + (a2 * a2 + a3 * a3); s2.hi += (b0 * b0 + b1 * b1) + (b2 * b2 + b3 * b3);
-                n += 4.0;
             }
-            for (var i = 1u + 4u * steps; i < nr; i++) {
+            for (var i = 4u * steps; i < nr; i++) {
                 let v = unpack8(src[base + (first + i * lanes) * oct + o]);
                 let dl = v.lo - s.lo;
                 let dh = v.hi - s.hi;
                 s1.lo += dl; s1.hi += dh;
                 s2.lo += dl * dl; s2.hi += dh * dh;
-                n += 1.0;
             }
-            let inv = 1.0 / max(n, 1.0);
             let i = lane * p.c + o * 8u;
-            let ml = s.lo + s1.lo * inv;
-            let mh = s.hi + s1.hi * inv;
-            let ql = max(s2.lo - s1.lo * s1.lo * inv, vec4<f32>(0.0));
-            let qh = max(s2.hi - s1.hi * s1.hi * inv, vec4<f32>(0.0));
-            sh_mean[i] = ml.x; sh_mean[i + 1u] = ml.y; sh_mean[i + 2u] = ml.z; sh_mean[i + 3u] = ml.w;
-            sh_mean[i + 4u] = mh.x; sh_mean[i + 5u] = mh.y; sh_mean[i + 6u] = mh.z; sh_mean[i + 7u] = mh.w;
-            sh_m2[i] = ql.x; sh_m2[i + 1u] = ql.y; sh_m2[i + 2u] = ql.z; sh_m2[i + 3u] = ql.w;
-            sh_m2[i + 4u] = qh.x; sh_m2[i + 5u] = qh.y; sh_m2[i + 6u] = qh.z; sh_m2[i + 7u] = qh.w;
+            put_s1(i, s1);
+            put_s2(i, s2);
+            if (lane == 0u) { put_shift(o * 8u, s); }
         }
     }
     workgroupBarrier();
+    // Per channel: the lanes' sums, then its mean and M2 over the block's n rows, written to
+    // lane 0's slot (read by this invocation only).
+    let n = f32(r1 - r0);
+    for (var c = t; c < p.c; c += 256u) {
+        var a1 = 0.0;
+        var a2 = 0.0;
+        for (var l = 0u; l < lanes; l++) {
+            a1 += sh_s1[l * p.c + c];
+            a2 += sh_s2[l * p.c + c];
+        }
+        sh_s1[c] = sh_shift[c] + a1 / n;
+        sh_s2[c] = max(a2 - a1 * a1 / n, 0.0);
+    }
+    workgroupBarrier();
+    // Per group: its channels' n rows each, merged (equal counts: the mean of the means, the
+    // M2s plus n times the means' squared spread).
     if (t < p.groups) {
         let cg = p.c / p.groups;
-        var acc = vec3<f32>(0.0);
-        for (var l = 0u; l < lanes; l++) {
-            let n = sh_n[l];
-            if (n == 0.0) { continue; }
-            for (var c = t * cg; c < (t + 1u) * cg; c++) {
-                acc = merge(acc, vec3<f32>(n, sh_mean[l * p.c + c], sh_m2[l * p.c + c]));
-            }
+        var mg = 0.0;
+        for (var c = t * cg; c < (t + 1u) * cg; c++) { mg += sh_s1[c]; }
+        mg /= f32(cg);
+        var m2 = 0.0;
+        for (var c = t * cg; c < (t + 1u) * cg; c++) {
+            let d = sh_s1[c] - mg;
+            m2 += sh_s2[c] + n * d * d;
         }
-        dst[(b * p.nblocks + blk) * p.groups + t] = bitcast<vec4<u32>>(vec4<f32>(acc, 0.0));
+        dst[(b * p.nblocks + blk) * p.groups + t] = bitcast<vec4<u32>>(vec4<f32>(n * f32(cg), mg, m2, 0.0));
     }
 }
 
@@ -202,10 +224,26 @@ fn gn_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
     let o = u % oct;
     let b = u / (p.rows * oct);
     let c = o * 8u;
-    let s0 = stat(b, c); let s1 = stat(b, c + 1u); let s2 = stat(b, c + 2u); let s3 = stat(b, c + 3u);
-    let s4 = stat(b, c + 4u); let s5 = stat(b, c + 5u); let s6 = stat(b, c + 6u); let s7 = stat(b, c + 7u);
-    let mean = Oct(vec4<f32>(s0.x, s1.x, s2.x, s3.x), vec4<f32>(s4.x, s5.x, s6.x, s7.x));
-    let rstd = Oct(vec4<f32>(s0.y, s1.y, s2.y, s3.y), vec4<f32>(s4.y, s5.y, s6.y, s7.y));
+    // The octet's statistics: one group when groups hold a multiple of 8 channels, two when
+    // they hold 4 (the VAE's 128 channels), else one read per channel.
+    let cg = p.c / p.groups;
+    var mean: Oct;
+    var rstd: Oct;
+    if (cg % 8u == 0u) {
+        let s = stat(b, c);
+        mean = Oct(vec4<f32>(s.x), vec4<f32>(s.x));
+        rstd = Oct(vec4<f32>(s.y), vec4<f32>(s.y));
+    } else if (cg == 4u) {
+        let s = stat(b, c);
+        let u = stat(b, c + 4u);
+        mean = Oct(vec4<f32>(s.x), vec4<f32>(u.x));
+        rstd = Oct(vec4<f32>(s.y), vec4<f32>(u.y));
+    } else {
+        let s0 = stat(b, c); let s1 = stat(b, c + 1u); let s2 = stat(b, c + 2u); let s3 = stat(b, c + 3u);
+        let s4 = stat(b, c + 4u); let s5 = stat(b, c + 5u); let s6 = stat(b, c + 6u); let s7 = stat(b, c + 7u);
+        mean = Oct(vec4<f32>(s0.x, s1.x, s2.x, s3.x), vec4<f32>(s4.x, s5.x, s6.x, s7.x));
+        rstd = Oct(vec4<f32>(s0.y, s1.y, s2.y, s3.y), vec4<f32>(s4.y, s5.y, s6.y, s7.y));
+    }
     dst[u] = pack8(affine(unpack8(src[u]), o, mean, rstd));
 }
 

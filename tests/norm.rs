@@ -107,6 +107,9 @@ fn group_norm_sd_shapes() {
     // VAE-like: 113 rows a block over 16 lanes, 7 or 8 rows an invocation (the first, one
     // four-row step, then the rest one by one), off a nonzero mean.
     run_group_norm(1, 512 * 16 * 7 + 3, 128, 32, true, 3.0);
+    // Groups of 16 and 8 channels (the VAE's 512 and 256): one statistics read an octet.
+    run_group_norm(1, 32 * 32, 512, 32, true, 1.0);
+    run_group_norm(2, 48 * 40, 256, 32, false, 0.0);
 }
 
 #[test]
