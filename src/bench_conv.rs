@@ -1,12 +1,14 @@
 //! The convolution cases of `atelier bench` (see `bench`): 3x3 convolutions at UNet and VAE
 //! shapes, direct and by Winograd F(2x2, 3x3), the VAE decoder's upsample-then-convolve pairs
-//! as phase convolutions against upsample + direct, and the convolutions' input gradients at
+//! as phase convolutions against upsample + direct, the direct kernel for convolutions to at
+//! most 4 channels (`conv_thin`), and the convolutions' input gradients at
 //! the training step's shapes.
 
 use crate::bench::{random_f16, recorded, recorded_each, time_case, unsplit_and_split, BenchResult, Weights};
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::conv::{Conv2d, Upsample2xConv};
+use crate::kernels::conv_thin;
 use crate::kernels::matmul::{BiasLayout, CoopTile, Matmul};
 use crate::kernels::tensor_ops;
 use crate::kernels::winograd::Winograd;
@@ -14,7 +16,7 @@ use crate::model::layers::WINOGRAD_KEEP_MAX;
 
 /// The convolution cases (3x3, stride 1, padding 1, NHWC): (name, batch, size, cin, cout); batch
 /// 2 is a guided sampling step, batch 1 the training forward.
-pub const CONV_CASES: [(&str, usize, usize, usize, usize); 14] = [
+pub const CONV_CASES: [(&str, usize, usize, usize, usize); 15] = [
     ("unet_64x64x320_b2", 2, 64, 320, 320),
     ("unet_64x64x320_b1", 1, 64, 320, 320),
     ("unet_32x32x640_b2", 2, 32, 640, 640),
@@ -30,6 +32,7 @@ pub const CONV_CASES: [(&str, usize, usize, usize, usize); 14] = [
     ("vae_64x64x512", 1, 64, 512, 512),
     ("vae_128x128x512", 1, 128, 512, 512),
     ("vae_out_512x512x128to3", 1, 512, 128, 3),
+    ("unet_out_64x64x320to4_b2", 2, 64, 320, 4),
 ];
 
 /// Upsamplers (nearest 2x, then a 3x3 convolution, c -> c) at 512x512: the VAE decoder's, and
@@ -96,6 +99,13 @@ pub(crate) fn run(gpu: &Gpu, wanted: &dyn Fn(&str) -> bool, emit: &mut dyn FnMut
                     }
                 }
             }
+        }
+        // To at most 4 channels: the direct kernel the launcher takes for large images
+        // (`kernels::conv_thin`).
+        let conv = Conv2d::new(batch, size, size, cin, cout, 3, 1, 1);
+        if conv_thin::supports(&conv) {
+            let ds = w.0.iter().map(|w| conv_thin::run(gpu, &conv, &x, w, Some(&b), &y)).collect::<Result<Vec<_>>>()?;
+            emit(w.per_launch(time_case(gpu, &ds, full.clone(), "direct conv_thin".into(), 2e12, slow)?));
         }
     }
     // The same convolutions by Winograd F(2x2, 3x3) where the channels allow: the input

@@ -120,6 +120,9 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::winograd::WinogradParams;
     let wi = rust_layout!(WinogradParams { batch, h, w, c, th, tw, tiles, flags, off_bias, bias_ld, _pad0, _pad1 });
     assert_eq!(wgsl_struct(Shader::Winograd, "Params"), wi);
+    use atelier::kernels::conv_thin::ConvThinParams;
+    let ct = rust_layout!(ConvThinParams { images, h, w, cin, cout, ks, pad, tiles_x, tiles_y, has_bias, _pad0, _pad1 });
+    assert_eq!(wgsl_struct(Shader::ConvThin, "Params"), ct);
 }
 
 /// Each entry point of `shader` with the bindings it reaches, sorted.

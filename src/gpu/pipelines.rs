@@ -33,11 +33,12 @@ pub enum Shader {
     LoraSkinny,
     GradOps,
     Winograd,
+    ConvThin,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 16] = [
+    pub const ALL: [Shader; 17] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -54,6 +55,7 @@ impl Shader {
         Shader::LoraSkinny,
         Shader::GradOps,
         Shader::Winograd,
+        Shader::ConvThin,
     ];
 
     /// File stem under `shaders/`.
@@ -75,6 +77,7 @@ impl Shader {
             Shader::LoraSkinny => "lora_skinny",
             Shader::GradOps => "grad_ops",
             Shader::Winograd => "winograd",
+            Shader::ConvThin => "conv_thin",
         }
     }
 
@@ -124,6 +127,7 @@ impl Shader {
             Shader::LoraSkinny => include_str!("../../shaders/lora_skinny.wgsl"),
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
             Shader::Winograd => include_str!("../../shaders/winograd.wgsl"),
+            Shader::ConvThin => include_str!("../../shaders/conv_thin.wgsl"),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod attention_backward;
 pub mod conv;
+pub mod conv_thin;
 pub mod elementwise;
 pub mod grad_ops;
 pub mod lora;
@@ -109,5 +110,6 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     keys.push(winograd::key("weight"));
     keys.push(winograd::key("input"));
     keys.push(winograd::key("output"));
+    keys.push(conv_thin::key());
     keys
 }

@@ -2,7 +2,8 @@
 //! linear (optionally several projections fused into one product), 2-D convolution (weights
 //! reordered to [cout, ks, ks, cin] at load, 1x1 convolutions run as linears over NHWC
 //! pixels, 3x3 ones at inference by Winograd F(2x2, 3x3) where the loader marks them, or
-//! kept as an upsampler's four phase weights: the VAE decoder's), group
+//! kept as an upsampler's four phase weights: the VAE decoder's; to at most 4 channels over a
+//! large image, directly: `kernels::conv_thin`), group
 //! norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images or token-major
 //! rows. For training, each layer also records its input gradient through the
 //! frozen weights (`backward_input`, `*_backward`) and the norms save their statistics.
@@ -12,6 +13,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, upsample_conv_weight, Conv2d, Upsample2xConv};
+use crate::kernels::conv_thin;
 use crate::kernels::grad_ops::{slice_cols, GradOut};
 use crate::kernels::tensor_ops::softmax_rows;
 use crate::kernels::matmul::{BiasLayout, Matmul};
@@ -246,6 +248,11 @@ impl Conv {
                 pb.free(t);
             }
             return Ok(());
+        }
+        // A convolution to at most 4 channels over a large image (the VAE decoder's conv_out)
+        // runs directly (`kernels::conv_thin`), not as a 4-column sliver of matmul tiles.
+        if !self.pad_end_only && !accumulate && layout == BiasLayout::default() && conv_thin::preferred(&conv) {
+            return pb.run(conv_thin::run(pb.gpu, &conv, x, &self.w, Some(bias), y)?);
         }
         let mut mm = conv.matmul()?;
         if let (true, Some(g)) = (self.pad_end_only, mm.conv.as_mut()) {
