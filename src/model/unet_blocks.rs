@@ -122,19 +122,32 @@ impl ResnetBlock2D {
     /// [`TimeStack`]'s output [batch, Σ cout] (conv1's bias per image) when the block has a
     /// time projection.
     pub fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&Tensor>) -> Result<Tensor> {
-        Ok(self.run(pb, x, hw, temb, false)?.0)
+        Ok(self.run(pb, x, hw, temb, false, false)?.0)
+    }
+
+    /// As [`ResnetBlock2D::forward`] with x moved in and not kept: a block without a shortcut
+    /// convolution adds conv2 into x itself and returns it, instead of first copying x into a
+    /// new output (the VAE's resnets: 12 copies, 0.26 ms of its decode on the H100).
+    pub fn forward_consuming(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb: Option<&Tensor>) -> Result<Tensor> {
+        if self.conv_shortcut.is_some() {
+            let y = self.forward(pb, &x, hw, temb)?;
+            pb.free(x);
+            return Ok(y);
+        }
+        Ok(self.run(pb, &x, hw, temb, false, true)?.0)
     }
 
     /// The training forward: as [`ResnetBlock2D::forward`], keeping x (moved in) and what the
     /// backward reads.
     pub fn forward_train(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw, temb: Option<&Tensor>) -> Result<(Tensor, ResnetSaved)> {
-        let (out, kept) = self.run(pb, &x, hw, temb, true)?;
+        let (out, kept) = self.run(pb, &x, hw, temb, true, false)?;
         let (c1, stats1, stats2) = kept.expect("saving run keeps its tensors");
         Ok((out, ResnetSaved { x, hw, c1, stats1, stats2 }))
     }
 
     #[allow(clippy::type_complexity)]
-    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&Tensor>, save: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
+    /// `into_x` (no shortcut convolution, x not needed afterwards): the output is x itself.
+    fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&Tensor>, save: bool, into_x: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
         let (b, h, w) = hw;
         let (n1, stats1) = self.norm1.group_saving(pb, x, b, self.groups, true, save, "resnet norm1")?;
         let c1 = match (self.time_col, temb) {
@@ -148,11 +161,19 @@ impl ResnetBlock2D {
         };
         pb.free(n1);
         let (n2, stats2) = self.norm2.group_saving(pb, &c1, b, self.groups, true, save, "resnet norm2")?;
-        let out = pb.f16(&[b, h, w, self.cout], "resnet out")?;
-        match &self.conv_shortcut {
-            Some(s) => s.forward(pb, x, &out, false)?,
-            None => pb.run(elementwise::unary(pb.gpu, Unary::Copy, x, &out)?)?,
-        }
+        let out = match &self.conv_shortcut {
+            Some(s) => {
+                let out = pb.f16(&[b, h, w, self.cout], "resnet out")?;
+                s.forward(pb, x, &out, false)?;
+                out
+            }
+            None if into_x => x.clone(),
+            None => {
+                let out = pb.f16(&[b, h, w, self.cout], "resnet out")?;
+                pb.run(elementwise::unary(pb.gpu, Unary::Copy, x, &out)?)?;
+                out
+            }
+        };
         self.conv2.forward(pb, &n2, hw, &out, true)?;
         pb.free(n2);
         match (stats1, stats2) {

@@ -85,21 +85,20 @@ impl MidBlock {
         Ok(MidBlock { resnets: [resnet(0)?, resnet(1)?], attention: VaeAttention::load(&p.at("attentions.0"), c, groups, eps)? })
     }
 
-    /// A new tensor from x [batch, h, w, c].
-    fn forward(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw) -> Result<Tensor> {
-        let h = self.resnets[0].forward(pb, x, hw, None)?;
+    /// The block's output from x [batch, h, w, c] (a pool tensor, moved in: the resnets add
+    /// into it).
+    fn forward(&self, pb: &mut PlanBuilder, x: Tensor, hw: Hw) -> Result<Tensor> {
+        let h = self.resnets[0].forward_consuming(pb, x, hw, None)?;
         self.attention.forward(pb, &h, hw.0)?;
-        let y = self.resnets[1].forward(pb, &h, hw, None)?;
-        pb.free(h);
-        Ok(y)
+        self.resnets[1].forward_consuming(pb, h, hw, None)
     }
 }
 
-/// Runs `blocks` in turn on `x` (a pool tensor, freed once read).
+/// Runs `blocks` in turn on `x` (a pool tensor, moved in: the resnets without a shortcut
+/// convolution add into it).
 fn resnets(pb: &mut PlanBuilder, blocks: &[ResnetBlock2D], mut x: Tensor, hw: Hw) -> Result<Tensor> {
     for r in blocks {
-        let y = r.forward(pb, &x, hw, None)?;
-        pb.free(std::mem::replace(&mut x, y));
+        x = r.forward_consuming(pb, x, hw, None)?;
     }
     Ok(x)
 }
@@ -241,11 +240,7 @@ impl AutoencoderKL {
         let x = self.dec_conv_in.apply(&mut pb, &z, (batch, h, w), "vae decoder conv_in")?;
         pb.free(z);
         taps.tap(&mut pb, "decoder.conv_in", &x)?;
-        let mut x = {
-            let y = self.dec_mid.forward(&mut pb, &x, (batch, h, w))?;
-            pb.free(x);
-            y
-        };
+        let mut x = self.dec_mid.forward(&mut pb, x, (batch, h, w))?;
         taps.tap(&mut pb, "decoder.mid_block", &x)?;
         for (i, (rs, up)) in self.dec_levels.iter().enumerate() {
             x = resnets(&mut pb, rs, x, (batch, h, w))?;
@@ -289,8 +284,7 @@ impl AutoencoderKL {
             }
             taps.tap(&mut pb, &format!("encoder.down_blocks.{i}"), &x)?;
         }
-        let y = self.enc_mid.forward(&mut pb, &x, (batch, h, w))?;
-        pb.free(std::mem::replace(&mut x, y));
+        x = self.enc_mid.forward(&mut pb, x, (batch, h, w))?;
         taps.tap(&mut pb, "encoder.mid_block", &x)?;
         let n = self.enc_norm_out.group(&mut pb, &x, batch, groups, true, "vae encoder norm_out")?;
         pb.free(x);
