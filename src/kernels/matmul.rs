@@ -319,8 +319,12 @@ impl Matmul {
                 return thin;
             }
             // Below a wave of default tiles CONV_MID, split over K by `split` when it makes less
-            // than half a wave itself (the UNet's 16x16 and 8x8 levels).
-            if forward_conv && ((self.n <= 128 && mid_tiles >= 132) || tiles < enough) {
+            // than half a wave itself (the UNet's 16x16 and 8x8 levels). Upsample phases to at
+            // most 256 channels take it too (H100, session 20, `bench --all-tiles`: the VAE's
+            // 256 -> 512 upsampler at 256 channels 1.69 ms vs 1.75-1.78 on the default tile;
+            // at 512 channels the default tile stays best, 1.48 vs 1.55).
+            let phases = self.conv.is_some_and(|g| g.phases);
+            if forward_conv && ((self.n <= 128 && mid_tiles >= 132) || tiles < enough || (phases && self.n <= 256)) {
                 return mid;
             }
             match (tiles < enough, self.k >= 640) {
