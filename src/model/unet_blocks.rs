@@ -145,8 +145,8 @@ impl ResnetBlock2D {
         Ok((out, ResnetSaved { x, hw, c1, stats1, stats2 }))
     }
 
-    #[allow(clippy::type_complexity)]
     /// `into_x` (no shortcut convolution, x not needed afterwards): the output is x itself.
+    #[allow(clippy::type_complexity)]
     fn run(&self, pb: &mut PlanBuilder, x: &Tensor, hw: Hw, temb: Option<&Tensor>, save: bool, into_x: bool) -> Result<(Tensor, Option<(Tensor, Tensor, Tensor)>)> {
         let (b, h, w) = hw;
         let (n1, stats1) = self.norm1.group_saving(pb, x, b, self.groups, true, save, "resnet norm1")?;
