@@ -8,7 +8,7 @@ use crate::bench::{random_f16, recorded, recorded_each, time_case, unsplit_and_s
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, KernelPath, Recorder, Tensor};
 use crate::kernels::conv::{Conv2d, Upsample2xConv};
-use crate::kernels::conv_thin;
+use crate::kernels::{conv_coop, conv_thin};
 use crate::kernels::matmul::{BiasLayout, CoopTile, Matmul};
 use crate::kernels::tensor_ops;
 use crate::kernels::winograd::Winograd;
@@ -107,6 +107,12 @@ pub(crate) fn run(gpu: &Gpu, wanted: &dyn Fn(&str) -> bool, emit: &mut dyn FnMut
             let ds = w.0.iter().map(|w| conv_thin::run(gpu, &conv, &x, w, Some(&b), &y)).collect::<Result<Vec<_>>>()?;
             emit(w.per_launch(time_case(gpu, &ds, full.clone(), "direct conv_thin".into(), 2e12, slow)?));
         }
+        // 3x3 on cooperative matrices with the input staged once per channel chunk
+        // (`kernels::conv_coop`).
+        if conv_coop::supports(gpu, &conv) {
+            let ds = w.0.iter().map(|w| conv_coop::run(gpu, &conv, &x, w, Some((&b, BiasLayout::default())), &y, false)).collect::<Result<Vec<_>>>()?;
+            emit(w.per_launch(time_case(gpu, &ds, full.clone(), "coop conv_coop".into(), 2e12, slow)?));
+        }
     }
     // The same convolutions by Winograd F(2x2, 3x3) where the channels allow: the input
     // transform, the product batched over the 16 positions and the output transform, timed
@@ -192,6 +198,13 @@ pub(crate) fn run(gpu: &Gpu, wanted: &dyn Fn(&str) -> bool, emit: &mut dyn FnMut
             }
             let label = format!("{path} upsample + direct {}", ds[1].label);
             let mut r = w.per_launch(time_case(gpu, &ds, full.clone(), label, 2e12, slow)?);
+            r.tflops = up.direct_flops() / (r.ms * 1e-3) / 1e12;
+            emit(r);
+        }
+        // The phases on the staged cooperative-matrix kernel (`kernels::conv_coop`).
+        if conv_coop::supports_phases(gpu, &up) {
+            let ds = wp.0.iter().map(|t| conv_coop::run_phases(gpu, &up, &x, t, Some(&b), &y)).collect::<Result<Vec<_>>>()?;
+            let mut r = wp.per_launch(time_case(gpu, &ds, full.clone(), "coop phases conv_coop".into(), 2e12, slow)?);
             r.tflops = up.direct_flops() / (r.ms * 1e-3) / 1e12;
             emit(r);
         }

@@ -123,6 +123,9 @@ fn uniform_structs_match_wgsl() {
     use atelier::kernels::conv_thin::ConvThinParams;
     let ct = rust_layout!(ConvThinParams { images, h, w, cin, cout, ks, pad, tiles_x, tiles_y, has_bias, _pad0, _pad1 });
     assert_eq!(wgsl_struct(Shader::ConvThin, "Params"), ct);
+    use atelier::kernels::conv_coop::ConvCoopParams;
+    let cc = rust_layout!(ConvCoopParams { images, h, w, cin, cout, tiles_x, tiles_y, flags, bias_off, bias_ld, _pad0, _pad1 });
+    assert_eq!(wgsl_struct(Shader::ConvCoop, "Params"), cc);
 }
 
 /// Each entry point of `shader` with the bindings it reaches, sorted.

@@ -2,12 +2,14 @@
 //! small image (`Upsample2xConv`, override PHASES), against the f64 reference of the two steps
 //! it replaces (upsample, then the 3x3 convolution with the original weight), on every path
 //! the device has: odd sizes, batches, channels that are and are not multiples of 8, with and
-//! without bias, every coop tile, a VAE decoder shape. Outputs are NaN-poisoned first.
+//! without bias, every coop tile, a VAE decoder shape; and the same phases on the staged
+//! cooperative-matrix kernel (`kernels::conv_coop`). Outputs are NaN-poisoned first.
 
 mod common;
 
 use atelier::gpu::{DType, KernelPath, Recorder, Tensor};
 use atelier::kernels::conv::{upsample_conv_weight, Conv2d, Upsample2xConv};
+use atelier::kernels::conv_coop;
 use atelier::kernels::matmul::CoopTile;
 use common::{conv_reference, gpu, paths, random, rel_l2, round_f16, seed, POISON};
 
@@ -34,30 +36,62 @@ fn upsample(x: &[f32], batch: usize, h: usize, w: usize, cin: usize) -> Vec<f32>
 }
 
 fn run(c: Upsample2xConv, with_bias: bool) {
-    let g = gpu();
     let paths = match c.tile {
         Some(_) => paths().into_iter().filter(|&p| p == KernelPath::Coop).collect(),
         None => paths(),
     };
     for path in paths {
-        let what = format!("upsample conv {c:?} bias {with_bias} on {path}");
-        let s = seed(&what);
-        let x = round_f16(&random(c.batch * c.h * c.w * c.cin, s));
-        let w = round_f16(&random(c.cout * c.cin * 9, s ^ 1));
-        let bias = round_f16(&random(c.cout, s ^ 2));
-        let tx = Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cin], DType::F16, &x, "x").unwrap();
-        let tw = Tensor::from_f32(g, &[4, c.cout, 2, 2, c.cin], DType::F16, &upsample_conv_weight(&w, c.cout, c.cin), "w").unwrap();
-        let tb = Tensor::from_f32(g, &[c.cout], DType::F16, &bias, "bias").unwrap();
-        let ty = Tensor::empty(g, &[c.batch, 2 * c.h, 2 * c.w, c.cout], DType::F16, "y").unwrap();
-        ty.fill_words(g, POISON);
-        let mut rec = Recorder::new(g);
-        Upsample2xConv { path: Some(path), ..c }.run(g, &mut rec, &tx, &tw, with_bias.then_some(&tb), &ty).unwrap();
-        rec.finish().unwrap();
-        let big = Conv2d::new(c.batch, 2 * c.h, 2 * c.w, c.cin, c.cout, 3, 1, 1);
-        let r = conv_reference(&big, &upsample(&x, c.batch, c.h, c.w, c.cin), &w, with_bias.then_some(&bias[..]));
-        let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
-        assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+        check(c, with_bias, &format!("on {path}"), &|rec, x, w, b, y| Upsample2xConv { path: Some(path), ..c }.run(gpu(), rec, x, w, b, y).unwrap());
     }
+}
+
+/// Records a launch from (x, phase weight, bias, y).
+type Record<'a> = dyn Fn(&mut Recorder, &Tensor, &Tensor, Option<&Tensor>, &Tensor) + 'a;
+
+/// Runs `c` through `record` and compares with the reference.
+fn check(c: Upsample2xConv, with_bias: bool, how: &str, record: &Record<'_>) {
+    let g = gpu();
+    let what = format!("upsample conv {c:?} bias {with_bias} {how}");
+    let s = seed(&what);
+    let x = round_f16(&random(c.batch * c.h * c.w * c.cin, s));
+    let w = round_f16(&random(c.cout * c.cin * 9, s ^ 1));
+    let bias = round_f16(&random(c.cout, s ^ 2));
+    let tx = Tensor::from_f32(g, &[c.batch, c.h, c.w, c.cin], DType::F16, &x, "x").unwrap();
+    let tw = Tensor::from_f32(g, &[4, c.cout, 2, 2, c.cin], DType::F16, &upsample_conv_weight(&w, c.cout, c.cin), "w").unwrap();
+    let tb = Tensor::from_f32(g, &[c.cout], DType::F16, &bias, "bias").unwrap();
+    let ty = Tensor::empty(g, &[c.batch, 2 * c.h, 2 * c.w, c.cout], DType::F16, "y").unwrap();
+    ty.fill_words(g, POISON);
+    let mut rec = Recorder::new(g);
+    record(&mut rec, &tx, &tw, with_bias.then_some(&tb), &ty);
+    rec.finish().unwrap();
+    let big = Conv2d::new(c.batch, 2 * c.h, 2 * c.w, c.cin, c.cout, 3, 1, 1);
+    let r = conv_reference(&big, &upsample(&x, c.batch, c.h, c.w, c.cin), &w, with_bias.then_some(&bias[..]));
+    let e = rel_l2(&ty.to_f32(g).unwrap(), &r);
+    assert!(e < BOUND, "{what}: rel L2 {e:.3e} over {BOUND:.0e}");
+}
+
+#[test]
+fn staged_coop_kernel() {
+    // The phases on `kernels::conv_coop` (PHASES): every tile width, partial tile rows, two
+    // channel tiles, batches, several chunks; the launcher's choice at the VAE's upsamplers.
+    let g = gpu();
+    if g.caps.path != KernelPath::Coop {
+        assert!(!conv_coop::supports_phases(g, &Upsample2xConv::new(1, 8, 16, 16, 64)));
+        return;
+    }
+    for (c, with_bias) in [
+        (Upsample2xConv::new(1, 8, 16, 16, 64), true),
+        (Upsample2xConv::new(2, 5, 32, 32, 128), true),
+        (Upsample2xConv::new(1, 6, 64, 48, 64), false),
+        (Upsample2xConv::new(3, 3, 48, 16, 64), true),
+        (Upsample2xConv::new(1, 16, 16, 256, 256), true),
+    ] {
+        assert!(conv_coop::supports_phases(g, &c), "{c:?}");
+        check(c, with_bias, "on conv_coop", &|rec, x, w, b, y| rec.run(&conv_coop::run_phases(g, &c, x, w, b, y).unwrap()).unwrap());
+    }
+    assert!(conv_coop::preferred_phases(g, &Upsample2xConv::new(1, 64, 64, 512, 512)));
+    assert!(!conv_coop::supports_phases(g, &Upsample2xConv::new(1, 8, 8, 16, 64)), "width 8");
+    assert!(!conv_coop::supports_phases(g, &Upsample2xConv::new(1, 16, 16, 16, 48)), "48 channels out");
 }
 
 #[test]

@@ -34,11 +34,12 @@ pub enum Shader {
     GradOps,
     Winograd,
     ConvThin,
+    ConvCoop,
 }
 
 impl Shader {
     /// All shaders, for the validation tests.
-    pub const ALL: [Shader; 17] = [
+    pub const ALL: [Shader; 18] = [
         Shader::MatmulScalar,
         Shader::MatmulCoop,
         Shader::Elementwise,
@@ -56,6 +57,7 @@ impl Shader {
         Shader::GradOps,
         Shader::Winograd,
         Shader::ConvThin,
+        Shader::ConvCoop,
     ];
 
     /// File stem under `shaders/`.
@@ -78,6 +80,7 @@ impl Shader {
             Shader::GradOps => "grad_ops",
             Shader::Winograd => "winograd",
             Shader::ConvThin => "conv_thin",
+            Shader::ConvCoop => "conv_coop",
         }
     }
 
@@ -128,6 +131,7 @@ impl Shader {
             Shader::GradOps => include_str!("../../shaders/grad_ops.wgsl"),
             Shader::Winograd => include_str!("../../shaders/winograd.wgsl"),
             Shader::ConvThin => include_str!("../../shaders/conv_thin.wgsl"),
+            Shader::ConvCoop => include_str!("../../shaders/conv_coop.wgsl"),
         }
     }
 
@@ -144,7 +148,7 @@ impl Shader {
     pub fn needs_coop(self) -> bool {
         matches!(
             self,
-            Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionWarp | Shader::AttentionBackwardCoop | Shader::AttentionBackwardWarp
+            Shader::MatmulCoop | Shader::AttentionCoop | Shader::AttentionWarp | Shader::AttentionBackwardCoop | Shader::AttentionBackwardWarp | Shader::ConvCoop
         )
     }
 }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod attention_backward;
 pub mod conv;
+pub mod conv_coop;
 pub mod conv_thin;
 pub mod elementwise;
 pub mod grad_ops;
@@ -111,5 +112,6 @@ pub fn pipeline_variants() -> Vec<PipelineKey> {
     keys.push(winograd::key("input"));
     keys.push(winograd::key("output"));
     keys.push(conv_thin::key());
+    keys.extend(conv_coop::variants());
     keys
 }
