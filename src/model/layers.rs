@@ -3,17 +3,18 @@
 //! reordered to [cout, ks, ks, cin] at load, 1x1 convolutions run as linears over NHWC
 //! pixels, 3x3 ones at inference by Winograd F(2x2, 3x3) where the loader marks them, or
 //! kept as an upsampler's four phase weights: the VAE decoder's; to at most 4 channels over a
-//! large image, directly: `kernels::conv_thin`), group
-//! norm (with the fused SiLU) and layer norm. Activations are f16, NHWC images or token-major
-//! rows. For training, each layer also records its input gradient through the
-//! frozen weights (`backward_input`, `*_backward`) and the norms save their statistics.
+//! large image, directly: `kernels::conv_thin`; other 3x3 ones with enough tiles on
+//! cooperative matrices from a staged input tile: `kernels::conv_coop`), group norm (with the
+//! fused SiLU) and layer norm. Activations are f16, NHWC images or token-major rows. For
+//! training, each layer also records its input gradient through the frozen weights
+//! (`backward_input`, `*_backward`) and the norms save their statistics.
 //! [`attention_materialised`]: single-head attention with a head too wide for the flash
 //! kernels' tensor-core registers (the VAE's 512), on the matmul kernels.
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, PlanBuilder, Tensor};
 use crate::kernels::conv::{conv_weight_to_nhwc, upsample_conv_weight, Conv2d, Upsample2xConv};
-use crate::kernels::conv_thin;
+use crate::kernels::{conv_coop, conv_thin};
 use crate::kernels::grad_ops::{slice_cols, GradOut};
 use crate::kernels::tensor_ops::softmax_rows;
 use crate::kernels::matmul::{BiasLayout, Matmul};
@@ -183,7 +184,11 @@ impl Conv {
         if self.form != ConvForm::UpsamplePhases {
             return Err(Error::Usage("conv2d: upsample2x needs a convolution loaded by Conv::load_upsample_phases".into()));
         }
-        Upsample2xConv::new(batch, h, w, self.cin, self.cout).run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
+        let up = Upsample2xConv::new(batch, h, w, self.cin, self.cout);
+        if conv_coop::preferred_phases(pb.gpu, &up) {
+            return pb.run(conv_coop::run_phases(pb.gpu, &up, x, &self.w, Some(&self.b), y)?);
+        }
+        up.run(pb.gpu, &mut pb.rec, x, &self.w, Some(&self.b), y)
     }
 
     /// As [`Conv::load`], padded by one pixel at the bottom and right only.
@@ -253,6 +258,11 @@ impl Conv {
         // runs directly (`kernels::conv_thin`), not as a 4-column sliver of matmul tiles.
         if !self.pad_end_only && !accumulate && layout == BiasLayout::default() && conv_thin::preferred(&conv) {
             return pb.run(conv_thin::run(pb.gpu, &conv, x, &self.w, Some(bias), y)?);
+        }
+        // A 3x3 convolution with enough tiles runs on cooperative matrices from an input tile
+        // staged once per channel chunk (`kernels::conv_coop`), not from the gathered im2col.
+        if !self.pad_end_only && conv_coop::preferred(pb.gpu, &conv, &layout) {
+            return pb.run(conv_coop::run(pb.gpu, &conv, x, &self.w, Some((bias, layout)), y, accumulate)?);
         }
         let mut mm = conv.matmul()?;
         if let (true, Some(g)) = (self.pad_end_only, mm.conv.as_mut()) {

@@ -7,7 +7,7 @@
 
 use crate::config::{DownBlockType, UNetConfig, UpBlockType};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Plan, PlanBuilder, Recorder, Tensor};
+use crate::gpu::{DType, Gpu, KernelPath, Plan, PlanBuilder, Recorder, Tensor};
 use crate::kernels::elementwise::{self, Unary};
 use crate::kernels::tensor_ops;
 use crate::model::layers::{Conv, ConvForm, Linear, Norm, Taps};
@@ -70,8 +70,12 @@ impl UNet2DConditionModel {
         let mut resnet = |q: &crate::model::weights::Prefix, cin, cout| ResnetBlock2D::load(q, cin, cout, Some(&mut stack), groups, eps);
         let transformer = |q: &crate::model::weights::Prefix, c| Transformer2D::load(q, c, heads, ctx, tl, groups, linear);
         // The 3x3 convolutions of every level but the lowest-resolution one (where the mid
-        // block runs) go by Winograd when the weights were opened for it.
-        let wino = |level: usize| level + 1 < ch.len();
+        // block runs) go by Winograd when the weights were opened for it; on the
+        // cooperative-matrix path the highest-resolution level's run directly instead, on the
+        // staged kernel (`kernels::conv_coop`), which is faster there (H100, 64x64 latents,
+        // batch 2: 320 -> 320 0.146 ms against 0.216 by Winograd; docs/PERF.md).
+        let coop = gpu.caps.path == KernelPath::Coop;
+        let wino = |level: usize| level + 1 < ch.len() && !(coop && level == 0);
 
         // Down path; the skip stack's channel counts follow the diffusers module order.
         let mut skips = vec![ch[0]];
