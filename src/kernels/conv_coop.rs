@@ -91,9 +91,10 @@ pub fn bias_image_ld(conv: &Conv2d, layout: &BiasLayout) -> Option<usize> {
 }
 
 /// Workgroups from which the launcher prefers this kernel to the matmul shaders' implicit GEMM.
-/// H100 (`bench`, docs/PERF.md): UNet 32x32x640 at batch 2 (80 workgroups) 0.170 ms against
-/// 0.243; at batch 1 (40) 0.168 against 0.139 split over K; 16x16x1280 at batch 2 (40) 0.372
-/// against 0.258 split. Below it a split product fills the GPU better.
+/// H100 (`bench`, docs/PERF.md): UNet 32x32x640 at batch 2 (80 workgroups) 0.136 ms against
+/// 0.243. At 40 it is a toss-up with the product split over K: 32x32x640 at batch 1 0.132
+/// against 0.139, 16x16x1280 at batch 2 0.251 against 0.258, but 16x16 2560 -> 1280 at batch
+/// 2 0.50 against 0.43.
 pub const MIN_WORKGROUPS: usize = 64;
 
 /// The workgroups a launch of `conv` takes (where supported).
