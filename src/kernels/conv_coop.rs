@@ -45,6 +45,43 @@ pub fn tile_width(w: usize) -> Option<usize> {
     WIDTHS.into_iter().find(|&tw| w.is_multiple_of(tw))
 }
 
+/// How an h x w image is cut into workgroup tiles: tile width, tiles across and down, and the
+/// halo tile's pixels per output pixel (the input's read factor).
+struct Tiling {
+    tw: usize,
+    tiles_x: usize,
+    tiles_y: usize,
+    halo: f64,
+}
+
+/// The tiling of an h x w image, where the width allows one.
+fn tiling(h: usize, w: usize) -> Option<Tiling> {
+    let tw = tile_width(w)?;
+    let th = TILE_PIXELS / tw;
+    Some(Tiling { tw, tiles_x: w / tw, tiles_y: h.div_ceil(th), halo: ((th + 2) * (tw + 2)) as f64 / TILE_PIXELS as f64 })
+}
+
+impl Tiling {
+    /// Workgroups of a launch over `images` images and `cout` output channels.
+    fn workgroups(&self, images: usize, cout: usize) -> usize {
+        cout / BN * images * self.tiles_x * self.tiles_y
+    }
+
+    /// The shader's parameters, without bias or accumulation (flags 0).
+    fn params(&self, images: usize, h: usize, w: usize, cin: usize, cout: usize) -> ConvCoopParams {
+        ConvCoopParams {
+            images: images as u32,
+            h: h as u32,
+            w: w as u32,
+            cin: cin as u32,
+            cout: cout as u32,
+            tiles_x: self.tiles_x as u32,
+            tiles_y: self.tiles_y as u32,
+            ..Default::default()
+        }
+    }
+}
+
 /// The pipeline key for tile width `tw`, of the 3x3 convolution or (`phases`) of an
 /// upsampler's phase convolutions.
 pub fn key(tw: usize, phases: bool) -> PipelineKey {
@@ -99,7 +136,7 @@ pub const MIN_WORKGROUPS: usize = 64;
 
 /// The workgroups a launch of `conv` takes (where supported).
 pub fn workgroups(conv: &Conv2d) -> usize {
-    tile_width(conv.w).map_or(0, |tw| conv.cout / BN * conv.batch * (conv.w / tw) * conv.h.div_ceil(TILE_PIXELS / tw))
+    tiling(conv.h, conv.w).map_or(0, |t| t.workgroups(conv.batch, conv.cout))
 }
 
 /// Whether the environment switches this kernel off (`ATELIER_CONV_COOP=0`, for comparisons).
@@ -148,28 +185,18 @@ pub fn run(gpu: &Gpu, conv: &Conv2d, x: &Tensor, weight: &Tensor, bias: Option<(
             (layout.off, ld)
         }
     };
-    let tw = tile_width(conv.w).expect("supports checked the width");
-    let th = TILE_PIXELS / tw;
-    let (tiles_x, tiles_y) = (conv.w / tw, conv.h.div_ceil(th));
+    let t = tiling(conv.h, conv.w).expect("supports checked the width");
     let p = ConvCoopParams {
-        images: conv.batch as u32,
-        h: conv.h as u32,
-        w: conv.w as u32,
-        cin: conv.cin as u32,
-        cout: conv.cout as u32,
-        tiles_x: tiles_x as u32,
-        tiles_y: tiles_y as u32,
         flags: bias.is_some() as u32 | (accumulate as u32) << 1,
         bias_off: bias_off as u32,
         bias_ld: bias_ld as u32,
-        ..Default::default()
+        ..t.params(conv.batch, conv.h, conv.w, conv.cin, conv.cout)
     };
     let flops = 2.0 * pixels as f64 * (conv.cout * 9 * conv.cin) as f64;
-    let halo = ((th + 2) * (tw + 2)) as f64 / TILE_PIXELS as f64;
-    let n_tiles = (conv.cout / BN) as f64;
-    let bytes = 2.0 * (x.numel() as f64 * halo * n_tiles + (weight.numel() * conv.batch * tiles_x * tiles_y) as f64 + y.numel() as f64 * (1 + accumulate as usize) as f64);
-    let groups = [(conv.cout / BN) as u32, (conv.batch * tiles_x * tiles_y) as u32, 1];
-    gpu.dispatch(&key(tw, false), &p, &[x, weight, bias.map_or(weight, |b| b.0), y], groups, flops, bytes)
+    let tiles = conv.batch * t.tiles_x * t.tiles_y;
+    let bytes = 2.0 * (x.numel() as f64 * t.halo * (conv.cout / BN) as f64 + (weight.numel() * tiles) as f64 + y.numel() as f64 * (1 + accumulate as usize) as f64);
+    let groups = [(conv.cout / BN) as u32, tiles as u32, 1];
+    gpu.dispatch(&key(t.tw, false), &p, &[x, weight, bias.map_or(weight, |b| b.0), y], groups, flops, bytes)
 }
 
 /// Whether an upsampler's phase convolutions `up` can run here: the cooperative-matrix path,
@@ -182,8 +209,8 @@ pub fn supports_phases(gpu: &Gpu, up: &Upsample2xConv) -> bool {
 
 /// Whether the launcher runs `up` here rather than on the matmul shaders (PHASES there).
 pub fn preferred_phases(gpu: &Gpu, up: &Upsample2xConv) -> bool {
-    let tiles = tile_width(up.w).map_or(0, |tw| up.cout / BN * up.batch * (up.w / tw) * up.h.div_ceil(TILE_PIXELS / tw));
-    !switched_off() && supports_phases(gpu, up) && 4 * tiles >= MIN_WORKGROUPS
+    let workgroups = tiling(up.h, up.w).map_or(0, |t| 4 * t.workgroups(up.batch, up.cout));
+    !switched_off() && supports_phases(gpu, up) && workgroups >= MIN_WORKGROUPS
 }
 
 /// y [batch, 2h, 2w, cout] = conv3x3(upsample2x(x [batch, h, w, cin])) + bias [cout] as the
@@ -202,23 +229,12 @@ pub fn run_phases(gpu: &Gpu, up: &Upsample2xConv, x: &Tensor, weight: &Tensor, b
     if [x, weight, y].into_iter().chain(bias).any(|t| t.dtype != DType::F16) {
         return Err(Error::DType { op: op.into(), detail: "x, weight, bias and y must be f16".into() });
     }
-    let tw = tile_width(up.w).expect("supports_phases checked the width");
-    let th = TILE_PIXELS / tw;
-    let (tiles_x, tiles_y) = (up.w / tw, up.h.div_ceil(th));
-    let p = ConvCoopParams {
-        images: up.batch as u32,
-        h: up.h as u32,
-        w: up.w as u32,
-        cin: up.cin as u32,
-        cout: up.cout as u32,
-        tiles_x: tiles_x as u32,
-        tiles_y: tiles_y as u32,
-        flags: bias.is_some() as u32,
-        ..Default::default()
-    };
+    let t = tiling(up.h, up.w).expect("supports_phases checked the width");
+    let p = ConvCoopParams { flags: bias.is_some() as u32, ..t.params(up.batch, up.h, up.w, up.cin, up.cout) };
     let flops = 2.0 * (4 * pixels) as f64 * (up.cout * 4 * up.cin) as f64;
-    let halo = ((th + 2) * (tw + 2)) as f64 / TILE_PIXELS as f64;
-    let bytes = 2.0 * (4.0 * x.numel() as f64 * halo * (up.cout / BN) as f64 + (weight.numel() / 4 * 4 * up.batch * tiles_x * tiles_y) as f64 + y.numel() as f64);
-    let groups = [(up.cout / BN) as u32, (up.batch * tiles_x * tiles_y) as u32, 4];
-    gpu.dispatch(&key(tw, true), &p, &[x, weight, bias.unwrap_or(weight), y], groups, flops, bytes)
+    // Each phase's workgroups read the input tile and a quarter of the weight.
+    let tiles = up.batch * t.tiles_x * t.tiles_y;
+    let bytes = 2.0 * (4.0 * x.numel() as f64 * t.halo * (up.cout / BN) as f64 + (weight.numel() * tiles) as f64 + y.numel() as f64);
+    let groups = [(up.cout / BN) as u32, tiles as u32, 4];
+    gpu.dispatch(&key(t.tw, true), &p, &[x, weight, bias.unwrap_or(weight), y], groups, flops, bytes)
 }
