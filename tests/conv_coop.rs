@@ -134,6 +134,11 @@ fn what_it_takes() {
     ] {
         assert!(!conv_coop::supports(g, &c), "{c:?} accepted");
     }
+    // Workgroups: 256-pixel tiles (4x64, 8x32 or 16x16, partial rows rounded up) x 64 channels.
+    assert_eq!(conv_coop::workgroups(&Conv2d::new(1, 512, 512, 128, 128, 3, 1, 1)), 2 * 8 * 128);
+    assert_eq!(conv_coop::workgroups(&Conv2d::new(2, 32, 32, 640, 640, 3, 1, 1)), 10 * 2 * 4);
+    assert_eq!(conv_coop::workgroups(&Conv2d::new(3, 20, 48, 16, 64, 3, 1, 1)), 3 * 3 * 2);
+    assert_eq!(conv_coop::workgroups(&Conv2d::new(1, 9, 64, 16, 64, 3, 1, 1)), 3);
     // Bias layouts: a vector, a row per image at multiples of 8; not a row per 3 pixels, not
     // an offset of 4.
     let c = Conv2d::new(2, 4, 16, 16, 64, 3, 1, 1);
