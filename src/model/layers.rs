@@ -167,8 +167,8 @@ impl Conv {
         Ok(Conv { w, b, cin, cout, ks, stride, pad_end_only: false, form })
     }
 
-    /// A 3x3 convolution that follows a nearest 2x upsample (`<p>.weight` [c, c, 3, 3], `<p>.bias`),
-    /// kept as its four phase weights (16/9 of the weight) for [`Conv::upsample2x`]: for
+    /// A 3x3 convolution that follows a nearest 2x upsample (`<p>.weight` [c, c, 3, 3],
+    /// `<p>.bias`), kept as its four phase weights (16/9 of the weight) for [`Conv::upsample2x`]: for
     /// inference (the VAE decoder's upsamplers), it has no input gradient.
     pub fn load_upsample_phases(p: &Prefix, c: usize) -> Result<Conv> {
         let w = p.get_f32("weight", &[c, c, 3, 3])?;

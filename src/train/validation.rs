@@ -16,8 +16,8 @@
 //! therefore the image `atelier sample --lora <that step's LoRA file>` gives with the same
 //! prompt, seed and settings, bit for bit with `ATELIER_WINOGRAD=0`: the training process runs
 //! the UNet's convolutions directly (it needs their weights as loaded), where `sample` by
-//! default runs most of them by Winograd F(2x2, 3x3), whose f16 roundings differ slightly. Step 0 samples the base model (B starts at zero: the merge is
-//! the identity).
+//! default runs most of them by Winograd F(2x2, 3x3), whose f16 roundings differ slightly.
+//! Step 0 samples the base model (B starts at zero: the merge is the identity).
 //!
 //! **Training is untouched.** The loaded f16 bits of every targeted weight are read back once
 //! and kept on the host (2 bytes a weight: about 210 MB for SD-1.5's attention projections,
